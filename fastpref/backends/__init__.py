@@ -1,0 +1,108 @@
+"""Backend registry for the fused linear log-prob op.
+
+A backend computes, on *compacted* inputs (every target valid, nothing to ignore), the forward
+``(logp, lse, u)`` and the backward ``(d_hidden, d_weight, d_bias)`` of
+
+    z_n = W h_n + b,   lse_n = logsumexp_v z_{n,v},   logp_n = z_{n,t_n} - lse_n
+
+without ever holding the [N x V] logits. The public op (:func:`fastpref.linear_logprobs`) does the
+validation, the compaction of ignored positions and the autograd wiring; backends only do math.
+
+Backends register themselves with :func:`register`; ``"auto"`` picks the best one that can run
+on the inputs' device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class ForwardResult:
+    """What a backend's forward returns, all float32.
+
+    logp: [M] log-probabilities of the targets.
+    lse:  [M] log-sum-exp of each row's logits (saved for the backward).
+    hidden_grad_direction: [M, H] or None. When the backend folds the hidden gradient into the
+        forward pass it returns u_n = W_{t_n} - sum_v p_{n,v} W_v, so that d_hidden = g * u.
+    """
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    hidden_grad_direction: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Backend:
+    """One implementation of the op.
+
+    forward(hidden, weight, bias, targets, want_hidden_grad) -> ForwardResult
+    backward(hidden, weight, bias, targets, forward_result, grad_logp,
+             need_hidden, need_weight, need_bias) -> (d_hidden, d_weight, d_bias)
+        Gradients come back in the dtype of their input; those not needed are None.
+    unavailable_reason(device) -> None if the backend can run on `device`, else why not.
+    dtypes: the floating dtypes it accepts.
+    priority: higher wins under backend="auto".
+    native_devices: device types "auto" may pick it for (None: any). A backend can run
+        elsewhere without being chosen there, as Triton's interpreter does on the CPU.
+    """
+
+    name: str
+    forward: Callable[..., ForwardResult]
+    backward: Callable[..., Tuple[Optional[torch.Tensor], ...]]
+    unavailable_reason: Callable[[torch.device], Optional[str]]
+    dtypes: Tuple[torch.dtype, ...]
+    priority: int
+    native_devices: Optional[Tuple[str, ...]] = None
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def registered_backends() -> List[str]:
+    """Names of every registered backend, whether or not it can run here."""
+    return sorted(_REGISTRY)
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Names of the backends that can run on `device`, best first."""
+    device = torch.device(device)
+    usable = [b for b in _REGISTRY.values() if b.unavailable_reason(device) is None]
+    return [b.name for b in sorted(usable, key=lambda b: -b.priority)]
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend called `name` (or the best one for "auto"), checked to run on `device`."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        for choice in available_backends(device):
+            native = _REGISTRY[choice].native_devices
+            if native is None or device.type in native:
+                return _REGISTRY[choice]
+        raise RuntimeError(f"no registered backend can run on device {device}")
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"backend must be 'auto' or one of {registered_backends()}, got {name!r}"
+        )
+    backend = _REGISTRY[name]
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on device {device}: {reason}")
+    return backend
+
+
+def _register_builtin() -> None:
+    from . import torch_backend, triton_backend
+
+    register(torch_backend.BACKEND)
+    register(triton_backend.BACKEND)
+
+
+_register_builtin()

@@ -1,0 +1,181 @@
+"""Pure-PyTorch backend: blocked over rows *and* vocabulary, runs anywhere.
+
+It is the readable reference of the blocked algorithm and the CPU path. No tensor larger than one
+[row_block x vocab_block] block of logits ever exists (16 MiB of fp32 by default), whatever N and V.
+
+Forward, for each block of rows, streaming over vocabulary blocks W_b with an online softmax
+(running max m, running sum s, rescaled by alpha = exp(m_old - m_new) when m grows):
+
+    z      = h W_b^T + b_b                         (one block of logits)
+    s      = alpha s + sum_v exp(z_v - m)
+    z_t    = the target's logit, picked up in the block that holds it
+    and, when the hidden gradient will be needed (the one-pass formulation):
+    s_excl = alpha s_excl + sum_{v != t} exp(z_v - m)
+    acc    = alpha acc   + sum_{v != t} exp(z_v - m) W_v
+
+    lse = m + log s,  logp = z_t - lse,
+    u   = (s_excl / s) W_t - acc / s  =  W_t - sum_v p_v W_v.
+
+Keeping the target out of `acc` and using s_excl / s = 1 - p_t avoids the cancellation of
+W_t - p_t W_t when the model is confident (p_t -> 1). With u saved, the hidden gradient of the
+backward is a scale, d_hidden_n = g_n u_n: a frozen head costs 4NHV FLOPs in all.
+
+Backward for a trainable head: one more pass recomputing z from the saved lse,
+
+    dz = g (onehot(t) - exp(z - lse)),   dW_b += dz^T h,   db_b += sum_n dz,
+
+accumulated in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._buffers import new_output
+from . import Backend, ForwardResult
+
+# A block of logits holds at most this many elements; rows per block are capped separately so
+# that long inputs still stream over the vocabulary.
+BLOCK_ELEMENTS = 1 << 22
+MAX_ROW_BLOCK = 2048
+
+
+def _block_sizes(num_rows: int, vocab: int) -> Tuple[int, int]:
+    row_block = max(1, min(num_rows, MAX_ROW_BLOCK))
+    vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // row_block))
+    return row_block, vocab_block
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Half-precision matmuls are slow and inexact on CPU: compute there in float32."""
+    if tensor.dtype == torch.float64:
+        return torch.float64
+    if tensor.device.type == "cpu":
+        return torch.float32
+    return tensor.dtype
+
+
+def _accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
+    z = (h @ w.t()).to(out_dtype)
+    if b is not None:
+        z += b.to(out_dtype)
+    return z
+
+
+def _target_slots(targets: torch.Tensor, v0: int, v1: int):
+    """Rows whose target lies in [v0, v1) and the target's column inside that block."""
+    rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+    return rows, targets[rows] - v0
+
+
+def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
+    num_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
+    row_block, vocab_block = _block_sizes(num_rows, vocab)
+
+    logp = new_output((num_rows,), adt, hidden.device)
+    lse = new_output((num_rows,), adt, hidden.device)
+    direction = new_output((num_rows, width), adt, hidden.device) if want_hidden_grad else None
+
+    for r0 in range(0, num_rows, row_block):
+        r1 = min(r0 + row_block, num_rows)
+        h = hidden[r0:r1].to(cdt)
+        t = targets[r0:r1]
+        rows = r1 - r0
+        running_max = torch.full((rows,), float("-inf"), dtype=adt, device=hidden.device)
+        running_sum = torch.zeros(rows, dtype=adt, device=hidden.device)
+        target_logit = torch.zeros(rows, dtype=adt, device=hidden.device)
+        if want_hidden_grad:
+            sum_excl = torch.zeros(rows, dtype=adt, device=hidden.device)
+            acc = torch.zeros(rows, width, dtype=adt, device=hidden.device)
+
+        for v0 in range(0, vocab, vocab_block):
+            v1 = min(v0 + vocab_block, vocab)
+            w = weight[v0:v1].to(cdt)
+            z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
+            hit_rows, hit_cols = _target_slots(t, v0, v1)
+            target_logit[hit_rows] = z[hit_rows, hit_cols]
+
+            new_max = torch.maximum(running_max, z.amax(dim=1))
+            alpha = torch.exp(running_max - new_max)
+            running_max = new_max
+            exp_z = z.sub_(new_max[:, None]).exp_()
+            block_sum = exp_z.sum(dim=1)
+            running_sum.mul_(alpha).add_(block_sum)
+            if want_hidden_grad:
+                block_excl = block_sum.clone()
+                block_excl[hit_rows] -= exp_z[hit_rows, hit_cols]
+                exp_z[hit_rows, hit_cols] = 0
+                sum_excl.mul_(alpha).add_(block_excl)
+                acc.mul_(alpha[:, None]).add_((exp_z.to(cdt) @ w).to(adt))
+
+        row_lse = running_max + running_sum.log()
+        lse[r0:r1] = row_lse
+        logp[r0:r1] = target_logit - row_lse
+        if want_hidden_grad:
+            w_t = weight[t].to(adt)
+            direction[r0:r1] = (sum_excl / running_sum)[:, None] * w_t - acc / running_sum[:, None]
+
+    return ForwardResult(logp=logp, lse=lse, hidden_grad_direction=direction)
+
+
+def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
+             need_hidden: bool, need_weight: bool, need_bias: bool):
+    num_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
+    g = grad_logp.to(adt)
+
+    d_hidden = None
+    if need_hidden:
+        d_hidden = (g[:, None] * saved.hidden_grad_direction).to(hidden.dtype)
+    if not (need_weight or need_bias):
+        return d_hidden, None, None
+
+    d_weight = torch.zeros(vocab, width, dtype=adt, device=hidden.device) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=adt, device=hidden.device) if need_bias else None
+    row_block, vocab_block = _block_sizes(num_rows, vocab)
+    for r0 in range(0, num_rows, row_block):
+        r1 = min(r0 + row_block, num_rows)
+        h = hidden[r0:r1].to(cdt)
+        t = targets[r0:r1]
+        g_rows = g[r0:r1]
+        lse_rows = saved.lse[r0:r1].to(adt)
+        for v0 in range(0, vocab, vocab_block):
+            v1 = min(v0 + vocab_block, vocab)
+            w = weight[v0:v1].to(cdt)
+            z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
+            # dz = g * (onehot - p), built in place over the logits block
+            dz = z.sub_(lse_rows[:, None]).exp_().mul_(-g_rows[:, None])
+            hit_rows, hit_cols = _target_slots(t, v0, v1)
+            dz[hit_rows, hit_cols] += g_rows[hit_rows]
+            if need_weight:
+                d_weight[v0:v1] += (dz.to(cdt).t() @ h).to(adt)
+            if need_bias:
+                d_bias[v0:v1] += dz.sum(dim=0)
+
+    return (
+        d_hidden,
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+def _unavailable_reason(device: torch.device) -> Optional[str]:
+    return None
+
+
+BACKEND = Backend(
+    name="torch",
+    forward=forward,
+    backward=backward,
+    unavailable_reason=_unavailable_reason,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    priority=0,
+)

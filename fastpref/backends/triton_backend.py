@@ -1,0 +1,94 @@
+"""Triton backend: fused kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests).
+
+Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
+Backward: :mod:`fastpref.kernels.linear_logprobs_backward` (recompute + hidden gradient, 4NHV;
+plus 2NHV for the weight gradient when the head is trainable).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._buffers import new_output
+from . import Backend, ForwardResult
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _IMPORT_ERROR = f"triton is not importable ({exc})"
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+    programs_wanted: int  # the forward splits V until about this many programs run
+
+
+def kernel_config(hidden: torch.Tensor) -> KernelConfig:
+    """Tile sizes for the inputs' device and dtype."""
+    if hidden.device.type != "cuda":
+        return KernelConfig(16, 64, 32, num_warps=1, num_stages=1, programs_wanted=2)
+    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    if hidden.dtype == torch.float32:
+        return KernelConfig(32, 64, 32, num_warps=4, num_stages=2, programs_wanted=2 * sms)
+    return KernelConfig(64, 128, 64, num_warps=8, num_stages=3, programs_wanted=2 * sms)
+
+
+def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
+    from ..kernels.linear_logprobs_forward import linear_logprobs_forward
+
+    cfg = kernel_config(hidden)
+    row_blocks = -(-hidden.shape[0] // cfg.block_n)
+    logp, lse = linear_logprobs_forward(
+        hidden, weight, bias, targets,
+        block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
+        num_splits=max(1, cfg.programs_wanted // row_blocks),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        upcast=INTERPRETING, new_output=new_output,
+    )
+    return ForwardResult(logp=logp, lse=lse)
+
+
+def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
+             need_hidden: bool, need_weight: bool, need_bias: bool):
+    from ..kernels.linear_logprobs_backward import linear_logprobs_backward
+
+    cfg = kernel_config(hidden)
+    return linear_logprobs_backward(
+        hidden, weight, bias, targets, saved.lse, grad_logp,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+        block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING,
+    )
+
+
+def _unavailable_reason(device: torch.device) -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRETING:
+        return None
+    return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU tests)"
+
+
+BACKEND = Backend(
+    name="triton",
+    forward=forward,
+    backward=backward,
+    unavailable_reason=_unavailable_reason,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    priority=10,
+    native_devices=("cuda",),
+)

@@ -1,0 +1,35 @@
+"""One [BLOCK_N x BLOCK_V] tile of logits z = h W^T (+ b), accumulated in float32."""
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter multiplies bfloat16 bit patterns in tl.dot instead of their values:
+# when interpreting, operands are upcast to float32 before every dot.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr,
+    rows, row_mask, cols, col_mask, width,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """rows and cols are int64 index vectors (no 32-bit overflow for N*H or V*H >= 2^31)."""
+    z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_H):
+        k = k0 + tl.arange(0, BLOCK_H)
+        k_mask = k < width
+        h = tl.load(hidden_ptr + rows[:, None] * width + k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(weight_ptr + cols[None, :] * width + k[:, None],
+                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w_t = w_t.to(tl.float32)
+        z = tl.dot(h, w_t, z, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return z
