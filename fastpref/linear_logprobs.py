@@ -95,7 +95,7 @@ def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: int) -> Optional
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, kept_rows, backend):
+    def forward(ctx, hidden, weight, bias, targets, kept_rows, backend, want_hidden_grad):
         num_rows = hidden.shape[0]
         if kept_rows is None:
             h, t = hidden, targets
@@ -108,7 +108,7 @@ class _LinearLogprobs(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, None, None)
             return torch.zeros(num_rows, dtype=_output_dtype(hidden), device=hidden.device)
 
-        saved = backend.forward(h, weight, bias, t, want_hidden_grad=ctx.needs_input_grad[0])
+        saved = backend.forward(h, weight, bias, t, want_hidden_grad=want_hidden_grad)
         if kept_rows is None:
             logp = saved.logp
         else:
@@ -127,7 +127,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 torch.zeros_like(hidden) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None,
-                None, None, None,
+                None, None, None, None,
             )
         if kept_rows is None:
             h, t, g = hidden, targets, grad_logp
@@ -141,8 +141,7 @@ class _LinearLogprobs(torch.autograd.Function):
         )
         if d_h is not None and kept_rows is not None:
             d_h = torch.zeros_like(hidden).index_copy_(0, kept_rows, d_h)
-        ctx.saved = None
-        return d_h, d_w, d_b, None, None, None
+        return d_h, d_w, d_b, None, None, None, None
 
 
 def _output_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -193,4 +192,5 @@ def linear_logprobs(
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    return _LinearLogprobs.apply(hidden, weight, bias, targets, kept_rows, impl)
+    want_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _LinearLogprobs.apply(hidden, weight, bias, targets, kept_rows, impl, want_hidden_grad)

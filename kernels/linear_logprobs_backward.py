@@ -4,7 +4,7 @@ Each program recomputes its tile of logits from the saved log-sum-exp, forms
 
     dz_{n,v} = g_n (1[v = t_n] - exp(z_{n,v} - lse_n))
 
-in registers, and adds its share of every requested gradient with float32 atomics:
+in registers (on the target column as g_n miss_n, the forward's 1 - p_t free of cancellation), and adds its share of every requested gradient with float32 atomics:
 
     d_hidden[n]  += dz[n, :] @ W[v-block]        (2 * BLOCK_N * BLOCK_V * H FLOPs)
     d_weight[v]  += dz[:, v]^T @ h[n-block]      (only when the weight is trainable)
@@ -22,7 +22,7 @@ from .logits_tile import logits_tile
 
 @triton.jit
 def _backward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr,
     d_hidden_ptr, d_weight_ptr, d_bias_ptr,
     num_rows, vocab, width,
     HAS_BIAS: tl.constexpr, NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr,
@@ -38,9 +38,10 @@ def _backward_kernel(
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    miss = tl.load(miss_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     p = tl.where(row_mask[:, None] & col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
-    dz = g[:, None] * (tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - p)
+    dz = g[:, None] * tl.where(cols[None, :] == targets[:, None], miss[:, None], -p)
 
     if NEED_BIAS:
         tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
@@ -69,7 +70,7 @@ def _backward_kernel(
                           mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
-def linear_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, *,
+def linear_logprobs_backward(hidden, weight, bias, targets, lse, miss, grad_logp, *,
                              need_hidden, need_weight, need_bias,
                              block_n, block_v, block_h, num_warps, num_stages, upcast):
     """Returns (d_hidden, d_weight, d_bias), each None unless requested, in its input's dtype."""
@@ -86,7 +87,7 @@ def linear_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, *,
     unused = lse  # any float32 tensor stands in for a pointer the kernel never touches
     grid = (triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v))
     _backward_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, targets, lse,
+        hidden, weight, hidden if bias is None else bias, targets, lse, miss,
         grad_logp.float().contiguous(),
         unused if d_hidden is None else d_hidden,
         unused if d_weight is None else d_weight,

@@ -3,23 +3,26 @@
 Grid: (row blocks, vocabulary splits). Each program owns BLOCK_N rows and one contiguous slice
 of the vocabulary, and walks it BLOCK_V columns at a time keeping an online softmax in float32:
 
-    m' = max(m, max_v z_v),   s' = s exp(m - m') + sum_v exp(z_v - m'),   z_t picked up once.
+    m' = max(m, max_v z_v),   s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),   z_t picked up once.
 
-Splitting V keeps the GPU full when N is small; the per-split (m, s, z_t) are merged on the host
-side in O(N * splits):  lse = M + log sum_i s_i exp(m_i - M),  logp = z_t - lse.
+The target is kept out of the sum so that miss = 1 - p_t comes out without cancellation.
+Splitting V keeps the GPU full when N is small; the per-split (m, s, z_t) are merged by torch in
+O(N * splits):  S = sum_i s_i exp(m_i - M),  lse = M + log(S + exp(z_t - M)),
+miss = S / (S + exp(z_t - M)).
 No logits leave the chip.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import target_logprob
 from .logits_tile import logits_tile
 
 
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
-    max_ptr, sum_ptr, target_logit_ptr,
+    max_ptr, sum_excl_ptr, target_logit_ptr,
     num_rows, vocab, width, vocab_per_split,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -34,7 +37,7 @@ def _forward_kernel(
     v_begin = split * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, vocab)
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_N,), tl.float32)
+    sum_excl = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -42,21 +45,22 @@ def _forward_kernel(
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+        is_target = cols[None, :] == targets[:, None]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) \
-            + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
+        sum_excl = sum_excl * tl.exp(running_max - new_max) + tl.sum(others, axis=1)
         running_max = new_max
 
     out = split.to(tl.int64) * num_rows + rows
     tl.store(max_ptr + out, running_max, mask=row_mask)
-    tl.store(sum_ptr + out, running_sum, mask=row_mask)
+    tl.store(sum_excl_ptr + out, sum_excl, mask=row_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
 
 
 def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, block_h,
                             num_splits, num_warps, num_stages, upcast, new_output):
-    """Returns (logp [M] fp32, lse [M] fp32) for compacted, contiguous inputs."""
+    """Returns (logp, lse, miss), each [M] float32, for compacted, contiguous inputs."""
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     vocab_blocks = triton.cdiv(vocab, block_v)
@@ -75,8 +79,11 @@ def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, 
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    split_max, split_sum, split_target = partial
+    split_max, split_sum_excl, split_target = partial
     row_max = split_max.amax(dim=0)
-    lse = row_max + (split_sum * torch.exp(split_max - row_max)).sum(dim=0).log()
-    logp = split_target.sum(dim=0) - lse
-    return logp, lse
+    sum_excl = (split_sum_excl * torch.exp(split_max - row_max)).sum(dim=0)
+    target_logit = split_target.sum(dim=0)
+    row_sum = sum_excl + torch.exp(target_logit - row_max)
+    lse = row_max + row_sum.log()
+    miss = sum_excl / row_sum
+    return target_logprob(target_logit, lse, miss), lse, miss

@@ -25,12 +25,16 @@ class ForwardResult:
 
     logp: [M] log-probabilities of the targets.
     lse:  [M] log-sum-exp of each row's logits (saved for the backward).
+    miss: [M] 1 - p(target) = sum_{v != t} p_v, summed directly rather than subtracted from 1,
+        so that confident rows (p_t -> 1) keep full relative precision in logp = log1p(-miss)
+        and in the target's gradient g * miss.
     hidden_grad_direction: [M, H] or None. When the backend folds the hidden gradient into the
         forward pass it returns u_n = W_{t_n} - sum_v p_{n,v} W_v, so that d_hidden = g * u.
     """
 
     logp: torch.Tensor
     lse: torch.Tensor
+    miss: torch.Tensor
     hidden_grad_direction: Optional[torch.Tensor] = None
 
 
@@ -59,6 +63,15 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
+
+
+def target_logprob(target_logit: torch.Tensor, lse: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
+    """log p_t without cancellation at either end.
+
+    A confident row (p_t near 1) gets log1p(-miss), exact to rounding however close p_t is to 1;
+    elsewhere z_t - lse is the precise form (miss rounds to 1 there).
+    """
+    return torch.where(miss < 0.5, torch.log1p(-miss), target_logit - lse)
 
 
 def register(backend: Backend) -> None:

@@ -7,22 +7,22 @@ Forward, for each block of rows, streaming over vocabulary blocks W_b with an on
 (running max m, running sum s, rescaled by alpha = exp(m_old - m_new) when m grows):
 
     z      = h W_b^T + b_b                         (one block of logits)
-    s      = alpha s + sum_v exp(z_v - m)
+    s_excl = alpha s_excl + sum_{v != t} exp(z_v - m)
     z_t    = the target's logit, picked up in the block that holds it
     and, when the hidden gradient will be needed (the one-pass formulation):
-    s_excl = alpha s_excl + sum_{v != t} exp(z_v - m)
     acc    = alpha acc   + sum_{v != t} exp(z_v - m) W_v
 
-    lse = m + log s,  logp = z_t - lse,
-    u   = (s_excl / s) W_t - acc / s  =  W_t - sum_v p_v W_v.
+    s = s_excl + exp(z_t - m),  lse = m + log s,  miss = s_excl / s = 1 - p_t,
+    logp = log1p(-miss) or z_t - lse (see backends.target_logprob),
+    u   = miss W_t - acc / s  =  W_t - sum_v p_v W_v.
 
-Keeping the target out of `acc` and using s_excl / s = 1 - p_t avoids the cancellation of
-W_t - p_t W_t when the model is confident (p_t -> 1). With u saved, the hidden gradient of the
-backward is a scale, d_hidden_n = g_n u_n: a frozen head costs 4NHV FLOPs in all.
+Keeping the target out of the sums avoids the cancellation of 1 - p_t and of W_t - p_t W_t when
+the model is confident (p_t -> 1). With u saved, the hidden gradient of the backward is a scale,
+d_hidden_n = g_n u_n: a frozen head costs 4NHV FLOPs in all.
 
 Backward for a trainable head: one more pass recomputing z from the saved lse,
 
-    dz = g (onehot(t) - exp(z - lse)),   dW_b += dz^T h,   db_b += sum_n dz,
+    dz = -g exp(z - lse) off the target, g miss on it,   dW_b += dz^T h,   db_b += sum_n dz,
 
 accumulated in float32 (float64 for float64 inputs).
 """
@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult
+from . import Backend, ForwardResult, target_logprob
 
 # A block of logits holds at most this many elements; rows per block are capped separately so
 # that long inputs still stream over the vocabulary.
@@ -81,6 +81,7 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
 
     logp = new_output((num_rows,), adt, hidden.device)
     lse = new_output((num_rows,), adt, hidden.device)
+    miss = new_output((num_rows,), adt, hidden.device)
     direction = new_output((num_rows, width), adt, hidden.device) if want_hidden_grad else None
 
     for r0 in range(0, num_rows, row_block):
@@ -89,10 +90,9 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
         t = targets[r0:r1]
         rows = r1 - r0
         running_max = torch.full((rows,), float("-inf"), dtype=adt, device=hidden.device)
-        running_sum = torch.zeros(rows, dtype=adt, device=hidden.device)
+        sum_excl = torch.zeros(rows, dtype=adt, device=hidden.device)
         target_logit = torch.zeros(rows, dtype=adt, device=hidden.device)
         if want_hidden_grad:
-            sum_excl = torch.zeros(rows, dtype=adt, device=hidden.device)
             acc = torch.zeros(rows, width, dtype=adt, device=hidden.device)
 
         for v0 in range(0, vocab, vocab_block):
@@ -106,23 +106,22 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
             alpha = torch.exp(running_max - new_max)
             running_max = new_max
             exp_z = z.sub_(new_max[:, None]).exp_()
-            block_sum = exp_z.sum(dim=1)
-            running_sum.mul_(alpha).add_(block_sum)
+            exp_z[hit_rows, hit_cols] = 0
+            sum_excl.mul_(alpha).add_(exp_z.sum(dim=1))
             if want_hidden_grad:
-                block_excl = block_sum.clone()
-                block_excl[hit_rows] -= exp_z[hit_rows, hit_cols]
-                exp_z[hit_rows, hit_cols] = 0
-                sum_excl.mul_(alpha).add_(block_excl)
                 acc.mul_(alpha[:, None]).add_((exp_z.to(cdt) @ w).to(adt))
 
-        row_lse = running_max + running_sum.log()
+        row_sum = sum_excl + torch.exp(target_logit - running_max)
+        row_lse = running_max + row_sum.log()
+        row_miss = sum_excl / row_sum
         lse[r0:r1] = row_lse
-        logp[r0:r1] = target_logit - row_lse
+        miss[r0:r1] = row_miss
+        logp[r0:r1] = target_logprob(target_logit, row_lse, row_miss)
         if want_hidden_grad:
             w_t = weight[t].to(adt)
-            direction[r0:r1] = (sum_excl / running_sum)[:, None] * w_t - acc / running_sum[:, None]
+            direction[r0:r1] = row_miss[:, None] * w_t - acc / row_sum[:, None]
 
-    return ForwardResult(logp=logp, lse=lse, hidden_grad_direction=direction)
+    return ForwardResult(logp=logp, lse=lse, miss=miss, hidden_grad_direction=direction)
 
 
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
@@ -147,6 +146,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
         t = targets[r0:r1]
         g_rows = g[r0:r1]
         lse_rows = saved.lse[r0:r1].to(adt)
+        miss_rows = saved.miss[r0:r1].to(adt)
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
@@ -154,7 +154,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
             # dz = g * (onehot - p), built in place over the logits block
             dz = z.sub_(lse_rows[:, None]).exp_().mul_(-g_rows[:, None])
             hit_rows, hit_cols = _target_slots(t, v0, v1)
-            dz[hit_rows, hit_cols] += g_rows[hit_rows]
+            dz[hit_rows, hit_cols] = g_rows[hit_rows] * miss_rows[hit_rows]
             if need_weight:
                 d_weight[v0:v1] += (dz.to(cdt).t() @ h).to(adt)
             if need_bias:

@@ -50,14 +50,14 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
 
     cfg = kernel_config(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
-    logp, lse = linear_logprobs_forward(
+    logp, lse, miss = linear_logprobs_forward(
         hidden, weight, bias, targets,
         block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
         num_splits=max(1, cfg.programs_wanted // row_blocks),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         upcast=INTERPRETING, new_output=new_output,
     )
-    return ForwardResult(logp=logp, lse=lse)
+    return ForwardResult(logp=logp, lse=lse, miss=miss)
 
 
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
@@ -66,7 +66,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
 
     cfg = kernel_config(hidden)
     return linear_logprobs_backward(
-        hidden, weight, bias, targets, saved.lse, grad_logp,
+        hidden, weight, bias, targets, saved.lse, saved.miss, grad_logp,
         need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
         block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING,

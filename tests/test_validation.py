@@ -1,0 +1,97 @@
+"""Bad input gets a clear TypeError/ValueError naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+import fastpref
+
+BACKENDS = ["torch", "triton"]
+
+
+def good(n=6, h=8, v=11, dtype=torch.float32):
+    return torch.randn(n, h, dtype=dtype), torch.randn(v, h, dtype=dtype), torch.randint(0, v, (n,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda h, w, t: (h[None], w, t), ValueError, r"hidden must be 2-D \[N, H\]"),
+        (lambda h, w, t: (h, w[0], t), ValueError, r"weight must be 2-D \[V, H\]"),
+        (lambda h, w, t: (h, w[:, :5], t), ValueError, r"weight must be \[V, H\] with H = .* = 8"),
+        (lambda h, w, t: (h, w, t[:-1]), ValueError, r"targets must be 1-D of length N = .* = 6"),
+        (lambda h, w, t: (h, w, t[:, None]), ValueError, r"targets must be 1-D"),
+        (lambda h, w, t: (h[:0], w, t[:0]), ValueError, r"N = 0 rows"),
+        (lambda h, w, t: (h[:, :0], w[:, :0], t), ValueError, r"H = 0"),
+        (lambda h, w, t: (h, w[:0], t), ValueError, r"V = 0"),
+        (lambda h, w, t: (h, w.double(), t), TypeError, r"weight dtype must equal hidden dtype"),
+        (lambda h, w, t: (h.int(), w.int(), t), TypeError, r"hidden must be float16, bfloat16"),
+        (lambda h, w, t: (h, w, t.float()), TypeError, r"targets must be an integer tensor"),
+        (lambda h, w, t: (h.numpy(), w, t), TypeError, r"hidden must be a torch.Tensor"),
+        (lambda h, w, t: (h, w, t.clone().fill_(11)), ValueError,
+         r"targets must lie in \[0, V = 11\) or equal ignore_index = -100; 6 do not, the first at position 0"),
+        (lambda h, w, t: (h, w, torch.tensor([0, 1, -100, -1, 2, 3])), ValueError,
+         r"1 do not, the first at position 3 \(value -1\)"),
+    ],
+    ids=["hidden-3d", "weight-1d", "width-mismatch", "targets-length", "targets-2d", "empty",
+         "zero-width", "empty-vocab", "dtype-mismatch", "integer-hidden", "float-targets",
+         "numpy-hidden", "target-too-large", "negative-target"],
+)
+def test_bad_inputs_raise_clear_errors(backend, mutate, error, message):
+    hidden, weight, targets = mutate(*good())
+    with pytest.raises(error, match=message):
+        fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_bias(backend):
+    hidden, weight, targets = good()
+    with pytest.raises(ValueError, match=r"bias must be 1-D of length V = 11"):
+        fastpref.linear_logprobs(hidden, weight, targets, bias=torch.zeros(10), backend=backend)
+    with pytest.raises(TypeError, match=r"bias dtype must equal hidden dtype"):
+        fastpref.linear_logprobs(hidden, weight, targets, bias=torch.zeros(11, dtype=torch.float64),
+                                 backend=backend)
+
+
+def test_bad_ignore_index():
+    hidden, weight, targets = good()
+    with pytest.raises(TypeError, match=r"ignore_index must be an int"):
+        fastpref.linear_logprobs(hidden, weight, targets, ignore_index=-100.0)
+
+
+def test_unknown_backend_lists_the_known_ones():
+    hidden, weight, targets = good()
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['torch', 'triton'\], got 'cudnn'"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend="cudnn")
+    with pytest.raises(TypeError, match=r"backend must be a string"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend=None)
+
+
+def test_float64_is_refused_by_triton():
+    hidden, weight, targets = good(dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"backend 'triton' supports float16, bfloat16, float32"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend="triton")
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    from fastpref.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "INTERPRETING", False)
+    hidden, weight, targets = good()
+    if torch.cuda.is_available():
+        pytest.skip("the triton backend is available on CUDA")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run on device cpu: .*CUDA tensors"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices():
+    hidden, weight, targets = good()
+    with pytest.raises(ValueError, match=r"all inputs must be on one device, got hidden on cuda:0"):
+        fastpref.linear_logprobs(hidden.cuda(), weight, targets.cuda())
+
+
+def test_mixed_devices_on_meta():
+    """Mixed devices are caught on the host even without a GPU (meta tensors stand in)."""
+    hidden, weight, targets = good()
+    with pytest.raises(ValueError, match=r"all inputs must be on one device, got hidden on cpu, weight on meta"):
+        fastpref.linear_logprobs(hidden, weight.to("meta"), targets)
