@@ -39,6 +39,25 @@ class ForwardResult:
 
 
 @dataclass
+class PreferenceLossResult:
+    """What a backend's fused preference loss returns (float32, detached).
+
+    loss: [] the weighted total.
+    parts: [T, P] each loss type's contribution per pair (per sequence for KTO), already divided
+        by its normaliser, so parts[k].sum() is loss type k's value; rows follow
+        loss_spec.PAIRED_LOSS_TYPES (a single row for KTO), zero for unused types.
+    sequence_logps: [S] summed response log-probs of every sequence.
+    token_grad: [N] dloss/dlogp_n for every packed token (the sequence's coefficient; positions
+        outside responses are ignored downstream).
+    """
+
+    loss: torch.Tensor
+    parts: torch.Tensor
+    sequence_logps: torch.Tensor
+    token_grad: torch.Tensor
+
+
+@dataclass
 class Backend:
     """One implementation of the op.
 
@@ -46,6 +65,9 @@ class Backend:
     backward(hidden, weight, bias, targets, forward_result, grad_logp,
              need_hidden, need_weight, need_bias) -> (d_hidden, d_weight, d_bias)
         Gradients come back in the dtype of their input; those not needed are None.
+    preference_loss(token_logp, layout, reference_logps, spec, kl) -> PreferenceLossResult
+        The per-sequence reduction, the pair (or KTO) loss and its gradient, in one pass over all
+        pairs. reference_logps: [S] summed reference log-probs or None; kl: [] KTO reference point.
     unavailable_reason(device) -> None if the backend can run on `device`, else why not.
     dtypes: the floating dtypes it accepts.
     priority: higher wins under backend="auto".
@@ -56,6 +78,7 @@ class Backend:
     name: str
     forward: Callable[..., ForwardResult]
     backward: Callable[..., Tuple[Optional[torch.Tensor], ...]]
+    preference_loss: Callable[..., PreferenceLossResult]
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: Tuple[torch.dtype, ...]
     priority: int

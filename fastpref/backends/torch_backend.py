@@ -34,6 +34,7 @@ import torch
 
 from .._buffers import new_output
 from . import Backend, ForwardResult, target_logprob
+from .torch_preference_loss import preference_loss
 
 # A block of logits holds at most this many elements; rows per block are capped separately so
 # that long inputs still stream over the vocabulary.
@@ -175,6 +176,7 @@ BACKEND = Backend(
     name="torch",
     forward=forward,
     backward=backward,
+    preference_loss=preference_loss,
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,

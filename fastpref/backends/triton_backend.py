@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult
+from ..loss_spec import PAIRED_LOSS_TYPES
+from . import Backend, ForwardResult, PreferenceLossResult
 
 try:
     import triton  # noqa: F401
@@ -73,6 +74,33 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     )
 
 
+def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
+    device = token_logp.device
+    if spec.is_paired:
+        from ..kernels.preference_pair_loss import preference_pair_loss
+
+        weights = torch.tensor([spec.weight_of(n) for n in PAIRED_LOSS_TYPES],
+                               dtype=torch.float32, device=device)
+        averages = torch.tensor([spec.averages(n) for n in PAIRED_LOSS_TYPES],
+                                dtype=torch.int32, device=device)
+        parts, sequence_logps, token_grad = preference_pair_loss(
+            token_logp, layout, reference, weights, averages, beta=spec.beta,
+            label_smoothing=spec.label_smoothing, simpo_gamma=spec.simpo_gamma,
+            new_output=new_output)
+        loss = (weights[:, None] * parts).sum()
+    else:
+        from ..kernels.kto_loss import kto_loss
+
+        parts, sequence_logps, token_grad = kto_loss(
+            token_logp, layout, reference, kl, beta=spec.beta,
+            desirable_weight=spec.desirable_weight, undesirable_weight=spec.undesirable_weight,
+            average=spec.averages("kto"), new_output=new_output)
+        weight = spec.loss_weights[0]
+        loss = weight * parts.sum()
+        token_grad = token_grad * weight
+    return PreferenceLossResult(loss, parts, sequence_logps, token_grad)
+
+
 def _unavailable_reason(device: torch.device) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
@@ -87,6 +115,7 @@ BACKEND = Backend(
     name="triton",
     forward=forward,
     backward=backward,
+    preference_loss=preference_loss,
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=10,
