@@ -1,0 +1,110 @@
+"""Checkpoints that resume exactly, or are refused.
+
+A checkpoint is a directory of torch-saved parts (model, optimizer, scheduler, RNG states,
+progress) plus manifest.json listing each file's SHA-256. It is written under a temporary name
+and renamed into place only when complete, so an interrupted save never looks like a checkpoint;
+loading re-hashes every file and refuses a missing, partial or altered one with a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: incomplete, corrupt, or of another run."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: Path, parts: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """Write `parts` (name -> picklable object) and `meta` (JSON) atomically into `directory`."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    files = {}
+    for name, value in parts.items():
+        path = staging / f"{name}.pt"
+        torch.save(value, path)
+        files[path.name] = _sha256(path)
+    manifest = {"format": FORMAT_VERSION, "files": files, "meta": meta}
+    with open(staging / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return directory
+
+
+def load_checkpoint(directory: Path, map_location="cpu") -> Dict[str, Any]:
+    """The parts of a verified checkpoint, plus its "meta"; CheckpointError if it is not whole."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {MANIFEST}: the checkpoint is incomplete (interrupted while saving?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest_path} is unreadable: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has checkpoint format {manifest.get('format')}, "
+                              f"this version reads {FORMAT_VERSION}")
+    loaded: Dict[str, Any] = {"meta": manifest.get("meta", {})}
+    for filename, expected in files.items():
+        path = directory / filename
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is missing {filename}")
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {filename} does not match its checksum")
+        loaded[path.stem] = torch.load(path, map_location=map_location, weights_only=False)
+    return loaded
+
+
+def list_checkpoints(output_dir: Path) -> List[Path]:
+    """Complete checkpoints under output_dir, oldest first (partial ones are ignored)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()
+             and not p.name.endswith(".partial")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None

@@ -1,0 +1,471 @@
+"""The training loop: data, model, reference, fused loss, optimizer, checkpoints, monitoring."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..losses import PreferenceLoss
+from . import data as data_module
+from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .model import adapters_disabled, causal_lm_parts, model_fingerprint, packed_hidden
+from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
+from .packing import pack_pairs
+from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
+
+SCHEDULES = ("cosine", "linear", "constant")
+# The embedded default (no model given) trains a tiny random model: it needs a far larger
+# learning rate than fine-tuning a pretrained one, and several passes over its sample.
+EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 6, "pairs_per_step": 8, "beta": 0.1, "max_length": 192,
+                   "max_prompt_length": 128, "eval_every": 40}
+REAL_MODEL_PRESET = {"learning_rate": 5e-7, "epochs": 1, "pairs_per_step": 8, "beta": 0.1, "max_length": 1024,
+                     "max_prompt_length": 512, "eval_every": 100}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `fastpref train`. None means: the preset for the model (embedded or real)."""
+
+    model: Optional[str] = None
+    reference_model: Optional[str] = None
+    reference: str = "cache"
+    data: Optional[str] = None
+    data_format: str = "auto"
+    split: Optional[str] = None
+    output_dir: str = "fastpref-run"
+    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_weights: Optional[List[float]] = None
+    beta: Optional[float] = None
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    average_logps: Optional[bool] = None
+    learning_rate: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    pairs_per_step: Optional[int] = None
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_fraction: float = 0.1
+    eval_every: Optional[int] = None
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    max_length: Optional[int] = None
+    max_prompt_length: Optional[int] = None
+    truncation_mode: str = "keep_end"
+    on_malformed: str = "skip"
+    prefix_sharing: bool = False
+    gradient_checkpointing: bool = False
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: Optional[List[str]] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    attention: str = "auto"
+    cache_dir: Optional[str] = None
+    tensorboard: bool = False
+    resume: str = "auto"
+    backend: str = "auto"
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        preset = EMBEDDED_PRESET if self.model is None else REAL_MODEL_PRESET
+        filled = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
+        cfg = dataclasses.replace(self, **filled)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.reference in ("cache", "online"), "reference must be 'cache' or 'online'"),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)"),
+            (self.pairs_per_step >= 1, "pairs_per_step must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (0 <= self.eval_fraction < 1, "eval_fraction must lie in [0, 1)"),
+            (self.save_every >= 1 and self.eval_every >= 1, "save_every and eval_every must be >= 1"),
+            (self.max_grad_norm > 0, "max_grad_norm must be > 0"),
+            (self.lora_r >= 0, "lora_r must be >= 0"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
+            (self.resume in ("auto", "never") or Path(self.resume).exists(),
+             f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_metrics: Dict[str, float]
+    metrics_path: Path
+    plot_path: Optional[Path]
+    model_path: Path
+    losses: List[float] = field(default_factory=list)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; the message says where."""
+
+
+def _device_and_dtype(cfg: TrainConfig):
+    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    return device, dtype
+
+
+def _attention(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    if device.type != "cuda":
+        return "sdpa"
+    if not cfg.prefix_sharing:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "flex_attention"
+
+
+def _load_models(cfg: TrainConfig, device, dtype, attention):
+    """(policy, tokenizer, frozen reference model or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_assets import default_model, default_tokenizer
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+    if cfg.model is None:
+        tokenizer = default_tokenizer()
+        torch.manual_seed(cfg.seed)
+        policy = default_model(tokenizer, cfg.seed).to(dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        policy = load(cfg.model)
+    policy.set_attn_implementation(attention)
+    policy.to(device)
+    reference = None
+    if cfg.reference_model is not None:
+        reference = load(cfg.reference_model)
+        reference.set_attn_implementation(attention)
+        reference.to(device).eval().requires_grad_(False)
+        if reference.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
+            raise ValueError("the reference model's LM head does not match the policy's vocabulary")
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                   lora_dropout=cfg.lora_dropout, target_modules=targets))
+    return policy, tokenizer, reference
+
+
+def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _scalar_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _average(records: Sequence[Dict[str, float]], weights: Sequence[int]) -> Dict[str, float]:
+    total = sum(weights)
+    return {k: sum(r[k] * w for r, w in zip(records, weights)) / total for k in records[0]}
+
+
+class Trainer:
+    """Holds a run's state; `train()` below is the entry point."""
+
+    def __init__(self, cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None):
+        self.cfg = cfg.resolved()
+        self.on_step = on_step
+        cfg = self.cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.device, self.dtype = _device_and_dtype(cfg)
+        self.attention = _attention(cfg, self.device)
+        self.policy, self.tokenizer, self.reference_model = _load_models(cfg, self.device, self.dtype, self.attention)
+        self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
+                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                                      average_logps=cfg.average_logps, backend=cfg.backend)
+        self._load_data()
+        self._prepare_reference()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
+        self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
+        self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
+        self.step = 0
+        self.displacement = DisplacementMonitor()
+
+    # -- data and reference ------------------------------------------------------------------
+    def _load_data(self):
+        cfg = self.cfg
+        rows = data_module.load_rows(cfg.data, split=cfg.split)
+        pairs, self.data_report = data_module.tokenize_pairs(
+            rows, self.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode, on_malformed=cfg.on_malformed, format=cfg.data_format)
+        if not pairs:
+            raise ValueError("no usable preference pairs in the data:\n" + self.data_report.summary())
+        self.data_fingerprint = data_module.fingerprint_pairs(pairs)
+        self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
+
+    def _reference_forward(self):
+        """The module whose hidden states and head are the reference's, as a context + parts."""
+        if self.reference_model is not None:
+            return self.reference_model, causal_lm_parts(self.reference_model)
+        return self.policy, causal_lm_parts(self.policy)
+
+    def _prepare_reference(self):
+        cfg = self.cfg
+        self.reference_cache = None
+        self.frozen_copy = None
+        if not self.loss_fn.spec.needs_reference:
+            return
+        lora = cfg.lora_r > 0
+        if cfg.reference == "online":
+            if self.reference_model is None and not lora:
+                # a full fine-tune moves the policy: the reference is a frozen copy of its start
+                self.reference_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            return
+        source = self.reference_model or self.policy
+        key = cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self.reference_cache = ReferenceCache.load_or_compute(
+            key, self.train_pairs + self.eval_pairs, self._reference_logps_now,
+            cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step, progress=cfg.progress)
+
+    def _reference_logps_now(self, pairs) -> torch.Tensor:
+        model, parts = self._reference_forward()
+        was_training = model.training
+        model.eval()
+        with adapters_disabled(self.policy if model is self.policy else model):
+            logps = pair_logps(parts, pairs, self.attention, self.device,
+                               prefix_sharing=self.cfg.prefix_sharing, backend=self.cfg.backend)
+        model.train(was_training)
+        return logps
+
+    def _reference_for(self, pairs) -> Optional[torch.Tensor]:
+        if not self.loss_fn.spec.needs_reference:
+            return None
+        if self.reference_cache is not None:
+            return self.reference_cache.lookup([p.row for p in pairs], self.device)
+        return self._reference_logps_now(pairs)
+
+    # -- one batch -----------------------------------------------------------------------------
+    def _batch_loss(self, pairs):
+        packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing).to(self.device)
+        parts = causal_lm_parts(self.policy)
+        hidden = packed_hidden(parts, packed, self.attention)
+        loss, metrics = self.loss_fn(hidden, parts.head_weight, packed.targets, packed.layout,
+                                     self._reference_for(pairs), bias=parts.head_bias)
+        return loss, metrics, packed.input_ids.shape[1]
+
+    def _micro_batches(self, step: int) -> List[List]:
+        """The pairs of optimizer step `step`: fixed by the seed, so a resumed run sees the same."""
+        cfg = self.cfg
+        per_step = cfg.pairs_per_step * cfg.grad_accum
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        chosen = order[index * per_step:(index + 1) * per_step].tolist()
+        batches = [chosen[i:i + cfg.pairs_per_step] for i in range(0, len(chosen), cfg.pairs_per_step)]
+        return [[self.train_pairs[i] for i in batch] for batch in batches]
+
+    def evaluate(self, pairs, split: str) -> Optional[Dict[str, float]]:
+        if not pairs:
+            return None
+        self.policy.eval()
+        records, weights = [], []
+        with torch.no_grad():
+            for start in range(0, len(pairs), self.cfg.pairs_per_step):
+                batch = pairs[start:start + self.cfg.pairs_per_step]
+                loss, metrics, _ = self._batch_loss(batch)
+                records.append({"loss": float(loss), **_scalar_metrics(metrics)})
+                weights.append(len(batch))
+        self.policy.train()
+        return {"step": self.step, "split": split, "pairs": len(pairs), **_average(records, weights)}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _trainable_state(self):
+        if self.cfg.lora_r > 0:
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.policy)
+        return self.policy.state_dict()
+
+    def _run_identity(self) -> Dict:
+        keys = ("model", "loss_type", "beta", "pairs_per_step", "grad_accum", "seed", "lora_r", "prefix_sharing",
+                "learning_rate", "lr_schedule", "warmup_ratio", "max_length", "max_prompt_length")
+        identity = {k: getattr(self.cfg, k) for k in keys}
+        identity.update(data=self.data_fingerprint, total_steps=self.total_steps)
+        return json.loads(json.dumps(identity))
+
+    def save(self) -> Path:
+        directory = self.output_dir / f"checkpoint-{self.step}"
+        save_checkpoint(directory, {
+            "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "progress": {"step": self.step, "displacement": vars(self.displacement)},
+        }, meta={"run": self._run_identity(), "step": self.step})
+        for old in list_checkpoints(self.output_dir)[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def restore(self, directory: Path) -> None:
+        state = load_checkpoint(directory)
+        expected, found = self._run_identity(), state["meta"].get("run", {})
+        differing = sorted(k for k in expected if expected[k] != found.get(k))
+        if differing:
+            raise CheckpointError(
+                f"checkpoint {directory} belongs to a different run: {', '.join(differing)} differ; "
+                "use another --output-dir or --resume never")
+        if self.cfg.lora_r > 0:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy, state["model"])
+        else:
+            self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["progress"]["step"]
+        vars(self.displacement).update(state["progress"]["displacement"])
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        resume_from = None
+        if cfg.resume == "auto":
+            resume_from = latest_checkpoint(self.output_dir)
+        elif cfg.resume != "never":
+            resume_from = Path(cfg.resume)
+        if resume_from is not None:
+            self.restore(resume_from)
+        log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_from else None,
+                         tensorboard_dir=self.output_dir / "tensorboard" if cfg.tensorboard else None)
+        if cfg.progress:
+            tqdm.write(self.data_report.summary())
+        self.policy.train()
+        losses: List[float] = []
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        started = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                record = self._train_step()
+                losses.append(record["loss"])
+                log.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                margin=f"{record['rewards/margins']:.3f}")
+                warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
+                if warning:
+                    tqdm.write("warning: " + warning)
+                    log.write({"step": self.step, "split": "warning", "message": warning})
+                if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                    evaluation = self.evaluate(self.eval_pairs, "eval")
+                    if evaluation:
+                        log.write(evaluation)
+                if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self.step)
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            log.close()
+            raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path}; "
+                               "run the same command again to resume") from None
+        bar.close()
+        final = self.evaluate(self.train_pairs, "train-final")
+        log.write(final)
+        log.close()
+        plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
+        model_path = self._save_final()
+        summary = {"final_train": final, "steps": self.step, "data": self.data_report.to_dict(),
+                   "elapsed_s": time.perf_counter() - started}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return TrainResult(self.output_dir, self.step, final, log.path, plot_path, model_path, losses)
+
+    def _train_step(self) -> Dict[str, float]:
+        cfg = self.cfg
+        tick = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        records, weights, tokens = [], [], 0
+        micro_batches = self._micro_batches(self.step)
+        for batch in micro_batches:
+            loss, metrics, length = self._batch_loss(batch)
+            (loss * len(batch) / sum(len(b) for b in micro_batches)).backward()
+            records.append({"loss": float(loss), **_scalar_metrics(metrics)})
+            weights.append(len(batch))
+            tokens += length
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - tick
+        return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                **_average(records, weights)}
+
+    def _save_final(self) -> Path:
+        target = self.output_dir / "final"
+        model = self.policy
+        if self.cfg.lora_r > 0:
+            model.save_pretrained(self.output_dir / "final-adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+        return target
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+    """Run (or resume) a training job; Ctrl-C saves a checkpoint and raises with where it is."""
+    return Trainer(cfg, on_step=on_step).run()

@@ -1,0 +1,82 @@
+"""Hugging Face causal LMs as fastpref sees them: a backbone that returns hidden states and an
+LM-head weight the fused loss multiplies itself. The model's own lm_head never runs on training
+tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .packing import PackedPairs, dense_attention_mask, flex_block_mask
+
+
+@dataclass
+class CausalLMParts:
+    backbone: torch.nn.Module       # returns last_hidden_state
+    head_weight: torch.nn.Parameter  # [V, H]
+    head_bias: Optional[torch.nn.Parameter]
+
+
+def causal_lm_parts(model) -> CausalLMParts:
+    """Split a (possibly PEFT-wrapped) AutoModelForCausalLM into backbone and LM head."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = lm.config
+    for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, option, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"the model's config sets {option} = {value}: its logits are not W h + b, which the "
+                "fused loss computes; this model is not supported")
+    head = lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f"the LM head must be a plain torch.nn.Linear, got {type(head).__name__} "
+            "(adapters on the LM head are not supported: leave it out of the LoRA target modules)")
+    return CausalLMParts(lm.get_decoder(), head.weight, head.bias)
+
+
+def attention_kind(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packed_hidden(parts: CausalLMParts, packed: PackedPairs, attention: str) -> torch.Tensor:
+    """Hidden states [N, H] of the positions that predict response tokens, in one forward."""
+    if attention == "flex_attention":
+        mask = flex_block_mask(packed)
+    elif attention in ("sdpa", "eager"):
+        mask = dense_attention_mask(packed, parts.head_weight.dtype)
+    elif attention.startswith("flash_attention"):
+        if packed.prefix_sharing:
+            raise ValueError("prefix sharing needs attention 'flex_attention' or 'sdpa', not flash attention")
+        mask = None  # flash attention reads the segments off the restarting position ids
+    else:
+        raise ValueError(f"unsupported attention implementation {attention!r}")
+    out = parts.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                         attention_mask=mask, use_cache=False)
+    return out.last_hidden_state[0].index_select(0, packed.loss_positions)
+
+
+def model_fingerprint(model) -> str:
+    """A cheap identity of the weights: config plus a strided sample of every parameter."""
+    digest = hashlib.sha256()
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    digest.update(lm.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(lm.state_dict().items()):
+        if "lora_" in name:  # adapters are the policy's, not the reference's
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        digest.update(name.encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def adapters_disabled(model):
+    """Context in which a PEFT model is its frozen base (the reference); a no-op otherwise."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()

@@ -1,0 +1,107 @@
+"""What a user sees of a run: metrics as JSONL (TRL's keys), optional TensorBoard, plots, and a
+warning when likelihood displacement sets in."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; on resume, drops records past the resumed step
+    so that the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, *, resume_step: Optional[int] = None, tensorboard_dir: Optional[Path] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from exc
+            self._writer = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: Dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
+    """Loss, reward accuracy, margins and chosen/rejected log-probs against the step, train and eval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]),
+              ("reward margin", ["rewards/margins"]), ("log-probs", ["logps/chosen", "logps/rejected"])]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for split, style in (("train", "-"), ("eval", "o--")):
+            for key in keys:
+                points = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, style, label=f"{split} {key}", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
+
+
+class DisplacementMonitor:
+    """Likelihood displacement: chosen log-probs falling steadily while margins grow.
+
+    The best-known DPO failure mode: the policy widens the margin by pushing both responses
+    down, the chosen one included. Over a window of logged steps, a negative least-squares slope
+    of the chosen log-probs that adds up to a real drop, together with a positive margin slope,
+    raises the warning (once).
+    """
+
+    def __init__(self, window: int = 20, min_drop: float = 1.0):
+        self.window, self.min_drop = window, min_drop
+        self.chosen: List[float] = []
+        self.margins: List[float] = []
+        self.warned = False
+
+    def update(self, chosen_logps: float, margin: float) -> Optional[str]:
+        self.chosen.append(chosen_logps)
+        self.margins.append(margin)
+        if self.warned or len(self.chosen) < self.window:
+            return None
+        x = np.arange(self.window, dtype=float)
+        chosen_slope = np.polyfit(x, self.chosen[-self.window:], 1)[0]
+        margin_slope = np.polyfit(x, self.margins[-self.window:], 1)[0]
+        if chosen_slope < 0 and margin_slope > 0 and -chosen_slope * (self.window - 1) >= self.min_drop:
+            self.warned = True
+            return (f"likelihood displacement: the chosen responses' log-probability fell by "
+                    f"{-chosen_slope * (self.window - 1):.2f} over the last {self.window} logged steps "
+                    "while the margin grew; consider a lower learning rate, a larger beta, or an "
+                    "SFT term (loss_type sigmoid+sft)")
+        return None
