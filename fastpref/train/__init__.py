@@ -1,0 +1,1 @@
+"""The thin trainer: packed forward, data, reference cache, training loop."""

@@ -1,0 +1,594 @@
+"""Preference data: load rows, split each into prompt / chosen / rejected, tokenise, truncate.
+
+Three input formats, told apart by a data set's columns (or forced with ``format=``):
+
+* ``explicit``: text columns ``prompt``, ``chosen``, ``rejected``; the responses follow the prompt.
+* ``implicit`` (HH-RLHF): text columns ``chosen`` and ``rejected`` hold whole dialogues that share
+  everything up to the last ``"\\n\\nAssistant:"`` marker; the prompt is that shared prefix (marker
+  included) and each response is the text after it (with HH's leading space, e.g. ``" I'm sorry"``).
+* ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages, either
+  the responses to a ``prompt`` list of messages, or whole conversations sharing every message but
+  the final assistant one. They are rendered with the tokenizer's chat template.
+
+A row that cannot be split without guessing is *malformed*. A mis-split pair trains on the wrong
+tokens with no visible symptom, so every malformed row is reported with its index and a reason and
+is either skipped (counted in the :class:`DataReport`) or raised, never split by a best guess.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS = ("explicit", "implicit", "conversational")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+MALFORMED_POLICIES = ("skip", "error")
+ASSISTANT_MARKER = "\n\nAssistant:"
+BUNDLED_SAMPLE = "hh_rlhf_sample.jsonl.gz"
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_TOKENIZE_CHUNK_ROWS = 1024
+_MALFORMED_ROWS_IN_ERROR = 5
+
+Rows = Union[datasets.Dataset, Sequence[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair as token ids: the prompt once, and each response without the prompt.
+
+    Keeping the parts apart lets the packer lay out prompt + chosen and prompt + rejected and mark
+    which tokens are response tokens. ``row`` is the index of the source row, so a pair can be
+    traced back to its data.
+    """
+
+    prompt_ids: List[int]
+    chosen_ids: List[int]
+    rejected_ids: List[int]
+    row: int
+
+
+@dataclass
+class DataReport:
+    """What :func:`tokenize_pairs` did with the rows: pairs kept, rows skipped and why, tokens cut.
+
+    Meant to be shown before training, so that dropped or truncated data is visible rather than
+    silently missing. ``skipped`` maps each reason to the source row indices it applied to;
+    ``prompts_truncated`` counts pairs whose prompt was cut, ``responses_truncated`` pairs with at
+    least one response cut.
+    """
+
+    format: str
+    truncation_mode: str
+    max_length: int
+    max_prompt_length: int
+    rows_read: int = 0
+    pairs_kept: int = 0
+    skipped: Dict[str, List[int]] = field(default_factory=dict)
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(len(rows) for rows in self.skipped.values())
+
+    def summary(self, rows_shown: int = 5) -> str:
+        """A few lines for a log: counts, and the first ``rows_shown`` skipped rows of each reason."""
+        lines = [
+            f"{self.rows_read} rows read ({self.format} format): {self.pairs_kept} pairs kept, "
+            f"{self.rows_skipped} rows skipped"
+        ]
+        for reason, rows in self.skipped.items():
+            shown = ", ".join(str(row) for row in rows[:rows_shown])
+            more = ", ..." if len(rows) > rows_shown else ""
+            lines.append(f"  skipped ({reason}): {len(rows)} rows: {shown}{more}")
+        lines.append(
+            f"truncation {self.truncation_mode} to {self.max_length} tokens, prompt to "
+            f"{self.max_prompt_length}: {self.prompts_truncated} prompts cut, "
+            f"{self.responses_truncated} pairs with a response cut"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_rows(
+    source: Optional[Union[str, os.PathLike]] = None, *, split: Optional[str] = None
+) -> datasets.Dataset:
+    """Load preference rows from a local file or saved data set; ``None`` loads the bundled sample.
+
+    Accepts JSON lines or a JSON array (``.jsonl`` / ``.json``, optionally ``.gz``), Parquet
+    (``.parquet``), or a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
+    (``split`` picks the split of a ``DatasetDict``, default ``"train"``). Nothing is ever downloaded:
+    a name that is not a local path, such as a Hub data set id, is an error, so a run never depends
+    on the network or on what a remote repository holds today.
+    """
+    if source is None:
+        _reject_split(split, "the bundled sample")
+        resource = resources.files("fastpref").joinpath("data").joinpath(BUNDLED_SAMPLE)
+        with resource.open("rb") as stream:
+            return _json_rows(stream, compressed=True, name=f"bundled sample {BUNDLED_SAMPLE}")
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return _load_saved(path, split)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"not a local file or directory: {path!r} (load_rows reads local JSONL, JSON or Parquet "
+            "files and save_to_disk directories; it never downloads)"
+        )
+    _reject_split(split, path)
+    lowered = path.lower()
+    if lowered.endswith(".parquet"):
+        return datasets.Dataset(pq.read_table(path))
+    if lowered.endswith(_JSON_SUFFIXES):
+        with open(path, "rb") as stream:
+            return _json_rows(stream, compressed=lowered.endswith(".gz"), name=path)
+    raise ValueError(
+        f"unsupported file type: {path!r}; expected one of {', '.join(_JSON_SUFFIXES)}, .parquet, "
+        "or a directory saved with save_to_disk"
+    )
+
+
+def _reject_split(split: Optional[str], source: str) -> None:
+    if split is not None:
+        raise ValueError(f"split={split!r} only applies to a saved DatasetDict directory, not to {source}")
+
+
+def _load_saved(path: str, split: Optional[str]) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{path!r} is a directory but not a data set written by Dataset.save_to_disk or "
+            "DatasetDict.save_to_disk"
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        name = "train" if split is None else split
+        if name not in loaded:
+            raise ValueError(f"split={name!r} is not in {path!r}; its splits are {sorted(loaded)}")
+        return loaded[name]
+    _reject_split(split, f"{path!r}, which holds a single Dataset")
+    return loaded
+
+
+def _json_rows(stream: BinaryIO, *, compressed: bool, name: str) -> datasets.Dataset:
+    """Parse JSON here rather than through ``datasets.load_dataset``: no builder to resolve, no cache
+    directory written, and a bad line is reported by its number."""
+    if compressed:
+        stream = gzip.GzipFile(fileobj=stream)
+    text = io.TextIOWrapper(stream, encoding="utf-8").read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: not a valid JSON array ({exc})") from exc
+        located = [(f"item {index}", item) for index, item in enumerate(items)]
+    else:
+        # Split on "\n" only: str.splitlines would also break at U+2028 and the like, which JSON
+        # allows unescaped inside strings.
+        located = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{name}: line {number} is not valid JSON ({exc})") from exc
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise ValueError(f"{name}: {where} is a {type(record).__name__}, expected a JSON object")
+    return _records_to_dataset([record for _, record in located], name)
+
+
+def _records_to_dataset(records: List[Dict[str, Any]], name: str) -> datasets.Dataset:
+    """A column per key seen in any record; a record without a key gets null there, which the
+    splitting reports as a missing field of that row."""
+    keys: Dict[str, None] = {}
+    for record in records:
+        keys.update(dict.fromkeys(record))
+    columns = {}
+    for key in keys:
+        try:
+            columns[key] = pa.array([record.get(key) for record in records])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(
+                f"{name}: column {key!r} mixes kinds of value across rows ({exc}); each of prompt, "
+                "chosen and rejected must be text in every row, or a list of messages in every row"
+            ) from exc
+    return datasets.Dataset(pa.table(columns))
+
+
+# --------------------------------------------------------------------------------------- splitting
+
+
+class _Malformed(Exception):
+    """A row that cannot be split into prompt / chosen / rejected; the message is the reported reason."""
+
+
+def _text_field(row: Mapping[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise _Malformed(f"missing {key!r}")
+    if not isinstance(value, str):
+        raise _Malformed(f"{key!r} is not a string")
+    return value
+
+
+def _check_responses(chosen: Any, rejected: Any, *, chosen_empty: bool, rejected_empty: bool) -> None:
+    if chosen_empty:
+        raise _Malformed("empty chosen response")
+    if rejected_empty:
+        raise _Malformed("empty rejected response")
+    if chosen == rejected:
+        raise _Malformed("chosen == rejected")
+
+
+def _split_explicit(row: Mapping[str, Any]) -> Tuple[str, str, str]:
+    prompt = _text_field(row, "prompt")
+    chosen = _text_field(row, "chosen")
+    rejected = _text_field(row, "rejected")
+    _check_responses(chosen, rejected, chosen_empty=not chosen.strip(), rejected_empty=not rejected.strip())
+    return prompt, chosen, rejected
+
+
+def _split_at_last_assistant_turn(dialogue: str, key: str) -> Tuple[str, str]:
+    cut = dialogue.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise _Malformed(f"{key} has no {ASSISTANT_MARKER!r} marker")
+    cut += len(ASSISTANT_MARKER)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def _split_implicit(row: Mapping[str, Any]) -> Tuple[str, str, str]:
+    """Each dialogue is cut at its own last marker, and the two prompts must then agree exactly.
+
+    Cutting both at the end of their common prefix instead would hide the rows where one response
+    holds an extra ``"\\n\\nAssistant:"`` turn or the dialogues diverge earlier: those would train on a
+    response that starts mid-dialogue.
+    """
+    chosen_prompt, chosen = _split_at_last_assistant_turn(_text_field(row, "chosen"), "chosen")
+    rejected_prompt, rejected = _split_at_last_assistant_turn(_text_field(row, "rejected"), "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise _Malformed("implicit prompt mismatch")
+    _check_responses(chosen, rejected, chosen_empty=not chosen.strip(), rejected_empty=not rejected.strip())
+    return chosen_prompt, chosen, rejected
+
+
+def _is_message(message: Any) -> bool:
+    return (
+        isinstance(message, Mapping)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
+
+
+def _messages_field(row: Mapping[str, Any], key: str) -> List[Dict[str, Any]]:
+    """The messages of ``row[key]``, without the null keys Arrow adds where other rows' messages had
+    extra keys (a template would render them as ``None``)."""
+    value = row.get(key)
+    if value is None:
+        raise _Malformed(f"missing {key!r}")
+    if not isinstance(value, list) or not all(_is_message(message) for message in value):
+        raise _Malformed(f"{key!r} is not a list of role/content messages")
+    return [{name: item for name, item in message.items() if item is not None} for message in value]
+
+
+def _render(tokenizer: Any, messages: List[Dict[str, Any]], *, add_generation_prompt: bool) -> str:
+    # jinja2 comes with chat-template support, which only this format needs.
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as exc:
+        raise _Malformed("chat template error") from exc
+
+
+def _rendered_response(
+    tokenizer: Any, prompt: List[Dict[str, Any]], prompt_text: str, response: List[Dict[str, Any]]
+) -> str:
+    full_text = _render(tokenizer, prompt + response, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise _Malformed("chat template does not extend the prompt")
+    return full_text[len(prompt_text):]
+
+
+def _split_conversational(
+    row: Mapping[str, Any], *, tokenizer: Any, has_prompt: bool
+) -> Tuple[str, str, str]:
+    """Render prompt and prompt + response; the response text is what the second adds to the first,
+    so template scaffolding (role headers, end-of-turn tokens) lands on the side it belongs to."""
+    chosen = _messages_field(row, "chosen")
+    rejected = _messages_field(row, "rejected")
+    if has_prompt:
+        prompt = _messages_field(row, "prompt")
+    else:
+        for key, conversation in (("chosen", chosen), ("rejected", rejected)):
+            if not conversation or conversation[-1]["role"] != "assistant":
+                raise _Malformed(f"{key} does not end with an assistant message")
+        if chosen[:-1] != rejected[:-1]:
+            raise _Malformed("implicit prompt mismatch")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    _check_responses(
+        chosen,
+        rejected,
+        chosen_empty=not any(message["content"].strip() for message in chosen),
+        rejected_empty=not any(message["content"].strip() for message in rejected),
+    )
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    return (
+        prompt_text,
+        _rendered_response(tokenizer, prompt, prompt_text, chosen),
+        _rendered_response(tokenizer, prompt, prompt_text, rejected),
+    )
+
+
+def _column_names(rows: Rows) -> List[str]:
+    if isinstance(rows, datasets.Dataset):
+        return rows.column_names
+    if isinstance(rows, datasets.DatasetDict):
+        raise TypeError(
+            f"rows is a DatasetDict with splits {sorted(rows)}; pass one split, e.g. rows['train']"
+        )
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
+        raise TypeError(
+            f"rows must be a datasets.Dataset or a sequence of row mappings, got {type(rows).__name__}"
+        )
+    names: Dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, Mapping):
+            names.update(dict.fromkeys(row))
+    return list(names)
+
+
+def _resolve_format(rows: Rows, columns: List[str], requested: str) -> str:
+    missing = [key for key in ("chosen", "rejected") if key not in columns]
+    if missing:
+        raise ValueError(
+            f"rows have no {' or '.join(map(repr, missing))} column (columns: {columns}); preference "
+            "data needs 'chosen' and 'rejected', plus 'prompt' for the explicit format"
+        )
+    if requested == "explicit" and "prompt" not in columns:
+        raise ValueError(f"format='explicit' needs a 'prompt' column; the columns are {columns}")
+    if requested != "auto":
+        return requested
+    first_chosen = next(
+        (row["chosen"] for row in rows if isinstance(row, Mapping) and row.get("chosen") is not None), None
+    )
+    if isinstance(first_chosen, list):
+        return "conversational"
+    if first_chosen is None or isinstance(first_chosen, str):
+        return "explicit" if "prompt" in columns else "implicit"
+    raise ValueError(
+        f"cannot detect the format: 'chosen' holds {type(first_chosen).__name__} values, expected text "
+        f"or a list of messages; pass format= one of {FORMATS}"
+    )
+
+
+# ------------------------------------------------------------------------------------ tokenisation
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _encode(tokenizer: Any, texts: List[str]) -> List[List[int]]:
+    # Special tokens are added by hand (BOS, EOS) so the pieces can be tokenised separately.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _with_bos(ids: List[int], bos_token_id: Optional[int]) -> List[int]:
+    """BOS first, unless the text already began with it (chat templates often render it)."""
+    if bos_token_id is None or ids[:1] == [bos_token_id]:
+        return ids
+    return [bos_token_id] + ids
+
+
+def _with_eos(ids: List[int], eos_token_id: Optional[int]) -> List[int]:
+    """EOS last, so the model learns where a response stops, unless the text already ended with it."""
+    if eos_token_id is None or ids[-1:] == [eos_token_id]:
+        return ids
+    return ids + [eos_token_id]
+
+
+@dataclass(frozen=True)
+class _Truncation:
+    max_length: int
+    max_prompt_length: int
+    keep_end: bool
+    bos_token_id: Optional[int]
+
+    def apply(
+        self, prompt: List[int], chosen: List[int], rejected: List[int]
+    ) -> Tuple[List[int], List[int], List[int], bool, bool]:
+        """Cut a pair longer than ``max_length``: the prompt first, to ``max_prompt_length`` (keeping
+        its end, the part nearest the response, or its start), then each response to what is left,
+        keeping its start. A leading BOS survives a ``keep_end`` cut, since the model expects it.
+
+        Returns the three id lists and whether the prompt, and whether a response, was cut.
+        """
+        if len(prompt) + max(len(chosen), len(rejected)) <= self.max_length:
+            return prompt, chosen, rejected, False, False
+        prompt_cut = len(prompt) > self.max_prompt_length
+        if prompt_cut:
+            if self.keep_end:
+                starts_with_bos = self.bos_token_id is not None and prompt[:1] == [self.bos_token_id]
+                head = prompt[:1] if starts_with_bos else []
+                tail_length = self.max_prompt_length - len(head)
+                prompt = head + prompt[len(prompt) - tail_length:]
+            else:
+                prompt = prompt[: self.max_prompt_length]
+        room = self.max_length - len(prompt)
+        if room <= 0:
+            raise _Malformed("response truncated away")
+        response_cut = max(len(chosen), len(rejected)) > room
+        return prompt, chosen[:room], rejected[:room], prompt_cut, response_cut
+
+
+def tokenize_pairs(
+    rows: Rows,
+    tokenizer: Any,
+    *,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    on_malformed: str = "skip",
+    format: str = "auto",
+    add_bos: bool = True,
+) -> Tuple[List[TokenizedPair], DataReport]:
+    """Split and tokenise preference rows into :class:`TokenizedPair` s, with a :class:`DataReport`.
+
+    The prompt and the two responses are tokenised separately, so the prompt tokens are identical in
+    both sequences of a pair and the response boundary is exact. The tokenizer's BOS goes before the
+    prompt (when it has one and ``add_bos``) and its EOS after each response (when it has one).
+    A pair longer than ``max_length`` tokens (prompt + longer response) is cut: first the prompt, to
+    ``max_prompt_length`` tokens, keeping its end (``truncation_mode="keep_end"``: the part nearest the
+    response, and a leading BOS) or its start (``"keep_start"``); then each response to the room left,
+    keeping its start.
+
+    Malformed rows (missing or mistyped fields, an empty response, chosen equal to rejected, an
+    implicit prompt mismatch, a chat template that does not extend the prompt, a prompt of no tokens,
+    a response truncated away) are skipped and reported with ``on_malformed="skip"``, or make this
+    raise ``ValueError`` naming the first few with ``on_malformed="error"``.
+    """
+    _check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    _check_choice("on_malformed", on_malformed, MALFORMED_POLICIES)
+    _check_choice("format", format, ("auto",) + FORMATS)
+    _check_positive_int("max_length", max_length)
+    _check_positive_int("max_prompt_length", max_prompt_length)
+    columns = _column_names(rows)
+    resolved = _resolve_format(rows, columns, format)
+    split: Callable[[Mapping[str, Any]], Tuple[str, str, str]]
+    if resolved == "explicit":
+        split = _split_explicit
+    elif resolved == "implicit":
+        split = _split_implicit
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "the conversational format needs a tokenizer with a chat_template; this one has none"
+            )
+        split = functools.partial(_split_conversational, tokenizer=tokenizer, has_prompt="prompt" in columns)
+
+    malformed: List[Tuple[int, str]] = []
+    text_pairs: List[Tuple[int, str, str, str]] = []
+    for index, row in enumerate(rows):
+        try:
+            if not isinstance(row, Mapping):
+                raise _Malformed("row is not a mapping")
+            text_pairs.append((index, *split(row)))
+        except _Malformed as reason:
+            malformed.append((index, str(reason)))
+
+    bos_token_id = tokenizer.bos_token_id if add_bos else None
+    eos_token_id = tokenizer.eos_token_id
+    truncation = _Truncation(max_length, max_prompt_length, truncation_mode == "keep_end", bos_token_id)
+    report = DataReport(
+        format=resolved,
+        truncation_mode=truncation_mode,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        rows_read=len(rows),
+    )
+    examples: List[TokenizedPair] = []
+    for start in range(0, len(text_pairs), _TOKENIZE_CHUNK_ROWS):
+        chunk = text_pairs[start : start + _TOKENIZE_CHUNK_ROWS]
+        prompts, chosens, rejecteds = (
+            _encode(tokenizer, [pair[part] for pair in chunk]) for part in (1, 2, 3)
+        )
+        for (index, *_), prompt, chosen, rejected in zip(chunk, prompts, chosens, rejecteds):
+            try:
+                prompt = _with_bos(prompt, bos_token_id)
+                if not prompt:
+                    raise _Malformed("empty prompt")
+                prompt, chosen, rejected, prompt_cut, response_cut = truncation.apply(
+                    prompt, _with_eos(chosen, eos_token_id), _with_eos(rejected, eos_token_id)
+                )
+            except _Malformed as reason:
+                malformed.append((index, str(reason)))
+                continue
+            report.prompts_truncated += prompt_cut
+            report.responses_truncated += response_cut
+            examples.append(TokenizedPair(prompt, chosen, rejected, index))
+
+    malformed.sort()
+    for index, reason in malformed:
+        report.skipped.setdefault(reason, []).append(index)
+    report.pairs_kept = len(examples)
+    if malformed and on_malformed == "error":
+        listed = "; ".join(f"row {index}: {reason}" for index, reason in malformed[:_MALFORMED_ROWS_IN_ERROR])
+        more = len(malformed) - _MALFORMED_ROWS_IN_ERROR
+        raise ValueError(
+            f"{len(malformed)} malformed rows ({listed}{f'; and {more} more' if more > 0 else ''}); "
+            "fix them or pass on_malformed='skip' to drop them"
+        )
+    return examples, report
+
+
+# ---------------------------------------------------------------------------------- after tokenising
+
+
+def fingerprint_pairs(examples: Sequence[TokenizedPair]) -> str:
+    """A sha256 hex digest of every pair's row index and token ids, in order.
+
+    Cached reference log-probs are only valid for exactly these token sequences, so the digest is
+    their cache key: any change of data, tokenizer, template or truncation changes it. Lengths are
+    hashed too, so moving a token across the prompt/response boundary changes the digest.
+    """
+    digest = hashlib.sha256(b"fastpref tokenized pairs v1")
+    for example in examples:
+        header = [example.row, len(example.prompt_ids), len(example.chosen_ids), len(example.rejected_ids)]
+        ids = header + example.prompt_ids + example.chosen_ids + example.rejected_ids
+        digest.update(np.asarray(ids, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def train_eval_split(
+    examples: Sequence[TokenizedPair], eval_fraction: float, seed: int
+) -> Tuple[List[TokenizedPair], List[TokenizedPair]]:
+    """Split pairs into (train, eval), the same way for the same seed on any machine.
+
+    Pairs are ranked by a hash of (seed, source row) and the first ``round(n * eval_fraction)`` (at
+    least one when the fraction is positive) go to eval. Hashing instead of a random shuffle keeps
+    the split independent of Python's RNG implementation; each part keeps the input order.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    eval_count = round(len(examples) * eval_fraction)
+    if eval_fraction > 0:
+        eval_count = max(eval_count, 1)
+        if eval_count >= len(examples):
+            raise ValueError(
+                f"eval_fraction={eval_fraction} of {len(examples)} pairs leaves no pairs to train on"
+            )
+
+    def rank(position: int) -> Tuple[bytes, int]:
+        key = f"{seed}:{examples[position].row}".encode()
+        return hashlib.sha256(key).digest(), position
+
+    eval_positions = set(sorted(range(len(examples)), key=rank)[:eval_count])
+    train = [example for position, example in enumerate(examples) if position not in eval_positions]
+    evaluation = [example for position, example in enumerate(examples) if position in eval_positions]
+    return train, evaluation
