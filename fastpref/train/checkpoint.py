@@ -99,12 +99,14 @@ def load_checkpoint(directory: Path, map_location="cpu") -> Dict[str, Any]:
 
 
 def list_checkpoints(output_dir: Path) -> List[Path]:
-    """Complete checkpoints under output_dir, oldest first (partial ones are ignored)."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()
-             and not p.name.endswith(".partial")]
+    """Checkpoint directories under output_dir, oldest first; saves still being staged are skipped."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest checkpoint; load_checkpoint refuses it if it is not whole, rather than silently
+    falling back to an older one."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None

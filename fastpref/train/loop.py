@@ -165,8 +165,13 @@ def _load_models(cfg: TrainConfig, device, dtype, attention):
 
     if cfg.model is None:
         tokenizer = default_tokenizer()
-        torch.manual_seed(cfg.seed)
         policy = default_model(tokenizer, cfg.seed).to(dtype)
+        # the embedded model exists nowhere else: keep its starting point as the reference
+        # for `fastpref eval` and as the base of a LoRA adapter
+        initial = Path(cfg.output_dir) / "initial"
+        policy.save_pretrained(initial)
+        tokenizer.save_pretrained(initial)
+        policy.name_or_path = str(initial)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
         policy = load(cfg.model)
@@ -441,7 +446,7 @@ class Trainer:
         for batch in micro_batches:
             loss, metrics, length = self._batch_loss(batch)
             (loss * len(batch) / sum(len(b) for b in micro_batches)).backward()
-            records.append({"loss": float(loss), **_scalar_metrics(metrics)})
+            records.append({"loss": float(loss.detach()), **_scalar_metrics(metrics)})
             weights.append(len(batch))
             tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -460,6 +465,7 @@ class Trainer:
         model = self.policy
         if self.cfg.lora_r > 0:
             model.save_pretrained(self.output_dir / "final-adapter")
+            self.tokenizer.save_pretrained(self.output_dir / "final-adapter")
             model = model.merge_and_unload()
         model.save_pretrained(target)
         self.tokenizer.save_pretrained(target)

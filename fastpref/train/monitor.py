@@ -80,12 +80,13 @@ class DisplacementMonitor:
 
     The best-known DPO failure mode: the policy widens the margin by pushing both responses
     down, the chosen one included. Over a window of logged steps, a negative least-squares slope
-    of the chosen log-probs that adds up to a real drop, together with a positive margin slope,
-    raises the warning (once).
+    of the chosen log-probs that adds up to a real drop (at least `min_drop` nats and
+    `min_relative_drop` of their size), together with a positive margin slope, raises the
+    warning (once).
     """
 
-    def __init__(self, window: int = 20, min_drop: float = 1.0):
-        self.window, self.min_drop = window, min_drop
+    def __init__(self, window: int = 20, min_drop: float = 1.0, min_relative_drop: float = 0.02):
+        self.window, self.min_drop, self.min_relative_drop = window, min_drop, min_relative_drop
         self.chosen: List[float] = []
         self.margins: List[float] = []
         self.warned = False
@@ -98,10 +99,12 @@ class DisplacementMonitor:
         x = np.arange(self.window, dtype=float)
         chosen_slope = np.polyfit(x, self.chosen[-self.window:], 1)[0]
         margin_slope = np.polyfit(x, self.margins[-self.window:], 1)[0]
-        if chosen_slope < 0 and margin_slope > 0 and -chosen_slope * (self.window - 1) >= self.min_drop:
+        drop = -chosen_slope * (self.window - 1)
+        threshold = max(self.min_drop, self.min_relative_drop * abs(float(np.mean(self.chosen[-self.window:]))))
+        if margin_slope > 0 and drop >= threshold:
             self.warned = True
             return (f"likelihood displacement: the chosen responses' log-probability fell by "
-                    f"{-chosen_slope * (self.window - 1):.2f} over the last {self.window} logged steps "
+                    f"{drop:.2f} over the last {self.window} logged steps "
                     "while the margin grew; consider a lower learning rate, a larger beta, or an "
                     "SFT term (loss_type sigmoid+sft)")
         return None
