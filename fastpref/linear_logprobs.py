@@ -14,7 +14,7 @@ Ignored positions are dropped before any matmul, so prompt and padding tokens co
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

@@ -61,7 +61,7 @@ def test_packed_logps_equal_padded(attention, prefix_sharing):
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing)
     parts = causal_lm_parts(model)
     with torch.no_grad():
-        hidden = packed_hidden(parts, packed, attention)
+        hidden = packed_hidden(model, packed, attention)
         token_logp = fastpref.linear_logprobs(hidden, parts.head_weight, packed.targets)
         packed_seq = fastpref.sequence_logps(token_logp, packed.layout)
         expected = padded_logps(model, pairs)
@@ -90,7 +90,7 @@ def test_packed_gradients_equal_padded():
         model.zero_grad()
         packed = pack_pairs(pairs, prefix_sharing=prefix_sharing)
         parts = causal_lm_parts(model)
-        loss, _ = loss_fn(packed_hidden(parts, packed, "sdpa"), parts.head_weight, packed.targets,
+        loss, _ = loss_fn(packed_hidden(model, packed, "sdpa"), parts.head_weight, packed.targets,
                           packed.layout, reference)
         loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))

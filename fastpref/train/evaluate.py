@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_module
-from .model import adapters_disabled, causal_lm_parts
+from .model import adapters_disabled
 from .reference import pair_logps
 
 
@@ -65,14 +65,14 @@ def evaluate_pairs(model: str, data: Optional[str], *, reference_model: Optional
     records = []
     for start in tqdm(range(0, len(pairs), pairs_per_batch), desc="eval", unit="batch", disable=not progress):
         batch = pairs[start:start + pairs_per_batch]
-        policy_logps = pair_logps(causal_lm_parts(policy), batch, attention_, device_, prefix_sharing=False,
+        policy_logps = pair_logps(policy, batch, attention_, device_, prefix_sharing=False,
                                   backend=backend)
         if reference is not None:
-            reference_logps = pair_logps(causal_lm_parts(reference), batch, attention_, device_,
+            reference_logps = pair_logps(reference, batch, attention_, device_,
                                          prefix_sharing=False, backend=backend)
         else:
             with adapters_disabled(policy):
-                reference_logps = pair_logps(causal_lm_parts(policy), batch, attention_, device_,
+                reference_logps = pair_logps(policy, batch, attention_, device_,
                                              prefix_sharing=False, backend=backend)
         rewards = beta * (policy_logps - reference_logps)
         for i, pair in enumerate(batch):

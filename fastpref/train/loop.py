@@ -1,6 +1,7 @@
 """The training loop: data, model, reference, fused loss, optimizer, checkpoints, monitoring."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,6 +21,7 @@ from ..losses import PreferenceLoss
 from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
+from .distributed import Distributed
 from .model import adapters_disabled, causal_lm_parts, model_fingerprint, packed_hidden
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .packing import pack_pairs
@@ -129,9 +131,11 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved; the message says where."""
 
 
-def _device_and_dtype(cfg: TrainConfig):
+def _device_and_dtype(cfg: TrainConfig, distributed: Distributed):
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and distributed.enabled:
+        device = torch.device("cuda", distributed.local_rank)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -154,7 +158,7 @@ def _attention(cfg: TrainConfig, device: torch.device) -> str:
     return "flex_attention"
 
 
-def _load_models(cfg: TrainConfig, device, dtype, attention):
+def _load_models(cfg: TrainConfig, device, dtype, attention, is_main: bool):
     """(policy, tokenizer, frozen reference model or None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,8 +173,9 @@ def _load_models(cfg: TrainConfig, device, dtype, attention):
         # the embedded model exists nowhere else: keep its starting point as the reference
         # for `fastpref eval` and as the base of a LoRA adapter
         initial = Path(cfg.output_dir) / "initial"
-        policy.save_pretrained(initial)
-        tokenizer.save_pretrained(initial)
+        if is_main:
+            policy.save_pretrained(initial)
+            tokenizer.save_pretrained(initial)
         policy.name_or_path = str(initial)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
@@ -232,9 +237,17 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.device, self.dtype = _device_and_dtype(cfg)
+        self.dist = Distributed.from_environment(cfg.device)
+        self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
-        self.policy, self.tokenizer, self.reference_model = _load_models(cfg, self.device, self.dtype, self.attention)
+        self.policy, self.tokenizer, self.reference_model = _load_models(
+            cfg, self.device, self.dtype, self.attention, self.dist.is_main)
+        self.forward_model = self.policy
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.policy, device_ids=device_ids)
         self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
                                       label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                                       average_logps=cfg.average_logps, backend=cfg.backend)
@@ -261,11 +274,6 @@ class Trainer:
         self.data_fingerprint = data_module.fingerprint_pairs(pairs)
         self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
 
-    def _reference_forward(self):
-        """The module whose hidden states and head are the reference's, as a context + parts."""
-        if self.reference_model is not None:
-            return self.reference_model, causal_lm_parts(self.reference_model)
-        return self.policy, causal_lm_parts(self.policy)
 
     def _prepare_reference(self):
         cfg = self.cfg
@@ -282,16 +290,22 @@ class Trainer:
         source = self.reference_model or self.policy
         key = cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        self.reference_cache = ReferenceCache.load_or_compute(
-            key, self.train_pairs + self.eval_pairs, self._reference_logps_now,
-            cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step, progress=cfg.progress)
+        # rank 0 computes and writes the cache; the others then read the file it wrote
+        for turn in ("main", "others"):
+            if (turn == "main") == self.dist.is_main:
+                self.reference_cache = ReferenceCache.load_or_compute(
+                    key, self.train_pairs + self.eval_pairs, self._reference_logps_now,
+                    cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step, progress=cfg.progress and self.dist.is_main)
+            self.dist.barrier()
 
     def _reference_logps_now(self, pairs) -> torch.Tensor:
-        model, parts = self._reference_forward()
+        """The reference model's, or else the policy's with adapters disabled (LoRA) or before
+        any step (the cache of a full fine-tune is computed before training starts)."""
+        model = self.reference_model if self.reference_model is not None else self.policy
         was_training = model.training
         model.eval()
-        with adapters_disabled(self.policy if model is self.policy else model):
-            logps = pair_logps(parts, pairs, self.attention, self.device,
+        with adapters_disabled(model):
+            logps = pair_logps(model, pairs, self.attention, self.device,
                                prefix_sharing=self.cfg.prefix_sharing, backend=self.cfg.backend)
         model.train(was_training)
         return logps
@@ -304,10 +318,10 @@ class Trainer:
         return self._reference_logps_now(pairs)
 
     # -- one batch -----------------------------------------------------------------------------
-    def _batch_loss(self, pairs):
+    def _batch_loss(self, pairs, model):
         packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing).to(self.device)
         parts = causal_lm_parts(self.policy)
-        hidden = packed_hidden(parts, packed, self.attention)
+        hidden = packed_hidden(model, packed, self.attention)
         loss, metrics = self.loss_fn(hidden, parts.head_weight, packed.targets, packed.layout,
                                      self._reference_for(pairs), bias=parts.head_bias)
         return loss, metrics, packed.input_ids.shape[1]
@@ -323,18 +337,22 @@ class Trainer:
         return [[self.train_pairs[i] for i in batch] for batch in batches]
 
     def evaluate(self, pairs, split: str) -> Optional[Dict[str, float]]:
+        """Loss and metrics over `pairs`, each rank scoring its share."""
         if not pairs:
             return None
         self.policy.eval()
         records, weights = [], []
+        local = self.dist.shard(pairs)
         with torch.no_grad():
-            for start in range(0, len(pairs), self.cfg.pairs_per_step):
-                batch = pairs[start:start + self.cfg.pairs_per_step]
-                loss, metrics, _ = self._batch_loss(batch)
+            for start in range(0, len(local), self.cfg.pairs_per_step):
+                batch = local[start:start + self.cfg.pairs_per_step]
+                loss, metrics, _ = self._batch_loss(batch, self.policy)
                 records.append({"loss": float(loss), **_scalar_metrics(metrics)})
                 weights.append(len(batch))
         self.policy.train()
-        return {"step": self.step, "split": split, "pairs": len(pairs), **_average(records, weights)}
+        mean = _average(records, weights) if records else {}
+        mean = self.dist.weighted_mean(mean, len(local), self.device)
+        return {"step": self.step, "split": split, "pairs": len(pairs), **mean}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _trainable_state(self):
@@ -353,13 +371,15 @@ class Trainer:
 
     def save(self) -> Path:
         directory = self.output_dir / f"checkpoint-{self.step}"
-        save_checkpoint(directory, {
-            "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-            "progress": {"step": self.step, "displacement": vars(self.displacement)},
-        }, meta={"run": self._run_identity(), "step": self.step})
-        for old in list_checkpoints(self.output_dir)[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dist.is_main:
+            save_checkpoint(directory, {
+                "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "progress": {"step": self.step, "displacement": vars(self.displacement)},
+            }, meta={"run": self._run_identity(), "step": self.step, "world_size": self.dist.world_size})
+            for old in list_checkpoints(self.output_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return directory
 
     def restore(self, directory: Path) -> None:
@@ -384,7 +404,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.is_main
         resume_from = None
         if cfg.resume == "auto":
             resume_from = latest_checkpoint(self.output_dir)
@@ -393,12 +413,14 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_from else None,
-                         tensorboard_dir=self.output_dir / "tensorboard" if cfg.tensorboard else None)
-        if cfg.progress:
+                         tensorboard_dir=self.output_dir / "tensorboard" if cfg.tensorboard else None,
+                         enabled=main)
+        show = cfg.progress and main
+        if show:
             tqdm.write(self.data_report.summary())
         self.policy.train()
         losses: List[float] = []
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not show)
         started = time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -409,8 +431,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                 margin=f"{record['rewards/margins']:.3f}")
                 warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
-                if warning:
+                if warning and show:
                     tqdm.write("warning: " + warning)
+                if warning:
                     log.write({"step": self.step, "split": "warning", "message": warning})
                 if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                     evaluation = self.evaluate(self.eval_pairs, "eval")
@@ -425,43 +448,61 @@ class Trainer:
             path = self.save()
             log.close()
             raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path}; "
-                               "run the same command again to resume") from None
+                                      "run the same command again to resume") from None
         bar.close()
         final = self.evaluate(self.train_pairs, "train-final")
         log.write(final)
         log.close()
-        plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
-        model_path = self._save_final()
-        summary = {"final_train": final, "steps": self.step, "data": self.data_report.to_dict(),
-                   "elapsed_s": time.perf_counter() - started}
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        model_path = self.output_dir / "final"
+        plot_path = None
+        if main:
+            plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
+            self._save_final(model_path)
+            summary = {"final_train": final, "steps": self.step, "data": self.data_report.to_dict(),
+                       "world_size": self.dist.world_size, "elapsed_s": time.perf_counter() - started}
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.dist.barrier()
         return TrainResult(self.output_dir, self.step, final, log.path, plot_path, model_path, losses)
 
     def _train_step(self) -> Dict[str, float]:
-        cfg = self.cfg
+        """One optimizer step over the global batch; this rank computes its share of each micro-batch.
+
+        Each local loss is scaled by (local pairs / pairs in the step) * world size, so that the
+        average DDP takes over ranks is the gradient of the step's mean loss over all its pairs.
+        """
+        cfg, world = self.cfg, self.dist.world_size
         tick = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         records, weights, tokens = [], [], 0
         micro_batches = self._micro_batches(self.step)
-        for batch in micro_batches:
-            loss, metrics, length = self._batch_loss(batch)
-            (loss * len(batch) / sum(len(b) for b in micro_batches)).backward()
-            records.append({"loss": float(loss.detach()), **_scalar_metrics(metrics)})
-            weights.append(len(batch))
-            tokens += length
+        step_pairs = sum(len(b) for b in micro_batches)
+        for index, batch in enumerate(micro_batches):
+            local = self.dist.shard(batch)
+            # a rank with no pair of this micro-batch still joins DDP's all-reduce, with weight 0
+            pairs, share = (local, len(local)) if local else (batch[:1], 0)
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.forward_model.no_sync()
+            with sync:
+                loss, metrics, length = self._batch_loss(pairs, self.forward_model)
+                (loss * (share / step_pairs * world)).backward()
+            if share:
+                records.append({"loss": float(loss.detach()), **_scalar_metrics(metrics)})
+                weights.append(share)
+                tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
+        local_pairs = sum(weights)
+        mean = self.dist.weighted_mean(_average(records, weights) if records else {}, local_pairs, self.device)
+        tokens = world * self.dist.weighted_mean({"tokens": tokens}, 1, self.device)["tokens"]
         elapsed = time.perf_counter() - tick
         return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,
-                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                **_average(records, weights)}
+                "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, **mean}
 
-    def _save_final(self) -> Path:
-        target = self.output_dir / "final"
+    def _save_final(self, target: Path) -> None:
         model = self.policy
         if self.cfg.lora_r > 0:
             model.save_pretrained(self.output_dir / "final-adapter")
@@ -469,7 +510,6 @@ class Trainer:
             model = model.merge_and_unload()
         model.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
-        return target
 
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:

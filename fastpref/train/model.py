@@ -1,6 +1,6 @@
-"""Hugging Face causal LMs as fastpref sees them: a backbone that returns hidden states and an
+"""Hugging Face causal LMs as fastpref sees them: hidden states from one packed forward, and an
 LM-head weight the fused loss multiplies itself. The model's own lm_head never runs on training
-tokens.
+tokens (but for one row, the last position's logits, which transformers always returns).
 """
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ from .packing import PackedPairs, dense_attention_mask, flex_block_mask
 
 @dataclass
 class CausalLMParts:
-    backbone: torch.nn.Module       # returns last_hidden_state
     head_weight: torch.nn.Parameter  # [V, H]
     head_bias: Optional[torch.nn.Parameter]
 
 
+def unwrap(model):
+    """The causal LM inside DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def causal_lm_parts(model) -> CausalLMParts:
-    """Split a (possibly PEFT-wrapped) AutoModelForCausalLM into backbone and LM head."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The LM head of a (possibly DDP- or PEFT-wrapped) AutoModelForCausalLM, checked to be W h + b."""
+    lm = unwrap(model)
     config = lm.config
     for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(config, option, None)
@@ -36,34 +41,39 @@ def causal_lm_parts(model) -> CausalLMParts:
         raise ValueError(
             f"the LM head must be a plain torch.nn.Linear, got {type(head).__name__} "
             "(adapters on the LM head are not supported: leave it out of the LoRA target modules)")
-    return CausalLMParts(lm.get_decoder(), head.weight, head.bias)
+    return CausalLMParts(head.weight, head.bias)
 
 
 def attention_kind(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def packed_hidden(parts: CausalLMParts, packed: PackedPairs, attention: str) -> torch.Tensor:
-    """Hidden states [N, H] of the positions that predict response tokens, in one forward."""
+def packed_hidden(model, packed: PackedPairs, attention: str) -> torch.Tensor:
+    """Hidden states [N, H] of the positions that predict response tokens, in one forward.
+
+    The call goes through `model` itself (a DDP wrapper included, which keeps gradient
+    synchronisation intact) with logits kept for the last position only, a [1, V] row; the
+    final hidden states are the last entry of its hidden-state outputs.
+    """
     if attention == "flex_attention":
         mask = flex_block_mask(packed)
     elif attention in ("sdpa", "eager"):
-        mask = dense_attention_mask(packed, parts.head_weight.dtype)
+        mask = dense_attention_mask(packed, next(model.parameters()).dtype)
     elif attention.startswith("flash_attention"):
         if packed.prefix_sharing:
             raise ValueError("prefix sharing needs attention 'flex_attention' or 'sdpa', not flash attention")
         mask = None  # flash attention reads the segments off the restarting position ids
     else:
         raise ValueError(f"unsupported attention implementation {attention!r}")
-    out = parts.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                         attention_mask=mask, use_cache=False)
-    return out.last_hidden_state[0].index_select(0, packed.loss_positions)
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
+                use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    return out.hidden_states[-1][0].index_select(0, packed.loss_positions)
 
 
 def model_fingerprint(model) -> str:
     """A cheap identity of the weights: config plus a strided sample of every parameter."""
     digest = hashlib.sha256()
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = unwrap(model)
     digest.update(lm.config.to_json_string(use_diff=False).encode())
     for name, tensor in sorted(lm.state_dict().items()):
         if "lora_" in name:  # adapters are the policy's, not the reference's

@@ -13,8 +13,13 @@ class MetricsLog:
     """Appends one JSON object per logged step; on resume, drops records past the resumed step
     so that the file reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, *, resume_step: Optional[int] = None, tensorboard_dir: Optional[Path] = None):
+    def __init__(self, path: Path, *, resume_step: Optional[int] = None, tensorboard_dir: Optional[Path] = None,
+                 enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled
+        self._writer = None
+        if not enabled:  # another process writes this run's log
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -22,7 +27,6 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self._writer = None
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +35,8 @@ class MetricsLog:
             self._writer = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: Dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:

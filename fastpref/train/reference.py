@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..losses import sequence_logps
 from ..linear_logprobs import linear_logprobs
-from .model import CausalLMParts, packed_hidden
+from .model import causal_lm_parts, packed_hidden
 from .packing import pack_pairs
 
 CACHE_VERSION = "1"
@@ -38,11 +38,12 @@ def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def pair_logps(parts: CausalLMParts, pairs: Sequence, attention: str, device, *,
+def pair_logps(model, pairs: Sequence, attention: str, device, *,
                prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
     """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...)."""
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
-    hidden = packed_hidden(parts, packed, attention)
+    parts = causal_lm_parts(model)
+    hidden = packed_hidden(model, packed, attention)
     token_logp = linear_logprobs(hidden, parts.head_weight, packed.targets, bias=parts.head_bias,
                                  backend=backend)
     return sequence_logps(token_logp, packed.layout).float()

@@ -1,0 +1,63 @@
+"""Multi-process training on torch.distributed (launched by torchrun or accelerate).
+
+Every rank holds the whole (tokenized) data set and walks the same global order; each global
+micro-batch is split across ranks, and each rank scales its local loss so that DDP's gradient
+average equals the gradient of the global batch's mean loss — the run matches a one-process run
+with the same global batch, whatever the split. Rank 0 alone writes the reference cache,
+checkpoints, logs and the final model; the others wait at barriers and read what it wrote.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls, device_preference: str) -> "Distributed":
+        """Join the process group torchrun/accelerate describe in the environment (if any)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            use_cuda = device_preference != "cpu" and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return cls(world_size, rank, local_rank)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence) -> List:
+        """This rank's share of a global batch (round-robin, so shards differ by at most one)."""
+        return list(items[self.rank::self.world_size])
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def weighted_mean(self, values: Dict[str, float], weight: float, device) -> Dict[str, float]:
+        """The mean over all ranks of `values`, each rank counting `weight` (its pairs)."""
+        if not self.enabled:
+            return dict(values)
+        keys = sorted(values)
+        packed = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        total = float(packed[-1])
+        return {k: float(v) / total for k, v in zip(keys, packed[:-1])}
