@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
+
 # Order matters: it indexes the per-type weights and reductions handed to the fused kernels.
 PAIRED_LOSS_TYPES = ("sigmoid", "ipo", "simpo", "hinge", "robust", "orpo", "apo_zero", "apo_down", "sft")
 UNPAIRED_LOSS_TYPES = ("kto",)
@@ -107,3 +109,9 @@ class LossSpec:
 
     def weight_of(self, loss_type: str) -> float:
         return dict(zip(self.loss_types, self.loss_weights)).get(loss_type, 0.0)
+
+    def kernel_tables(self, device):
+        """(weights [T] float32, averages [T] int32) indexed like PAIRED_LOSS_TYPES, for the kernels."""
+        weights = torch.tensor([self.weight_of(n) for n in PAIRED_LOSS_TYPES], dtype=torch.float32, device=device)
+        averages = torch.tensor([self.averages(n) for n in PAIRED_LOSS_TYPES], dtype=torch.int32, device=device)
+        return weights, averages

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import target_logprob
+from ..backends import merge_vocabulary_splits
 from .logits_tile import logits_tile
 
 
@@ -60,7 +60,7 @@ def _forward_kernel(
 
 def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, block_h,
                             num_splits, num_warps, num_stages, upcast, new_output):
-    """Returns (logp, lse, miss), each [M] float32, for compacted, contiguous inputs."""
+    """The ForwardResult (logp, lse, miss; each [M] float32) of compacted, contiguous inputs."""
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     vocab_blocks = triton.cdiv(vocab, block_v)
@@ -79,11 +79,4 @@ def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, 
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    split_max, split_sum_excl, split_target = partial
-    row_max = split_max.amax(dim=0)
-    sum_excl = (split_sum_excl * torch.exp(split_max - row_max)).sum(dim=0)
-    target_logit = split_target.sum(dim=0)
-    row_sum = sum_excl + torch.exp(target_logit - row_max)
-    lse = row_max + row_sum.log()
-    miss = sum_excl / row_sum
-    return target_logprob(target_logit, lse, miss), lse, miss
+    return merge_vocabulary_splits(*partial)

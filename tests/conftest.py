@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """The first 24 rows of the bundled HH-RLHF sample, as a local JSONL file."""
+    import json
+
+    from fastpref.train import data as data_module
+
+    rows = data_module.load_rows(None).select(range(24)).to_list()
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastpref.train.loop import TrainConfig, train
-from test_trainer import config, small_data  # noqa: F401  (the fixture)
+from test_trainer import config
 
 
 def _free_port() -> int:
@@ -33,7 +33,7 @@ def _worker(rank, world_size, port, options, report):
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
-def test_two_processes_equal_one_process(tmp_path, small_data, prefix_sharing):  # noqa: F811
+def test_two_processes_equal_one_process(tmp_path, small_data, prefix_sharing):
     options = dict(pairs_per_step=3, grad_accum=2, max_steps=3, save_every=2, prefix_sharing=prefix_sharing)
     single = train(config(tmp_path / "one", small_data, **options))
 

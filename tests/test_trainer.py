@@ -5,19 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpref.train import data as data_module
 from fastpref.train.checkpoint import CheckpointError, latest_checkpoint
 from fastpref.train.loop import TrainConfig, Trainer, TrainingInterrupted, train
 from fastpref.train.monitor import read_metrics
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> str:
-    """The first 24 rows of the bundled sample, as a local JSONL file."""
-    rows = data_module.load_rows(None).select(range(24)).to_list()
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def config(tmp_path, data, **overrides) -> TrainConfig:

@@ -60,7 +60,7 @@ def test_bad_ignore_index():
 
 def test_unknown_backend_lists_the_known_ones():
     hidden, weight, targets = good()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['torch', 'triton'\], got 'cudnn'"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['cuda', 'torch', 'triton'\], got 'cudnn'"):
         fastpref.linear_logprobs(hidden, weight, targets, backend="cudnn")
     with pytest.raises(TypeError, match=r"backend must be a string"):
         fastpref.linear_logprobs(hidden, weight, targets, backend=None)

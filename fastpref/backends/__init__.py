@@ -97,6 +97,23 @@ def target_logprob(target_logit: torch.Tensor, lse: torch.Tensor, miss: torch.Te
     return torch.where(miss < 0.5, torch.log1p(-miss), target_logit - lse)
 
 
+def merge_vocabulary_splits(split_max: torch.Tensor, split_sum_excl: torch.Tensor,
+                            split_target: torch.Tensor) -> ForwardResult:
+    """Merge per-split online-softmax states [splits, M] into the forward's result.
+
+    Split i holds its running max m_i, its sum over non-target columns s_i (relative to m_i) and
+    the target logit if the target falls in it (0 otherwise). With M = max_i m_i:
+    S = sum_i s_i exp(m_i - M),  lse = M + log(S + exp(z_t - M)),  miss = S / (S + exp(z_t - M)).
+    """
+    row_max = split_max.amax(dim=0)
+    sum_excl = (split_sum_excl * torch.exp(split_max - row_max)).sum(dim=0)
+    target_logit = split_target.sum(dim=0)
+    row_sum = sum_excl + torch.exp(target_logit - row_max)
+    lse = row_max + row_sum.log()
+    miss = sum_excl / row_sum
+    return ForwardResult(logp=target_logprob(target_logit, lse, miss), lse=lse, miss=miss)
+
+
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
@@ -135,10 +152,11 @@ def resolve(name: str, device: torch.device) -> Backend:
 
 
 def _register_builtin() -> None:
-    from . import torch_backend, triton_backend
+    from . import cuda_backend, torch_backend, triton_backend
 
     register(torch_backend.BACKEND)
     register(triton_backend.BACKEND)
+    register(cuda_backend.BACKEND)
 
 
 _register_builtin()

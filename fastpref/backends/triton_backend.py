@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from ..loss_spec import PAIRED_LOSS_TYPES
 from . import Backend, ForwardResult, PreferenceLossResult
 
 try:
@@ -51,14 +50,13 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
 
     cfg = kernel_config(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
-    logp, lse, miss = linear_logprobs_forward(
+    return linear_logprobs_forward(
         hidden, weight, bias, targets,
         block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
         num_splits=max(1, cfg.programs_wanted // row_blocks),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         upcast=INTERPRETING, new_output=new_output,
     )
-    return ForwardResult(logp=logp, lse=lse, miss=miss)
 
 
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
@@ -79,10 +77,7 @@ def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossRe
     if spec.is_paired:
         from ..kernels.preference_pair_loss import preference_pair_loss
 
-        weights = torch.tensor([spec.weight_of(n) for n in PAIRED_LOSS_TYPES],
-                               dtype=torch.float32, device=device)
-        averages = torch.tensor([spec.averages(n) for n in PAIRED_LOSS_TYPES],
-                                dtype=torch.int32, device=device)
+        weights, averages = spec.kernel_tables(device)
         parts, sequence_logps, token_grad = preference_pair_loss(
             token_logp, layout, reference, weights, averages, beta=spec.beta,
             label_smoothing=spec.label_smoothing, simpo_gamma=spec.simpo_gamma,

@@ -1,0 +1,458 @@
+"""The CUDA backend: fastpref._C (csrc/) and backend="cuda".
+
+On any machine: the extension imports (required wherever nvcc is available, unless
+FASTPREF_BUILD_CUDA=0 declares a pure-Python install), its bound functions reject bad arguments
+with a ValueError naming the argument before any CUDA call, CUDA failures surface as
+RuntimeError, and the registry explains why "cuda" cannot run on CPU tensors.
+
+On a GPU (marked gpu): the kernels against the float64 reference and against the Triton backend,
+on odd shapes, every dtype, ignore patterns, frozen and trainable heads, vocabulary splits,
+misaligned rows, 64-bit offsets, side streams, and every loss type.
+"""
+import math
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import fastpref
+from fastpref.backends import cuda_backend
+from fastpref.loss_spec import PAIRED_LOSS_TYPES
+from reference import reference_kto_loss, reference_logprobs, reference_pair_loss, relative_error
+from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
+from test_losses import check, make_packed_batch, options_for
+
+try:
+    from fastpref import _C
+
+    IMPORT_ERROR = None
+except ImportError as exc:
+    _C = None
+    IMPORT_ERROR = str(exc)
+
+BUILD_DISABLED = os.environ.get("FASTPREF_BUILD_CUDA", "").strip() == "0"
+NVCC = shutil.which("nvcc") or (
+    os.environ.get("CUDA_HOME") and shutil.which("nvcc", path=os.path.join(os.environ["CUDA_HOME"], "bin")))
+EXTENSION_EXPECTED = bool(NVCC) and not BUILD_DISABLED
+
+needs_extension = pytest.mark.skipif(
+    _C is None,
+    reason=f"fastpref._C is not built ({IMPORT_ERROR}); FASTPREF_BUILD_CUDA=1 pip install -e . builds it")
+
+
+def test_extension_imports_wherever_nvcc_is_available():
+    if _C is None:
+        if EXTENSION_EXPECTED:
+            pytest.fail(f"nvcc is at {NVCC} but fastpref._C does not import ({IMPORT_ERROR}). "
+                        "Reinstall with FASTPREF_BUILD_CUDA=1 to see the build error, or set "
+                        "FASTPREF_BUILD_CUDA=0 to declare a pure-Python install.")
+        pytest.skip(f"pure-Python install (FASTPREF_BUILD_CUDA=0 or no nvcc): {IMPORT_ERROR}")
+    assert (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16) == (0, 1, 2)
+    assert _C.NUM_PAIRED_LOSS_TYPES == len(PAIRED_LOSS_TYPES)
+    assert _C.ROW_BLOCK > 0 and _C.VOCAB_BLOCK > 0
+
+
+# ---- argument validation of the bound functions ---------------------------------------------
+
+FAKE = 1 << 20  # a non-null stand-in pointer: validation never dereferences pointers
+
+
+def forward_arguments():
+    return dict(hidden=FAKE, weight=FAKE, bias=0, targets=FAKE, row_max=FAKE, sum_excl=FAKE,
+                target_logit=FAKE, num_rows=5, vocab=300, width=16, num_splits=1,
+                vocab_per_split=384, dtype=0, device=0, stream=0)
+
+
+def backward_arguments():
+    return dict(hidden=FAKE, weight=FAKE, bias=0, targets=FAKE, lse=FAKE, miss=FAKE,
+                grad_logp=FAKE, d_hidden=FAKE, d_weight=0, d_bias=0, num_rows=5, vocab=300,
+                width=16, dtype=1, device=0, stream=0)
+
+
+def pair_loss_arguments():
+    return dict(token_logp=FAKE, cu_seqlens=FAKE, lengths=FAKE, chosen_index=FAKE,
+                rejected_index=FAKE, reference_logps=0, weights=FAKE, averages=FAKE,
+                chosen_tokens=FAKE, sequence_logps=FAKE, parts=FAKE, token_grad=FAKE,
+                num_pairs=3, beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, device=0, stream=0)
+
+
+def kto_loss_arguments():
+    return dict(token_logp=FAKE, cu_seqlens=FAKE, lengths=FAKE, desirable=FAKE,
+                reference_logps=FAKE, kl=FAKE, sequence_logps=FAKE, parts=FAKE, token_grad=FAKE,
+                num_sequences=4, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+                average=False, device=0, stream=0)
+
+
+ARGUMENTS = {
+    "linear_logprobs_forward": forward_arguments,
+    "linear_logprobs_backward": backward_arguments,
+    "preference_pair_loss": pair_loss_arguments,
+    "kto_loss": kto_loss_arguments,
+}
+REQUIRED_POINTERS = {
+    "linear_logprobs_forward": ["hidden", "weight", "targets", "row_max", "sum_excl", "target_logit"],
+    "linear_logprobs_backward": ["hidden", "weight", "targets", "lse", "miss", "grad_logp"],
+    "preference_pair_loss": ["token_logp", "cu_seqlens", "lengths", "chosen_index", "rejected_index",
+                             "weights", "averages", "chosen_tokens", "sequence_logps", "parts",
+                             "token_grad"],
+    "kto_loss": ["token_logp", "cu_seqlens", "lengths", "desirable", "reference_logps", "kl",
+                 "sequence_logps", "parts", "token_grad"],
+}
+SIZES = {
+    "linear_logprobs_forward": ["num_rows", "vocab", "width", "num_splits", "vocab_per_split"],
+    "linear_logprobs_backward": ["num_rows", "vocab", "width"],
+    "preference_pair_loss": ["num_pairs"],
+    "kto_loss": ["num_sequences"],
+}
+OTHER_BAD_ARGUMENTS = [
+    # (function, changes, argument named first in the message)
+    ("linear_logprobs_forward", {"dtype": 3}, "dtype"),
+    ("linear_logprobs_forward", {"dtype": -1}, "dtype"),
+    ("linear_logprobs_forward", {"device": -1}, "device"),
+    ("linear_logprobs_forward", {"vocab_per_split": 200}, "vocab_per_split"),
+    ("linear_logprobs_forward", {"num_splits": 2}, "num_splits"),  # the second split is empty
+    ("linear_logprobs_forward", {"vocab_per_split": 128}, "num_splits"),  # 300 > 1 x 128
+    ("linear_logprobs_forward", {"num_splits": 70000}, "num_splits"),  # past grid.y
+    ("linear_logprobs_backward", {"dtype": 9}, "dtype"),
+    ("linear_logprobs_backward", {"device": -2}, "device"),
+    ("linear_logprobs_backward", {"d_hidden": 0}, "d_hidden"),  # nothing requested
+    ("linear_logprobs_backward", {"d_bias": FAKE}, "d_bias"),  # without a bias
+    ("linear_logprobs_backward", {"vocab": 65536 * 128}, "vocab"),  # past grid.y
+    ("preference_pair_loss", {"beta": 0.0}, "beta"),
+    ("preference_pair_loss", {"beta": float("nan")}, "beta"),
+    ("preference_pair_loss", {"label_smoothing": 0.5}, "label_smoothing"),
+    ("preference_pair_loss", {"label_smoothing": -0.1}, "label_smoothing"),
+    ("preference_pair_loss", {"simpo_gamma": float("inf")}, "simpo_gamma"),
+    ("preference_pair_loss", {"device": -1}, "device"),
+    ("kto_loss", {"beta": -1.0}, "beta"),
+    ("kto_loss", {"desirable_weight": 0.0}, "desirable_weight"),
+    ("kto_loss", {"undesirable_weight": float("inf")}, "undesirable_weight"),
+    ("kto_loss", {"device": -1}, "device"),
+]
+
+
+def _bad_argument_cases():
+    for function, names in REQUIRED_POINTERS.items():
+        for name in names:
+            yield pytest.param(function, {name: 0}, name, id=f"{function}-null-{name}")
+    for function, names in SIZES.items():
+        for name in names:
+            for value in (0, -3):
+                yield pytest.param(function, {name: value}, name, id=f"{function}-{name}={value}")
+    for function, changes, name in OTHER_BAD_ARGUMENTS:
+        label = ",".join(f"{k}={v}" for k, v in changes.items())
+        yield pytest.param(function, changes, name, id=f"{function}-{label}")
+
+
+@needs_extension
+@pytest.mark.parametrize("function, changes, argument", list(_bad_argument_cases()))
+def test_bad_arguments_raise_value_error_naming_them(function, changes, argument):
+    """Raised before any CUDA call: without a GPU, a CUDA call would raise RuntimeError instead."""
+    arguments = {**ARGUMENTS[function](), **changes}
+    with pytest.raises(ValueError, match="^" + re.escape(argument) + r"\b"):
+        getattr(_C, function)(**arguments)
+
+
+@needs_extension
+@pytest.mark.parametrize("function", sorted(ARGUMENTS))
+def test_cuda_failures_raise_runtime_error_with_the_cuda_message(function):
+    """Valid arguments on a device that does not exist: the device guard's CUDA call fails (no
+    kernel is launched, no pointer read) and the error comes back with CUDA's own words."""
+    arguments = {**ARGUMENTS[function](), "device": 1000}
+    with pytest.raises(RuntimeError, match=r"CUDA error cuda\w+ \(.+\) in cuda\w+"):
+        getattr(_C, function)(**arguments)
+
+
+@needs_extension
+def test_vocab_split_plans_whole_tiles_and_no_empty_split():
+    block = _C.VOCAB_BLOCK
+    for vocab in (1, block - 1, block, 3 * block + 5, 50_257, 262_144):
+        for wanted in (1, 2, 7, 264, 10_000):
+            num_splits, per_split = _C.vocab_split(vocab=vocab, splits_wanted=wanted)
+            assert per_split % block == 0
+            assert (num_splits - 1) * per_split < vocab <= num_splits * per_split
+            assert 1 <= num_splits <= min(wanted, math.ceil(vocab / block))
+    with pytest.raises(ValueError, match="^vocab"):
+        _C.vocab_split(vocab=0, splits_wanted=1)
+    with pytest.raises(ValueError, match="^splits_wanted"):
+        _C.vocab_split(vocab=10, splits_wanted=0)
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+def test_cuda_is_registered_but_not_the_auto_choice_on_cpu():
+    assert "cuda" in fastpref.registered_backends()
+    assert "cuda" not in fastpref.available_backends("cpu")
+    assert cuda_backend.BACKEND.priority < 10  # triton stays the "auto" choice on CUDA
+    hidden, weight, _, targets, _ = make_inputs(4, 8, 10, torch.float32, seed=0)
+    if not torch.cuda.is_available():
+        auto = fastpref.linear_logprobs(hidden, weight, targets)
+        assert torch.equal(auto, fastpref.linear_logprobs(hidden, weight, targets, backend="torch"))
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    hidden, weight, targets = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    why = "fastpref._C is not built.*FASTPREF_BUILD_CUDA=1" if _C is None else "need CUDA tensors"
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on device cpu: .*" + why):
+        fastpref.linear_logprobs(hidden, weight, targets, backend="cuda")
+    layout = fastpref.PackedLayout.paired(torch.tensor([0, 2, 6]), torch.ones(6, dtype=torch.bool),
+                                          torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on device cpu"):
+        fastpref.PreferenceLoss("sigmoid", backend="cuda")(
+            torch.randn(6, 8), weight, torch.randint(0, 11, (6,)), layout, torch.randn(2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_unavailable_reason_without_a_device():
+    reason = cuda_backend.BACKEND.unavailable_reason(torch.device("cuda"))
+    if _C is None:
+        assert "FASTPREF_BUILD_CUDA=1" in reason
+    else:
+        assert "torch sees no CUDA device" in reason
+
+
+# ---- on the GPU ------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 16, 1), (3, 5, 2), (37, 70, 301), (65, 33, 129), (130, 96, 1000), (257, 200, 4099)]
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("ignore_every", [0, 3], ids=["none-ignored", "some-ignored"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(dtype, trainable_head, ignore_every, shape):
+    inputs = make_inputs(*shape, dtype, with_bias=trainable_head, ignore_every=ignore_every)
+    run_and_compare("cuda", *inputs, trainable_head=trainable_head)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_all_rows_ignored(trainable_head):
+    hidden, weight, bias, targets, grad_out = make_inputs(11, 24, 50, torch.bfloat16, with_bias=True)
+    targets = torch.full_like(targets, -100)
+    hidden.requires_grad_()
+    weight.requires_grad_(trainable_head)
+    bias.requires_grad_()
+    logp = fastpref.linear_logprobs(hidden, weight, targets, bias=bias, backend="cuda")
+    assert torch.equal(logp, torch.zeros_like(logp))
+    (logp * grad_out).sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert (weight.grad is None) != trainable_head
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_agrees_with_triton(dtype, trainable_head):
+    inputs = make_inputs(333, 384, 5003, dtype, with_bias=trainable_head, ignore_every=5)
+    logp_cuda, grads_cuda = run_and_compare("cuda", *inputs, trainable_head=trainable_head)
+    logp_triton, grads_triton = run_and_compare("triton", *inputs, trainable_head=trainable_head)
+    assert relative_error(logp_cuda, logp_triton) <= TOLERANCE[dtype]
+    for ours, theirs in zip(grads_cuda, grads_triton):
+        assert relative_error(ours, theirs) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 1024, 32003), (4099, 576, 49157), (3, 2048, 128256)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_realistic_shapes(dtype, shape):
+    run_and_compare("cuda", *make_inputs(*shape, dtype, ignore_every=7))
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("splits", [2, 3, 7, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype):
+    """The forward's split partials merge to the one-split result (the target in any split)."""
+    inputs = make_inputs(70, 64, 1111, dtype, with_bias=True, ignore_every=4)
+    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: 1)
+    one_split, _ = run_and_compare("cuda", *inputs)
+    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: splits)
+    many_splits, _ = run_and_compare("cuda", *inputs)
+    assert relative_error(many_splits, one_split) <= 1e-6
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_rows_take_the_element_load_path(dtype):
+    """Inputs starting one element past a 16-byte boundary: no 16-byte vector loads allowed."""
+    hidden, weight, bias, targets, grad_out = make_inputs(45, 64, 777, dtype, with_bias=True)
+
+    def shifted(x):
+        storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        view = storage[1:].view(x.shape)
+        view.copy_(x)
+        return view
+
+    assert shifted(hidden).data_ptr() % 16 != 0
+    run_and_compare("cuda", shifted(hidden), shifted(weight), bias, targets, grad_out)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_side_stream_and_second_device():
+    """Kernels go on the current stream of the inputs' device, whatever device is current."""
+    inputs = make_inputs(50, 40, 300, torch.float32, with_bias=True, seed=5)
+    hidden, weight, bias, targets, _ = inputs
+    expected = fastpref.linear_logprobs(hidden, weight, targets, bias=bias, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = fastpref.linear_logprobs(hidden, weight, targets, bias=bias, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side, expected)
+    if torch.cuda.device_count() > 1:
+        moved = [None if x is None else x.to("cuda:1") for x in (hidden, weight, bias, targets)]
+        with torch.cuda.device(0):
+            on_second = fastpref.linear_logprobs(moved[0], moved[1], moved[3], bias=moved[2],
+                                                 backend="cuda")
+        # Another GPU model may split the vocabulary differently: equal up to rounding.
+        assert relative_error(on_second, expected) <= 1e-6
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_rows_past_32_bit_offsets():
+    """N * H > 2^31: the last rows' offsets overflow int32 unless the kernels index in int64."""
+    n, h, v = 131_076, 16_400, 1_003
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    logp = fastpref.linear_logprobs(hidden, weight, targets, backend="cuda")
+    grad_out = torch.randn(n, device="cuda", generator=gen)
+    (d_hidden,) = torch.autograd.grad((logp * grad_out).sum(), [hidden])
+
+    tail = slice(n - 64, n)
+    ref_hidden = hidden[tail].detach().double().cpu().requires_grad_()
+    ref = reference_logprobs(ref_hidden, weight, targets[tail])
+    (ref_d_hidden,) = torch.autograd.grad((ref * grad_out[tail].double().cpu()).sum(), [ref_hidden])
+    assert relative_error(logp[tail], ref) <= TOLERANCE[torch.bfloat16]
+    assert relative_error(d_hidden[tail], ref_d_hidden) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_vocabulary_past_32_bit_offsets():
+    """V * H > 2^31: the last vocabulary rows' offsets overflow int32 unless indexed in int64.
+
+    Trainable head, so the weight gradient's atomics reach those rows too; the reference runs in
+    float64 on the GPU, chunked over V.
+    """
+    n, h, v = 24, 8_200, 262_147
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=gen) * (3.0 / h**0.5)).to(torch.bfloat16)
+    weight.requires_grad_()
+    targets = torch.randint(v - 1000, v, (n,), device="cuda", generator=gen)
+    logp = fastpref.linear_logprobs(hidden, weight, targets, backend="cuda")
+    grad_out = torch.randn(n, device="cuda", generator=gen)
+    d_hidden, d_weight = torch.autograd.grad((logp * grad_out).sum(), [hidden, weight])
+
+    h64 = hidden.detach().double()
+    chunks = range(0, v, 32_768)
+    logits = torch.cat([h64 @ weight[i:i + 32_768].detach().double().T for i in chunks], dim=1)
+    ref_logp = torch.log_softmax(logits, dim=1)
+    dz = -ref_logp.exp() * grad_out.double()[:, None]
+    dz[torch.arange(n), targets] += grad_out.double()
+    ref_d_hidden = sum(dz[:, i:i + 32_768] @ weight[i:i + 32_768].detach().double() for i in chunks)
+    tail = slice(v - 4096, v)
+    ref_d_weight_tail = dz[:, tail].T @ h64
+    assert relative_error(logp, ref_logp.gather(1, targets[:, None])[:, 0]) <= TOLERANCE[torch.bfloat16]
+    assert relative_error(d_hidden, ref_d_hidden) <= TOLERANCE[torch.bfloat16]
+    assert relative_error(d_weight[tail], ref_d_weight_tail) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
+def test_each_paired_loss_matches_its_reference(dtype, loss_type):
+    hidden, weight, targets, layout, reference = make_packed_batch(5, 24, 97, dtype)
+    options = options_for(loss_type)
+    module = fastpref.PreferenceLoss(loss_type, beta=0.3, backend="cuda", **options)
+    needs_ref = module.spec.needs_reference
+    ref_cpu = reference.double().cpu()
+
+    def ref_loss(seq, lengths):
+        return reference_pair_loss(loss_type, seq, lengths, layout.chosen_index.tolist(),
+                                   layout.rejected_index.tolist(), ref_cpu if needs_ref else None,
+                                   beta=0.3, eps=options.get("label_smoothing", 0.0))
+
+    check(module, hidden, weight, targets, layout, reference if needs_ref else None, ref_loss,
+          {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype])
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("average_logps", [False, True])
+def test_kto_matches_its_reference(average_logps):
+    hidden, weight, targets, layout, reference = make_packed_batch(4, 20, 71, torch.float32, unpaired=True)
+    module = fastpref.PreferenceLoss("kto", beta=0.15, desirable_weight=1.3, undesirable_weight=0.8,
+                                     average_logps=average_logps, backend="cuda")
+
+    def ref_loss(seq, lengths):
+        return reference_kto_loss(seq, lengths, layout.desirable.tolist(), reference.double().cpu(),
+                                  beta=0.15, kl=0.4, desirable_weight=1.3, undesirable_weight=0.8,
+                                  average=average_logps)
+
+    check(module, hidden, weight, targets, layout, reference, ref_loss, 1e-5, kto_kl=0.4)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("types", [list(PAIRED_LOSS_TYPES[:5]) + ["apo_zero", "apo_down", "sft"],
+                                   ["simpo", "orpo"], ["kto"]], ids=["with-reference", "reference-free", "kto"])
+def test_losses_agree_with_triton_on_every_part(types):
+    unpaired = types == ["kto"]
+    hidden, weight, targets, layout, reference = make_packed_batch(9, 32, 150, torch.float32,
+                                                                   seed=3, unpaired=unpaired)
+    options = {} if unpaired else {"label_smoothing": 0.05}
+    needs_ref = fastpref.LossSpec.build(types).needs_reference
+    results = {}
+    for backend in ("cuda", "triton"):
+        h = hidden.detach().requires_grad_()
+        loss, metrics = fastpref.PreferenceLoss(types, beta=0.2, backend=backend, **options)(
+            h, weight, targets, layout, reference if needs_ref else None)
+        (d_h,) = torch.autograd.grad(loss, [h])
+        results[backend] = loss, metrics, d_h
+    (loss_a, metrics_a, grad_a), (loss_b, metrics_b, grad_b) = results["cuda"], results["triton"]
+    assert relative_error(loss_a, loss_b) <= 1e-5
+    assert relative_error(grad_a, grad_b) <= 1e-5
+    assert set(metrics_a) == set(metrics_b)
+    for key in metrics_a:
+        assert float(metrics_a[key]) == pytest.approx(float(metrics_b[key]), rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_small_case_for_compute_sanitizer():
+    """Tiny shapes through every kernel, quick enough for the sanitizers:
+
+        compute-sanitizer --tool memcheck python -m pytest tests/test_cuda_backend.py -k sanitizer
+        compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_backend.py -k sanitizer
+        compute-sanitizer --tool synccheck python -m pytest tests/test_cuda_backend.py -k sanitizer
+    """
+    for dtype in DTYPES:
+        run_and_compare("cuda", *make_inputs(5, 24, 200, dtype, with_bias=True, ignore_every=2))
+        run_and_compare("cuda", *make_inputs(70, 40, 130, dtype), trainable_head=False)
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 16, 40, torch.float32, seed=9)
+    loss, _ = fastpref.PreferenceLoss(["sigmoid", "sft"], backend="cuda")(
+        hidden, weight, targets, layout, reference)
+    assert torch.isfinite(loss)
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 16, 40, torch.float32, seed=9,
+                                                                   unpaired=True)
+    loss, _ = fastpref.PreferenceLoss("kto", backend="cuda")(hidden, weight, targets, layout, reference)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
