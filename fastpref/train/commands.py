@@ -89,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return 130
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2
     final = result.final_metrics

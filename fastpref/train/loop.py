@@ -30,8 +30,8 @@ from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
 SCHEDULES = ("cosine", "linear", "constant")
 # The embedded default (no model given) trains a tiny random model: it needs a far larger
 # learning rate than fine-tuning a pretrained one, and several passes over its sample.
-EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 6, "pairs_per_step": 8, "beta": 0.1, "max_length": 192,
-                   "max_prompt_length": 128, "eval_every": 40}
+EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 4, "pairs_per_step": 8, "beta": 0.1, "max_length": 160,
+                   "max_prompt_length": 96, "eval_every": 40}
 REAL_MODEL_PRESET = {"learning_rate": 5e-7, "epochs": 1, "pairs_per_step": 8, "beta": 0.1, "max_length": 1024,
                      "max_prompt_length": 512, "eval_every": 100}
 
@@ -158,17 +158,26 @@ def _attention(cfg: TrainConfig, device: torch.device) -> str:
     return "flex_attention"
 
 
-def _load_models(cfg: TrainConfig, device, dtype, attention, is_main: bool):
-    """(policy, tokenizer, frozen reference model or None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(cfg: TrainConfig):
+    if cfg.model is None:
+        from .default_assets import default_tokenizer
 
-    from .default_assets import default_model, default_tokenizer
+        return default_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+
+
+def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main: bool):
+    """(policy, frozen reference model or None)."""
+    from transformers import AutoModelForCausalLM
+
+    from .default_assets import default_model
 
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
 
     if cfg.model is None:
-        tokenizer = default_tokenizer()
         policy = default_model(tokenizer, cfg.seed).to(dtype)
         # the embedded model exists nowhere else: keep its starting point as the reference
         # for `fastpref eval` and as the base of a LoRA adapter
@@ -178,7 +187,6 @@ def _load_models(cfg: TrainConfig, device, dtype, attention, is_main: bool):
             tokenizer.save_pretrained(initial)
         policy.name_or_path = str(initial)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
         policy = load(cfg.model)
     policy.set_attn_implementation(attention)
     policy.to(device)
@@ -197,7 +205,7 @@ def _load_models(cfg: TrainConfig, device, dtype, attention, is_main: bool):
         targets = cfg.lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                    lora_dropout=cfg.lora_dropout, target_modules=targets))
-    return policy, tokenizer, reference
+    return policy, reference
 
 
 def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
@@ -237,21 +245,22 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
+                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                                      average_logps=cfg.average_logps, backend=cfg.backend)
         self.dist = Distributed.from_environment(cfg.device)
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
-        self.policy, self.tokenizer, self.reference_model = _load_models(
-            cfg, self.device, self.dtype, self.attention, self.dist.is_main)
+        self.tokenizer = _load_tokenizer(cfg)
+        self._load_data()
+        self.policy, self.reference_model = _load_models(
+            cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
         self.forward_model = self.policy
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.policy, device_ids=device_ids)
-        self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
-                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                                      average_logps=cfg.average_logps, backend=cfg.backend)
-        self._load_data()
         self._prepare_reference()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
