@@ -53,6 +53,15 @@ def read_metrics(path: Path) -> List[Dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _moving_average(values, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` values (shorter at the start), same length as values."""
+    values = np.asarray(values, dtype=float)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     """Loss, reward accuracy, margins and chosen/rejected log-probs against the step, train and eval."""
     import matplotlib
@@ -68,8 +77,15 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
         for split, style in (("train", "-"), ("eval", "o--")):
             for key in keys:
                 points = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
-                if points:
-                    steps, values = zip(*points)
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                if split == "train" and len(values) > 20:
+                    # per-step values are noisy: faint raw curve, and its moving average on top
+                    raw = ax.plot(steps, values, style, alpha=0.25, linewidth=0.8)[0]
+                    ax.plot(steps, _moving_average(values, max(5, len(values) // 25)), style,
+                            color=raw.get_color(), label=f"{split} {key} (moving average)")
+                else:
                     ax.plot(steps, values, style, label=f"{split} {key}", markersize=4)
         ax.set_title(title)
         ax.set_xlabel("step")
