@@ -203,11 +203,13 @@ class PreferenceLoss(torch.nn.Module):
         chosen, rejected = layout.chosen_index, layout.rejected_index
         preference_types = [t for t in spec.loss_types if t != "sft"] or ["sft"]
         primary = preference_types[0]
-        scale = 1.0 / lengths if spec.averages(primary) else torch.ones_like(lengths)
         if primary in REFERENCE_FREE:
+            # as TRL's CPO/ORPO trainers: beta times the policy log-probs the loss uses
+            scale = 1.0 / lengths if spec.averages(primary) else 1.0
             rewards = spec.beta * seq_logps * scale
         else:
-            rewards = spec.beta * (seq_logps - reference_logps) * scale
+            # as TRL's DPOTrainer: beta times the summed log-ratio, whatever the loss averages
+            rewards = spec.beta * (seq_logps - reference_logps)
         reward_c, reward_r = rewards[chosen], rewards[rejected]
         metrics["rewards/chosen"] = reward_c.mean()
         metrics["rewards/rejected"] = reward_r.mean()

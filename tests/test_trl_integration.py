@@ -1,0 +1,383 @@
+"""FastprefDPOTrainer against trl.DPOTrainer: the same collated batch and the same weights give
+the same loss, gradients and logged metrics; every option it cannot honour fails at construction.
+
+Tiny random Llama (hidden 32, 2 layers) on the offline tokenizer, fp32 on the CPU.
+"""
+import copy
+import json
+import os
+import socket
+import types
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, ProcessorMixin)
+
+from fastpref.integrations.trl import FastprefDPOTrainer  # noqa: E402
+from fastpref.train.default_assets import default_tokenizer  # noqa: E402
+
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "num_tokens")
+# Need each token's whole distribution over the vocabulary, which fastpref never builds.
+FULL_LOGIT_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+PAIRS = {
+    "prompt": ["Human: hi there, how are you?", "Human: what is two plus two?",
+               "Human: tell me a joke.", "Human: where is Paris?"],
+    "chosen": [" I am fine, thanks.", " Four.", " Why did the chicken cross the road?", " In France."],
+    "rejected": [" Go away.", " Five, I think", " No.", " On the moon, obviously."],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Models this small run fastest on one thread, and a busy machine's cores are not fought over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return Dataset.from_dict(PAIRS)
+
+
+def _llama_config(tokenizer, **options):
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, **options)
+
+
+def _seeded(build, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    """Never handed to a trainer itself (TRL patches the forward of the model it gets): copy it."""
+    return _seeded(lambda: LlamaForCausalLM(_llama_config(tokenizer)), 0)
+
+
+@pytest.fixture(scope="module")
+def other_model(tokenizer):
+    return _seeded(lambda: LlamaForCausalLM(_llama_config(tokenizer)), 1)
+
+
+def _config(tmp_path, **options):
+    options = {"per_device_train_batch_size": 2, "max_length": 32, "gradient_checkpointing": False,
+               **options}
+    return trl.DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True,
+                         save_strategy="no", seed=0, **options)
+
+
+def _perturb(model):
+    """Move the trainable weights off the reference's, as a few training steps would."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+
+
+def _lora():
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def _build(cls, tmp_path, tokenizer, dataset, model, reference, **options):
+    """reference: a model to use as ref_model; "precompute" (the initial policy, precomputed);
+    "lora" (a fresh adapter from peft_config: the reference is the model with it disabled); or
+    "peft_model" (a PeftModel with a trained adapter, which TRL copies into a frozen "ref" adapter,
+    the reference)."""
+    model, kwargs = copy.deepcopy(model), {}
+    if reference == "precompute":
+        options["precompute_ref_log_probs"] = True
+    elif reference == "lora":
+        kwargs["peft_config"] = _lora()
+    elif reference == "peft_model":
+        model = _seeded(lambda: peft.get_peft_model(model, _lora()), 2)  # LoRA A is random
+        _perturb(model)  # a trained adapter, so that the "ref" copy differs from the base model
+    else:
+        kwargs["ref_model"] = copy.deepcopy(reference)
+    trainer = cls(model=model, args=_config(tmp_path, **options), train_dataset=dataset,
+                  processing_class=tokenizer, **kwargs)
+    if isinstance(reference, str):
+        _perturb(trainer.model)
+    return trainer
+
+
+def _first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def _step(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: param.grad for name, param in trainer.model.named_parameters() if param.requires_grad}
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+def _assert_same_step(trl_step, fastpref_step):
+    (trl_loss, trl_grads, trl_metrics), (loss, grads, metrics) = trl_step, fastpref_step
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert grads.keys() == trl_grads.keys()
+    for name, expected in trl_grads.items():
+        assert expected is not None and grads[name] is not None, name
+        assert (grads[name] - expected).norm() <= 1e-5 * expected.norm(), name
+    for key in TRL_METRICS + tuple(k for k in ("aux_loss",) if k in trl_metrics):
+        # rewards are beta * (policy - reference) of log-probs near -40 summed in float32
+        assert metrics[key] == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-5), key
+    assert not set(FULL_LOGIT_METRICS) & set(metrics)
+
+
+CASES = [
+    pytest.param({"loss_type": ["sigmoid"]}, "other", id="sigmoid-ref_model"),
+    pytest.param({"loss_type": ["sigmoid"]}, "precompute", id="sigmoid-precomputed"),
+    pytest.param({"loss_type": ["sigmoid"]}, "lora", id="sigmoid-lora"),
+    pytest.param({"loss_type": ["sigmoid"]}, "peft_model", id="sigmoid-peft_ref_adapter"),
+    pytest.param({"loss_type": ["ipo"]}, "other", id="ipo-ref_model"),
+    pytest.param({"loss_type": ["hinge"]}, "precompute", id="hinge-precomputed"),
+    pytest.param({"loss_type": ["robust"], "label_smoothing": 0.2}, "other", id="robust-ref_model"),
+    pytest.param({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, "precompute",
+                 id="rpo-precomputed"),
+    pytest.param({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.7, 0.3]}, "other", id="rpo-ref_model"),
+    pytest.param({"loss_type": ["apo_zero"]}, "other", id="apo_zero-ref_model"),
+    pytest.param({"loss_type": ["apo_down"], "beta": 0.5}, "other", id="apo_down-ref_model"),
+    pytest.param({"loss_type": ["sft"]}, "other", id="sft-ref_model"),
+]
+
+
+@pytest.mark.parametrize("options, reference", CASES)
+def test_matches_trl(tmp_path, tokenizer, dataset, policy, other_model, options, reference):
+    reference = other_model if reference == "other" else reference
+    trl_trainer = _build(trl.DPOTrainer, tmp_path, tokenizer, dataset, policy, reference, **options)
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, reference, **options)
+    trl_batch, batch = _first_batch(trl_trainer), _first_batch(trainer)
+    assert torch.equal(batch["input_ids"], trl_batch["input_ids"])
+    assert torch.equal(batch["completion_mask"], trl_batch["completion_mask"])
+    step = _step(trainer, batch)
+    assert reference in ("lora", "peft_model") or "lm_head.weight" in step[1]  # LoRA: frozen head
+    _assert_same_step(_step(trl_trainer, trl_batch), step)
+
+
+def test_moe_router_aux_loss_matches_trl(tmp_path, tokenizer, dataset):
+    def mixtral():
+        return MixtralForCausalLM(MixtralConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            output_router_logits=True, router_aux_loss_coef=0.05, tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id))
+
+    model, reference = _seeded(mixtral, 0), _seeded(mixtral, 1)
+    trl_trainer = _build(trl.DPOTrainer, tmp_path, tokenizer, dataset, model, reference)
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, model, reference)
+    assert trainer.aux_loss_enabled and trl_trainer.aux_loss_enabled
+    trl_step, step = _step(trl_trainer, _first_batch(trl_trainer)), _step(trainer, _first_batch(trainer))
+    assert "aux_loss" in step[2]
+    _assert_same_step(trl_step, step)
+
+
+def test_final_hidden_state_is_the_backbone_output(policy):
+    """The trainer reads hidden_states[-1] of the full model's forward with logits_to_keep=1."""
+    input_ids = torch.randint(3, policy.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    with torch.no_grad():
+        outputs = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=True, logits_to_keep=1)
+        backbone = policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    assert outputs.logits.shape == (2, 1, policy.config.vocab_size)
+    assert torch.equal(outputs.hidden_states[-1], backbone.last_hidden_state)
+
+
+def test_precomputed_reference_is_computed_by_fastpref(tmp_path, tokenizer, dataset, policy, monkeypatch):
+    """Precomputed values equal fastpref's online ones bit for bit and TRL's to float32 rounding,
+    and are not TRL's read back from its cache (same dataset, same weights)."""
+    trl_trainer = _build(trl.DPOTrainer, tmp_path, tokenizer, dataset, policy, "precompute")
+    calls = []
+    compute = FastprefDPOTrainer.compute_ref_log_probs
+
+    def counted(self, model, inputs):
+        calls.append(len(inputs["input_ids"]))
+        return compute(self, model, inputs)
+
+    monkeypatch.setattr(FastprefDPOTrainer, "compute_ref_log_probs", counted)
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, "precompute")
+    assert sum(calls) == 2 * len(dataset)  # chosen and rejected rows of every pair
+
+    # The precomputation's first batch: rows 0 and 1, in order, padded together.
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    # The trainer's policy has moved (_perturb); the reference is the initial one.
+    chosen, rejected = trainer.compute_ref_log_probs(copy.deepcopy(policy), batch)
+    assert torch.equal(chosen, batch["ref_chosen_logps"])
+    assert torch.equal(rejected, batch["ref_rejected_logps"])
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(trainer.train_dataset[key]),
+                                   torch.tensor(trl_trainer.train_dataset[key]), rtol=1e-5, atol=0)
+
+
+def test_return_outputs_runs_an_extra_forward_for_the_logits(tmp_path, tokenizer, dataset, policy, other_model):
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model)
+    batch = _first_batch(trainer)
+    with torch.no_grad(), pytest.warns(UserWarning, match="extra forward"):
+        loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert outputs.logits.shape == (*batch["input_ids"].shape, policy.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loss, trainer.compute_loss(trainer.model, batch))
+
+
+def test_train_and_evaluate(tmp_path, tokenizer, dataset, policy):
+    """A real loop: accelerate's wrapping, gradient checkpointing, precomputed reference, logging."""
+    args = _config(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2,
+                   gradient_checkpointing=True, precompute_ref_log_probs=True)
+    model = copy.deepcopy(policy)
+    trainer = FastprefDPOTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                                 processing_class=tokenizer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert set(TRL_METRICS) <= entry.keys() and not set(FULL_LOGIT_METRICS) & entry.keys()
+        assert all(torch.isfinite(torch.tensor(entry[key])) for key in TRL_METRICS)
+    assert not torch.equal(model.lm_head.weight, policy.lm_head.weight)
+    metrics = trainer.evaluate()
+    assert {f"eval_{key}" for key in TRL_METRICS if key != "num_tokens"} <= metrics.keys()
+    assert metrics["eval_rewards/margins"] > 0  # two steps of lr 1e-2 on the same pairs
+
+
+def _ddp_worker(rank, port, output_dir, report):
+    """One SGD step of TRL's and of fastpref's trainer on 2 gloo ranks, one pair per rank."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tokenizer = default_tokenizer()
+    policy, reference = (_seeded(lambda: LlamaForCausalLM(_llama_config(tokenizer)), seed) for seed in (0, 1))
+    weights = {}
+    for cls in (trl.DPOTrainer, FastprefDPOTrainer):
+        trainer = _build(cls, output_dir, tokenizer, Dataset.from_dict(PAIRS), policy, reference,
+                         per_device_train_batch_size=1, max_steps=1, optim="sgd", learning_rate=0.1)
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+        weights[cls] = torch.cat([p.detach().reshape(-1) for p in trainer.accelerator.unwrap_model(
+            trainer.model).parameters()])
+    ranks = [torch.empty_like(weights[FastprefDPOTrainer]) for _ in range(2)]
+    dist.all_gather(ranks, weights[FastprefDPOTrainer])
+    if rank == 0:
+        initial = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
+        step = weights[trl.DPOTrainer] - initial
+        with open(report, "w") as handle:
+            json.dump({"ranks_agree": torch.equal(ranks[0], ranks[1]), "step": step.norm().item(),
+                       "difference": (weights[FastprefDPOTrainer] - weights[trl.DPOTrainer]).norm().item()},
+                      handle)
+    dist.destroy_process_group()
+
+
+def test_ddp_step_matches_trl(tmp_path):
+    """Through DDP, gradients are averaged over the ranks (which see different pairs): the ranks
+    stay identical, and the step is TRL's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report = tmp_path / "ddp.json"
+    mp.spawn(_ddp_worker, args=(port, tmp_path, str(report)), nprocs=2, join=True)
+    result = json.loads(report.read_text())
+    assert result["ranks_agree"]
+    assert result["step"] > 0 and result["difference"] <= 1e-5 * result["step"]
+
+
+REFUSED_LOSS_TYPES = ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                      "discopop", "sigmoid_norm")
+REFUSED_OPTIONS = [
+    *[pytest.param({"loss_type": [name], "label_smoothing": 1e-3 if name == "exo_pair" else 0.0},
+                   rf"loss_type=\['{name}'\]", id=name) for name in REFUSED_LOSS_TYPES],
+    pytest.param({"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 1.0]}, "'bco_pair'", id="list"),
+    pytest.param({"f_divergence_type": "js_divergence"}, "f_divergence_type='js_divergence'", id="f_divergence"),
+    pytest.param({"use_weighting": True}, "use_weighting=True", id="use_weighting"),
+    pytest.param({"ld_alpha": 0.5}, "ld_alpha=0.5", id="ld_alpha"),
+    pytest.param({"sync_ref_model": True}, "sync_ref_model=True", id="sync_ref_model"),
+    pytest.param({"padding_free": True}, "padding_free=True", id="padding_free"),
+    pytest.param({"label_smoothing": 0.1}, r"label_smoothing=0\.1.*ignores it for 'sigmoid'",
+                 id="label_smoothing-sigmoid"),
+    pytest.param({"loss_type": ["hinge"], "label_smoothing": 0.1}, r"label_smoothing=0\.1",
+                 id="label_smoothing-hinge"),
+    pytest.param({"loss_type": ["robust", "sigmoid"], "label_smoothing": 0.1},
+                 r"label_smoothing=0\.1.*'sigmoid'", id="label_smoothing-robust+sigmoid"),
+]
+
+
+@pytest.mark.parametrize("options, message", REFUSED_OPTIONS)
+def test_refuses_options_it_cannot_honour(tmp_path, tokenizer, dataset, policy, other_model, options, message):
+    with pytest.raises(ValueError, match=message):
+        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, **options)
+
+
+def test_refuses_fsdp(tmp_path, tokenizer, dataset, policy, other_model, monkeypatch):
+    args = _config(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="fsdp=True"):
+        FastprefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(other_model), args=args,
+                           train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_refuses_deepspeed_zero3(tmp_path, tokenizer, dataset, policy, other_model):
+    args = _config(tmp_path)
+    args.deepspeed_plugin = types.SimpleNamespace(zero_stage=3)  # what DeepSpeed's plugin exposes
+    with pytest.raises(ValueError, match="deepspeed zero_stage=3"):
+        FastprefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(other_model), args=args,
+                           train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_refuses_prompt_learning_peft(tmp_path, tokenizer, dataset, policy):
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    with pytest.raises(ValueError, match="peft_config=PromptTuningConfig"):
+        FastprefDPOTrainer(model=copy.deepcopy(policy), args=_config(tmp_path), train_dataset=dataset,
+                           processing_class=tokenizer, peft_config=config)
+    with pytest.raises(ValueError, match="peft_config=PromptTuningConfig"):
+        FastprefDPOTrainer(model=peft.get_peft_model(copy.deepcopy(policy), config), args=_config(tmp_path),
+                           train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_refuses_vision_language_models(tmp_path, tokenizer, dataset, policy, other_model):
+    class Processor(ProcessorMixin):
+        attributes = ["tokenizer"]
+        tokenizer_class = "PreTrainedTokenizerFast"
+
+    with pytest.raises(ValueError, match="processing_class=Processor"):
+        FastprefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(other_model),
+                           args=_config(tmp_path), train_dataset=dataset, processing_class=Processor(tokenizer))
+
+
+def test_refuses_heads_that_are_not_linear_logits(tmp_path, tokenizer, dataset):
+    def softcapped():
+        return LlamaForCausalLM(_llama_config(tokenizer, final_logit_softcapping=30.0))
+
+    with pytest.raises(ValueError, match="final_logit_softcapping = 30.0"):
+        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, _seeded(softcapped, 0), _seeded(softcapped, 1))
+
+
+def test_refuses_models_without_logits_to_keep(tmp_path, tokenizer, dataset, other_model):
+    class NoLogitsToKeep(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model = _seeded(lambda: NoLogitsToKeep(_llama_config(tokenizer)), 0)
+    with pytest.raises(ValueError, match="model=NoLogitsToKeep.*logits_to_keep"):
+        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, model, other_model)
