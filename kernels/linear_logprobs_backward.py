@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import GradientBuffers
 from .logits_tile import logits_tile
 
 
@@ -76,22 +77,15 @@ def linear_logprobs_backward(hidden, weight, bias, targets, lse, miss, grad_logp
     """Returns (d_hidden, d_weight, d_bias), each None unless requested, in its input's dtype."""
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
-    device = hidden.device
-
-    def accumulator(shape, wanted):
-        return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
-
-    d_hidden = accumulator((num_rows, width), need_hidden)
-    d_weight = accumulator((vocab, width), need_weight)
-    d_bias = accumulator((vocab,), need_bias)
+    grads = GradientBuffers.zeros(hidden, weight, need_hidden, need_weight, need_bias)
     unused = lse  # any float32 tensor stands in for a pointer the kernel never touches
     grid = (triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v))
     _backward_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets, lse, miss,
         grad_logp.float().contiguous(),
-        unused if d_hidden is None else d_hidden,
-        unused if d_weight is None else d_weight,
-        unused if d_bias is None else d_bias,
+        unused if grads.d_hidden is None else grads.d_hidden,
+        unused if grads.d_weight is None else grads.d_weight,
+        unused if grads.d_bias is None else grads.d_bias,
         num_rows, vocab, width,
         HAS_BIAS=bias is not None, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
         NEED_BIAS=need_bias,
@@ -99,8 +93,4 @@ def linear_logprobs_backward(hidden, weight, bias, targets, lse, miss, grad_logp
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
-    )
+    return grads.in_input_dtypes(hidden, weight, bias)

@@ -114,6 +114,36 @@ def merge_vocabulary_splits(split_max: torch.Tensor, split_sum_excl: torch.Tenso
     return ForwardResult(logp=target_logprob(target_logit, lse, miss), lse=lse, miss=miss)
 
 
+@dataclass
+class GradientBuffers:
+    """Zeroed float32 buffers the backward kernels add into; None where a gradient is not wanted."""
+
+    d_hidden: Optional[torch.Tensor]
+    d_weight: Optional[torch.Tensor]
+    d_bias: Optional[torch.Tensor]
+
+    @classmethod
+    def zeros(cls, hidden, weight, need_hidden: bool, need_weight: bool, need_bias: bool) -> "GradientBuffers":
+        def buffer(shape, wanted):
+            return torch.zeros(shape, dtype=torch.float32, device=hidden.device) if wanted else None
+
+        return cls(buffer(hidden.shape, need_hidden), buffer(weight.shape, need_weight),
+                   buffer(weight.shape[:1], need_bias))
+
+    def in_input_dtypes(self, hidden, weight, bias) -> Tuple[Optional[torch.Tensor], ...]:
+        return tuple(None if grad is None else grad.to(like.dtype)
+                     for grad, like in ((self.d_hidden, hidden), (self.d_weight, weight), (self.d_bias, bias)))
+
+
+def fused_loss_result(spec, parts, sequence_logps, token_grad, weights=None) -> PreferenceLossResult:
+    """The total of a fused kernel's per-type parts: paired kernels weight each type themselves
+    (`weights` [T]); the KTO kernel's single type is scaled here, gradient included."""
+    if weights is not None:
+        return PreferenceLossResult((weights[:, None] * parts).sum(), parts, sequence_logps, token_grad)
+    weight = spec.loss_weights[0]
+    return PreferenceLossResult(weight * parts.sum(), parts, sequence_logps, token_grad * weight)
+
+
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 

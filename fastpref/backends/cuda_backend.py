@@ -21,7 +21,8 @@ import torch
 
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
-from . import Backend, ForwardResult, PreferenceLossResult, merge_vocabulary_splits
+from . import (Backend, ForwardResult, GradientBuffers, PreferenceLossResult, fused_loss_result,
+               merge_vocabulary_splits)
 
 try:
     from .. import _C
@@ -101,26 +102,15 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     targets = _index(targets)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
-    device = hidden.device
-
-    def accumulator(shape, wanted):
-        return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
-
-    d_hidden = accumulator((num_rows, width), need_hidden)
-    d_weight = accumulator((vocab, width), need_weight)
-    d_bias = accumulator((vocab,), need_bias)
+    grads = GradientBuffers.zeros(hidden, weight, need_hidden, need_weight, need_bias)
     lse, miss, grad = _float32(saved.lse), _float32(saved.miss), _float32(grad_logp)
     _C.linear_logprobs_backward(
         hidden=hidden.data_ptr(), weight=weight.data_ptr(), bias=_pointer(bias),
         targets=targets.data_ptr(), lse=lse.data_ptr(), miss=miss.data_ptr(),
-        grad_logp=grad.data_ptr(), d_hidden=_pointer(d_hidden), d_weight=_pointer(d_weight),
-        d_bias=_pointer(d_bias), num_rows=num_rows, vocab=vocab, width=width,
+        grad_logp=grad.data_ptr(), d_hidden=_pointer(grads.d_hidden),
+        d_weight=_pointer(grads.d_weight), d_bias=_pointer(grads.d_bias), num_rows=num_rows, vocab=vocab, width=width,
         dtype=_dtype_code(hidden.dtype), **_launch_on(hidden))
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
-    )
+    return grads.in_input_dtypes(hidden, weight, bias)
 
 
 def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
@@ -144,7 +134,7 @@ def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossRe
             parts=parts.data_ptr(), token_grad=token_grad.data_ptr(),
             num_pairs=layout.num_pairs, beta=spec.beta, label_smoothing=spec.label_smoothing,
             simpo_gamma=spec.simpo_gamma, **_launch_on(token_logp))
-        loss = (weights[:, None] * parts).sum()
+        return fused_loss_result(spec, parts, sequence_logps, token_grad, weights)
     else:
         desirable = layout.desirable.to(torch.uint8).contiguous()
         reference, kl = _float32(reference), _float32(kl)
@@ -158,10 +148,7 @@ def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossRe
             beta=spec.beta, desirable_weight=spec.desirable_weight,
             undesirable_weight=spec.undesirable_weight, average=spec.averages("kto"),
             **_launch_on(token_logp))
-        weight = spec.loss_weights[0]
-        loss = weight * parts.sum()
-        token_grad = token_grad * weight
-    return PreferenceLossResult(loss, parts, sequence_logps, token_grad)
+    return fused_loss_result(spec, parts, sequence_logps, token_grad)
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:

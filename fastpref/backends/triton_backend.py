@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, PreferenceLossResult
+from . import Backend, ForwardResult, PreferenceLossResult, fused_loss_result
 
 try:
     import triton  # noqa: F401
@@ -82,7 +82,7 @@ def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossRe
             token_logp, layout, reference, weights, averages, beta=spec.beta,
             label_smoothing=spec.label_smoothing, simpo_gamma=spec.simpo_gamma,
             new_output=new_output)
-        loss = (weights[:, None] * parts).sum()
+        return fused_loss_result(spec, parts, sequence_logps, token_grad, weights)
     else:
         from ..kernels.kto_loss import kto_loss
 
@@ -90,10 +90,7 @@ def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossRe
             token_logp, layout, reference, kl, beta=spec.beta,
             desirable_weight=spec.desirable_weight, undesirable_weight=spec.undesirable_weight,
             average=spec.averages("kto"), new_output=new_output)
-        weight = spec.loss_weights[0]
-        loss = weight * parts.sum()
-        token_grad = token_grad * weight
-    return PreferenceLossResult(loss, parts, sequence_logps, token_grad)
+    return fused_loss_result(spec, parts, sequence_logps, token_grad)
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:
