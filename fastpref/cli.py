@@ -26,7 +26,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags; shapes, dtype and repeats default per device (see bench.defaults)."""
     parser.add_argument("--device", default=None,
                         help="torch device to run on (default: cuda if available, else cpu)")
-    parser.add_argument("--n", type=_positive_int, help="tokens N (rows of hidden)")
+    parser.add_argument("--op", choices=bench.OPS, default="logprobs",
+                        help="logprobs: fastpref.linear_logprobs alone (default); preference: a whole "
+                             "preference loss from TRL's padded batch, vs TRL and Liger-Kernel")
+    parser.add_argument("--n", type=_positive_int, help="tokens N (rows of hidden; logprobs op)")
+    parser.add_argument("--pairs", type=_positive_int, help="preference pairs B (2B padded rows; preference op)")
+    parser.add_argument("--seq-len", type=_positive_int, help="padded sequence length T (preference op)")
+    parser.add_argument("--loss", dest="losses", nargs="+", choices=bench.PREFERENCE_LOSSES,
+                        help="preference losses to measure, each its own rows (default: all; preference op)")
     parser.add_argument("--hidden", type=_positive_int, help="hidden size H")
     parser.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
     parser.add_argument("--dtype", choices=sorted(bench.DTYPES), help="dtype of hidden and weight")
@@ -53,7 +60,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {device}")
 
-    chosen = bench.defaults(device)
+    flags_of_op = {"logprobs": {"--n": "n"}, "preference": {"--pairs": "pairs", "--seq-len": "seq_len", "--loss": "losses"}}
+    for op, flags in flags_of_op.items():
+        for flag, name in flags.items():
+            if op != args.op and getattr(args, name) is not None:
+                parser.error(f"{flag} is for --op {op}")
+    chosen = bench.defaults(device, args.op)
     for name in chosen:
         if getattr(args, name) is not None:
             chosen[name] = getattr(args, name)
@@ -63,9 +75,17 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             _backends.resolve(name, device)
         except RuntimeError as exc:
             parser.error(f"--backends: {exc}")
+    if args.op == "preference":
+        if chosen["seq_len"] < 2:
+            parser.error("--seq-len must be at least 2: a prompt token and a response token")
+        shape = dict(n=2 * chosen["pairs"] * chosen["seq_len"], pairs=chosen["pairs"], seq_len=chosen["seq_len"],
+                     losses=list(dict.fromkeys(args.losses or bench.PREFERENCE_LOSSES)))
+    else:
+        shape = dict(n=chosen["n"])
     return bench.Config(
         device=device,
-        n=chosen["n"],
+        op=args.op,
+        **shape,
         hidden=chosen["hidden"],
         vocab=chosen["vocab"],
         dtype=bench.DTYPES[chosen["dtype"]],

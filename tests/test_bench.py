@@ -130,6 +130,13 @@ def test_cpu_peak_memory_sees_an_allocation_and_not_earlier_ones():
     (["--repeat", "two"], "expected a positive integer"),
     (["--head", "none"], "invalid choice"),
     (["--backends", "nonesuch"], "invalid choice"),
+    (["--op", "dpo"], "invalid choice"),
+    (["--op", "preference", "--loss", "kto"], "invalid choice"),
+    (["--op", "preference", "--pairs", "0"], "expected a positive integer"),
+    (["--op", "preference", "--n", "64"], "--n is for --op logprobs"),
+    (["--op", "preference", "--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--pairs", "2"], "--pairs is for --op preference"),
+    (["--loss", "ipo"], "--loss is for --op preference"),
 ])
 def test_bad_flags_are_rejected_with_a_reason(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -145,3 +152,74 @@ def test_backend_that_cannot_run_on_the_device_is_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--device", "cpu", "--backends", unusable[0]])
     assert "cannot run on device cpu" in capsys.readouterr().err
+
+
+TINY_PREFERENCE = dict(op="preference", pairs=2, seq_len=24, n=96, hidden=16, vocab=300)
+
+
+def test_preference_op_has_rows_for_every_method_and_loss_with_right_answers():
+    # the trainable head checks d_weight as well; the CLI test below runs the frozen one
+    rows = bench.run(tiny_config(**TINY_PREFERENCE, heads=("trainable",)), progress=False)
+
+    methods = ["trl-materialized", "liger", "fastpref-torch"]
+    assert [(r.loss, r.head, r.method) for r in rows] == [
+        (loss, "trainable", method) for loss in ("sigmoid", "ipo", "simpo") for method in methods]
+    for row in rows:
+        assert (row.pairs, row.seq_len, row.hidden, row.vocab, row.dtype) == (2, 24, 16, 300, "float32")
+        if (row.method, row.loss) == ("liger", "ipo"):
+            assert row.status == "n/a (no IPO in liger-kernel)"
+            continue
+        assert row.status == "ok", row
+        assert math.isfinite(row.time_ms) and row.time_ms > 0
+        assert row.loss_err < 1e-4 and row.grad_err < 1e-4
+    table = bench.format_table(rows)
+    assert "| liger | ipo | trainable | 2 | 24 | 16 | 300 | float32 | n/a (no IPO in liger-kernel) | n/a | n/a |" in table
+    assert "| method | loss | head | B | T | H | V | dtype |" in table
+
+
+def test_preference_reference_matches_trl_loss_on_the_padded_batch():
+    cfg = tiny_config(**TINY_PREFERENCE)
+    inputs = bench.make_preference_inputs(cfg)
+    for loss_type in ("sigmoid", "ipo", "simpo"):
+        ref = bench.preference_reference(inputs, loss_type)
+        loss = bench.trl_materialized_loss(inputs.hidden, inputs.weight, inputs.targets,
+                                           bench.reference_logps_for(loss_type, inputs), loss_type)
+        loss.backward()
+        assert torch.allclose(loss.detach(), ref.loss, rtol=1e-5)
+        assert torch.allclose(inputs.hidden.grad.reshape(ref.d_hidden.shape), ref.d_hidden, atol=1e-6)
+        inputs.hidden.grad = None
+    prompt_and_padding = (inputs.targets == bench.IGNORE_INDEX)
+    assert prompt_and_padding[:, 0].all() and (~prompt_and_padding).sum(1).min() >= 24 // 4
+
+
+def test_preference_wrong_loss_is_reported(monkeypatch, capsys):
+    real = bench.preference_step_function
+
+    def doubled(method, loss_type, cfg):
+        fn = real(method, loss_type, cfg)
+        return (lambda *args: 2 * fn(*args)) if method == "fastpref-torch" else fn
+
+    monkeypatch.setattr(bench, "preference_step_function", doubled)
+    cfg = tiny_config(**TINY_PREFERENCE, heads=("frozen",), losses=("simpo",))
+    assert bench.run_and_report(cfg, "test", progress=False) == 1
+    assert "wrong answers (not timed): fastpref-torch (simpo, frozen head)" in capsys.readouterr().err
+
+
+def test_cli_preference_op_prints_its_table(capsys):
+    argv = ["bench", "--op", "preference", "--device", "cpu", "--pairs", "1", "--seq-len", "16",
+            "--hidden", "8", "--vocab", "64", "--backends", "torch", "--head", "frozen",
+            "--loss", "ipo", "--repeat", "1"]
+
+    assert cli.main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "# fastpref.PreferenceLoss: forward+backward benchmark" in printed
+    assert "| fastpref-torch | ipo | frozen | 1 | 16 | 8 | 64 | float32 |" in printed
+    assert "sigmoid |" not in printed and "trainable |" not in printed
+
+
+def test_shared_machine_is_noted_in_the_report():
+    rows = [bench.Row("materialized", "frozen", 8, 4, 16, "float32", "OOM")]
+    cfg = tiny_config()
+    assert "shared with other jobs" in bench.format_report(rows, cfg, "x", load=(0.5, 3.0))
+    assert "shared with other jobs" not in bench.format_report(rows, cfg, "x", load=(0.5, 1.0))
