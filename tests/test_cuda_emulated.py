@@ -1,0 +1,156 @@
+"""The CUDA backend's kernels (csrc/) on the CPU, through an emulation of CUDA: their logic checked
+against the float64 references and the Triton backend on machines without a GPU (on a GPU,
+test_cuda_backend.py runs the real kernels and these tests skip).
+
+cuda_emulation/build.py compiles csrc/ with g++ against cuda_emulation/cuda_emulation.h, a CPU
+stand-in for the CUDA headers (one OS thread per CUDA thread; the header says what it models and
+what it checks), into a module with the interface of fastpref._C that takes CPU pointers. It is
+built once and cached in pytest's cache folder (.pytest_cache) under a hash of its inputs, so that
+only a change to csrc/ or to the harness rebuilds it. Each test points backend="cuda" at that
+module (monkeypatched into fastpref.backends.cuda_backend for that test only; fastpref._C itself
+is never touched) and calls a GPU test of test_cuda_backend.py with CPU tensors, on shapes small
+enough for the emulation: a few blocks per launch.
+
+Not checked here: speed, anything only nvcc and the hardware see (the device compiler, the real
+WMMA fragment layouts, the memory model, concurrently running blocks), and the 64-bit offset tests,
+too large to emulate.
+
+For a deeper check by hand, FASTPREF_EMULATION_SANITIZER=address or thread builds the module with
+that sanitizer. The address sanitizer reports out-of-bounds accesses to global and shared memory,
+the thread sanitizer data races between the threads of a block, such as a missing __syncthreads():
+
+    FASTPREF_EMULATION_SANITIZER=address ASAN_OPTIONS=detect_leaks=0 \\
+        LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \\
+        python -m pytest -s tests/test_cuda_emulated.py
+    FASTPREF_EMULATION_SANITIZER=thread OMP_NUM_THREADS=1 \\
+        LD_PRELOAD="$(g++ -print-file-name=libtsan.so) $(g++ -print-file-name=libstdc++.so)" \\
+        python -m pytest -s tests/test_cuda_emulated.py
+
+Python is built without the sanitizer, so its runtime must be preloaded, and libstdc++ with it for
+the sanitizer to intercept C++ exceptions; -s lets a report reach the terminal even when the
+sanitizer ends the process; OMP_NUM_THREADS=1 keeps torch's (uninstrumented) OpenMP threads out of
+the thread sanitizer's reports. Any report makes the run exit with a non-zero status.
+"""
+import os
+
+import pytest
+import torch
+
+import test_cuda_backend as gpu_tests
+from cuda_emulation import build
+
+pytestmark = pytest.mark.cuda_emulation
+from fastpref.backends import cuda_backend
+from fastpref.loss_spec import PAIRED_LOSS_TYPES
+from reference import relative_error
+from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
+
+SANITIZER = os.environ.get("FASTPREF_EMULATION_SANITIZER") or None
+DTYPES = gpu_tests.DTYPES
+# test_cuda_backend.SHAPES but the largest: one to three row blocks, one to four vocabulary tiles
+# per split, widths that do and do not allow 16-byte vector loads, partial last tiles.
+SHAPES = [(1, 16, 1), (3, 5, 2), (37, 70, 301), (65, 33, 129), (130, 96, 1000)]
+
+
+@pytest.fixture(scope="session")
+def emulated_extension(request, tmp_path_factory):
+    """The emulated module, built on first use in this session unless cached from an earlier one."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the tests' inputs live on it, and "
+                    "test_cuda_backend.py runs the real kernels")
+    needed = [("g++", build.compiler()), ("Python.h", build.python_headers())]
+    missing = [name for name, found in needed if not found]
+    if missing:
+        pytest.skip(f"building the emulated CUDA kernels needs {' and '.join(missing)}, not found")
+    if SANITIZER not in build.SANITIZER_FLAGS:
+        pytest.fail("FASTPREF_EMULATION_SANITIZER must be address, thread or unset, "
+                    f"got {SANITIZER!r}")
+    if SANITIZER and f"lib{SANITIZER[0]}san" not in os.environ.get("LD_PRELOAD", ""):
+        pytest.fail(f"the {SANITIZER} sanitizer's runtime must be preloaded: see the docstring of "
+                    f"{__name__} for the command")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir("cuda_emulation") if cache else tmp_path_factory.mktemp("cuda_emulation")
+    return build.load(build.build(folder, SANITIZER))
+
+
+@pytest.fixture(autouse=True)
+def emulated_cuda_backend(emulated_extension, monkeypatch):
+    """backend="cuda" runs the emulated kernels on CPU tensors, two vocabulary splits by default."""
+    monkeypatch.setattr(cuda_backend, "_C", emulated_extension)
+    monkeypatch.setattr(cuda_backend, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(cuda_backend.BACKEND, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(cuda_backend, "_launch_on", lambda tensor: {"device": 0, "stream": 0})
+    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: 2)
+    monkeypatch.setattr(gpu_tests, "_C", emulated_extension)
+
+
+# ---- bindings.cpp, which test_cuda_backend.py checks only where the real module is built ----
+
+@pytest.mark.parametrize("function, changes, argument", list(gpu_tests._bad_argument_cases()))
+def test_bad_arguments_raise_value_error_naming_them(function, changes, argument):
+    gpu_tests.test_bad_arguments_raise_value_error_naming_them(function, changes, argument)
+
+
+@pytest.mark.parametrize("function", sorted(gpu_tests.ARGUMENTS))
+def test_cuda_failures_raise_runtime_error_with_the_cuda_message(function):
+    gpu_tests.test_cuda_failures_raise_runtime_error_with_the_cuda_message(function)
+
+
+def test_vocab_split_plans_whole_tiles_and_no_empty_split():
+    gpu_tests.test_vocab_split_plans_whole_tiles_and_no_empty_split()
+
+
+# ---- the kernels ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("ignore_every", [0, 3], ids=["none-ignored", "some-ignored"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(dtype, trainable_head, ignore_every, shape):
+    gpu_tests.test_matches_float64_reference(dtype, trainable_head, ignore_every, shape)
+
+
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_all_rows_ignored(trainable_head):
+    gpu_tests.test_all_rows_ignored(trainable_head)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype):
+    gpu_tests.test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_rows_take_the_element_load_path(dtype):
+    gpu_tests.test_misaligned_rows_take_the_element_load_path(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_agrees_with_triton(dtype, trainable_head):
+    """test_cuda_backend's test of the same name, on a shape the emulation runs quickly."""
+    inputs = make_inputs(45, 72, 333, dtype, with_bias=trainable_head, ignore_every=5)
+    logp_cuda, grads_cuda = run_and_compare("cuda", *inputs, trainable_head=trainable_head)
+    logp_triton, grads_triton = run_and_compare("triton", *inputs, trainable_head=trainable_head)
+    assert relative_error(logp_cuda, logp_triton) <= TOLERANCE[dtype]
+    for ours, theirs in zip(grads_cuda, grads_triton):
+        assert relative_error(ours, theirs) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
+def test_each_paired_loss_matches_its_reference(dtype, loss_type):
+    gpu_tests.test_each_paired_loss_matches_its_reference(dtype, loss_type)
+
+
+@pytest.mark.parametrize("average_logps", [False, True])
+def test_kto_matches_its_reference(average_logps):
+    gpu_tests.test_kto_matches_its_reference(average_logps)
+
+
+@pytest.mark.parametrize("types", [list(PAIRED_LOSS_TYPES[:5]) + ["apo_zero", "apo_down", "sft"],
+                                   ["simpo", "orpo"], ["kto"]],
+                         ids=["with-reference", "reference-free", "kto"])
+def test_losses_agree_with_triton_on_every_part(types):
+    gpu_tests.test_losses_agree_with_triton_on_every_part(types)
