@@ -20,9 +20,9 @@ import torch
 import fastpref
 from fastpref.backends import cuda_backend
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
-from reference import reference_kto_loss, reference_logprobs, reference_pair_loss, relative_error
+from reference import reference_kto_loss, relative_error
 from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
-from test_losses import check, make_packed_batch, options_for
+from test_losses import check, check_paired_loss, make_packed_batch
 
 try:
     from fastpref import _C
@@ -323,27 +323,6 @@ def test_side_stream_and_second_device():
 
 @pytest.mark.gpu
 @needs_extension
-def test_rows_past_32_bit_offsets():
-    """N * H > 2^31: the last rows' offsets overflow int32 unless the kernels index in int64."""
-    n, h, v = 131_076, 16_400, 1_003
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-    weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(torch.bfloat16)
-    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    logp = fastpref.linear_logprobs(hidden, weight, targets, backend="cuda")
-    grad_out = torch.randn(n, device="cuda", generator=gen)
-    (d_hidden,) = torch.autograd.grad((logp * grad_out).sum(), [hidden])
-
-    tail = slice(n - 64, n)
-    ref_hidden = hidden[tail].detach().double().cpu().requires_grad_()
-    ref = reference_logprobs(ref_hidden, weight, targets[tail])
-    (ref_d_hidden,) = torch.autograd.grad((ref * grad_out[tail].double().cpu()).sum(), [ref_hidden])
-    assert relative_error(logp[tail], ref) <= TOLERANCE[torch.bfloat16]
-    assert relative_error(d_hidden[tail], ref_d_hidden) <= TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@needs_extension
 def test_vocabulary_past_32_bit_offsets():
     """V * H > 2^31: the last vocabulary rows' offsets overflow int32 unless indexed in int64.
 
@@ -379,19 +358,7 @@ def test_vocabulary_past_32_bit_offsets():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
 def test_each_paired_loss_matches_its_reference(dtype, loss_type):
-    hidden, weight, targets, layout, reference = make_packed_batch(5, 24, 97, dtype)
-    options = options_for(loss_type)
-    module = fastpref.PreferenceLoss(loss_type, beta=0.3, backend="cuda", **options)
-    needs_ref = module.spec.needs_reference
-    ref_cpu = reference.double().cpu()
-
-    def ref_loss(seq, lengths):
-        return reference_pair_loss(loss_type, seq, lengths, layout.chosen_index.tolist(),
-                                   layout.rejected_index.tolist(), ref_cpu if needs_ref else None,
-                                   beta=0.3, eps=options.get("label_smoothing", 0.0))
-
-    check(module, hidden, weight, targets, layout, reference if needs_ref else None, ref_loss,
-          {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype])
+    check_paired_loss("cuda", dtype, loss_type)
 
 
 @pytest.mark.gpu

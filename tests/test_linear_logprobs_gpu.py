@@ -28,14 +28,17 @@ def test_backends_agree_on_gpu(dtype):
         assert relative_error(a, b) <= TOLERANCE[dtype]
 
 
-def test_rows_past_32_bit_offsets():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_rows_past_32_bit_offsets(backend):
     """N * H > 2^31: the last rows' offsets overflow int32 unless the kernels index in int64."""
+    if backend not in fastpref.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available here")
     n, h, v = 131_076, 16_400, 1_003
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(torch.bfloat16)
     targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    logp = fastpref.linear_logprobs(hidden, weight, targets, backend="triton")
+    logp = fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
     grad_out = torch.randn(n, device="cuda", generator=gen)
     (d_hidden,) = torch.autograd.grad((logp * grad_out).sum(), [hidden])
 

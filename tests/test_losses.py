@@ -77,6 +77,11 @@ def options_for(loss_type):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
 def test_each_paired_loss_matches_its_reference(backend, dtype, loss_type):
+    check_paired_loss(backend, dtype, loss_type)
+
+
+def check_paired_loss(backend, dtype, loss_type):
+    """One loss type on a fresh packed batch: loss and gradients against the pair-by-pair reference."""
     hidden, weight, targets, layout, reference = make_packed_batch(5, 24, 97, dtype)
     options = options_for(loss_type)
     module = fastpref.PreferenceLoss(loss_type, beta=0.3, backend=backend, **options)
