@@ -22,6 +22,7 @@ from transformers import (  # noqa: E402
 
 from fastpref.integrations.trl import FastprefDPOTrainer  # noqa: E402
 from fastpref.train.default_assets import default_tokenizer  # noqa: E402
+from test_distributed import exit_without_teardown  # noqa: E402
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "num_tokens")
@@ -287,7 +288,8 @@ def _ddp_worker(rank, port, output_dir, report):
             json.dump({"ranks_agree": torch.equal(ranks[0], ranks[1]), "step": step.norm().item(),
                        "difference": (weights[FastprefDPOTrainer] - weights[trl.DPOTrainer]).norm().item()},
                       handle)
-    dist.destroy_process_group()
+    dist.barrier()
+    exit_without_teardown()
 
 
 def test_ddp_step_matches_trl(tmp_path):
