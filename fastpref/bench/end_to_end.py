@@ -1,0 +1,443 @@
+"""Op "end-to-end": one DPO training step of a causal LM, forward and backward.
+
+A Llama model with random weights (1B-class on a GPU, a tiny one on a CPU) takes a step on
+random preference pairs: a prompt of seq_len/4 to seq_len/2 tokens and two responses that fill
+a sequence of at most seq_len tokens. The reference log-probs are precomputed (zeros, the only
+reference Liger-Kernel's DPO takes without a reference model; their value costs nothing), so the
+step is the policy's forward, the loss, and the backward into every parameter.
+
+Methods:
+  trl-padded               TRL's concatenated forward: [2P, L] right-padded rows, the model's full
+                           [2P, L, V] logits, float32 log-softmax, gather, masked sums.
+  liger                    the same padded forward to the last hidden states, then Liger-Kernel's
+                           LigerFusedLinearDPOLoss on the LM head.
+  fastpref-packed          fastpref's trainer step: [prompt | chosen] and [prompt | rejected] of every
+                           pair packed into one padding-free stream, fastpref.PreferenceLoss.
+  fastpref-packed-prefix   the same with the prompt shared: [prompt | chosen | rejected] per pair.
+
+Attention: padded methods use sdpa (flash_attention_2 where flash-attn is installed); packed ones
+FlexAttention with a block mask on CUDA, sdpa with a dense additive mask on a CPU.
+tokens/s counts the real tokens of both sequences of every pair (2 x prompt + chosen + rejected),
+the same for every method: padding is not counted, and prefix sharing gets no credit for the
+prompt it skips. "max pairs" is the largest number of pairs per step that fits: in the GPU's
+memory (doubling until out-of-memory, then bisecting), or on a CPU under --memory-budget-mib.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import fastpref
+
+from ..train.model import causal_lm_parts, packed_hidden
+from ..train.packing import pack_pairs
+from . import options
+from .loss_head import BETA, trl_pair_loss
+from .measure import Candidate, PeakMemory, is_out_of_memory, measure_interleaved, memory_method, release_memory
+from .reference import DTYPES, IGNORE_INDEX, dtype_name
+from .report import header, markdown_table, number
+
+NAME = "end-to-end"
+TITLE = "One DPO training step: end-to-end benchmark"
+HELP = "one DPO step of a Llama model: TRL-style padded vs Liger-Kernel vs fastpref packed"
+TRL_PADDED, LIGER = "trl-padded", "liger"
+PACKED, PACKED_PREFIX = "fastpref-packed", "fastpref-packed-prefix"
+METHODS = (TRL_PADDED, LIGER, PACKED, PACKED_PREFIX)
+# Llama configurations: Llama-3.2-1B's shape, and a tiny one for CPUs.
+MODEL_PRESETS: Dict[str, dict] = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True, rope_theta=10000.0),
+}
+# A loss differing from trl-padded's by more than this (relative) marks the method WRONG.
+LOSS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+
+def defaults(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(model="llama-1b", seq_lens=[1024, 4096], pairs=[4, 8], dtype="bfloat16", warmup=2, repeat=5,
+                    memory_budget_mib=None, max_pairs_limit=1024)
+    return dict(model="llama-tiny", seq_lens=[256], pairs=[1, 2, 4], dtype="float32", warmup=1, repeat=2,
+                memory_budget_mib=1024.0, max_pairs_limit=64)
+
+
+@dataclass
+class Config:
+    device: torch.device
+    model: str
+    seq_lens: Sequence[int]
+    pairs: Sequence[int]
+    dtype: torch.dtype
+    methods: Sequence[str] = METHODS
+    warmup: int = 1
+    repeat: int = 2
+    seed: int = 0
+    find_max_pairs: bool = True
+    memory_budget_mib: Optional[float] = None  # None: until the device runs out of memory (CUDA only)
+    max_pairs_limit: int = 64
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    seq_len: int
+    pairs: int
+    tokens: int  # real tokens of both sequences of every pair
+    dtype: str
+    status: str = "ok"
+    time_ms: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    peak_mib: Optional[float] = None
+    loss: Optional[float] = None
+    loss_err: Optional[float] = None
+    max_pairs: Optional[str] = None  # "37", ">= 64" at the search limit, "-" when not searched
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS),
+                        help="Llama configuration with random weights (default: llama-1b on a GPU, llama-tiny on a CPU)")
+    parser.add_argument("--seq-len", dest="seq_lens", nargs="+", type=options.positive_int,
+                        help="longest sequence (prompt + response) of a pair, in tokens; at least 8")
+    parser.add_argument("--pairs", nargs="+", type=options.positive_int, help="pairs per step to measure")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default: all)")
+    parser.add_argument("--no-max-pairs", dest="find_max_pairs", action="store_false",
+                        help="skip the search for the largest pairs per step that fits")
+    parser.add_argument("--memory-budget-mib", type=options.positive_float,
+                        help="a step fits when its peak memory is at most this (default on a CPU: 1024;"
+                             " on a GPU: whatever does not run out of memory)")
+    parser.add_argument("--max-pairs-limit", type=options.positive_int,
+                        help="stop the max-pairs search here (default: 1024 on a GPU, 64 on a CPU)")
+    options.add_common_arguments(parser, backends=False)
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    device = options.device_from_args(args, parser)
+    chosen = defaults(device)
+    for name in ("model", "seq_lens", "pairs", "dtype", "warmup", "repeat", "memory_budget_mib", "max_pairs_limit"):
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    if min(chosen["seq_lens"]) < 8:
+        parser.error("--seq-len must be at least 8: a prompt and two responses of two tokens or more")
+    if device.type == "cpu" and args.find_max_pairs and chosen["memory_budget_mib"] is None:
+        parser.error("--memory-budget-mib is needed on a CPU to search for the largest pairs per step")
+    return Config(device=device, model=chosen["model"], seq_lens=sorted(set(chosen["seq_lens"])),
+                  pairs=sorted(set(chosen["pairs"])), dtype=DTYPES[chosen["dtype"]],
+                  methods=list(dict.fromkeys(args.methods or METHODS)), warmup=chosen["warmup"],
+                  repeat=chosen["repeat"], find_max_pairs=args.find_max_pairs,
+                  memory_budget_mib=chosen["memory_budget_mib"], max_pairs_limit=chosen["max_pairs_limit"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+
+
+def build_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**MODEL_PRESETS[preset], max_position_embeddings=16384)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.train()
+    return model
+
+
+@dataclass
+class Pair:
+    prompt_ids: List[int]
+    chosen_ids: List[int]
+    rejected_ids: List[int]
+    row: int
+
+    @property
+    def tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def make_pairs(count: int, seq_len: int, vocab: int, seed: int = 0) -> List[Pair]:
+    """Prompts of seq_len/4 to seq_len/2 tokens; each response of 2 tokens up to the rest of seq_len."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def between(low: int, high: int) -> int:
+        return int(torch.randint(low, max(low, high) + 1, (1,), generator=gen))
+
+    def tokens(length: int) -> List[int]:
+        return torch.randint(0, vocab, (length,), generator=gen).tolist()
+
+    pairs = []
+    for row in range(count):
+        prompt = between(seq_len // 4, seq_len // 2)
+        room = seq_len - prompt
+        pairs.append(Pair(tokens(prompt), tokens(between(2, room)), tokens(between(2, room)), row))
+    return pairs
+
+
+@dataclass
+class PaddedBatch:
+    input_ids: torch.Tensor       # [2P, L], chosen rows first, right-padded
+    attention_mask: torch.Tensor  # [2P, L]
+    targets: torch.Tensor         # [2P, L]: the next token where it is a response token, else IGNORE_INDEX
+
+
+def pad_pairs(pairs: Sequence[Pair], device: torch.device) -> PaddedBatch:
+    """TRL's concatenated batch: every chosen sequence, then every rejected one, right-padded."""
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    length = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    targets = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        ids = torch.tensor(prompt + response)
+        input_ids[row, :ids.numel()] = ids
+        attention_mask[row, :ids.numel()] = 1
+        targets[row, len(prompt) - 1:ids.numel() - 1] = torch.tensor(response)
+    return PaddedBatch(input_ids.to(device), attention_mask.to(device), targets.to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _padded_attention() -> str:
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def attention_for(method: str, device: torch.device) -> str:
+    if method in (PACKED, PACKED_PREFIX):
+        return "flex_attention" if device.type == "cuda" else "sdpa"
+    return _padded_attention() if device.type == "cuda" else "sdpa"
+
+
+def step_function(method: str, model, pairs: Sequence[Pair], device: torch.device) -> Callable[[], torch.Tensor]:
+    """A closure for one step of `method` on `pairs` (its inputs built once, outside the step):
+    forward, DPO loss against a zero reference, backward; it returns the detached loss."""
+    attention = attention_for(method, device)
+    zero_reference = torch.zeros(2 * len(pairs), device=device)
+    weight = causal_lm_parts(model).head_weight
+    if method in (PACKED, PACKED_PREFIX):
+        packed = pack_pairs(pairs, prefix_sharing=method == PACKED_PREFIX).to(device)
+        loss_fn = fastpref.PreferenceLoss("sigmoid", beta=BETA)
+
+        def packed_step() -> torch.Tensor:
+            model.set_attn_implementation(attention)
+            hidden = packed_hidden(model, packed, attention)
+            loss = loss_fn(hidden, weight, packed.targets, packed.layout, zero_reference)[0]
+            loss.backward()
+            return loss.detach()
+
+        return packed_step
+    batch = pad_pairs(pairs, device)
+    lengths = (batch.targets != IGNORE_INDEX).sum(-1)
+    if method == TRL_PADDED:
+        def trl_step() -> torch.Tensor:
+            model.set_attn_implementation(attention)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            kept = batch.targets != IGNORE_INDEX
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(
+                -1, torch.where(kept, batch.targets, 0).unsqueeze(-1)).squeeze(-1) * kept
+            loss = trl_pair_loss(logp.sum(-1), lengths, zero_reference, "sigmoid")
+            loss.backward()
+            return loss.detach()
+
+        return trl_step
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=device.type == "cuda")
+
+    def liger_step() -> torch.Tensor:
+        model.set_attn_implementation(attention)
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).last_hidden_state
+        loss = liger(weight, hidden, batch.targets)[0]
+        loss.backward()
+        return loss.detach()
+
+    return liger_step
+
+
+def unavailable_reason(method: str, device: torch.device) -> Optional[str]:
+    if method == LIGER and importlib.util.find_spec("liger_kernel") is None:
+        return "n/a (liger-kernel not installed)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+    """Append rows per sequence length and pairs per step; then, per sequence length, the largest
+    pairs per step each method fits."""
+    on_step(f"building {cfg.model}")
+    model = build_model(cfg.model, cfg.dtype, cfg.device, cfg.seed)
+    vocab = model.config.vocab_size
+
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    for seq_len in cfg.seq_lens:
+        seq_rows = []
+        for count in cfg.pairs:
+            pairs = make_pairs(count, seq_len, vocab, cfg.seed)
+            tokens = sum(p.tokens for p in pairs)
+            group = [Row(cfg.model, method, seq_len, count, tokens, dtype_name(cfg.dtype)) for method in cfg.methods]
+            measured, candidates = [], []
+            for row in group:
+                reason = unavailable_reason(row.method, cfg.device)
+                if reason:
+                    row.status = reason
+                    continue
+                measured.append(row)
+                candidates.append(_candidate(row, group, model, pairs, cfg, reset))
+            where = f"seq {seq_len}, {count} pairs"
+            results = measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
+                                          lambda step: on_step(f"{where}: {step}"))
+            for row, result in zip(measured, results):
+                row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+                if row.status == "ok":
+                    row.tokens_per_s = row.tokens / (row.time_ms * 1e-3)
+            seq_rows.extend(group)
+        if cfg.find_max_pairs:
+            for method in cfg.methods:
+                fitting = [r for r in seq_rows if r.method == method]
+                if all(r.status.startswith("n/a") for r in fitting):
+                    continue
+                found = max_pairs(method, model, seq_len, cfg, reset,
+                                  lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
+                for row in fitting:
+                    row.max_pairs = found
+        rows.extend(seq_rows)
+
+
+def _candidate(row: Row, group: List[Row], model, pairs, cfg: Config, reset) -> Candidate:
+    step = step_function(row.method, model, pairs, cfg.device)
+
+    def check(loss: torch.Tensor) -> bool:
+        row.loss = float(loss)
+        if row.method == TRL_PADDED or group[0].method != TRL_PADDED or group[0].loss is None:
+            return torch.isfinite(loss).item()
+        row.loss_err = abs(row.loss - group[0].loss) / max(1.0, abs(group[0].loss))
+        return row.loss_err <= LOSS_TOLERANCE[cfg.dtype]
+
+    return Candidate(row.method, step, check, reset)
+
+
+def fits(method: str, model, count: int, seq_len: int, cfg: Config, reset) -> bool:
+    """One step with `count` pairs: True when it ran within the memory budget (or, without one,
+    without running out of device memory)."""
+    meter = PeakMemory(cfg.device)
+    step = step_function(method, model, make_pairs(count, seq_len, model.config.vocab_size, cfg.seed + count),
+                         cfg.device)
+    try:
+        meter.start()
+        step()
+        peak = meter.stop()
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer; the rest re-raise
+        if not is_out_of_memory(exc):
+            raise
+        ok, peak = False, None
+    del step
+    reset()
+    release_memory(cfg.device)
+    if ok and cfg.memory_budget_mib is not None:
+        ok = peak is not None and peak <= cfg.memory_budget_mib
+    return ok
+
+
+def max_pairs(method: str, model, seq_len: int, cfg: Config, reset, on_step: Callable[[str], None]) -> str:
+    """The largest pairs per step that fits: doubling from 1 until a step does not fit, then
+    bisecting; ">= limit" when cfg.max_pairs_limit fits and "0" when one pair does not."""
+    low, high = 0, 1  # low fits (0 trivially); high is the next count to try
+    while high <= cfg.max_pairs_limit:
+        on_step(f"trying {high}")
+        if not fits(method, model, high, seq_len, cfg, reset):
+            break
+        low, high = high, 2 * high
+    else:
+        if low < cfg.max_pairs_limit and fits(method, model, cfg.max_pairs_limit, seq_len, cfg, reset):
+            low = cfg.max_pairs_limit
+        if low == cfg.max_pairs_limit:
+            return f">= {low}"
+        high = cfg.max_pairs_limit
+    while high - low > 1:
+        middle = (low + high) // 2
+        on_step(f"trying {middle}")
+        if fits(method, model, middle, seq_len, cfg, reset):
+            low = middle
+        else:
+            high = middle
+    return str(low)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    baseline = {(r.seq_len, r.pairs): r for r in rows if r.method == TRL_PADDED and r.status == "ok"}
+    columns = ["model", "seq len", "pairs/step", "method", "step (ms)", "tokens/s", "speed vs trl-padded",
+               "peak mem (MiB)", "mem vs trl-padded", "max pairs/step", "loss", "loss rel diff"]
+    cells = []
+    for r in rows:
+        base = baseline.get((r.seq_len, r.pairs))
+        if r.status != "ok":
+            measured = [r.status] + ["-"] * 4
+        else:
+            speed = "-" if base is None else f"{base.time_ms / r.time_ms:.2f}x"
+            memory = "-" if base is None or not base.peak_mib or r.peak_mib is None else \
+                f"{100 * r.peak_mib / base.peak_mib:.1f}%"
+            measured = [number(r.time_ms), f"{r.tokens_per_s:,.0f}", speed, number(r.peak_mib), memory]
+        cells.append([r.model, str(r.seq_len), str(r.pairs), r.method, *measured, r.max_pairs or "-",
+                      "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.loss_err is None else f"{r.loss_err:.1e}"])
+    return markdown_table(columns, cells)
+
+
+def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+    preset = MODEL_PRESETS[cfg.model]
+    if cfg.memory_budget_mib is not None:
+        fit = f"peak memory at most {cfg.memory_budget_mib:g} MiB"
+    else:
+        fit = "no out-of-memory error"
+    notes = [
+        f"model: {cfg.model} = Llama, random weights, {dtype_name(cfg.dtype)}, "
+        + ", ".join(f"{key} {value}" for key, value in preset.items()),
+        f"step: forward, DPO sigmoid loss (beta = {BETA}) against precomputed zero reference log-probs, backward"
+        " into every parameter (no optimizer); pairs: prompt seq_len/4 to seq_len/2 tokens, responses filling"
+        " up to seq_len",
+        "methods: " + "; ".join(f"{m} with {attention_for(m, cfg.device)} attention" for m in cfg.methods),
+        "tokens/s: real tokens of both sequences of every pair (2 x prompt + chosen + rejected) per second,"
+        " the same count for every method",
+        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
+        f" warm-up run(s) and the memory run; peak memory: {memory_method(cfg.device)} (parameters excluded,"
+        " their gradients included)",
+        f"max pairs/step: largest that fits ({fit}), searched up to {cfg.max_pairs_limit} by doubling then"
+        " bisection" if cfg.find_max_pairs else "max pairs/step: not searched",
+        "loss rel diff: against trl-padded's loss on the same pairs; a method beyond"
+        f" {LOSS_TOLERANCE[cfg.dtype]:g} is WRONG and not timed",
+    ]
+    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+
+
+def failures(rows: Sequence[Row]) -> List[str]:
+    return [f"{r.method} (seq {r.seq_len}, {r.pairs} pairs)" for r in rows if r.status == "WRONG"]
+
+
+def plot(rows: Sequence[Row], cfg: Config, path) -> bool:
+    """Tokens/s and peak memory against pairs per step, a row of panels per sequence length."""
+    from .plots import sweep_figure
+
+    chosen = [r for r in rows if not r.status.startswith("n/a")]
+    if len({r.pairs for r in chosen}) < 2:
+        return False
+    return sweep_figure(chosen, path, panel_rows=[f"seq {s}" for s in cfg.seq_lens],
+                        panel_of=lambda r: f"seq {r.seq_len}", x_of=lambda r: r.pairs, x_label="pairs per step",
+                        metrics=(("tokens_per_s", "tokens/s"), ("peak_mib", "peak memory (MiB)")),
+                        column_of=lambda r: cfg.model,
+                        title=f"one DPO step, {cfg.model}, {dtype_name(cfg.dtype)}, {cfg.device.type}")

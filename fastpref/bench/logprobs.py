@@ -1,0 +1,180 @@
+"""Op "logprobs": fastpref.linear_logprobs alone against the materialized baseline.
+
+Each method computes per-token log-probs of the targets from hidden [N, H] and the head
+[V, H], then backpropagates a random upstream gradient, with the LM head trainable or frozen.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+import fastpref
+
+from . import options
+from .measure import Candidate, measure_interleaved, memory_method
+from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, materialized_logprobs,
+                        random_head, relative_error, token_reference)
+from .report import header, markdown_table, number
+
+NAME = "logprobs"
+TITLE = "fastpref.linear_logprobs: forward+backward benchmark"
+HELP = "fastpref.linear_logprobs alone vs the materialized baseline"
+BASELINE = "materialized"
+IGNORED_FRACTION = 0.1
+
+
+def defaults(device: torch.device) -> dict:
+    """A Llama-3-sized vocabulary everywhere; a realistic hidden size and N on GPUs, and a CPU run
+    of a few seconds."""
+    if device.type == "cuda":
+        return dict(n=16384, hidden=4096, vocab=128256, dtype="bfloat16", warmup=3, repeat=10)
+    return dict(n=4096, hidden=512, vocab=128256, dtype="float32", warmup=1, repeat=3)
+
+
+@dataclass
+class Config:
+    device: torch.device
+    n: int
+    hidden: int
+    vocab: int
+    dtype: torch.dtype
+    backends: Sequence[str]
+    heads: Sequence[str] = options.HEADS
+    warmup: int = 1  # untimed runs; the first one is checked against the reference
+    repeat: int = 3
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    """status: "ok", "OOM" or "WRONG"; the measurements are None when it is not "ok" (peak_mib also
+    where memory cannot be measured on this platform)."""
+
+    method: str
+    head: str
+    n: int
+    hidden: int
+    vocab: int
+    dtype: str
+    status: str = "ok"
+    time_ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    logp_err: Optional[float] = None
+    grad_err: Optional[float] = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=options.positive_int, help="tokens N (rows of hidden)")
+    parser.add_argument("--hidden", type=options.positive_int, help="hidden size H")
+    parser.add_argument("--vocab", type=options.positive_int, help="vocabulary size V")
+    options.add_common_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    device = options.device_from_args(args, parser)
+    chosen = defaults(device)
+    for name in chosen:
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    return Config(device=device, n=chosen["n"], hidden=chosen["hidden"], vocab=chosen["vocab"],
+                  dtype=DTYPES[chosen["dtype"]], backends=options.backends_from_args(args, parser, device),
+                  heads=options.heads_from_args(args), warmup=chosen["warmup"], repeat=chosen["repeat"])
+
+
+def method_function(method: str) -> Callable[..., torch.Tensor]:
+    """(hidden, weight, targets) -> [N] log-probs for a method name in the table."""
+    if method == BASELINE:
+        return lambda h, w, t: materialized_logprobs(h, w, t)
+    backend = method[len("fastpref-"):]
+    return lambda h, w, t: fastpref.linear_logprobs(h, w, t, ignore_index=IGNORE_INDEX, backend=backend)
+
+
+def methods(cfg: Config) -> List[str]:
+    return [BASELINE] + [f"fastpref-{name}" for name in cfg.backends]
+
+
+def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+    """Append a row per method and head mode to `rows` as each head's measurements finish."""
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    kw = dict(device=cfg.device, generator=gen)
+    hidden = torch.randn(cfg.n, cfg.hidden, dtype=cfg.dtype, **kw).requires_grad_()
+    weight = random_head(cfg.vocab, cfg.hidden, cfg.dtype, gen, cfg.device)
+    targets = torch.randint(0, cfg.vocab, (cfg.n,), **kw)
+    targets[torch.rand(cfg.n, **kw) < IGNORED_FRACTION] = IGNORE_INDEX
+    grad_out = torch.randn(cfg.n, dtype=torch.float32, **kw)
+    on_step("reference")
+    ref = token_reference(hidden, weight, targets, grad_out)
+
+    def reset() -> None:
+        hidden.grad = weight.grad = None
+
+    for head in cfg.heads:
+        weight.requires_grad_(head == "trainable")
+        head_rows = [Row(method, head, cfg.n, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
+                     for method in methods(cfg)]
+        candidates = [_candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset) for row in head_rows]
+        for row, result in zip(head_rows, measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
+                                                              lambda step: on_step(f"{head} head: {step}"))):
+            row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+        rows.extend(head_rows)
+
+
+def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -> Candidate:
+    fn = method_function(row.method)
+
+    def step() -> torch.Tensor:
+        logp = fn(hidden, weight, targets)
+        logp.backward(grad_out)
+        return logp
+
+    def check(logp: torch.Tensor) -> bool:
+        row.logp_err = (logp.detach() - ref.logp).abs().max().item()
+        row.grad_err = relative_error(hidden.grad, ref.d_hidden)
+        if row.head == "trainable":
+            row.grad_err = max(row.grad_err, relative_error(weight.grad, ref.d_weight))
+        logp_tol, grad_tol = TOLERANCES[dtype]
+        return row.logp_err <= logp_tol and row.grad_err <= grad_tol
+
+    return Candidate(row.method, step, check, reset)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Memory ratios are against the baseline with the same head."""
+    baseline = {r.head: r.peak_mib for r in rows if r.method == BASELINE and r.peak_mib}
+    columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "peak mem over inputs (MiB)",
+               "mem vs baseline", "max abs dlogp", "grad rel err"]
+    cells = []
+    for r in rows:
+        if r.status != "ok":
+            time_ms = peak = ratio = r.status
+        else:
+            time_ms, peak = number(r.time_ms), "n/a" if r.peak_mib is None else number(r.peak_mib)
+            base = baseline.get(r.head)
+            ratio = "n/a" if r.peak_mib is None or base is None else f"{100 * r.peak_mib / base:.1f}%"
+        errors = ["-" if e is None else f"{e:.2e}" for e in (r.logp_err, r.grad_err)]
+        cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, peak, ratio, *errors])
+    return markdown_table(columns, cells)
+
+
+def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+    notes = [
+        f"inputs: hidden ~ N(0, 1), weight ~ N(0, {LOGIT_STD}^2 / H), {IGNORED_FRACTION:.0%} of targets ="
+        f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1)",
+        f"methods: {BASELINE} = full [N, V] logits, float32 log-softmax, gather (as in TRL);"
+        " fastpref-<backend> = fastpref.linear_logprobs",
+        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
+        " warm-up run(s) and the memory run",
+        f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; the input gradients are"
+        " alive at the end of the run and count",
+        "max abs dlogp, grad rel err: against a float32 row-chunked reference of the baseline's math"
+        " (grad: max |error| / max |reference|, over d_hidden and, for a trainable head, d_weight)",
+    ]
+    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+
+
+def failures(rows: Sequence[Row]) -> List[str]:
+    return [f"{r.method} ({r.head} head)" for r in rows if r.status == "WRONG"]
+

@@ -1,0 +1,441 @@
+"""Op "loss-head": a whole preference loss from the last hidden states, forward and backward.
+
+Each method gets TRL's padded batch: hidden [2B, T, H] (chosen rows first), the head W [V, H]
+and targets [2B, T], where each row is a prompt of 1 to T/4 tokens (target -100) and a response
+filling the rest; N = 2 B T tokens, of which N_scored are response tokens. From them it computes
+the per-sequence log-probs log pi(y|x) = sum_t log softmax(W h_t)[y_t], the loss over the pairs,
+and the loss's gradients w.r.t. hidden (and W when the head is trainable).
+
+Methods:
+  materialized   TRL's computation: the [2B, T, V] logits, float32 log-softmax, gather, masked sums.
+  liger          Liger-Kernel's LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (no IPO there).
+  cce            Cut Cross-Entropy's linear_cross_entropy(reduction="none") for per-token log-probs
+                 (its Triton kernel on CUDA, its torch.compile version elsewhere), the loss in torch.
+  fastpref-<b>   fastpref.pack_padded + fastpref.PreferenceLoss on backend b.
+
+The FLOP floor of a step is 8 N_scored H V with a trainable head (logits, their recomputation in
+the backward, d_hidden, d_weight) and 4 N_scored H V with a frozen one; TFLOP/s divides that floor
+by the time. The memory floor is the gradients the step must leave behind (d_hidden, and d_weight
+for a trainable head); "extra" is the peak over the inputs minus that floor.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+import fastpref
+
+from . import options
+from .measure import MIB, Candidate, measure_interleaved, memory_method
+from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs,
+                        materialized_logprobs, random_head, relative_error, token_reference)
+from .report import header, markdown_table, number
+
+NAME = "loss-head"
+TITLE = "Preference loss from hidden states: forward+backward benchmark"
+HELP = "DPO/IPO/SimPO from hidden states: materialized vs Liger-Kernel vs Cut Cross-Entropy vs fastpref"
+MATERIALIZED, LIGER, CCE = "materialized", "liger", "cce"
+PEERS = (MATERIALIZED, LIGER, CCE)
+LOSSES = ("sigmoid", "ipo", "simpo")
+AVERAGED_LOSSES = frozenset({"ipo", "simpo"})  # TRL averages their log-probs over the response
+BETA = 0.1
+SIMPO_GAMMA = 0.5
+# LM heads (hidden size, vocabulary) of models people train; "small" keeps a CPU run short.
+HEAD_SHAPES: Dict[str, Tuple[int, int]] = {
+    "llama3-8b": (4096, 128256),
+    "qwen2.5-7b": (3584, 152064),
+    "gemma2-2b": (2304, 256000),
+    "small": (256, 16384),
+}
+
+
+def defaults(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(models=["llama3-8b", "qwen2.5-7b", "gemma2-2b"], tokens=[2048, 8192, 32768, 65536],
+                    seq_len=1024, losses=["sigmoid"], dtype="bfloat16", warmup=3, repeat=10)
+    return dict(models=["small"], tokens=[1024, 2048, 4096], seq_len=256, losses=["sigmoid"],
+                dtype="float32", warmup=1, repeat=2)
+
+
+@dataclass
+class Config:
+    device: torch.device
+    models: Sequence[str]
+    tokens: Sequence[int]
+    seq_len: int
+    losses: Sequence[str]
+    dtype: torch.dtype
+    backends: Sequence[str]
+    peers: Sequence[str] = PEERS
+    heads: Sequence[str] = options.HEADS
+    warmup: int = 1
+    repeat: int = 2
+    seed: int = 0
+    shapes: Optional[Dict[str, Tuple[int, int]]] = None  # name -> (H, V); HEAD_SHAPES when None
+
+    def head_shape(self, model: str) -> Tuple[int, int]:
+        return (self.shapes or HEAD_SHAPES)[model]
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    loss: str
+    head: str
+    n: int          # tokens in the batch, 2 B T
+    scored: int     # response tokens among them
+    hidden: int
+    vocab: int
+    dtype: str
+    status: str = "ok"  # ok, OOM, WRONG, or "n/a (why)"
+    time_ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    extra_mib: Optional[float] = None
+    tflops: Optional[float] = None
+    loss_err: Optional[float] = None
+    grad_err: Optional[float] = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="models", nargs="+", choices=sorted(HEAD_SHAPES),
+                        help="LM-head shapes to measure (default: Llama-3-8B, Qwen2.5-7B, Gemma-2-2B on a GPU,"
+                             " a small head on a CPU)")
+    parser.add_argument("--hidden", type=options.positive_int,
+                        help="with --vocab, measure this head shape instead of --model")
+    parser.add_argument("--vocab", type=options.positive_int, help="with --hidden: vocabulary size V")
+    parser.add_argument("--tokens", nargs="+", type=options.positive_int,
+                        help="batch sizes N in tokens, each a multiple of 2 * --seq-len")
+    parser.add_argument("--seq-len", type=options.positive_int, help="tokens T per sequence")
+    parser.add_argument("--loss", dest="losses", nargs="+", choices=LOSSES, help="losses (default: sigmoid)")
+    parser.add_argument("--peers", nargs="*", choices=PEERS,
+                        help=f"other methods to measure (default: all of {', '.join(PEERS)})")
+    options.add_common_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    device = options.device_from_args(args, parser)
+    chosen = defaults(device)
+    for name in ("models", "tokens", "seq_len", "losses", "dtype", "warmup", "repeat"):
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    shapes = None
+    if (args.hidden is None) != (args.vocab is None):
+        parser.error("--hidden and --vocab go together")
+    if args.hidden is not None:
+        if args.models is not None:
+            parser.error("give either --model or --hidden/--vocab")
+        name = "custom"
+        shapes, chosen["models"] = {name: (args.hidden, args.vocab)}, [name]
+    if chosen["seq_len"] < 2:
+        parser.error("--seq-len must be at least 2: a prompt token and a response token")
+    for tokens in chosen["tokens"]:
+        if tokens % (2 * chosen["seq_len"]):
+            parser.error(f"--tokens: {tokens} is not a multiple of 2 * --seq-len = {2 * chosen['seq_len']}"
+                         " (a batch is whole pairs of sequences)")
+    return Config(device=device, models=list(dict.fromkeys(chosen["models"])),
+                  tokens=sorted(set(chosen["tokens"])), seq_len=chosen["seq_len"],
+                  losses=list(dict.fromkeys(chosen["losses"])), dtype=DTYPES[chosen["dtype"]],
+                  backends=options.backends_from_args(args, parser, device),
+                  peers=PEERS if args.peers is None else list(dict.fromkeys(args.peers)),
+                  heads=options.heads_from_args(args), warmup=chosen["warmup"], repeat=chosen["repeat"],
+                  shapes=shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the reference
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor        # [2B, T, H], requires grad
+    weight: torch.Tensor        # [V, H]; requires grad for the trainable head
+    targets: torch.Tensor       # [2B, T]: IGNORE_INDEX over each row's prompt
+    policy_logps: torch.Tensor  # [2B] float32 summed response log-probs
+
+    @property
+    def scored(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def clear_grads(self) -> None:
+        self.hidden.grad = self.weight.grad = None
+
+
+def make_inputs(pairs: int, seq_len: int, hidden_size: int, vocab: int, dtype: torch.dtype,
+                device: torch.device, seed: int = 0) -> Inputs:
+    """Random pairs; hidden ~ N(0, 1), weight ~ N(0, LOGIT_STD^2 / H)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, seq_len, hidden_size, dtype=dtype, device=device, generator=gen)
+    weight = random_head(vocab, hidden_size, dtype, gen, device)
+    targets = torch.randint(0, vocab, (rows, seq_len), device=device, generator=gen)
+    prompt = torch.randint(1, max(2, seq_len // 4 + 1), (rows, 1), device=device, generator=gen)
+    targets[torch.arange(seq_len, device=device) < prompt] = IGNORE_INDEX
+    policy_logps = float32_logprobs(hidden, weight, targets).sum(-1)
+    return Inputs(hidden.requires_grad_(), weight, targets, policy_logps)
+
+
+def reference_logps_for(loss_type: str, inputs: Inputs) -> Optional[torch.Tensor]:
+    """The precomputed reference log-probs each loss gets. SimPO takes none. Sigmoid uses a zero
+    reference, the only one Liger-Kernel's DPO accepts without running a reference model
+    (use_ref_model=False); what the reference holds costs nothing either way. IPO gets a reference
+    close to the policy, as at the start of training."""
+    if loss_type == "simpo":
+        return None
+    if loss_type == "sigmoid":
+        return torch.zeros_like(inputs.policy_logps)
+    gen = torch.Generator(inputs.policy_logps.device).manual_seed(1)
+    noise = torch.randn(inputs.policy_logps.shape, generator=gen, device=inputs.policy_logps.device)
+    return inputs.policy_logps + noise
+
+
+def trl_pair_loss(seq_logps: torch.Tensor, lengths: torch.Tensor, reference_logps: Optional[torch.Tensor],
+                  loss_type: str) -> torch.Tensor:
+    """TRL's loss from [2B] summed response log-probs (chosen first): DPO sigmoid on sums, IPO and
+    SimPO on means over the response tokens (the reference's too), averaged over pairs."""
+    if loss_type in AVERAGED_LOSSES:
+        seq_logps = seq_logps / lengths
+        reference_logps = None if reference_logps is None else reference_logps / lengths
+    chosen, rejected = seq_logps.chunk(2)
+    if loss_type == "simpo":
+        return -F.logsigmoid(BETA * (chosen - rejected) - SIMPO_GAMMA).mean()
+    ref_chosen, ref_rejected = reference_logps.chunk(2)
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(BETA * margin).mean()
+    return ((margin - 1 / (2 * BETA)) ** 2).mean()
+
+
+def materialized_loss(hidden, weight, targets, reference_logps, loss_type: str) -> torch.Tensor:
+    """TRL's computation: logits over the whole padded batch, masked sums per row, the formula."""
+    logp = materialized_logprobs(hidden, weight, targets)
+    return trl_pair_loss(logp.sum(-1), (targets != IGNORE_INDEX).sum(-1), reference_logps, loss_type)
+
+
+@dataclass
+class LossReference:
+    loss: torch.Tensor
+    d_hidden: torch.Tensor  # [2B * T, H] float32
+    d_weight: torch.Tensor  # [V, H] float32
+
+
+def loss_reference(inputs: Inputs, loss_type: str) -> LossReference:
+    """TRL's math in float32, in two passes so that it fits wherever the methods do: the loss and
+    its gradient w.r.t. each sequence's log-prob, then the row-chunked token reference driven by
+    that gradient on every response token of the sequence."""
+    lengths = (inputs.targets != IGNORE_INDEX).sum(-1)
+    seq_logps = inputs.policy_logps.clone().requires_grad_()
+    loss = trl_pair_loss(seq_logps, lengths, reference_logps_for(loss_type, inputs), loss_type)
+    (d_seq,) = torch.autograd.grad(loss, seq_logps)
+    hidden_size = inputs.hidden.shape[-1]
+    ref = token_reference(inputs.hidden.reshape(-1, hidden_size), inputs.weight, inputs.targets.reshape(-1),
+                          d_seq.unsqueeze(1).expand(inputs.targets.shape).reshape(-1))
+    return LossReference(loss.detach(), ref.d_hidden, ref.d_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def loss_function(method: str, loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+    """(hidden [2B, T, H], weight, targets [2B, T], reference_logps) -> scalar loss, or the reason
+    the method cannot compute this loss here."""
+    if method == MATERIALIZED:
+        return lambda h, w, t, r: materialized_loss(h, w, t, r, loss_type)
+    if method == LIGER:
+        return _liger_loss(loss_type, device)
+    if method == CCE:
+        return _cce_loss(loss_type, device)
+    module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA, backend=method[len("fastpref-"):])
+
+    def fastpref_loss(h, w, t, r):
+        batch = fastpref.pack_padded(h, t, ignore_index=IGNORE_INDEX)
+        return module(batch.hidden, w, batch.targets, batch.layout, r)[0]
+
+    return fastpref_loss
+
+
+def _liger_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearSimPOLoss
+    except ImportError:
+        return "n/a (liger-kernel not installed)"
+    compiled = device.type == "cuda"  # torch.compile of its chunk step needs a GPU to pay off
+    if loss_type == "sigmoid":
+        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=compiled, loss_type="sigmoid")
+    elif loss_type == "simpo":
+        liger = LigerFusedLinearSimPOLoss(beta=BETA, gamma=SIMPO_GAMMA, compute_nll_loss=False, compiled=compiled)
+    else:
+        return f"n/a (no {loss_type.upper()} in liger-kernel)"
+    return lambda h, w, t, r: liger(w, h, t)[0]
+
+
+def cce_impl(device: torch.device) -> str:
+    return "cce" if device.type == "cuda" else "torch_compile"
+
+
+def _cce_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return "n/a (cut-cross-entropy not installed)"
+    impl = cce_impl(device)
+
+    def cce_loss(h, w, t, r):
+        nll = linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
+        return trl_pair_loss(-nll.float().sum(-1), (t != IGNORE_INDEX).sum(-1), r, loss_type)
+
+    return cce_loss
+
+
+def methods(cfg: Config) -> List[str]:
+    return list(cfg.peers) + [f"fastpref-{name}" for name in cfg.backends]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+    """Append rows to `rows` for every head shape, N, loss and head mode, as each group finishes."""
+    for model in cfg.models:
+        hidden_size, vocab = cfg.head_shape(model)
+        for tokens in cfg.tokens:
+            inputs = make_inputs(tokens // (2 * cfg.seq_len), cfg.seq_len, hidden_size, vocab, cfg.dtype,
+                                 cfg.device, cfg.seed)
+            for loss_type in cfg.losses:
+                where = f"{model} N={tokens} {loss_type}"
+                on_step(f"{where}: reference")
+                ref = loss_reference(inputs, loss_type)
+                for head in cfg.heads:
+                    rows.extend(_measure_group(model, loss_type, head, inputs, ref, cfg,
+                                               lambda step: on_step(f"{where} {head}: {step}")))
+                del ref
+            del inputs
+
+
+def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: LossReference, cfg: Config,
+                   on_step: Callable[[str], None]) -> List[Row]:
+    inputs.weight.requires_grad_(head == "trainable")
+    rows_, hidden_size = inputs.targets.shape, inputs.hidden.shape[-1]
+    group = [Row(model, method, loss_type, head, rows_[0] * rows_[1], inputs.scored, hidden_size,
+                 inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
+    candidates, measured = [], []
+    for row in group:
+        fn = loss_function(row.method, loss_type, cfg.device)
+        if isinstance(fn, str):
+            row.status = fn
+            continue
+        candidates.append(_candidate(row, fn, inputs, ref, cfg.dtype))
+        measured.append(row)
+    for row, result in zip(measured, measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat, on_step)):
+        row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+        if row.status == "ok":
+            _derive(row, inputs)
+    inputs.weight.requires_grad_(False)
+    return group
+
+
+def _candidate(row: Row, fn: LossFunction, inputs: Inputs, ref: LossReference, dtype: torch.dtype) -> Candidate:
+    reference_logps = reference_logps_for(row.loss, inputs)
+
+    def step() -> torch.Tensor:
+        loss = fn(inputs.hidden, inputs.weight, inputs.targets, reference_logps)
+        loss.backward()
+        return loss
+
+    def check(loss: torch.Tensor) -> bool:
+        row.loss_err = relative_error(loss.detach().reshape(1), ref.loss.reshape(1))
+        row.grad_err = relative_error(inputs.hidden.grad.reshape(ref.d_hidden.shape), ref.d_hidden)
+        if row.head == "trainable":
+            row.grad_err = max(row.grad_err, relative_error(inputs.weight.grad, ref.d_weight))
+        loss_tol, grad_tol = TOLERANCES[dtype]
+        return row.loss_err <= loss_tol and row.grad_err <= grad_tol
+
+    return Candidate(row.method, step, check, inputs.clear_grads)
+
+
+def flop_floor(row: Row) -> float:
+    """8 N_scored H V for a trainable head, 4 N_scored H V for a frozen one."""
+    return (8 if row.head == "trainable" else 4) * row.scored * row.hidden * row.vocab
+
+
+def _derive(row: Row, inputs: Inputs) -> None:
+    row.tflops = flop_floor(row) / (row.time_ms * 1e-3) / 1e12
+    if row.peak_mib is not None:
+        floor = inputs.hidden.numel() * inputs.hidden.element_size()
+        if row.head == "trainable":
+            floor += inputs.weight.numel() * inputs.weight.element_size()
+        row.extra_mib = row.peak_mib - floor / MIB
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Memory ratios are against the materialized method on the same shape, loss and head."""
+    baseline = {(r.model, r.n, r.loss, r.head): r.peak_mib for r in rows if r.method == MATERIALIZED and r.peak_mib}
+    columns = ["head shape", "N", "loss", "head", "method", "time fwd+bwd (ms)", "TFLOP/s", "peak mem (MiB)",
+               "extra over floor (MiB)", "mem vs materialized", "loss rel err", "grad rel err"]
+    cells = []
+    for r in rows:
+        shape = [f"{r.model} (H={r.hidden}, V={r.vocab})", str(r.n), r.loss, r.head, r.method]
+        if r.status != "ok":
+            measured = [r.status] + ["-"] * 5
+        else:
+            base = baseline.get((r.model, r.n, r.loss, r.head))
+            ratio = "n/a" if r.peak_mib is None or base is None else f"{100 * r.peak_mib / base:.1f}%"
+            measured = [number(r.time_ms), number(r.tflops, 2), number(r.peak_mib), number(r.extra_mib), ratio]
+        errors = ["-" if e is None else f"{e:.1e}" for e in (r.loss_err, r.grad_err)]
+        cells.append([*shape, *measured, *errors])
+    return markdown_table(columns, cells)
+
+
+def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+    notes = [
+        f"inputs: TRL's padded batch of N = 2 B T tokens, T = {cfg.seq_len}: per row a prompt of 1 to T/4"
+        f" tokens (target {IGNORE_INDEX}) and a response to the end of the row; hidden ~ N(0, 1),"
+        f" weight ~ N(0, {LOGIT_STD}^2 / H); {dtype_name(cfg.dtype)}; beta = {BETA}, SimPO gamma ="
+        f" {SIMPO_GAMMA}; backward of the scalar loss",
+        "reference log-probs (precomputed): zeros for sigmoid (the only reference Liger-Kernel's DPO takes"
+        " without a reference model), the policy's log-probs plus N(0, 1) noise for ipo, none for simpo",
+        f"methods: {MATERIALIZED} = [2B, T, V] logits, float32 log-softmax, gather, masked sums (TRL);"
+        f" {LIGER} = LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (compiled={cfg.device.type == 'cuda'});"
+        f" {CCE} = cut_cross_entropy.linear_cross_entropy(reduction='none', impl='{cce_impl(cfg.device)}')"
+        " + the loss in torch; fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
+        "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
+        " time, N_scored = response tokens",
+        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
+        " warm-up run(s) and the memory run",
+        f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; extra over floor = peak minus"
+        " the gradients the step leaves (d_hidden, and d_weight for a trainable head)",
+        "loss rel err, grad rel err: against the materialized math in float32, row-chunked (grad: max"
+        " |error| / max |reference| over d_hidden and, for a trainable head, d_weight); OOM = ran out of memory",
+    ]
+    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+
+
+def failures(rows: Sequence[Row]) -> List[str]:
+    return [f"{r.method} ({r.model}, N={r.n}, {r.loss}, {r.head} head)" for r in rows if r.status == "WRONG"]
+
+
+def plot(rows: Sequence[Row], cfg: Config, path) -> bool:
+    """Time and peak memory against N, a line per method: a row of panels per head shape, for
+    the first loss measured; out-of-memory points are left out and named in the legend."""
+    from .plots import sweep_figure
+
+    loss_type = cfg.losses[0]
+    chosen = [r for r in rows if r.loss == loss_type and not r.status.startswith("n/a")]
+    if len({r.n for r in chosen}) < 2:
+        return False
+    return sweep_figure(chosen, path, panel_rows=list(dict.fromkeys(r.model for r in chosen)),
+                        panel_of=lambda r: r.model, x_of=lambda r: r.n, x_label="N (tokens)",
+                        title=f"{loss_type} loss from hidden states, {dtype_name(cfg.dtype)}, {cfg.device.type}")

@@ -1,0 +1,89 @@
+"""The standard computation every method is judged against, and the inputs all of them share.
+
+Logits z = W h have standard deviation LOGIT_STD (hidden ~ N(0, 1), weight ~ N(0, LOGIT_STD^2 / H)):
+a softmax that is neither flat nor one-hot, as in a trained model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORE_INDEX = -100
+LOGIT_STD = 2.0
+# A run is wrong when its output's error or a gradient's max error relative to the reference's
+# largest entry exceeds these. Loose enough for low-precision logits and for TF32, tight enough
+# to catch a dropped vocabulary block or a wrong gradient.
+TOLERANCES = {
+    torch.float32: (1e-2, 1e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+    torch.float16: (5e-2, 2e-2),
+}
+# Row chunks of the reference hold at most this many logits at once.
+REFERENCE_CHUNK_ELEMENTS = 1 << 24
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def random_head(vocab: int, hidden: int, dtype: torch.dtype, generator: torch.Generator,
+                device: torch.device) -> torch.Tensor:
+    """An LM-head weight [V, H] ~ N(0, LOGIT_STD^2 / H)."""
+    weight = torch.randn(vocab, hidden, dtype=dtype, device=device, generator=generator)
+    return weight.mul_(LOGIT_STD / math.sqrt(hidden))
+
+
+def materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The standard computation (as in TRL): full [..., V] logits, float32 log-softmax, gather;
+    0 where the target is ignored."""
+    logits = hidden @ weight.t()
+    kept = targets != ignore_index
+    safe_targets = torch.where(kept, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    return logp * kept
+
+
+@dataclass
+class TokenReference:
+    logp: torch.Tensor      # [N] float32
+    d_hidden: torch.Tensor  # [N, H] float32
+    d_weight: torch.Tensor  # [V, H] float32
+
+
+def token_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    grad_out: torch.Tensor) -> TokenReference:
+    """materialized_logprobs in float32 and its gradients for an upstream gradient `grad_out`
+    [N], a few rows at a time so that it fits wherever the methods under test do."""
+    hidden = hidden.detach().float()
+    weight = weight.detach().float().requires_grad_()
+    rows = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+    logps, d_hidden = [], []
+    for r0 in range(0, hidden.shape[0], rows):
+        chunk = hidden[r0:r0 + rows].requires_grad_()
+        logp = materialized_logprobs(chunk, weight, targets[r0:r0 + rows])
+        logp.backward(grad_out[r0:r0 + rows])
+        logps.append(logp.detach())
+        d_hidden.append(chunk.grad)
+    return TokenReference(torch.cat(logps), torch.cat(d_hidden), weight.grad)
+
+
+def float32_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """materialized_logprobs in float32 without gradients, a few rows at a time (any leading shape)."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    rows = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.no_grad():
+        logp = torch.cat([
+            materialized_logprobs(flat_hidden[r0:r0 + rows].float(), weight.float(), flat_targets[r0:r0 + rows])
+            for r0 in range(0, flat_hidden.shape[0], rows)])
+    return logp.reshape(targets.shape)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (absolute where want is all zeros)."""
+    scale = want.abs().max().item()
+    return (got.float() - want).abs().max().item() / (scale if scale > 0 else 1.0)
