@@ -9,13 +9,13 @@ from typing import List, Optional
 from . import bench
 
 
-def bench_main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    """``fastpref bench`` alone (for scripts that are only the benchmark)."""
+def bench_main(op: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """``fastpref bench OP`` alone, for scripts that are only that benchmark."""
     parser = argparse.ArgumentParser(prog=prog, description=bench.__doc__.splitlines()[0])
     parsers = bench.add_arguments(parser)
     if argv is None:
         argv = sys.argv[1:]
-    return bench.main(parser.parse_args(argv), parsers, _command(parser.prog, argv))
+    return bench.main(parser.parse_args([op, *argv]), parsers, _command(parser.prog, argv))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,8 @@
-"""The benchmark harness on tiny CPU shapes: it runs, checks, reports OOM and writes its report."""
+"""The benchmark harness on tiny CPU shapes: it runs every op, checks answers before timing,
+reports OOM as a row, interleaves its timing rounds and writes its report, rows and plot."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -8,100 +10,53 @@ import torch
 
 import fastpref
 from fastpref import bench, cli
+from fastpref.bench import end_to_end, logprobs, loss_head
+from fastpref.bench.measure import Candidate, PeakMemory, measure_interleaved
+from fastpref.bench.report import header
 
-TINY = dict(n=48, hidden=16, vocab=500, dtype=torch.float32)
-
-
-def tiny_config(**overrides) -> bench.Config:
-    fields = dict(device=torch.device("cpu"), backends=["torch"], warmup=1, repeat=2, **TINY)
-    fields.update(overrides)
-    return bench.Config(**fields)
+CPU = torch.device("cpu")
+MEMORY_MEASURED = PeakMemory(CPU).supported
 
 
-def fake_method(monkeypatch, method: str, fn) -> None:
-    """Replace one method's computation, leaving the others (and the reference) alone."""
-    real = bench.method_function
-    monkeypatch.setattr(bench, "method_function", lambda name: fn if name == method else real(name))
+def fake_oom(*args, **kwargs):
+    raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
 
-def test_rows_have_finite_measurements_for_baseline_and_torch_backend():
-    rows = bench.run(tiny_config(), progress=False)
-
-    assert [(r.method, r.head) for r in rows] == [
-        ("materialized", "trainable"), ("fastpref-torch", "trainable"),
-        ("materialized", "frozen"), ("fastpref-torch", "frozen"),
-    ]
-    memory_measured = bench.PeakMemory(torch.device("cpu")).supported
-    for row in rows:
-        assert row.status == "ok"
-        assert math.isfinite(row.time_ms) and row.time_ms > 0
-        if memory_measured:
-            assert math.isfinite(row.peak_mib)
-        assert row.logp_err < 1e-4 and row.grad_err < 1e-4
-        assert (row.n, row.hidden, row.vocab, row.dtype) == (48, 16, 500, "float32")
+# ---------------------------------------------------------------------------------------------
+# Measurement
 
 
-def test_cli_prints_table_and_writes_markdown(tmp_path, capsys):
-    path = tmp_path / "results" / "bench.md"
-    argv = ["bench", "--device", "cpu", "--n", "48", "--hidden", "16", "--vocab", "500",
-            "--backends", "torch", "--head", "frozen", "--repeat", "1", "--markdown", str(path)]
+def test_timing_rounds_go_round_the_methods_after_each_is_checked_warmed_and_weighed():
+    calls = []
 
-    assert cli.main(argv) == 0
+    def candidate(name, right=True):
+        return Candidate(name, step=lambda: calls.append(name) or name, check=lambda output: right)
 
-    printed = capsys.readouterr().out
-    assert "| materialized | frozen | 48 | 16 | 500 | float32 |" in printed
-    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 |" in printed
-    assert "trainable" not in printed.split("| method |")[1]
-    report = path.read_text()
-    for expected in ("- device: ", "- torch ", "triton ", "python ",
-                     "- command: `fastpref bench --device cpu --n 48", "- date: ", "UTC",
-                     "| method | head | N | H | V | dtype | time fwd+bwd (ms) |"):
-        assert expected in report
-    assert printed.strip() == report.strip()
+    results = measure_interleaved([candidate("a"), candidate("wrong", right=False), candidate("b")],
+                                  CPU, warmup=2, repeat=3)
+
+    # a: check + 1 more warm-up + memory; wrong: its check only; b likewise; then 3 rounds of a, b
+    assert calls == ["a"] * 3 + ["wrong"] + ["b"] * 3 + ["a", "b"] * 3
+    assert [r.status for r in results] == ["ok", "WRONG", "ok"]
+    assert results[1].time_ms is None and results[1].peak_mib is None
+    for result in (results[0], results[2]):
+        assert len(result.times_ms) == 3 and result.time_ms == sorted(result.times_ms)[1]
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-    MemoryError(),
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
-])
-def test_out_of_memory_is_a_row_not_a_crash(monkeypatch, error):
-    def out_of_memory(hidden, weight, targets):
-        raise error
+def test_out_of_memory_is_a_result_and_other_errors_propagate():
+    ok = Candidate("ok", step=lambda: 1, check=lambda output: True)
+    results = measure_interleaved([Candidate("big", step=fake_oom, check=lambda o: True), ok], CPU, 1, 1)
+    assert [r.status for r in results] == ["OOM", "ok"]
 
-    fake_method(monkeypatch, bench.BASELINE, out_of_memory)
-    rows = bench.run(tiny_config(heads=("trainable",)), progress=False)
+    def broken():
+        raise RuntimeError("shape mismatch")
 
-    assert [(r.method, r.status) for r in rows] == [("materialized", "OOM"), ("fastpref-torch", "ok")]
-    table = bench.format_table(rows)
-    assert "| materialized | trainable | 48 | 16 | 500 | float32 | OOM | OOM | OOM |" in table
-    fastpref_line = next(line for line in table.splitlines() if "fastpref-torch" in line)
-    assert fastpref_line.split(" | ")[8] == "n/a"  # no baseline to compare the memory with
-
-
-def test_other_errors_are_not_mistaken_for_out_of_memory(monkeypatch):
-    def broken(hidden, weight, targets):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-
-    fake_method(monkeypatch, "fastpref-torch", broken)
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        bench.run(tiny_config(heads=("frozen",)), progress=False)
-
-
-def test_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
-    def off_by_a_bit(hidden, weight, targets):
-        return bench.materialized_logprobs(hidden, weight, targets) + 0.5
-
-    fake_method(monkeypatch, "fastpref-torch", off_by_a_bit)
-    assert bench.run_and_report(tiny_config(heads=("frozen",)), "test", progress=False) == 1
-
-    out = capsys.readouterr()
-    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 | WRONG | WRONG | WRONG | 5.00e-01 |" in out.out
-    assert "wrong answers (not timed): fastpref-torch (frozen head)" in out.err
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        measure_interleaved([Candidate("broken", step=broken, check=lambda o: True)], CPU, 1, 1)
 
 
 def test_cpu_peak_memory_sees_an_allocation_and_not_earlier_ones():
-    meter = bench.PeakMemory(torch.device("cpu"))
+    meter = PeakMemory(CPU)
     if not meter.supported:
         pytest.skip("resident-memory peak needs Linux /proc/self/clear_refs")
     mib = 1 << 20
@@ -124,19 +79,262 @@ def test_cpu_peak_memory_sees_an_allocation_and_not_earlier_ones():
     assert meter.stop() < 4
 
 
+def test_shared_machine_is_noted_in_the_report():
+    assert any("shared with other jobs" in line for line in header("t", CPU, "x", (0.5, 3.0), []))
+    assert not any("shared with other jobs" in line for line in header("t", CPU, "x", (0.5, 1.0), []))
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs
+
+
+def tiny_logprobs(**overrides) -> logprobs.Config:
+    fields = dict(device=CPU, n=48, hidden=16, vocab=500, dtype=torch.float32, backends=["torch"], repeat=2)
+    fields.update(overrides)
+    return logprobs.Config(**fields)
+
+
+def test_logprobs_rows_are_right_and_measured():
+    rows = []
+    logprobs.run(tiny_logprobs(), rows)
+
+    assert [(r.method, r.head) for r in rows] == [
+        ("materialized", "trainable"), ("fastpref-torch", "trainable"),
+        ("materialized", "frozen"), ("fastpref-torch", "frozen")]
+    for row in rows:
+        assert row.status == "ok"
+        assert math.isfinite(row.time_ms) and row.time_ms > 0
+        assert (row.peak_mib is not None) == MEMORY_MEASURED
+        assert row.logp_err < 1e-4 and row.grad_err < 1e-4
+
+
+def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
+    stem = tmp_path / "results" / "lp"
+    argv = ["bench", "logprobs", "--device", "cpu", "--n", "48", "--hidden", "16", "--vocab", "500",
+            "--backends", "torch", "--head", "frozen", "--repeat", "1", "--out", str(stem)]
+
+    assert cli.main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 |" in printed
+    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 |" in printed
+    report = (tmp_path / "results" / "lp.md").read_text()
+    for expected in ("- device: ", "- torch ", "triton ", "liger-kernel ", "python ",
+                     "- command: `fastpref bench logprobs --device cpu --n 48", "- date: ", "UTC"):
+        assert expected in report
+    assert printed.strip() == report.strip()
+    rows = json.loads((tmp_path / "results" / "lp.json").read_text())
+    assert [row["method"] for row in rows] == ["materialized", "fastpref-torch"]
+
+
+def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
+    real = logprobs.method_function
+    monkeypatch.setattr(logprobs, "method_function", lambda name: (
+        lambda h, w, t: real(name)(h, w, t) + 0.5) if name == "fastpref-torch" else real(name))
+
+    assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
+
+    out = capsys.readouterr()
+    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 | WRONG |" in out.out
+    assert "wrong answers (not timed): fastpref-torch (frozen head)" in out.err
+
+
+# ---------------------------------------------------------------------------------------------
+# loss-head
+
+
+def tiny_loss_head(**overrides) -> loss_head.Config:
+    fields = dict(device=CPU, models=["tiny"], tokens=[96], seq_len=24, losses=list(loss_head.LOSSES),
+                  dtype=torch.float32, backends=["torch"], repeat=1, shapes={"tiny": (16, 300)})
+    fields.update(overrides)
+    return loss_head.Config(**fields)
+
+
+def test_loss_head_has_right_answers_for_every_method_and_loss():
+    rows = []
+    loss_head.run(tiny_loss_head(heads=("trainable",)), rows)
+
+    methods = ["materialized", "liger", "cce", "fastpref-torch"]
+    assert [(r.loss, r.method) for r in rows] == [(loss, m) for loss in loss_head.LOSSES for m in methods]
+    for row in rows:
+        assert (row.model, row.n, row.hidden, row.vocab, row.head) == ("tiny", 96, 16, 300, "trainable")
+        assert 96 - 4 * 24 // 4 <= row.scored < 96
+        if (row.method, row.loss) == ("liger", "ipo"):
+            assert row.status == "n/a (no IPO in liger-kernel)"
+            continue
+        assert row.status == "ok", row
+        assert row.loss_err < 1e-4 and row.grad_err < 1e-4
+        assert row.tflops == pytest.approx(8 * row.scored * 16 * 300 / (row.time_ms * 1e-3) / 1e12)
+        if MEMORY_MEASURED:
+            floor_mib = (96 * 16 + 300 * 16) * 4 / (1 << 20)
+            assert row.extra_mib == pytest.approx(row.peak_mib - floor_mib)
+    table = loss_head.format_table(rows)
+    assert "| tiny (H=16, V=300) | 96 | ipo | trainable | liger | n/a (no IPO in liger-kernel) |" in table
+
+
+def test_loss_head_reference_is_trl_loss_on_the_padded_batch():
+    inputs = loss_head.make_inputs(2, 24, 16, 300, torch.float32, CPU)
+    assert (inputs.targets[:, 0] == loss_head.IGNORE_INDEX).all()
+    assert ((inputs.targets != loss_head.IGNORE_INDEX).sum(1) >= 24 - 24 // 4).all()
+    for loss_type in loss_head.LOSSES:
+        ref = loss_head.loss_reference(inputs, loss_type)
+        loss = loss_head.materialized_loss(inputs.hidden, inputs.weight, inputs.targets,
+                                           loss_head.reference_logps_for(loss_type, inputs), loss_type)
+        loss.backward()
+        assert torch.allclose(loss.detach(), ref.loss, rtol=1e-5)
+        assert torch.allclose(inputs.hidden.grad.reshape(ref.d_hidden.shape), ref.d_hidden, atol=1e-6)
+        inputs.hidden.grad = None
+
+
+def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys):
+    real = loss_head.loss_function
+
+    def patched(method, loss_type, device):
+        if method == "materialized":
+            return fake_oom
+        fn = real(method, loss_type, device)
+        return (lambda *args: 2 * fn(*args)) if method == "fastpref-torch" else fn
+
+    monkeypatch.setattr(loss_head, "loss_function", patched)
+    cfg = tiny_loss_head(losses=["simpo"], heads=("frozen",), peers=["materialized"])
+    assert bench.run_op(loss_head, cfg, "test", progress=False) == 1
+
+    out = capsys.readouterr()
+    assert "| tiny (H=16, V=300) | 96 | simpo | frozen | materialized | OOM |" in out.out
+    assert "wrong answers (not timed): fastpref-torch (tiny, N=96, simpo, frozen head)" in out.err
+
+
+def test_cli_loss_head_sweep_writes_plot(tmp_path, capsys):
+    stem = tmp_path / "lh"
+    argv = ["bench", "loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "64", "--tokens", "32", "64",
+            "--seq-len", "16", "--loss", "ipo", "--peers", "materialized", "--backends", "torch",
+            "--repeat", "1", "--out", str(stem)]
+
+    assert cli.main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "| custom (H=8, V=64) | 64 | ipo | frozen | fastpref-torch |" in printed
+    assert "sigmoid" not in printed.split("| head shape |")[1]
+    assert (tmp_path / "lh.png").stat().st_size > 10_000
+    assert "![lh](lh.png)" in (tmp_path / "lh.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# end-to-end
+
+
+def tiny_end_to_end(**overrides) -> end_to_end.Config:
+    fields = dict(device=CPU, model="llama-tiny", seq_lens=[16], pairs=[1, 2], dtype=torch.float32, repeat=1,
+                  memory_budget_mib=4096.0, max_pairs_limit=4)
+    fields.update(overrides)
+    return end_to_end.Config(**fields)
+
+
+def test_end_to_end_methods_agree_on_the_loss_and_are_measured():
+    rows = []
+    end_to_end.run(tiny_end_to_end(find_max_pairs=False), rows)
+
+    assert [(r.pairs, r.method) for r in rows] == [(p, m) for p in (1, 2) for m in end_to_end.METHODS]
+    for row in rows:
+        assert row.status == "ok", row
+        assert row.tokens_per_s == pytest.approx(row.tokens / (row.time_ms * 1e-3))
+        assert row.max_pairs is None
+        if row.method != "trl-padded":
+            assert row.loss_err < 1e-5
+    one_pair = [r for r in rows if r.pairs == 1]
+    assert len({r.tokens for r in one_pair}) == 1
+    assert max(r.loss for r in one_pair) - min(r.loss for r in one_pair) < 1e-5
+
+
+def test_padded_batch_targets_are_the_next_response_token():
+    pair = end_to_end.Pair([5, 6, 7], [8, 9], [10], row=0)
+    batch = end_to_end.pad_pairs([pair], CPU)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 10, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.targets.tolist() == [[-100, -100, 8, 9, -100], [-100, -100, 10, -100, -100]]
+    assert pair.tokens == 3 + 2 + 3 + 1
+
+
+@pytest.mark.parametrize("largest, limit, expected", [(5, 64, "5"), (1, 64, "1"), (0, 64, "0"),
+                                                      (64, 64, ">= 64"), (100, 48, ">= 48"), (40, 48, "40")])
+def test_max_pairs_search_finds_the_largest_count_that_fits(monkeypatch, largest, limit, expected):
+    tried = []
+
+    def fits(method, model, count, seq_len, cfg, reset):
+        tried.append(count)
+        return count <= largest
+
+    monkeypatch.setattr(end_to_end, "fits", fits)
+    assert end_to_end.max_pairs("m", None, 16, tiny_end_to_end(max_pairs_limit=limit), None, print) == expected
+    assert len(tried) == len(set(tried)) <= 2 * math.log2(limit) + 2
+
+
+def test_max_pairs_with_a_memory_budget_on_cpu():
+    if not MEMORY_MEASURED:
+        pytest.skip("resident-memory peak needs Linux /proc/self/clear_refs")
+    cfg = tiny_end_to_end(methods=["trl-padded"], pairs=[1], max_pairs_limit=4)
+    rows = []
+    end_to_end.run(cfg, rows)
+    assert rows[0].max_pairs == ">= 4"
+    rows = []
+    end_to_end.run(tiny_end_to_end(methods=["trl-padded"], pairs=[1], max_pairs_limit=4, memory_budget_mib=0.01), rows)
+    assert rows[0].max_pairs == "0"
+    assert "Largest pairs per step that fits" in end_to_end.format_table(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(logprobs, "defaults", lambda device: dict(
+        n=32, hidden=8, vocab=64, dtype="float32", warmup=1, repeat=1))
+    monkeypatch.setattr(loss_head, "defaults", lambda device: dict(
+        models=["small"], tokens=[32, 64], seq_len=16, losses=["sigmoid"], dtype="float32", warmup=1, repeat=1))
+    monkeypatch.setitem(loss_head.HEAD_SHAPES, "small", (8, 64))
+    monkeypatch.setattr(end_to_end, "defaults", lambda device: dict(
+        model="llama-tiny", seq_lens=[16], pairs=[1, 2], dtype="float32", warmup=1, repeat=1,
+        memory_budget_mib=4096.0, max_pairs_limit=2))
+
+    assert cli.main(["bench", "all", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+
+    printed = capsys.readouterr().out
+    for title in (logprobs.TITLE, loss_head.TITLE, end_to_end.TITLE):
+        assert f"# {title}" in printed
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["cpu-end-to-end.json", "cpu-end-to-end.md", "cpu-end-to-end.png", "cpu-logprobs.json",
+                     "cpu-logprobs.md", "cpu-loss-head.json", "cpu-loss-head.md", "cpu-loss-head.png"]
+
+
+def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
+    def run_then_interrupt(cfg, rows, on_step):
+        rows.append(logprobs.Row("materialized", "frozen", 48, 16, 500, "float32", "ok", 1.0, 2.0, 0.0, 0.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logprobs, "run", run_then_interrupt)
+    assert bench.run_op(logprobs, tiny_logprobs(), "test", out=str(tmp_path / "x"), progress=False) == 130
+    report = (tmp_path / "x.md").read_text()
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 | 1.0 | 2.0 |" in report
+    assert "**Interrupted**" in report
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--dtype", "float64"], "invalid choice"),
-    (["--n", "0"], "expected a positive integer"),
-    (["--repeat", "two"], "expected a positive integer"),
-    (["--head", "none"], "invalid choice"),
-    (["--backends", "nonesuch"], "invalid choice"),
-    (["--op", "dpo"], "invalid choice"),
-    (["--op", "preference", "--loss", "kto"], "invalid choice"),
-    (["--op", "preference", "--pairs", "0"], "expected a positive integer"),
-    (["--op", "preference", "--n", "64"], "--n is for --op logprobs"),
-    (["--op", "preference", "--seq-len", "1"], "--seq-len must be at least 2"),
-    (["--pairs", "2"], "--pairs is for --op preference"),
-    (["--loss", "ipo"], "--loss is for --op preference"),
+    (["logprobs", "--dtype", "float64"], "invalid choice"),
+    (["logprobs", "--n", "0"], "expected a positive integer"),
+    (["logprobs", "--repeat", "two"], "expected a positive integer"),
+    (["logprobs", "--head", "none"], "invalid choice"),
+    (["logprobs", "--backends", "nonesuch"], "invalid choice"),
+    (["dpo"], "invalid choice"),
+    (["logprobs", "--device", "meta"], "--device must be cpu or cuda"),
+    (["loss-head", "--device", "cpu", "--loss", "kto"], "invalid choice"),
+    (["loss-head", "--device", "cpu", "--tokens", "100", "--seq-len", "16"], "not a multiple of 2 * --seq-len = 32"),
+    (["loss-head", "--device", "cpu", "--hidden", "64"], "--hidden and --vocab go together"),
+    (["loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "9", "--model", "gemma2-2b"], "either --model"),
+    (["loss-head", "--device", "cpu", "--seq-len", "1"], "--seq-len must be at least 2"),
+    (["loss-head", "--peers", "trl"], "invalid choice"),
+    (["end-to-end", "--device", "cpu", "--seq-len", "4"], "--seq-len must be at least 8"),
+    (["end-to-end", "--memory-budget-mib", "-1"], "expected a positive number"),
+    (["end-to-end", "--model", "gpt2"], "invalid choice"),
 ])
 def test_bad_flags_are_rejected_with_a_reason(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -150,76 +348,5 @@ def test_backend_that_cannot_run_on_the_device_is_rejected(capsys):
     if not unusable:
         pytest.skip("every registered backend runs on the CPU here")
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--device", "cpu", "--backends", unusable[0]])
+        cli.main(["bench", "loss-head", "--device", "cpu", "--backends", unusable[0]])
     assert "cannot run on device cpu" in capsys.readouterr().err
-
-
-TINY_PREFERENCE = dict(op="preference", pairs=2, seq_len=24, n=96, hidden=16, vocab=300)
-
-
-def test_preference_op_has_rows_for_every_method_and_loss_with_right_answers():
-    # the trainable head checks d_weight as well; the CLI test below runs the frozen one
-    rows = bench.run(tiny_config(**TINY_PREFERENCE, heads=("trainable",)), progress=False)
-
-    methods = ["trl-materialized", "liger", "fastpref-torch"]
-    assert [(r.loss, r.head, r.method) for r in rows] == [
-        (loss, "trainable", method) for loss in ("sigmoid", "ipo", "simpo") for method in methods]
-    for row in rows:
-        assert (row.pairs, row.seq_len, row.hidden, row.vocab, row.dtype) == (2, 24, 16, 300, "float32")
-        if (row.method, row.loss) == ("liger", "ipo"):
-            assert row.status == "n/a (no IPO in liger-kernel)"
-            continue
-        assert row.status == "ok", row
-        assert math.isfinite(row.time_ms) and row.time_ms > 0
-        assert row.loss_err < 1e-4 and row.grad_err < 1e-4
-    table = bench.format_table(rows)
-    assert "| liger | ipo | trainable | 2 | 24 | 16 | 300 | float32 | n/a (no IPO in liger-kernel) | n/a | n/a |" in table
-    assert "| method | loss | head | B | T | H | V | dtype |" in table
-
-
-def test_preference_reference_matches_trl_loss_on_the_padded_batch():
-    cfg = tiny_config(**TINY_PREFERENCE)
-    inputs = bench.make_preference_inputs(cfg)
-    for loss_type in ("sigmoid", "ipo", "simpo"):
-        ref = bench.preference_reference(inputs, loss_type)
-        loss = bench.trl_materialized_loss(inputs.hidden, inputs.weight, inputs.targets,
-                                           bench.reference_logps_for(loss_type, inputs), loss_type)
-        loss.backward()
-        assert torch.allclose(loss.detach(), ref.loss, rtol=1e-5)
-        assert torch.allclose(inputs.hidden.grad.reshape(ref.d_hidden.shape), ref.d_hidden, atol=1e-6)
-        inputs.hidden.grad = None
-    prompt_and_padding = (inputs.targets == bench.IGNORE_INDEX)
-    assert prompt_and_padding[:, 0].all() and (~prompt_and_padding).sum(1).min() >= 24 // 4
-
-
-def test_preference_wrong_loss_is_reported(monkeypatch, capsys):
-    real = bench.preference_step_function
-
-    def doubled(method, loss_type, cfg):
-        fn = real(method, loss_type, cfg)
-        return (lambda *args: 2 * fn(*args)) if method == "fastpref-torch" else fn
-
-    monkeypatch.setattr(bench, "preference_step_function", doubled)
-    cfg = tiny_config(**TINY_PREFERENCE, heads=("frozen",), losses=("simpo",))
-    assert bench.run_and_report(cfg, "test", progress=False) == 1
-    assert "wrong answers (not timed): fastpref-torch (simpo, frozen head)" in capsys.readouterr().err
-
-
-def test_cli_preference_op_prints_its_table(capsys):
-    argv = ["bench", "--op", "preference", "--device", "cpu", "--pairs", "1", "--seq-len", "16",
-            "--hidden", "8", "--vocab", "64", "--backends", "torch", "--head", "frozen",
-            "--loss", "ipo", "--repeat", "1"]
-
-    assert cli.main(argv) == 0
-
-    printed = capsys.readouterr().out
-    assert "# fastpref.PreferenceLoss: forward+backward benchmark" in printed
-    assert "| fastpref-torch | ipo | frozen | 1 | 16 | 8 | 64 | float32 |" in printed
-    assert "sigmoid |" not in printed and "trainable |" not in printed
-
-
-def test_shared_machine_is_noted_in_the_report():
-    rows = [bench.Row("materialized", "frozen", 8, 4, 16, "float32", "OOM")]
-    cfg = tiny_config()
-    assert "shared with other jobs" in bench.format_report(rows, cfg, "x", load=(0.5, 3.0))
-    assert "shared with other jobs" not in bench.format_report(rows, cfg, "x", load=(0.5, 1.0))

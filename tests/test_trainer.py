@@ -37,6 +37,20 @@ def test_default_config_trains_and_writes_its_outputs(tmp_path, small_data):
     assert sum(p.numel() for p in reloaded.parameters()) > 0
 
 
+def test_two_runs_give_identical_metrics(tmp_path, small_data):
+    """The same configuration trains to bit-identical metrics on the CPU (each run with its own
+    reference cache, so the reference log-probs are recomputed too)."""
+    timing = {"tokens_per_s", "elapsed_s", "time", "step_time_s"}
+
+    def run(name):
+        result = train(config(tmp_path / name, small_data, cache_dir=str(tmp_path / name / "cache")))
+        return [{k: v for k, v in record.items() if k not in timing} for record in read_metrics(result.metrics_path)]
+
+    first, second = run("a"), run("b")
+    assert first == second
+    assert any(record["split"] == "eval" for record in first)
+
+
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, prefix_sharing):
     uninterrupted = train(config(tmp_path / "a", small_data, prefix_sharing=prefix_sharing, grad_accum=2,

@@ -96,7 +96,7 @@ class Row:
     peak_mib: Optional[float] = None
     loss: Optional[float] = None
     loss_err: Optional[float] = None
-    max_pairs: Optional[str] = None  # "37", ">= 64" at the search limit, "-" when not searched
+    max_pairs: Optional[str] = None  # "37", or ">= 64" at the search limit; None when not searched
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -383,7 +383,7 @@ def max_pairs(method: str, model, seq_len: int, cfg: Config, reset, on_step: Cal
 def format_table(rows: Sequence[Row]) -> str:
     baseline = {(r.seq_len, r.pairs): r for r in rows if r.method == TRL_PADDED and r.status == "ok"}
     columns = ["model", "seq len", "pairs/step", "method", "step (ms)", "tokens/s", "speed vs trl-padded",
-               "peak mem (MiB)", "mem vs trl-padded", "max pairs/step", "loss", "loss rel diff"]
+               "peak mem (MiB)", "mem vs trl-padded", "loss", "loss rel diff"]
     cells = []
     for r in rows:
         base = baseline.get((r.seq_len, r.pairs))
@@ -394,9 +394,14 @@ def format_table(rows: Sequence[Row]) -> str:
             memory = "-" if base is None or not base.peak_mib or r.peak_mib is None else \
                 f"{100 * r.peak_mib / base.peak_mib:.1f}%"
             measured = [number(r.time_ms), f"{r.tokens_per_s:,.0f}", speed, number(r.peak_mib), memory]
-        cells.append([r.model, str(r.seq_len), str(r.pairs), r.method, *measured, r.max_pairs or "-",
+        cells.append([r.model, str(r.seq_len), str(r.pairs), r.method, *measured,
                       "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.loss_err is None else f"{r.loss_err:.1e}"])
-    return markdown_table(columns, cells)
+    table = markdown_table(columns, cells)
+    searched = {(r.seq_len, r.method): r.max_pairs for r in rows if r.max_pairs is not None}
+    if searched:
+        table += "\n\nLargest pairs per step that fits:\n\n" + markdown_table(
+            ["seq len", "method", "max pairs/step"], [[str(s), m, n] for (s, m), n in searched.items()])
+    return table
 
 
 def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
