@@ -239,11 +239,32 @@ def test_end_to_end_methods_agree_on_the_loss_and_are_measured():
         assert row.status == "ok", row
         assert row.tokens_per_s == pytest.approx(row.tokens / (row.time_ms * 1e-3))
         assert row.max_pairs is None
+        assert 0.3 < row.loss < 1.1 and row.grad_norm > 0  # near log 2: not saturated, real gradients
         if row.method != "trl-padded":
-            assert row.loss_err < 1e-5
+            assert row.loss_err < 1e-5 and row.grad_err < 1e-4
     one_pair = [r for r in rows if r.pairs == 1]
     assert len({r.tokens for r in one_pair}) == 1
     assert max(r.loss for r in one_pair) - min(r.loss for r in one_pair) < 1e-5
+
+
+def test_end_to_end_wrong_gradient_is_caught(monkeypatch, capsys):
+    real = end_to_end.step_function
+
+    def doubled_gradient(method, model, pairs, device):
+        step = real(method, model, pairs, device)
+        if method != "fastpref-packed":
+            return step
+
+        def twice():
+            step()
+            return step()  # gradients accumulate twice, the loss is right
+
+        return twice
+
+    monkeypatch.setattr(end_to_end, "step_function", doubled_gradient)
+    cfg = tiny_end_to_end(pairs=[2], find_max_pairs=False, methods=["trl-padded", "fastpref-packed"])
+    assert bench.run_op(end_to_end, cfg, "test", progress=False) == 1
+    assert "wrong answers (not timed): fastpref-packed (seq 16, 2 pairs)" in capsys.readouterr().err
 
 
 def test_padded_batch_targets_are_the_next_response_token():

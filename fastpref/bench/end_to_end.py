@@ -1,10 +1,13 @@
 """Op "end-to-end": one DPO training step of a causal LM, forward and backward.
 
 A Llama model with random weights (1B-class on a GPU, a tiny one on a CPU) takes a step on
-random preference pairs: a prompt of seq_len/4 to seq_len/2 tokens and two responses that fill
-a sequence of at most seq_len tokens. The reference log-probs are precomputed (zeros, the only
-reference Liger-Kernel's DPO takes without a reference model; their value costs nothing), so the
-step is the policy's forward, the loss, and the backward into every parameter.
+random preference pairs: a prompt of seq_len/4 to seq_len/2 tokens and two responses of one
+length, drawn per pair, up to the rest of seq_len. The reference log-probs are precomputed (zeros,
+the only reference Liger-Kernel's DPO takes without a reference model; their value costs
+nothing), so the step is the policy's forward, the loss, and the backward into every parameter.
+Responses of one length keep the loss near log 2, as at the start of training, rather than
+saturated by a length difference, so that the check of every method's loss and gradient against
+trl-padded's means something.
 
 Methods:
   trl-padded               TRL's concatenated forward: [2P, L] right-padded rows, the model's full
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -54,16 +58,17 @@ MODEL_PRESETS: Dict[str, dict] = {
     "llama-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True, rope_theta=10000.0),
 }
-# A loss differing from trl-padded's by more than this (relative) marks the method WRONG.
-LOSS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+# A loss or gradient norm differing from trl-padded's by more than this (relative) marks the
+# method WRONG.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
 def defaults(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(model="llama-1b", seq_lens=[1024, 4096], pairs=[4, 8], dtype="bfloat16", warmup=2, repeat=5,
-                    memory_budget_mib=None, max_pairs_limit=1024)
+                    memory_budget_mib=None, max_pairs_limit=256)
     return dict(model="llama-tiny", seq_lens=[256], pairs=[1, 2, 4], dtype="float32", warmup=1, repeat=2,
-                memory_budget_mib=1024.0, max_pairs_limit=64)
+                memory_budget_mib=512.0, max_pairs_limit=32)
 
 
 @dataclass
@@ -95,7 +100,9 @@ class Row:
     tokens_per_s: Optional[float] = None
     peak_mib: Optional[float] = None
     loss: Optional[float] = None
-    loss_err: Optional[float] = None
+    grad_norm: Optional[float] = None  # of all the model's gradients after the step
+    loss_err: Optional[float] = None   # relative to trl-padded's
+    grad_err: Optional[float] = None   # relative difference of the gradient norms
     max_pairs: Optional[str] = None  # "37", or ">= 64" at the search limit; None when not searched
 
 
@@ -109,10 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-max-pairs", dest="find_max_pairs", action="store_false",
                         help="skip the search for the largest pairs per step that fits")
     parser.add_argument("--memory-budget-mib", type=options.positive_float,
-                        help="a step fits when its peak memory is at most this (default on a CPU: 1024;"
+                        help="a step fits when its peak memory is at most this (default on a CPU: 512;"
                              " on a GPU: whatever does not run out of memory)")
     parser.add_argument("--max-pairs-limit", type=options.positive_int,
-                        help="stop the max-pairs search here (default: 1024 on a GPU, 64 on a CPU)")
+                        help="stop the max-pairs search here (default: 256 on a GPU, 32 on a CPU)")
     options.add_common_arguments(parser, backends=False)
 
 
@@ -161,7 +168,8 @@ class Pair:
 
 
 def make_pairs(count: int, seq_len: int, vocab: int, seed: int = 0) -> List[Pair]:
-    """Prompts of seq_len/4 to seq_len/2 tokens; each response of 2 tokens up to the rest of seq_len."""
+    """Prompts of seq_len/4 to seq_len/2 tokens; both responses of one length, 2 tokens up to the
+    rest of seq_len."""
     gen = torch.Generator().manual_seed(seed)
 
     def between(low: int, high: int) -> int:
@@ -173,8 +181,8 @@ def make_pairs(count: int, seq_len: int, vocab: int, seed: int = 0) -> List[Pair
     pairs = []
     for row in range(count):
         prompt = between(seq_len // 4, seq_len // 2)
-        room = seq_len - prompt
-        pairs.append(Pair(tokens(prompt), tokens(between(2, room)), tokens(between(2, room)), row))
+        response = between(2, seq_len - prompt)
+        pairs.append(Pair(tokens(prompt), tokens(response), tokens(response), row))
     return pairs
 
 
@@ -320,10 +328,14 @@ def _candidate(row: Row, group: List[Row], model, pairs, cfg: Config, reset) -> 
 
     def check(loss: torch.Tensor) -> bool:
         row.loss = float(loss)
-        if row.method == TRL_PADDED or group[0].method != TRL_PADDED or group[0].loss is None:
-            return torch.isfinite(loss).item()
-        row.loss_err = abs(row.loss - group[0].loss) / max(1.0, abs(group[0].loss))
-        return row.loss_err <= LOSS_TOLERANCE[cfg.dtype]
+        grads = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+        row.grad_norm = float(torch.stack(grads).norm())
+        baseline = group[0]
+        if row.method == TRL_PADDED or baseline.method != TRL_PADDED or baseline.grad_norm is None:
+            return math.isfinite(row.loss) and math.isfinite(row.grad_norm)
+        row.loss_err = abs(row.loss - baseline.loss) / max(1e-6, abs(baseline.loss))
+        row.grad_err = abs(row.grad_norm - baseline.grad_norm) / max(1e-12, baseline.grad_norm)
+        return max(row.loss_err, row.grad_err) <= TOLERANCE[cfg.dtype]
 
     return Candidate(row.method, step, check, reset)
 
@@ -383,7 +395,7 @@ def max_pairs(method: str, model, seq_len: int, cfg: Config, reset, on_step: Cal
 def format_table(rows: Sequence[Row]) -> str:
     baseline = {(r.seq_len, r.pairs): r for r in rows if r.method == TRL_PADDED and r.status == "ok"}
     columns = ["model", "seq len", "pairs/step", "method", "step (ms)", "tokens/s", "speed vs trl-padded",
-               "peak mem (MiB)", "mem vs trl-padded", "loss", "loss rel diff"]
+               "peak mem (MiB)", "mem vs trl-padded", "loss", "loss rel diff", "grad norm rel diff"]
     cells = []
     for r in rows:
         base = baseline.get((r.seq_len, r.pairs))
@@ -395,7 +407,8 @@ def format_table(rows: Sequence[Row]) -> str:
                 f"{100 * r.peak_mib / base.peak_mib:.1f}%"
             measured = [number(r.time_ms), f"{r.tokens_per_s:,.0f}", speed, number(r.peak_mib), memory]
         cells.append([r.model, str(r.seq_len), str(r.pairs), r.method, *measured,
-                      "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.loss_err is None else f"{r.loss_err:.1e}"])
+                      "-" if r.loss is None else f"{r.loss:.4f}",
+                      *("-" if e is None else f"{e:.1e}" for e in (r.loss_err, r.grad_err))])
     table = markdown_table(columns, cells)
     searched = {(r.seq_len, r.method): r.max_pairs for r in rows if r.max_pairs is not None}
     if searched:
@@ -414,8 +427,8 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f"model: {cfg.model} = Llama, random weights, {dtype_name(cfg.dtype)}, "
         + ", ".join(f"{key} {value}" for key, value in preset.items()),
         f"step: forward, DPO sigmoid loss (beta = {BETA}) against precomputed zero reference log-probs, backward"
-        " into every parameter (no optimizer); pairs: prompt seq_len/4 to seq_len/2 tokens, responses filling"
-        " up to seq_len",
+        " into every parameter (no optimizer); pairs: prompt seq_len/4 to seq_len/2 tokens, chosen and rejected"
+        " of one length per pair, up to the rest of seq_len",
         "methods: " + "; ".join(f"{m} with {attention_for(m, cfg.device)} attention" for m in cfg.methods),
         "tokens/s: real tokens of both sequences of every pair (2 x prompt + chosen + rejected) per second,"
         " the same count for every method",
@@ -424,8 +437,8 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         " their gradients included)",
         f"max pairs/step: largest that fits ({fit}), searched up to {cfg.max_pairs_limit} by doubling then"
         " bisection" if cfg.find_max_pairs else "max pairs/step: not searched",
-        "loss rel diff: against trl-padded's loss on the same pairs; a method beyond"
-        f" {LOSS_TOLERANCE[cfg.dtype]:g} is WRONG and not timed",
+        "loss rel diff, grad norm rel diff: against trl-padded's loss and the norm of all its parameter"
+        f" gradients on the same pairs; a method beyond {TOLERANCE[cfg.dtype]:g} is WRONG and not timed",
     ]
     return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
 

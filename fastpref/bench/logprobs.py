@@ -31,7 +31,7 @@ def defaults(device: torch.device) -> dict:
     of a few seconds."""
     if device.type == "cuda":
         return dict(n=16384, hidden=4096, vocab=128256, dtype="bfloat16", warmup=3, repeat=10)
-    return dict(n=1024, hidden=256, vocab=128256, dtype="float32", warmup=1, repeat=2)
+    return dict(n=512, hidden=256, vocab=128256, dtype="float32", warmup=1, repeat=2)
 
 
 @dataclass
