@@ -342,9 +342,10 @@ def _candidate(row: Row, group: List[Row], model, pairs, cfg: Config, reset) -> 
 
 def fits(method: str, model, count: int, seq_len: int, cfg: Config, reset) -> bool:
     """One step with `count` pairs: True when it ran within the memory budget (or, without one,
-    without running out of device memory)."""
+    without running out of device memory). The pairs are the first `count` of the same random
+    stream the measured rows use, so a measured row's pairs fit exactly when that row does."""
     meter = PeakMemory(cfg.device)
-    step = step_function(method, model, make_pairs(count, seq_len, model.config.vocab_size, cfg.seed + count),
+    step = step_function(method, model, make_pairs(count, seq_len, model.config.vocab_size, cfg.seed),
                          cfg.device)
     try:
         meter.start()
