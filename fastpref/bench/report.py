@@ -3,6 +3,7 @@ table, and where the plot and the raw rows went."""
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -31,18 +32,16 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} torch threads)"
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
     try:
-        imported = __import__(module)
-    except ImportError:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
-    return getattr(imported, "__version__", "unknown")
 
 
 def versions() -> str:
-    libraries = ", ".join(f"{name} {_version(module)}" for name, module in (
-        ("triton", "triton"), ("transformers", "transformers"), ("liger-kernel", "liger_kernel"),
-        ("cut-cross-entropy", "cut_cross_entropy")))
+    libraries = ", ".join(f"{name} {_version(name)}" for name in (
+        "triton", "transformers", "liger-kernel", "cut-cross-entropy"))
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
     return f"torch {torch.__version__}{cuda}, {libraries}, python {platform.python_version()}"
 
