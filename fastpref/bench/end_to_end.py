@@ -65,8 +65,8 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 def defaults(device: torch.device) -> dict:
     if device.type == "cuda":
-        return dict(model="llama-1b", seq_lens=[1024, 4096], pairs=[4, 8], dtype="bfloat16", warmup=2, repeat=5,
-                    memory_budget_mib=None, max_pairs_limit=256)
+        return dict(model="llama-1b", seq_lens=[1024, 4096], pairs=[2, 4, 8], dtype="bfloat16", warmup=2, repeat=5,
+                    memory_budget_mib=None, max_pairs_limit=64)
     return dict(model="llama-tiny", seq_lens=[256], pairs=[1, 2, 4], dtype="float32", warmup=1, repeat=2,
                 memory_budget_mib=512.0, max_pairs_limit=32)
 
@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a step fits when its peak memory is at most this (default on a CPU: 512;"
                              " on a GPU: whatever does not run out of memory)")
     parser.add_argument("--max-pairs-limit", type=options.positive_int,
-                        help="stop the max-pairs search here (default: 256 on a GPU, 32 on a CPU)")
+                        help="stop the max-pairs search here (default: 64 on a GPU, 32 on a CPU)")
     options.add_common_arguments(parser, backends=False)
 
 

@@ -30,7 +30,7 @@ def defaults(device: torch.device) -> dict:
     """A Llama-3-sized vocabulary everywhere; a realistic hidden size and N on GPUs, and a CPU run
     of a few seconds."""
     if device.type == "cuda":
-        return dict(n=16384, hidden=4096, vocab=128256, dtype="bfloat16", warmup=3, repeat=10)
+        return dict(n=16384, hidden=4096, vocab=128256, dtype="bfloat16", warmup=2, repeat=10)
     return dict(n=512, hidden=256, vocab=128256, dtype="float32", warmup=1, repeat=2)
 
 

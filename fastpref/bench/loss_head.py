@@ -55,8 +55,8 @@ HEAD_SHAPES: Dict[str, Tuple[int, int]] = {
 
 def defaults(device: torch.device) -> dict:
     if device.type == "cuda":
-        return dict(models=["llama3-8b", "qwen2.5-7b", "gemma2-2b"], tokens=[2048, 8192, 32768, 65536],
-                    seq_len=1024, losses=["sigmoid"], dtype="bfloat16", warmup=3, repeat=10)
+        return dict(models=["llama3-8b", "qwen2.5-7b", "gemma2-2b"], tokens=[4096, 16384, 65536],
+                    seq_len=1024, losses=["sigmoid"], dtype="bfloat16", warmup=2, repeat=5)
     return dict(models=["small"], tokens=[1024, 2048, 4096], seq_len=256, losses=["sigmoid"],
                 dtype="float32", warmup=1, repeat=2)
 

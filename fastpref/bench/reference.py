@@ -21,8 +21,14 @@ TOLERANCES = {
     torch.bfloat16: (1e-1, 5e-2),
     torch.float16: (5e-2, 2e-2),
 }
-# Row chunks of the reference hold at most this many logits at once.
-REFERENCE_CHUNK_ELEMENTS = 1 << 24
+# Row chunks of the reference hold at most this many float32 logits at once: 64 MiB on a CPU,
+# 1 GiB on a GPU, where bigger matmuls keep a Llama-sized reference to seconds.
+REFERENCE_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+def reference_rows(weight: torch.Tensor) -> int:
+    """Rows per chunk of the reference for this head."""
+    return max(1, REFERENCE_CHUNK_ELEMENTS.get(weight.device.type, 1 << 24) // weight.shape[0])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,7 +66,7 @@ def token_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     [N], a few rows at a time so that it fits wherever the methods under test do."""
     hidden = hidden.detach().float()
     weight = weight.detach().float().requires_grad_()
-    rows = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+    rows = reference_rows(weight)
     logps, d_hidden = [], []
     for r0 in range(0, hidden.shape[0], rows):
         chunk = hidden[r0:r0 + rows].requires_grad_()
@@ -75,7 +81,7 @@ def float32_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """materialized_logprobs in float32 without gradients, a few rows at a time (any leading shape)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    rows = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+    rows = reference_rows(weight)
     with torch.no_grad():
         logp = torch.cat([
             materialized_logprobs(flat_hidden[r0:r0 + rows].float(), weight.float(), flat_targets[r0:r0 + rows])
