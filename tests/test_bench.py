@@ -307,7 +307,8 @@ def test_max_pairs_with_a_memory_budget_on_cpu():
 # The command line
 
 
-def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("bare", [False, True], ids=["all", "no-op"])
+def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, bare):
     monkeypatch.setattr(logprobs, "defaults", lambda device: dict(
         n=32, hidden=8, vocab=64, dtype="float32", warmup=1, repeat=1))
     monkeypatch.setattr(loss_head, "defaults", lambda device: dict(
@@ -317,11 +318,14 @@ def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys):
         model="llama-tiny", seq_lens=[16], pairs=[1, 2], dtype="float32", warmup=1, repeat=1,
         memory_budget_mib=4096.0, max_pairs_limit=2))
 
-    assert cli.main(["bench", "all", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert cli.main(["bench"] if bare else ["bench", "all", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
 
     printed = capsys.readouterr().out
     for title in (logprobs.TITLE, loss_head.TITLE, end_to_end.TITLE):
         assert f"# {title}" in printed
+    if bare:
+        assert not list(tmp_path.iterdir())
+        return
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["cpu-end-to-end.json", "cpu-end-to-end.md", "cpu-end-to-end.png", "cpu-logprobs.json",
                      "cpu-logprobs.md", "cpu-loss-head.json", "cpu-loss-head.md", "cpu-loss-head.png"]
