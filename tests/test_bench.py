@@ -250,9 +250,9 @@ def test_end_to_end_methods_agree_on_the_loss_and_are_measured():
 def test_end_to_end_wrong_gradient_is_caught(monkeypatch, capsys):
     real = end_to_end.step_function
 
-    def doubled_gradient(method, model, pairs, device):
-        step = real(method, model, pairs, device)
-        if method != "fastpref-packed":
+    def doubled_gradient(contestant, pairs, device):
+        step = real(contestant, pairs, device)
+        if contestant.method != "fastpref-packed":
             return step
 
         def twice():
@@ -281,12 +281,12 @@ def test_padded_batch_targets_are_the_next_response_token():
 def test_max_pairs_search_finds_the_largest_count_that_fits(monkeypatch, largest, limit, expected):
     tried = []
 
-    def fits(method, model, count, seq_len, cfg, reset):
+    def fits(contestant, count, seq_len, cfg, reset):
         tried.append(count)
         return count <= largest
 
     monkeypatch.setattr(end_to_end, "fits", fits)
-    assert end_to_end.max_pairs("m", None, 16, tiny_end_to_end(max_pairs_limit=limit), None, print) == expected
+    assert end_to_end.max_pairs(None, 16, tiny_end_to_end(max_pairs_limit=limit), None, print) == expected
     assert len(tried) == len(set(tried)) <= 2 * math.log2(limit) + 2
 
 

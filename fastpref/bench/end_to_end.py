@@ -10,13 +10,18 @@ saturated by a length difference, so that the check of every method's loss and g
 trl-padded's means something.
 
 Methods:
-  trl-padded               TRL's concatenated forward: [2P, L] right-padded rows, the model's full
-                           [2P, L, V] logits, float32 log-softmax, gather, masked sums.
-  liger                    the same padded forward to the last hidden states, then Liger-Kernel's
+  trl-padded               the standard computation: TRL's concatenated [2P, L] right-padded rows,
+                           the model's full [2P, L, V] logits, float32 log-softmax, gather, sums.
+  trl-dpotrainer           trl.DPOTrainer.compute_loss on its own collated batch: the padded forward
+                           with TRL's tiled fused LM head (TRL >= 1.16 no longer builds full logits);
+                           its gradient checkpointing and bf16 autocast off, like every other method.
+  liger                    the padded forward to the last hidden states, then Liger-Kernel's
                            LigerFusedLinearDPOLoss on the LM head.
   fastpref-packed          fastpref's trainer step: [prompt | chosen] and [prompt | rejected] of every
                            pair packed into one padding-free stream, fastpref.PreferenceLoss.
   fastpref-packed-prefix   the same with the prompt shared: [prompt | chosen | rejected] per pair.
+  fastpref-dpotrainer      fastpref.integrations.trl.FastprefDPOTrainer.compute_loss on TRL's batch:
+                           the drop-in, TRL's padded forward with fastpref's fused loss.
 
 Attention: padded methods use sdpa (flash_attention_2 where flash-attn is installed); packed ones
 FlexAttention with a block mask on CUDA, sdpa with a dense additive mask on a CPU.
@@ -28,10 +33,13 @@ memory (doubling until out-of-memory, then bisecting), or on a CPU under --memor
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import importlib.util
 import math
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,9 +56,10 @@ from .report import header, markdown_table, number
 NAME = "end-to-end"
 TITLE = "One DPO training step: end-to-end benchmark"
 HELP = "one DPO step of a Llama model: TRL-style padded vs Liger-Kernel vs fastpref packed"
-TRL_PADDED, LIGER = "trl-padded", "liger"
-PACKED, PACKED_PREFIX = "fastpref-packed", "fastpref-packed-prefix"
-METHODS = (TRL_PADDED, LIGER, PACKED, PACKED_PREFIX)
+TRL_PADDED, TRL_TRAINER, LIGER = "trl-padded", "trl-dpotrainer", "liger"
+PACKED, PACKED_PREFIX, FASTPREF_TRAINER = "fastpref-packed", "fastpref-packed-prefix", "fastpref-dpotrainer"
+METHODS = (TRL_PADDED, TRL_TRAINER, LIGER, PACKED, PACKED_PREFIX, FASTPREF_TRAINER)
+TRAINER_METHODS = (TRL_TRAINER, FASTPREF_TRAINER)
 # Llama configurations: Llama-3.2-1B's shape, and a tiny one for CPUs.
 MODEL_PRESETS: Dict[str, dict] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -222,12 +231,65 @@ def attention_for(method: str, device: torch.device) -> str:
     return _padded_attention() if device.type == "cuda" else "sdpa"
 
 
-def step_function(method: str, model, pairs: Sequence[Pair], device: torch.device) -> Callable[[], torch.Tensor]:
-    """A closure for one step of `method` on `pairs` (its inputs built once, outside the step):
-    forward, DPO loss against a zero reference, backward; it returns the detached loss."""
+@dataclass
+class Contestant:
+    """A method and the model its step fills with gradients: the shared model, or for the trainer
+    methods a copy owned by their trainer (TRL patches the forward of the model it is given)."""
+
+    method: str
+    model: torch.nn.Module
+    trainer: Any = None
+
+
+def contestants(methods: Sequence[str], model, device: torch.device, workdir: str) -> Dict[str, Contestant]:
+    """A Contestant per method; trainers (and their model copies) are built once per run."""
+    return {method: Contestant(method, *_trainer_and_model(method, model, device, workdir))
+            if method in TRAINER_METHODS else Contestant(method, model) for method in methods}
+
+
+def _trainer_and_model(method: str, model, device: torch.device, workdir: str):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from ..integrations.trl import FastprefDPOTrainer
+    from ..train.default_assets import default_tokenizer
+
+    # transformers 5 renamed gradient_checkpointing (which TRL turns on by default) to activation_checkpointing
+    fields = {field.name for field in dataclasses.fields(DPOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = DPOConfig(output_dir=workdir, beta=BETA, max_length=None, precompute_ref_log_probs=True,
+                     bf16=False, use_cpu=device.type == "cpu", report_to=[], disable_tqdm=True,
+                     **{checkpointing: False})
+    # The trainer wants a dataset to start; the benchmark's batches come through its collator instead.
+    placeholder = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
+    copy_ = copy.deepcopy(model)
+    trainer_class = DPOTrainer if method == TRL_TRAINER else FastprefDPOTrainer
+    trainer = trainer_class(model=copy_, args=args, train_dataset=placeholder, processing_class=default_tokenizer())
+    return copy_, trainer
+
+
+def step_function(contestant: Contestant, pairs: Sequence[Pair], device: torch.device) -> Callable[[], torch.Tensor]:
+    """A closure for one step of the contestant's method on `pairs` (its inputs built once,
+    outside the step): forward, DPO loss against a zero reference, backward; it returns the
+    detached loss."""
+    method, model = contestant.method, contestant.model
     attention = attention_for(method, device)
     zero_reference = torch.zeros(2 * len(pairs), device=device)
     weight = causal_lm_parts(model).head_weight
+    if method in TRAINER_METHODS:
+        trainer = contestant.trainer
+        collated = trainer.data_collator([dict(prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids,
+                                               rejected_ids=p.rejected_ids) for p in pairs])
+        collated["ref_chosen_logps"], collated["ref_rejected_logps"] = zero_reference.cpu().chunk(2)
+        batch = trainer._prepare_inputs(collated)
+
+        def trainer_step() -> torch.Tensor:
+            model.set_attn_implementation(attention)
+            loss = trainer.compute_loss(trainer.model, batch)
+            loss.backward()
+            return loss.detach()
+
+        return trainer_step
     if method in (PACKED, PACKED_PREFIX):
         packed = pack_pairs(pairs, prefix_sharing=method == PACKED_PREFIX).to(device)
         loss_fn = fastpref.PreferenceLoss("sigmoid", beta=BETA)
@@ -269,9 +331,11 @@ def step_function(method: str, model, pairs: Sequence[Pair], device: torch.devic
     return liger_step
 
 
-def unavailable_reason(method: str, device: torch.device) -> Optional[str]:
+def unavailable_reason(method: str) -> Optional[str]:
     if method == LIGER and importlib.util.find_spec("liger_kernel") is None:
         return "n/a (liger-kernel not installed)"
+    if method in TRAINER_METHODS and importlib.util.find_spec("trl") is None:
+        return "n/a (trl not installed)"
     return None
 
 
@@ -285,50 +349,50 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
     on_step(f"building {cfg.model}")
     model = build_model(cfg.model, cfg.dtype, cfg.device, cfg.seed)
     vocab = model.config.vocab_size
+    usable = [method for method in cfg.methods if unavailable_reason(method) is None]
+    with tempfile.TemporaryDirectory(prefix="fastpref-bench-") as workdir:
+        by_method = contestants(usable, model, cfg.device, workdir)
+        models = list({id(c.model): c.model for c in by_method.values()}.values())
 
-    def reset() -> None:
-        model.zero_grad(set_to_none=True)
+        def reset() -> None:
+            for each in models:
+                each.zero_grad(set_to_none=True)
 
-    for seq_len in cfg.seq_lens:
-        seq_rows = []
-        for count in cfg.pairs:
-            pairs = make_pairs(count, seq_len, vocab, cfg.seed)
-            tokens = sum(p.tokens for p in pairs)
-            group = [Row(cfg.model, method, seq_len, count, tokens, dtype_name(cfg.dtype)) for method in cfg.methods]
-            measured, candidates = [], []
-            for row in group:
-                reason = unavailable_reason(row.method, cfg.device)
-                if reason:
-                    row.status = reason
-                    continue
-                measured.append(row)
-                candidates.append(_candidate(row, group, model, pairs, cfg, reset))
-            where = f"seq {seq_len}, {count} pairs"
-            results = measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
-                                          lambda step: on_step(f"{where}: {step}"))
-            for row, result in zip(measured, results):
-                row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
-                if row.status == "ok":
-                    row.tokens_per_s = row.tokens / (row.time_ms * 1e-3)
-            seq_rows.extend(group)
-        if cfg.find_max_pairs:
-            for method in cfg.methods:
-                fitting = [r for r in seq_rows if r.method == method]
-                if all(r.status.startswith("n/a") for r in fitting):
-                    continue
-                found = max_pairs(method, model, seq_len, cfg, reset,
-                                  lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
-                for row in fitting:
-                    row.max_pairs = found
-        rows.extend(seq_rows)
+        for seq_len in cfg.seq_lens:
+            seq_rows = []
+            for count in cfg.pairs:
+                pairs = make_pairs(count, seq_len, vocab, cfg.seed)
+                tokens = sum(p.tokens for p in pairs)
+                group = [Row(cfg.model, method, seq_len, count, tokens, dtype_name(cfg.dtype))
+                         for method in cfg.methods]
+                measured = [row for row in group if row.method in by_method]
+                for row in group:
+                    row.status = unavailable_reason(row.method) or row.status
+                candidates = [_candidate(row, group, by_method[row.method], pairs, cfg, reset) for row in measured]
+                where = f"seq {seq_len}, {count} pairs"
+                results = measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
+                                              lambda step: on_step(f"{where}: {step}"))
+                for row, result in zip(measured, results):
+                    row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+                    if row.status == "ok":
+                        row.tokens_per_s = row.tokens / (row.time_ms * 1e-3)
+                seq_rows.extend(group)
+            if cfg.find_max_pairs:
+                for method, contestant in by_method.items():
+                    found = max_pairs(contestant, seq_len, cfg, reset,
+                                      lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
+                    for row in seq_rows:
+                        if row.method == method:
+                            row.max_pairs = found
+            rows.extend(seq_rows)
 
 
-def _candidate(row: Row, group: List[Row], model, pairs, cfg: Config, reset) -> Candidate:
-    step = step_function(row.method, model, pairs, cfg.device)
+def _candidate(row: Row, group: List[Row], contestant: Contestant, pairs, cfg: Config, reset) -> Candidate:
+    step = step_function(contestant, pairs, cfg.device)
 
     def check(loss: torch.Tensor) -> bool:
         row.loss = float(loss)
-        grads = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+        grads = [p.grad.float().norm() for p in contestant.model.parameters() if p.grad is not None]
         row.grad_norm = float(torch.stack(grads).norm())
         baseline = group[0]
         if row.method == TRL_PADDED or baseline.method != TRL_PADDED or baseline.grad_norm is None:
@@ -340,14 +404,14 @@ def _candidate(row: Row, group: List[Row], model, pairs, cfg: Config, reset) -> 
     return Candidate(row.method, step, check, reset)
 
 
-def fits(method: str, model, count: int, seq_len: int, cfg: Config, reset) -> bool:
+def fits(contestant: Contestant, count: int, seq_len: int, cfg: Config, reset) -> bool:
     """One step with `count` pairs: True when it ran within the memory budget (or, without one,
     without running out of device memory). The pairs are the first `count` of the same random
     stream the measured rows use, so a measured row's pairs fit exactly when that row does."""
     meter = PeakMemory(cfg.device)
-    step = step_function(method, model, make_pairs(count, seq_len, model.config.vocab_size, cfg.seed),
-                         cfg.device)
+    pairs = make_pairs(count, seq_len, contestant.model.config.vocab_size, cfg.seed)
     try:
+        step = step_function(contestant, pairs, cfg.device)
         meter.start()
         step()
         peak = meter.stop()
@@ -356,7 +420,7 @@ def fits(method: str, model, count: int, seq_len: int, cfg: Config, reset) -> bo
         if not is_out_of_memory(exc):
             raise
         ok, peak = False, None
-    del step
+    step = None
     reset()
     release_memory(cfg.device)
     if ok and cfg.memory_budget_mib is not None:
@@ -364,17 +428,17 @@ def fits(method: str, model, count: int, seq_len: int, cfg: Config, reset) -> bo
     return ok
 
 
-def max_pairs(method: str, model, seq_len: int, cfg: Config, reset, on_step: Callable[[str], None]) -> str:
+def max_pairs(contestant: Contestant, seq_len: int, cfg: Config, reset, on_step: Callable[[str], None]) -> str:
     """The largest pairs per step that fits: doubling from 1 until a step does not fit, then
     bisecting; ">= limit" when cfg.max_pairs_limit fits and "0" when one pair does not."""
     low, high = 0, 1  # low fits (0 trivially); high is the next count to try
     while high <= cfg.max_pairs_limit:
         on_step(f"trying {high}")
-        if not fits(method, model, high, seq_len, cfg, reset):
+        if not fits(contestant, high, seq_len, cfg, reset):
             break
         low, high = high, 2 * high
     else:
-        if low < cfg.max_pairs_limit and fits(method, model, cfg.max_pairs_limit, seq_len, cfg, reset):
+        if low < cfg.max_pairs_limit and fits(contestant, cfg.max_pairs_limit, seq_len, cfg, reset):
             low = cfg.max_pairs_limit
         if low == cfg.max_pairs_limit:
             return f">= {low}"
@@ -382,7 +446,7 @@ def max_pairs(method: str, model, seq_len: int, cfg: Config, reset, on_step: Cal
     while high - low > 1:
         middle = (low + high) // 2
         on_step(f"trying {middle}")
-        if fits(method, model, middle, seq_len, cfg, reset):
+        if fits(contestant, middle, seq_len, cfg, reset):
             low = middle
         else:
             high = middle
