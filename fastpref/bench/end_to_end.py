@@ -13,7 +13,8 @@ Methods:
   trl-padded               the standard computation: TRL's concatenated [2P, L] right-padded rows,
                            the model's full [2P, L, V] logits, float32 log-softmax, gather, sums.
   trl-dpotrainer           trl.DPOTrainer.compute_loss on its own collated batch: the padded forward
-                           with TRL's tiled fused LM head (TRL >= 1.16 no longer builds full logits);
+                           with TRL's tiled fused LM head (TRL >= 1.16 no longer builds full logits;
+                           off Triton devices that head scores every position, padding included);
                            its gradient checkpointing and bf16 autocast off, like every other method.
   liger                    the padded forward to the last hidden states, then Liger-Kernel's
                            LigerFusedLinearDPOLoss on the LM head.
