@@ -154,7 +154,7 @@ def test_loss_head_has_right_answers_for_every_method_and_loss():
     rows = []
     loss_head.run(tiny_loss_head(heads=("trainable",)), rows)
 
-    methods = ["materialized", "liger", "cce", "fastpref-torch"]
+    methods = ["materialized", "trl", "liger", "cce", "fastpref-torch"]
     assert [(r.loss, r.method) for r in rows] == [(loss, m) for loss in loss_head.LOSSES for m in methods]
     for row in rows:
         assert (row.model, row.n, row.hidden, row.vocab, row.head) == ("tiny", 96, 16, 300, "trainable")

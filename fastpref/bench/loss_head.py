@@ -7,7 +7,11 @@ the per-sequence log-probs log pi(y|x) = sum_t log softmax(W h_t)[y_t], the loss
 and the loss's gradients w.r.t. hidden (and W when the head is trainable).
 
 Methods:
-  materialized   TRL's computation: the [2B, T, V] logits, float32 log-softmax, gather, masked sums.
+  materialized   the standard computation (TRL before 1.16): the [2B, T, V] logits, float32
+                 log-softmax, gather, masked sums.
+  trl            TRL >= 1.16's own kernel, trl.kernels.ChunkedLogProbFunction (vocabulary tiles through
+                 cuBLAS, a Triton online log-sum-exp; torch ops off Triton devices) on the response
+                 tokens, the loss in torch.
   liger          Liger-Kernel's LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (no IPO there).
   cce            Cut Cross-Entropy's linear_cross_entropy(reduction="none") for per-token log-probs
                  (its Triton kernel on CUDA, its torch.compile version elsewhere), the loss in torch.
@@ -38,8 +42,10 @@ from .report import header, markdown_table, number
 NAME = "loss-head"
 TITLE = "Preference loss from hidden states: forward+backward benchmark"
 HELP = "DPO/IPO/SimPO from hidden states: materialized vs Liger-Kernel vs Cut Cross-Entropy vs fastpref"
-MATERIALIZED, LIGER, CCE = "materialized", "liger", "cce"
-PEERS = (MATERIALIZED, LIGER, CCE)
+MATERIALIZED, TRL, LIGER, CCE = "materialized", "trl", "liger", "cce"
+PEERS = (MATERIALIZED, TRL, LIGER, CCE)
+# The vocabulary tile TRL's DPOTrainer hands its kernel.
+TRL_CHUNK_SIZE = 32768
 LOSSES = ("sigmoid", "ipo", "simpo")
 AVERAGED_LOSSES = frozenset({"ipo", "simpo"})  # TRL averages their log-probs over the response
 BETA = 0.1
@@ -249,6 +255,8 @@ def loss_function(method: str, loss_type: str, device: torch.device) -> Union[Lo
     the method cannot compute this loss here."""
     if method == MATERIALIZED:
         return lambda h, w, t, r: materialized_loss(h, w, t, r, loss_type)
+    if method == TRL:
+        return _trl_loss(loss_type)
     if method == LIGER:
         return _liger_loss(loss_type, device)
     if method == CCE:
@@ -260,6 +268,23 @@ def loss_function(method: str, loss_type: str, device: torch.device) -> Union[Lo
         return module(batch.hidden, w, batch.targets, batch.layout, r)[0]
 
     return fastpref_loss
+
+
+def _trl_loss(loss_type: str) -> Union[LossFunction, str]:
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError:
+        return "n/a (needs trl >= 1.16)"
+
+    def trl_loss(h, w, t, r):
+        flat_targets = t.reshape(-1)
+        scored = flat_targets != IGNORE_INDEX
+        logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1])[scored], w, None, flat_targets[scored],
+                                            1.0, TRL_CHUNK_SIZE, None, 1.0, ())[0]
+        per_token = logp.new_zeros(flat_targets.shape).masked_scatter(scored, logp).view(t.shape)
+        return trl_pair_loss(per_token.float().sum(-1), (t != IGNORE_INDEX).sum(-1), r, loss_type)
+
+    return trl_loss
 
 
 def _liger_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
@@ -407,7 +432,9 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f" {SIMPO_GAMMA}; backward of the scalar loss",
         "reference log-probs (precomputed): zeros for sigmoid (the only reference Liger-Kernel's DPO takes"
         " without a reference model), the policy's log-probs plus N(0, 1) noise for ipo, none for simpo",
-        f"methods: {MATERIALIZED} = [2B, T, V] logits, float32 log-softmax, gather, masked sums (TRL);"
+        f"methods: {MATERIALIZED} = [2B, T, V] logits, float32 log-softmax, gather, masked sums (TRL before 1.16);"
+        f" {TRL} = trl.kernels.ChunkedLogProbFunction on the response tokens (vocabulary tile {TRL_CHUNK_SIZE},"
+        " as TRL's DPOTrainer) + the loss in torch;"
         f" {LIGER} = LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (compiled={cfg.device.type == 'cuda'});"
         f" {CCE} = cut_cross_entropy.linear_cross_entropy(reduction='none', impl='{cce_impl(cfg.device)}')"
         " + the loss in torch; fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
