@@ -356,12 +356,16 @@ def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
     (["loss-head", "--device", "cpu", "--hidden", "64"], "--hidden and --vocab go together"),
     (["loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "9", "--model", "gemma2-2b"], "either --model"),
     (["loss-head", "--device", "cpu", "--seq-len", "1"], "--seq-len must be at least 2"),
-    (["loss-head", "--peers", "trl"], "invalid choice"),
+    (["loss-head", "--peers", "torch"], "invalid choice"),
     (["end-to-end", "--device", "cpu", "--seq-len", "4"], "--seq-len must be at least 8"),
     (["end-to-end", "--memory-budget-mib", "-1"], "expected a positive number"),
     (["end-to-end", "--model", "gpt2"], "invalid choice"),
 ])
-def test_bad_flags_are_rejected_with_a_reason(capsys, argv, message):
+def test_bad_flags_are_rejected_with_a_reason(monkeypatch, capsys, argv, message):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(f"{argv} was accepted and a benchmark started")
+
+    monkeypatch.setattr(bench, "run_op", must_not_run)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", *argv])
     assert exit_info.value.code == 2
