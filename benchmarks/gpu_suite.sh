@@ -2,12 +2,12 @@
 # Everything a CUDA machine is needed for, in one go: the GPU tests, then every benchmark op with
 # its GPU defaults, then the three losses at the Llama-3-8B head. Results go to
 # benchmarks/results/<gpu name>/ (or the folder given as the first argument), one file per op.
-# Each op gets a time limit (seconds, the second argument, default 300); when it runs out the op
+# Each step gets a time limit (seconds, the second argument, default 150); when it runs out the op
 # is interrupted and writes the rows it has measured.
 set -uo pipefail
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out=${1:-benchmarks/results/$gpu}
-limit=${2:-300}
+limit=${2:-150}
 mkdir -p "$out"
 {
   echo "# GPU tests: $(date -u '+%Y-%m-%d %H:%M UTC'), $gpu"
