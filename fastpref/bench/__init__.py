@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from tqdm.auto import tqdm
 
-from . import end_to_end, logprobs, loss_head, options
+from . import end_to_end, logprobs, loss_head
 from .report import load_average, write_outputs
 
 OPS = {module.NAME: module for module in (logprobs, loss_head, end_to_end)}
@@ -98,4 +98,4 @@ def run_op(op, cfg, command: str, out: Optional[str] = None, draw: bool = True, 
     return 1 if wrong else 0
 
 
-__all__ = ["OPS", "add_arguments", "main", "run_op", "options"]
+__all__ = ["OPS", "add_arguments", "main", "run_op"]

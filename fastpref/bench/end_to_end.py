@@ -49,9 +49,10 @@ import fastpref
 from ..train.model import causal_lm_parts, packed_hidden
 from ..train.packing import pack_pairs
 from . import options
-from .loss_head import BETA, trl_pair_loss
-from .measure import Candidate, PeakMemory, is_out_of_memory, measure_interleaved, memory_method, release_memory
-from .reference import DTYPES, IGNORE_INDEX, dtype_name
+from .loss_head import BETA, liger_loss, trl_pair_loss
+from .measure import (Candidate, PeakMemory, is_out_of_memory, measure_rows, memory_method, release_memory,
+                      timing_note)
+from .reference import DTYPES, IGNORE_INDEX, dtype_name, logprobs_from_logits
 from .report import header, markdown_table, number
 
 NAME = "end-to-end"
@@ -309,23 +310,19 @@ def step_function(contestant: Contestant, pairs: Sequence[Pair], device: torch.d
         def trl_step() -> torch.Tensor:
             model.set_attn_implementation(attention)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            kept = batch.targets != IGNORE_INDEX
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(
-                -1, torch.where(kept, batch.targets, 0).unsqueeze(-1)).squeeze(-1) * kept
+            logp = logprobs_from_logits(logits, batch.targets)
             loss = trl_pair_loss(logp.sum(-1), lengths, zero_reference, "sigmoid")
             loss.backward()
             return loss.detach()
 
         return trl_step
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-
-    liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=device.type == "cuda")
+    liger = liger_loss("sigmoid", device)
 
     def liger_step() -> torch.Tensor:
         model.set_attn_implementation(attention)
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              use_cache=False).last_hidden_state
-        loss = liger(weight, hidden, batch.targets)[0]
+        loss = liger(hidden, weight, batch.targets, zero_reference)
         loss.backward()
         return loss.detach()
 
@@ -368,13 +365,13 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
                          for method in cfg.methods]
                 measured = [row for row in group if row.method in by_method]
                 for row in group:
-                    row.status = unavailable_reason(row.method) or row.status
+                    if row.method not in by_method:
+                        row.status = unavailable_reason(row.method)
                 candidates = [_candidate(row, group, by_method[row.method], pairs, cfg, reset) for row in measured]
                 where = f"seq {seq_len}, {count} pairs"
-                results = measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
-                                              lambda step: on_step(f"{where}: {step}"))
-                for row, result in zip(measured, results):
-                    row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+                measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
+                             lambda step: on_step(f"{where}: {step}"))
+                for row in measured:
                     if row.status == "ok":
                         row.tokens_per_s = row.tokens / (row.time_ms * 1e-3)
                 seq_rows.extend(group)
@@ -498,8 +495,7 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         "methods: " + "; ".join(f"{m} with {attention_for(m, cfg.device)} attention" for m in cfg.methods),
         "tokens/s: real tokens of both sequences of every pair (2 x prompt + chosen + rejected) per second,"
         " the same count for every method",
-        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
-        f" warm-up run(s) and the memory run; peak memory: {memory_method(cfg.device)} (parameters excluded,"
+        f"{timing_note(cfg.warmup, cfg.repeat)}; peak memory: {memory_method(cfg.device)} (parameters excluded,"
         " their gradients included)",
         f"max pairs/step: largest that fits ({fit}), searched up to {cfg.max_pairs_limit} by doubling then"
         " bisection" if cfg.find_max_pairs else "max pairs/step: not searched",

@@ -14,7 +14,7 @@ import torch
 import fastpref
 
 from . import options
-from .measure import Candidate, measure_interleaved, memory_method
+from .measure import Candidate, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, materialized_logprobs,
                         random_head, relative_error, token_reference)
 from .report import header, markdown_table, number
@@ -116,9 +116,8 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         head_rows = [Row(method, head, cfg.n, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for method in methods(cfg)]
         candidates = [_candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset) for row in head_rows]
-        for row, result in zip(head_rows, measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat,
-                                                              lambda step: on_step(f"{head} head: {step}"))):
-            row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+        measure_rows(head_rows, candidates, cfg.device, cfg.warmup, cfg.repeat,
+                     lambda step: on_step(f"{head} head: {step}"))
         rows.extend(head_rows)
 
 
@@ -165,8 +164,7 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1)",
         f"methods: {BASELINE} = full [N, V] logits, float32 log-softmax, gather (as in TRL);"
         " fastpref-<backend> = fastpref.linear_logprobs",
-        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
-        " warm-up run(s) and the memory run",
+        timing_note(cfg.warmup, cfg.repeat),
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; the input gradients are"
         " alive at the end of the run and count",
         "max abs dlogp, grad rel err: against a float32 row-chunked reference of the baseline's math"

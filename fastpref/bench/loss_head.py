@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastpref
 
 from . import options
-from .measure import MIB, Candidate, measure_interleaved, memory_method
+from .measure import MIB, Candidate, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs,
                         materialized_logprobs, random_head, relative_error, token_reference)
 from .report import header, markdown_table, number
@@ -258,7 +258,7 @@ def loss_function(method: str, loss_type: str, device: torch.device) -> Union[Lo
     if method == TRL:
         return _trl_loss(loss_type)
     if method == LIGER:
-        return _liger_loss(loss_type, device)
+        return liger_loss(loss_type, device)
     if method == CCE:
         return _cce_loss(loss_type, device)
     module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA, backend=method[len("fastpref-"):])
@@ -287,7 +287,8 @@ def _trl_loss(loss_type: str) -> Union[LossFunction, str]:
     return trl_loss
 
 
-def _liger_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+def liger_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+    """Liger-Kernel's chunked loss for `loss_type` as a LossFunction, or why there is none."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearSimPOLoss
     except ImportError:
@@ -349,8 +350,7 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
 def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: LossReference, cfg: Config,
                    on_step: Callable[[str], None]) -> List[Row]:
     inputs.weight.requires_grad_(head == "trainable")
-    rows_, hidden_size = inputs.targets.shape, inputs.hidden.shape[-1]
-    group = [Row(model, method, loss_type, head, rows_[0] * rows_[1], inputs.scored, hidden_size,
+    group = [Row(model, method, loss_type, head, inputs.targets.numel(), inputs.scored, inputs.hidden.shape[-1],
                  inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
     candidates, measured = [], []
     for row in group:
@@ -360,8 +360,8 @@ def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: L
             continue
         candidates.append(_candidate(row, fn, inputs, ref, cfg.dtype))
         measured.append(row)
-    for row, result in zip(measured, measure_interleaved(candidates, cfg.device, cfg.warmup, cfg.repeat, on_step)):
-        row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+    measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, on_step)
+    for row in measured:
         if row.status == "ok":
             _derive(row, inputs)
     inputs.weight.requires_grad_(False)
@@ -440,8 +440,7 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         " + the loss in torch; fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
         " time, N_scored = response tokens",
-        f"time: median of {cfg.repeat} runs, taken in rounds over the methods, after {cfg.warmup}"
-        " warm-up run(s) and the memory run",
+        timing_note(cfg.warmup, cfg.repeat),
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; extra over floor = peak minus"
         " the gradients the step leaves (d_hidden, and d_weight for a trainable head)",
         "loss rel err, grad rel err: against the materialized math in float32, row-chunked (grad: max"

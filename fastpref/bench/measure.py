@@ -216,6 +216,19 @@ def _prepare(candidate: Candidate, warmup: int, meter: PeakMemory, result: Measu
     release_memory(meter.device)
 
 
+def timing_note(warmup: int, repeat: int) -> str:
+    """How measure_interleaved takes its times, for reports."""
+    return (f"time: median of {repeat} runs, taken in rounds over the methods, after {warmup} warm-up"
+            " run(s) and the memory run")
+
+
+def measure_rows(rows: Sequence, candidates: Sequence[Candidate], device: torch.device, warmup: int, repeat: int,
+                 on_step: Callable[[str], None] = lambda description: None) -> None:
+    """measure_interleaved, its results written onto each candidate's row (status, time_ms, peak_mib)."""
+    for row, result in zip(rows, measure_interleaved(candidates, device, warmup, repeat, on_step)):
+        row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
+
+
 def measure_interleaved(candidates: Sequence[Candidate], device: torch.device, warmup: int, repeat: int,
                         on_step: Callable[[str], None] = lambda description: None) -> List[Measurement]:
     """Measure every candidate on the same inputs: check, warm-up and memory one after the other,

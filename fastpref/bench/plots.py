@@ -31,13 +31,12 @@ def sweep_figure(rows: Sequence, path, *, panel_rows: Sequence[str], panel_of: C
                 mine = sorted((r for r in rows if panel_of(r) == panel and column_of(r) == column and r.method == method),
                               key=x_of)
                 points = [(x_of(r), getattr(r, metric)) for r in mine if r.status == "ok" and getattr(r, metric)]
-                failed = sorted({x_of(r) for r in mine if r.status != "ok"})
-                name = method + (f" ({mine[[x_of(r) for r in mine].index(failed[0])].status} at {failed[0]}+)"
-                                 if failed else "")
+                first_failed = next((r for r in mine if r.status != "ok"), None)
+                name = method if first_failed is None else f"{method} ({first_failed.status} at {x_of(first_failed)}+)"
                 if points:
                     xs, ys = zip(*points)
                     ax.plot(xs, ys, marker="o", color=colors[method], label=name)
-                elif failed:
+                elif first_failed is not None:
                     ax.plot([], [], color=colors[method], label=name)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -46,7 +46,11 @@ def materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The standard computation (as in TRL): full [..., V] logits, float32 log-softmax, gather;
     0 where the target is ignored."""
-    logits = hidden @ weight.t()
+    return logprobs_from_logits(hidden @ weight.t(), targets, ignore_index)
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """float32 log-softmax of [..., V] logits gathered at the targets; 0 where the target is ignored."""
     kept = targets != ignore_index
     safe_targets = torch.where(kept, targets, torch.zeros_like(targets))
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
