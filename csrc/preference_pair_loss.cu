@@ -41,11 +41,11 @@ struct Reduced {
 
 __device__ __forceinline__ Reduced reduced_for(int kind, const float* __restrict__ weights,
                                                const int32_t* __restrict__ averages, float sum_c,
-                                               float sum_r, float ref_c, float ref_r, float len_c,
-                                               float len_r) {
+                                               float sum_r, float ref_c, float ref_r,
+                                               float inv_len_c, float inv_len_r) {
   const bool average = averages[kind] != 0;
-  const float scale_c = average ? 1.0f / len_c : 1.0f;
-  const float scale_r = average ? 1.0f / len_r : 1.0f;
+  const float scale_c = average ? inv_len_c : 1.0f;
+  const float scale_r = average ? inv_len_r : 1.0f;
   return {weights[kind], sum_c * scale_c, sum_r * scale_r, ref_c * scale_c, ref_r * scale_r,
           scale_c, scale_r};
 }
@@ -63,8 +63,10 @@ preference_pair_loss_kernel(PairLossArgs args) {
   const float sum_c = block_range_sum(args.token_logp, c_start, c_end);
   const float sum_r = block_range_sum(args.token_logp, r_start, r_end);
 
-  const float len_c = static_cast<float>(args.lengths[chosen]);
-  const float len_r = static_cast<float>(args.lengths[rejected]);
+  // Every division is taken once here: each IEEE division inlines a slow-path call, and a dozen
+  // of them made ptxas spill on sm_90.
+  const float inv_len_c = 1.0f / static_cast<float>(args.lengths[chosen]);
+  const float inv_len_r = 1.0f / static_cast<float>(args.lengths[rejected]);
   const bool has_reference = args.reference_logps != nullptr;
   const float ref_c = has_reference ? args.reference_logps[chosen] : 0.0f;
   const float ref_r = has_reference ? args.reference_logps[rejected] : 0.0f;
@@ -72,8 +74,10 @@ preference_pair_loss_kernel(PairLossArgs args) {
   const float eps = args.label_smoothing;
   const float inv_pairs = 1.0f / static_cast<float>(num_pairs);
   const float chosen_tokens = *args.chosen_tokens;
-  const float nll = -sum_c / chosen_tokens;
   const float d_nll = -1.0f / chosen_tokens;  // d nll / d sum_c
+  const float nll = sum_c * d_nll;
+  const float inv_robust = 1.0f / (1.0f - 2.0f * eps);
+  const float ipo_margin = 0.5f / beta;
 
   const bool writer = threadIdx.x == 0;
   float grad_c = 0.0f;
@@ -83,7 +87,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
   };
 
   {  // sigmoid (DPO), with conservative label smoothing
-    const Reduced p = reduced_for(kSigmoid, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kSigmoid, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float d = beta * ((p.policy_c - p.ref_c) - (p.policy_r - p.ref_r));
     const float value = (-(1.0f - eps) * log_sigmoid(d) - eps * log_sigmoid(-d)) * inv_pairs;
     const float slope = (-(1.0f - eps) * sigmoid(-d) + eps * sigmoid(d)) * beta * inv_pairs;
@@ -94,8 +98,8 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // ipo
-    const Reduced p = reduced_for(kIpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
-    const float gap = (p.policy_c - p.ref_c) - (p.policy_r - p.ref_r) - 0.5f / beta;
+    const Reduced p = reduced_for(kIpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
+    const float gap = (p.policy_c - p.ref_c) - (p.policy_r - p.ref_r) - ipo_margin;
     store_part(kIpo, p.weight, gap * gap * inv_pairs);
     if (p.weight != 0.0f) {
       grad_c += p.weight * 2.0f * gap * inv_pairs * p.scale_c;
@@ -103,7 +107,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // simpo (reference-free, length-averaged, margin gamma)
-    const Reduced p = reduced_for(kSimpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kSimpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float x = beta * (p.policy_c - p.policy_r) - args.simpo_gamma;
     const float value = (-(1.0f - eps) * log_sigmoid(x) - eps * log_sigmoid(-x)) * inv_pairs;
     const float slope = (-(1.0f - eps) * sigmoid(-x) + eps * sigmoid(x)) * beta * inv_pairs;
@@ -114,7 +118,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // hinge
-    const Reduced p = reduced_for(kHinge, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kHinge, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float d = beta * ((p.policy_c - p.ref_c) - (p.policy_r - p.ref_r));
     const float value = fmaxf(1.0f - d, 0.0f) * inv_pairs;
     const float slope = d < 1.0f ? -beta * inv_pairs : 0.0f;
@@ -125,12 +129,12 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // robust (cDPO): unbiased under a fraction eps of flipped labels
-    const Reduced p = reduced_for(kRobust, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kRobust, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float d = beta * ((p.policy_c - p.ref_c) - (p.policy_r - p.ref_r));
     const float value =
-        (-(1.0f - eps) * log_sigmoid(d) + eps * log_sigmoid(-d)) / (1.0f - 2.0f * eps) * inv_pairs;
+        (-(1.0f - eps) * log_sigmoid(d) + eps * log_sigmoid(-d)) * inv_robust * inv_pairs;
     const float slope =
-        (-(1.0f - eps) * sigmoid(-d) - eps * sigmoid(d)) / (1.0f - 2.0f * eps) * beta * inv_pairs;
+        (-(1.0f - eps) * sigmoid(-d) - eps * sigmoid(d)) * inv_robust * beta * inv_pairs;
     store_part(kRobust, p.weight, value);
     if (p.weight != 0.0f) {
       grad_c += p.weight * slope * p.scale_c;
@@ -138,7 +142,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // orpo: nll - beta log s(log odds ratio), on mean log-probs
-    const Reduced p = reduced_for(kOrpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kOrpo, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     // A mean log-prob of exactly 0 (p = 1) has infinite odds: keep it a hair below.
     const float pc_safe = fminf(p.policy_c, -1e-30f);
     const float pr_safe = fminf(p.policy_r, -1e-30f);
@@ -152,7 +156,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // apo_zero
-    const Reduced p = reduced_for(kApoZero, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kApoZero, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float s_c = sigmoid(beta * (p.policy_c - p.ref_c));
     const float s_r = sigmoid(beta * (p.policy_r - p.ref_r));
     store_part(kApoZero, p.weight, (1.0f - s_c + s_r) * inv_pairs);
@@ -162,7 +166,7 @@ preference_pair_loss_kernel(PairLossArgs args) {
     }
   }
   {  // apo_down
-    const Reduced p = reduced_for(kApoDown, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, len_c, len_r);
+    const Reduced p = reduced_for(kApoDown, args.weights, args.averages, sum_c, sum_r, ref_c, ref_r, inv_len_c, inv_len_r);
     const float s_c = sigmoid(beta * (p.policy_c - p.ref_c));
     const float s_d = sigmoid(beta * ((p.policy_c - p.ref_c) - (p.policy_r - p.ref_r)));
     store_part(kApoDown, p.weight, (s_c + 1.0f - s_d) * inv_pairs);

@@ -1,4 +1,4 @@
-"""Command-line interface: ``fastpref train``, ``fastpref eval``, ``fastpref bench``."""
+"""Command-line interface: ``fastpref train``, ``eval``, ``bench`` and ``kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from . import bench
+from .audit import command as audit_command
 
 
 def bench_main(op: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -36,6 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bench", help="time and peak memory vs the standard implementation and peers (no OP: all of them)",
         description=bench.__doc__.splitlines()[0], epilog="Each OP has its own flags: fastpref bench OP --help.")
     bench_parsers = bench.add_arguments(bench_parser)
+    kernels_parser = commands.add_parser(
+        "kernels", help="compile every GPU kernel offline for sm_90/sm_80: registers, spills, smem, wgmma",
+        description=audit_command.__doc__.splitlines()[0])
+    audit_command.add_arguments(kernels_parser)
     if argv is None:
         argv = sys.argv[1:]
     args = parser.parse_args(argv)
@@ -43,6 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train_commands.run_train(args)
     if args.command == "eval":
         return train_commands.run_eval(args)
+    if args.command == "kernels":
+        return audit_command.run(args, _command("fastpref", argv), argv[1:])
     return bench.main(args, bench_parsers, _command("fastpref", argv))
 
 

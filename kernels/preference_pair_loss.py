@@ -15,7 +15,10 @@ import triton.language as tl
 
 from .scalar_math import log1m_exp, log_sigmoid, expm1, sequence_fill, sequence_sum, sigmoid
 
-SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = range(9)
+# Row indices of the loss types (loss_spec.PAIRED_LOSS_TYPES). A @triton.jit function may only
+# read globals that are tl.constexpr: the GPU compiler rejects plain ints (the CPU interpreter
+# does not), which `fastpref kernels` catches offline.
+SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = (tl.constexpr(i) for i in range(9))
 
 
 @triton.jit

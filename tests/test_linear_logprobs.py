@@ -150,7 +150,7 @@ def test_non_contiguous_inputs(backend):
 
 def test_triton_vocabulary_splits(monkeypatch):
     """Few rows: the forward splits V across programs and merges the partial log-sum-exps."""
-    monkeypatch.setattr(triton_backend, "kernel_config", lambda hidden: triton_backend.KernelConfig(
+    monkeypatch.setattr(triton_backend, "config_for", lambda hidden: triton_backend.KernelConfig(
         16, 32, 16, num_warps=1, num_stages=1, programs_wanted=8))
     run_and_compare("triton", *make_inputs(9, 40, 301, torch.float32, with_bias=True, ignore_every=4))
 

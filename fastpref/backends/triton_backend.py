@@ -35,20 +35,43 @@ class KernelConfig:
     programs_wanted: int  # the forward splits V until about this many programs run
 
 
-def kernel_config(hidden: torch.Tensor) -> KernelConfig:
-    """Tile sizes for the inputs' device and dtype."""
+# Tiles for Triton's CPU interpreter: tiny, since it runs every program in Python.
+INTERPRETER_CONFIG = KernelConfig(16, 64, 32, num_warps=1, num_stages=1, programs_wanted=2)
+
+
+def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors: int = 0) -> KernelConfig:
+    """Tile sizes for `dtype` on a GPU of compute capability `capability` (90 for sm_90) with
+    `multiprocessors` SMs; capability None is the CPU interpreter.
+
+    Every configuration this returns is compiled offline for sm_80 and sm_90 by
+    ``fastpref kernels`` (and its test), so a tile change that spills or misses wgmma fails there.
+    The backward's 64 x 128 x 64 half-precision tile holds too many accumulators for mma.sync's
+    register layout on sm_80 (it spills): A100s take K-steps of 32.
+    """
+    if capability is None:
+        return INTERPRETER_CONFIG
+    programs = 2 * multiprocessors
+    if dtype == torch.float32:
+        return KernelConfig(32, 64, 32, num_warps=8, num_stages=2, programs_wanted=programs)
+    if capability < 90:
+        return KernelConfig(64, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs)
+    return KernelConfig(64, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs)
+
+
+def config_for(hidden: torch.Tensor) -> KernelConfig:
+    """The kernel_config of the inputs' device and dtype."""
     if hidden.device.type != "cuda":
-        return KernelConfig(16, 64, 32, num_warps=1, num_stages=1, programs_wanted=2)
-    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    if hidden.dtype == torch.float32:
-        return KernelConfig(32, 64, 32, num_warps=4, num_stages=2, programs_wanted=2 * sms)
-    return KernelConfig(64, 128, 64, num_warps=8, num_stages=3, programs_wanted=2 * sms)
+        return kernel_config(hidden.dtype, None)
+    major, minor = torch.cuda.get_device_capability(hidden.device)
+    return kernel_config(hidden.dtype, 10 * major + minor,
+                         torch.cuda.get_device_properties(hidden.device).multi_processor_count)
 
 
-def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
+def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
+            config: Optional[KernelConfig] = None) -> ForwardResult:
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
 
-    cfg = kernel_config(hidden)
+    cfg = config or config_for(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
     return linear_logprobs_forward(
         hidden, weight, bias, targets,
@@ -60,10 +83,11 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
 
 
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
-             need_hidden: bool, need_weight: bool, need_bias: bool):
+             need_hidden: bool, need_weight: bool, need_bias: bool,
+             config: Optional[KernelConfig] = None):
     from ..kernels.linear_logprobs_backward import linear_logprobs_backward
 
-    cfg = kernel_config(hidden)
+    cfg = config or config_for(hidden)
     return linear_logprobs_backward(
         hidden, weight, bias, targets, saved.lse, saved.miss, grad_logp,
         need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,

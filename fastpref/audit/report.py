@@ -1,0 +1,179 @@
+"""The audit as rows, the rules a row must pass, and the table ``fastpref kernels`` prints."""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..bench.report import markdown_table, number
+from .arches import ARCHES, Arch
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+@dataclass
+class AuditRow:
+    """One kernel binary: a Triton kernel at one configuration, or one csrc/ kernel, on one arch."""
+
+    language: str  # "triton" or "cuda"
+    kernel: str
+    config: str
+    arch: str
+    dtype: Optional[str]
+    registers: Optional[int]
+    spill_bytes: Optional[int]
+    shared_bytes: Optional[int]
+    tensor_cores: str
+    atomics: Optional[int]
+    compile_s: Optional[float]
+    error: Optional[str] = None
+    scenarios: List[str] = field(default_factory=list)
+
+    @property
+    def short_kernel(self) -> str:
+        return self.kernel.rsplit(".", 1)[-1]
+
+
+def violations(row: AuditRow) -> List[str]:
+    """Why `row` would fail on a GPU (or hide a slow path there); empty when it passes."""
+    if row.error:
+        return [f"compile error: {row.error}"]
+    problems = []
+    if row.registers is None or row.spill_bytes is None:
+        problems.append("no ptxas report (registers/spills unknown)")
+    if row.spill_bytes:
+        problems.append(f"spills {row.spill_bytes} bytes to local memory")
+    limit = ARCHES[row.arch].shared_memory_bytes
+    if row.shared_bytes is not None and row.shared_bytes > limit:
+        problems.append(f"shared memory {row.shared_bytes} B over the {row.arch} limit of {limit} B")
+    if (row.language == "triton" and ARCHES[row.arch].has_wgmma and row.dtype in HALF_DTYPES
+            and row.tensor_cores in ("mma.sync", "fma")):
+        problems.append(f"{row.dtype} matmul lowers to {row.tensor_cores}, not wgmma")
+    return problems
+
+
+@dataclass
+class AuditResult:
+    rows: List[AuditRow]
+    uncovered: List[str]  # kernels no configuration launches
+    missing_tools: List[str]
+
+    @property
+    def failures(self) -> List[Tuple[AuditRow, List[str]]]:
+        return [(row, problems) for row in self.rows if (problems := violations(row))]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.uncovered
+
+
+def _triton_rows(arches: Sequence[Arch], workers: int,
+                 on_progress: Callable[[int, int], None]) -> Tuple[List[AuditRow], List[str]]:
+    from .launches import discover_kernels, record_launches, uncovered_kernels
+    from .triton_compile import distinct_jobs, run_compile, worker_setup
+
+    discovered = discover_kernels()
+    jobs: Dict = {}
+    uncovered: set = set()
+    for arch in arches:
+        launches = record_launches(arch)
+        uncovered.update(uncovered_kernels(discovered, launches))
+        jobs.update(distinct_jobs(launches, arch))
+    ordered = list(jobs)
+    results = [None] * len(ordered)
+    if workers <= 1:
+        for index, job in enumerate(ordered):
+            results[index] = run_compile(job)
+            on_progress(index + 1, len(ordered))
+    else:
+        # Spawned workers: a fork of a process that has loaded torch and Triton is not safe.
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup) as pool:
+            futures = {pool.submit(run_compile, job): index for index, job in enumerate(ordered)}
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                on_progress(done, len(ordered))
+    rows = [AuditRow("triton", job.kernel, job.config, job.arch, job.dtype, result.registers, result.spill_bytes,
+                     result.shared_bytes, result.tensor_cores, result.atomics, result.compile_s, result.error,
+                     jobs[job])
+            for job, result in zip(ordered, results)]
+    return rows, sorted(uncovered)
+
+
+def _cuda_rows(arches: Sequence[Arch]) -> List[AuditRow]:
+    from .cuda_compile import audit_csrc
+
+    dtype_names = {"__nv_bfloat16": "bfloat16", "__half": "float16", "float": "float32"}
+    return [AuditRow("cuda", f"{row.source}:{row.kernel}", row.config, row.arch, dtype_names.get(row.config),
+                     row.registers, row.spill_bytes, row.shared_bytes, row.tensor_cores, row.atomics,
+                     row.compile_s, row.error)
+            for row in audit_csrc(list(arches))]
+
+
+def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cuda: bool = True,
+          workers: Optional[int] = None,
+          on_progress: Callable[[int, int], None] = lambda done, total: None) -> AuditResult:
+    """Compile every kernel for every arch in `arch_names` and measure each binary."""
+    from .cuda_compile import csrc_dir, find_nvcc
+
+    arches = [ARCHES[name] for name in arch_names]
+    rows: List[AuditRow] = []
+    uncovered: List[str] = []
+    missing = []
+    if triton:
+        triton_rows, uncovered = _triton_rows(arches, workers or os.cpu_count() or 1, on_progress)
+        rows += triton_rows
+    if cuda:
+        if csrc_dir() is None:
+            missing.append("csrc/ (not a source checkout): CUDA kernels not audited")
+        elif find_nvcc() is None:
+            missing.append("nvcc (not on PATH or in $CUDA_HOME/bin): CUDA kernels not audited")
+        else:
+            rows += _cuda_rows(arches)
+    return AuditResult(rows, uncovered, missing)
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def format_table(rows: Sequence[AuditRow]) -> str:
+    """One markdown row per binary: kernel, config, arch, registers, spills, smem, MMA, time."""
+    def cells(row: AuditRow) -> List[str]:
+        problems = violations(row)
+        return [f"{row.language}:{row.short_kernel}", row.config, row.arch, _count(row.registers),
+                _count(row.spill_bytes), _count(row.shared_bytes), row.tensor_cores, _count(row.atomics),
+                number(row.compile_s, 2), "FAIL: " + "; ".join(problems) if problems else "ok"]
+
+    return markdown_table(["kernel", "config", "arch", "registers", "spills (B)", "shared memory (B)",
+                           "tensor cores", "atomics", "compile (s)", "status"], map(cells, rows))
+
+
+def format_summary(rows: Sequence[AuditRow]) -> str:
+    """One markdown row per kernel and arch: how many binaries, and their worst figures."""
+    groups: Dict[Tuple[str, str, str], List[AuditRow]] = defaultdict(list)
+    for row in rows:
+        groups[(row.language, row.short_kernel, row.arch)].append(row)
+
+    def span(values) -> str:
+        values = [value for value in values if value is not None]
+        return f"{min(values)}-{max(values)}" if values else "-"
+
+    return markdown_table(
+        ["kernel", "arch", "binaries", "registers", "max spills (B)", "max shared memory (B)", "tensor cores",
+         "atomics", "compile (s, sum)", "failing"],
+        ([f"{language}:{kernel}", arch, str(len(members)), span(row.registers for row in members),
+          _count(max((row.spill_bytes or 0) for row in members)),
+          _count(max((row.shared_bytes or 0) for row in members)),
+          ", ".join(sorted({row.tensor_cores for row in members})), span(row.atomics for row in members),
+          f"{sum(row.compile_s or 0.0 for row in members):.1f}",
+          str(sum(1 for row in members if violations(row)))]
+         for (language, kernel, arch), members in sorted(groups.items())))
+
+
+def rows_as_json(result: AuditResult) -> dict:
+    return {"rows": [dict(asdict(row), violations=violations(row)) for row in result.rows],
+            "uncovered_kernels": result.uncovered, "not_audited": result.missing_tools, "ok": result.ok}

@@ -1,0 +1,179 @@
+"""The offline compile gate: every GPU kernel compiles for sm_90 and sm_80 as a GPU would see it.
+
+The CPU interpreter accepts code that the GPU compiler rejects, so the test suite alone cannot
+show a kernel will run on a GPU. `fastpref kernels` compiles every Triton kernel at every
+configuration its launchers pick, and every csrc/ kernel, for both architectures, and fails on a
+compile error, a spill, too much shared memory or a missing wgmma. It runs in a subprocess:
+this process runs Triton under the interpreter.
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from fastpref.audit import AuditRow, violations
+from fastpref.audit.cuda_compile import NVCC_DEVICE_FLAGS, find_nvcc, parse_ptxas_verbose, split_kernel_name
+from fastpref.audit.launches import Launch, uncovered_kernels
+from fastpref.audit.triton_compile import read_ptxas_report, tensor_core_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
+
+
+def _compiler_env():
+    """This environment without the interpreter switch the test suite sets."""
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+def _run_python(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=_compiler_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _row(**changes) -> AuditRow:
+    fields = dict(language="triton", kernel="fastpref.kernels.m._k", config="bfloat16", arch="sm_90",
+                  dtype="bfloat16", registers=128, spill_bytes=0, shared_bytes=1024, tensor_cores="wgmma",
+                  atomics=0, compile_s=0.5)
+    fields.update(changes)
+    return AuditRow(**fields)
+
+
+def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
+    stem = tmp_path / "kernels"
+    result = subprocess.run([sys.executable, "-m", "fastpref.cli", "kernels", "--no-progress", "--out", str(stem)],
+                            env=_compiler_env(), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = [AuditRow(**row) for row in json.loads(stem.with_suffix(".json").read_text())]
+    assert all(not violations(row) for row in rows)
+    triton_rows = [row for row in rows if row.language == "triton"]
+    kernels = {row.short_kernel for row in triton_rows}
+    assert {"_forward_kernel", "_backward_kernel", "_pair_loss_kernel", "_kto_loss_kernel"} <= kernels
+    for arch in ("sm_90", "sm_80"):
+        assert kernels == {row.short_kernel for row in triton_rows if row.arch == arch}
+    hopper_half_matmuls = [row for row in triton_rows if row.arch == "sm_90" and row.dtype == "bfloat16"
+                           and row.short_kernel in ("_forward_kernel", "_backward_kernel")]
+    assert hopper_half_matmuls and all(row.tensor_cores == "wgmma" for row in hopper_half_matmuls)
+    if find_nvcc() is not None:
+        cuda_sources = {row.kernel.split(":")[0] for row in rows if row.language == "cuda"}
+        assert cuda_sources == {path.name for path in (ROOT / "csrc").glob("*.cu")}
+    report = stem.with_suffix(".md").read_text()
+    assert "| kernel | config | arch | registers |" in report and "wgmma" in report
+
+
+def test_gate_rejects_plain_int_globals_in_the_pair_loss_kernel(tmp_path):
+    """Put the original bug back (loss-type indices as plain ints): the GPU compiler refuses it."""
+    source = (ROOT / "kernels" / "preference_pair_loss.py").read_text()
+    fixed = "SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = (tl.constexpr(i) for i in range(9))"
+    assert fixed in source
+    broken = tmp_path / "pair_loss_with_int_globals.py"
+    broken.write_text(source.replace(fixed, "SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = range(9)"))
+    result = _run_python(f"""
+        import importlib.util, sys, torch
+        from fastpref.audit.arches import ARCHES
+        from fastpref.audit.launches import recording_launches
+        from fastpref.audit.triton_compile import compile_job, run_compile
+        from fastpref.layout import PackedLayout
+        from fastpref.loss_spec import LossSpec
+        from fastpref._buffers import new_output
+
+        name = "fastpref.kernels.pair_loss_with_int_globals"
+        spec = importlib.util.spec_from_file_location(name, {str(broken)!r})
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        layout = PackedLayout.paired(torch.tensor([0, 3, 7]), torch.ones(7, dtype=torch.bool),
+                                     torch.tensor([0]), torch.tensor([1]))
+        weights, averages = LossSpec.build("sigmoid").kernel_tables("cpu")
+        launches = []
+        with recording_launches(launches, "dpo"):
+            module.preference_pair_loss(torch.zeros(7), layout, torch.zeros(2), weights, averages, beta=0.1,
+                                        label_smoothing=0.0, simpo_gamma=0.5, new_output=new_output)
+        result = run_compile(compile_job(launches[0], ARCHES["sm_90"]))
+        print("ERROR:", result.error)
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Cannot access global variable SIGMOID" in result.stdout
+
+
+def test_a_kernel_no_configuration_launches_fails_the_gate(tmp_path):
+    """Kernels are discovered: a new one that the audit never launches is reported, not skipped."""
+    (tmp_path / "unlaunched.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _new_kernel(x_ptr, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+        def launch(x):
+            _new_kernel[(1,)](x, BLOCK=16)
+    """))
+    result = _run_python(f"""
+        import fastpref.kernels
+        from fastpref.audit.arches import ARCHES
+        from fastpref.audit.launches import discover_kernels, record_launches, uncovered_kernels
+        fastpref.kernels.__path__.append({str(tmp_path)!r})
+        print("UNCOVERED:", uncovered_kernels(discover_kernels(), record_launches(ARCHES["sm_90"])))
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "UNCOVERED: ['fastpref.kernels.unlaunched._new_kernel']" in result.stdout
+
+
+def test_violations_name_each_problem():
+    assert violations(_row()) == []
+    assert "spills 8 bytes" in violations(_row(spill_bytes=8))[0]
+    assert "over the sm_80 limit" in violations(_row(arch="sm_80", shared_bytes=200 * 1024))[0]
+    assert violations(_row(shared_bytes=200 * 1024)) == []  # within sm_90's 227 KiB
+    assert "lowers to mma.sync, not wgmma" in violations(_row(tensor_cores="mma.sync"))[0]
+    assert violations(_row(tensor_cores="mma.sync", arch="sm_80")) == []
+    assert violations(_row(tensor_cores="fma", dtype="float32")) == []
+    assert violations(_row(language="cuda", tensor_cores="mma.sync")) == []  # csrc/ is WMMA by design
+    assert "compile error" in violations(_row(error="CompilationError: at 1:2"))[0]
+    assert "no ptxas report" in violations(_row(registers=None))[0]
+
+
+def test_uncovered_kernels_lists_kernels_without_a_launch():
+    class Kernel:
+        def __init__(self, module, name):
+            self.fn = types.SimpleNamespace(__module__=module, __name__=name)
+
+    launched = Kernel("fastpref.kernels.a", "_k")
+    discovered = {"fastpref.kernels.a._k": launched, "fastpref.kernels.b._new": Kernel("fastpref.kernels.b", "_new")}
+    assert uncovered_kernels(discovered, [Launch(launched, (), {}, "s")]) == ["fastpref.kernels.b._new"]
+
+
+def test_ptxas_reports_are_read():
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN8fastpref4lossEv' for 'sm_90'
+ptxas info    : Function properties for _ZN8fastpref4lossEv
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 8 bytes cumulative stack size, 16 bytes smem
+ptxas info    : Compiling entry function '_ZN8fastpref4headEv' for 'sm_90'
+ptxas info    : Function properties for _ZN8fastpref4headEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 1280 bytes smem
+"""
+    assert parse_ptxas_verbose(log) == {
+        "_ZN8fastpref4lossEv": {"spill_bytes": 8, "registers": 32, "shared_bytes": 16},
+        "_ZN8fastpref4headEv": {"spill_bytes": 0, "registers": 128, "shared_bytes": 1280}}
+    assert read_ptxas_report(log) == (32, 8, 16)
+    assert split_kernel_name("void fastpref::(anonymous namespace)::gemm_kernel<__nv_bfloat16>(float const*)") \
+        == ("gemm_kernel", "__nv_bfloat16")
+    assert tensor_core_kind("wgmma.mma_async.sync.aligned.m64n128k16", "tt.dot") == "wgmma"
+    assert tensor_core_kind("mma.sync.aligned.m16n8k16", "tt.dot") == "mma.sync"
+    assert tensor_core_kind("fma.rn.f32", "tt.dot") == "fma"
+    assert tensor_core_kind("ld.global", "tt.load") == "-"
+
+
+def test_audit_compiles_csrc_with_the_build_flags():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    flags = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "NVCC_FLAGS" for target in node.targets))
+    literals = {element.value for element in flags.elts if isinstance(element, ast.Constant)}
+    assert set(NVCC_DEVICE_FLAGS) <= literals
