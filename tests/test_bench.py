@@ -43,16 +43,33 @@ def test_timing_rounds_go_round_the_methods_after_each_is_checked_warmed_and_wei
         assert len(result.times_ms) == 3 and result.time_ms == sorted(result.times_ms)[1]
 
 
-def test_out_of_memory_is_a_result_and_other_errors_propagate():
+def test_out_of_memory_and_other_errors_are_results():
     ok = Candidate("ok", step=lambda: 1, check=lambda output: True)
-    results = measure_interleaved([Candidate("big", step=fake_oom, check=lambda o: True), ok], CPU, 1, 1)
-    assert [r.status for r in results] == ["OOM", "ok"]
 
     def broken():
-        raise RuntimeError("shape mismatch")
+        raise RuntimeError("shape mismatch\nsecond line")
 
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        measure_interleaved([Candidate("broken", step=broken, check=lambda o: True)], CPU, 1, 1)
+    calls = []
+
+    def breaks_while_timed():
+        calls.append(1)
+        if len(calls) > 2:  # checked and weighed, then fails in the timed rounds
+            raise ValueError("lost the device")
+
+    results = measure_interleaved([Candidate("big", step=fake_oom, check=lambda o: True),
+                                   Candidate("broken", step=broken, check=lambda o: True),
+                                   Candidate("late", step=breaks_while_timed, check=lambda o: True), ok], CPU, 1, 3)
+    assert [r.status for r in results] == ["OOM", "ERROR: RuntimeError: shape mismatch",
+                                           "ERROR: ValueError: lost the device", "ok"]
+    assert results[3].time_ms is not None and all(r.time_ms is None for r in results[:3])
+
+
+def test_interrupt_is_not_a_method_error():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_interleaved([Candidate("ctrl-c", step=interrupted, check=lambda o: True)], CPU, 1, 1)
 
 
 def test_cpu_peak_memory_sees_an_allocation_and_not_earlier_ones():
@@ -136,7 +153,23 @@ def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
 
     out = capsys.readouterr()
     assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 | WRONG |" in out.out
-    assert "wrong answers (not timed): fastpref-torch (frozen head)" in out.err
+    assert "failed (not timed): fastpref-torch (frozen head): WRONG" in out.err
+
+
+def test_logprobs_broken_method_is_a_row_and_the_others_are_measured(monkeypatch, capsys):
+    real = logprobs.method_function
+
+    def broken(h, w, t):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(logprobs, "method_function", lambda name: broken if name == "materialized" else real(name))
+    assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
+
+    out = capsys.readouterr()
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 | ERROR: TypeError: unsupported operand |" in out.out
+    fastpref_row = next(line for line in out.out.splitlines() if line.startswith("| fastpref-torch | frozen"))
+    assert "ERROR" not in fastpref_row and "WRONG" not in fastpref_row and "OOM" not in fastpref_row
+    assert "failed (not timed): materialized (frozen head): ERROR: TypeError: unsupported operand" in out.err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +234,24 @@ def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys)
 
     out = capsys.readouterr()
     assert "| tiny (H=16, V=300) | 96 | simpo | frozen | materialized | OOM |" in out.out
-    assert "wrong answers (not timed): fastpref-torch (tiny, N=96, simpo, frozen head)" in out.err
+    assert "failed (not timed): fastpref-torch (tiny, N=96, simpo, frozen head): WRONG" in out.err
+
+
+def test_loss_head_method_that_cannot_be_set_up_is_a_row(monkeypatch, capsys):
+    real = loss_head.loss_function
+
+    def patched(method, loss_type, device):
+        if method == "materialized":
+            raise ImportError("liger_kernel.chunked_loss is missing")
+        return real(method, loss_type, device)
+
+    monkeypatch.setattr(loss_head, "loss_function", patched)
+    cfg = tiny_loss_head(losses=["sigmoid"], heads=("trainable",), peers=["materialized"])
+    assert bench.run_op(loss_head, cfg, "test", progress=False) == 1
+
+    out = capsys.readouterr()
+    assert "| materialized | ERROR: ImportError: liger_kernel.chunked_loss is missing |" in out.out
+    assert "| trainable | fastpref-torch | " in out.out and out.out.count("| ERROR: ") == 1
 
 
 def test_cli_loss_head_sweep_writes_plot(tmp_path, capsys):
@@ -264,7 +314,27 @@ def test_end_to_end_wrong_gradient_is_caught(monkeypatch, capsys):
     monkeypatch.setattr(end_to_end, "step_function", doubled_gradient)
     cfg = tiny_end_to_end(pairs=[2], find_max_pairs=False, methods=["trl-padded", "fastpref-packed"])
     assert bench.run_op(end_to_end, cfg, "test", progress=False) == 1
-    assert "wrong answers (not timed): fastpref-packed (seq 16, 2 pairs)" in capsys.readouterr().err
+    assert "failed (not timed): fastpref-packed (seq 16, 2 pairs): WRONG" in capsys.readouterr().err
+
+
+def test_end_to_end_broken_method_is_a_row_and_the_others_are_measured(monkeypatch, capsys):
+    real = end_to_end.step_function
+
+    def broken_packed(contestant, pairs, device):
+        if contestant.method == "fastpref-packed":
+            raise RuntimeError("mask shape [3, 3] does not match [4, 4]")
+        return real(contestant, pairs, device)
+
+    monkeypatch.setattr(end_to_end, "step_function", broken_packed)
+    cfg = tiny_end_to_end(pairs=[2], max_pairs_limit=2, methods=["trl-padded", "fastpref-packed", "fastpref-packed-prefix"])
+    rows = []
+    end_to_end.run(cfg, rows)
+    by_method = {row.method: row for row in rows}
+    assert by_method["fastpref-packed"].status == "ERROR: RuntimeError: mask shape [3, 3] does not match [4, 4]"
+    assert by_method["fastpref-packed"].max_pairs.startswith("ERROR: RuntimeError")
+    for method in ("trl-padded", "fastpref-packed-prefix"):
+        assert by_method[method].status == "ok" and by_method[method].tokens_per_s > 0
+        assert by_method[method].max_pairs == ">= 2"
 
 
 def test_padded_batch_targets_are_the_next_response_token():

@@ -11,7 +11,8 @@ Ops (``fastpref bench OP``):
   all          each of them with its defaults for the device (the default).
 
 Every method's first run is checked against a reference before anything is timed, so a fast
-wrong answer never makes it into a table; running out of memory is a result ("OOM"), not a crash.
+wrong answer never makes it into a table; running out of memory is a result ("OOM"), and so is
+any other failure of one method ("ERROR: <type>: <message>"): the other methods' rows survive.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _add_all_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, parsers: Dict[str, argparse.ArgumentParser], command: str,
          progress: bool = True) -> int:
     """Run the op the arguments name (all of them when none); 1 when a method gave a wrong
-    answer, 130 when interrupted (the rows measured so far are reported and written)."""
+    answer or raised (its row says ERROR and the other methods are still measured), 130 when
+    interrupted (the rows measured so far are reported and written)."""
     if args.op not in (None, ALL):
         cfg = OPS[args.op].config_from_args(args, parsers[args.op])
         return run_op(OPS[args.op], cfg, command, args.out, draw=not args.no_plot, progress=progress)
@@ -90,12 +92,12 @@ def run_op(op, cfg, command: str, out: Optional[str] = None, draw: bool = True, 
     written = write_outputs(out, report, rows, None if plot is None else lambda path: plot(rows, cfg, path))
     if written:
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
-    wrong = op.failures(rows)
-    if wrong:
-        print(f"wrong answers (not timed): {', '.join(wrong)}", file=sys.stderr)
+    failed = op.failures(rows)
+    for row in failed:
+        print(f"failed (not timed): {row}", file=sys.stderr)
     if interrupted:
         return INTERRUPTED
-    return 1 if wrong else 0
+    return 1 if failed else 0
 
 
 __all__ = ["OPS", "add_arguments", "main", "run_op"]

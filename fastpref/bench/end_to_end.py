@@ -40,7 +40,7 @@ import importlib.util
 import math
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,8 +50,8 @@ from ..train.model import causal_lm_parts, packed_hidden
 from ..train.packing import pack_pairs
 from . import options
 from .loss_head import BETA, liger_loss, trl_pair_loss
-from .measure import (Candidate, PeakMemory, is_out_of_memory, measure_rows, memory_method, release_memory,
-                      timing_note)
+from .measure import (Candidate, PeakMemory, build_candidates, error_status, is_failure, is_out_of_memory,
+                      measure_rows, memory_method, release_memory, timing_note)
 from .reference import DTYPES, IGNORE_INDEX, dtype_name, logprobs_from_logits
 from .report import header, markdown_table, number
 
@@ -243,10 +243,18 @@ class Contestant:
     trainer: Any = None
 
 
-def contestants(methods: Sequence[str], model, device: torch.device, workdir: str) -> Dict[str, Contestant]:
-    """A Contestant per method; trainers (and their model copies) are built once per run."""
-    return {method: Contestant(method, *_trainer_and_model(method, model, device, workdir))
-            if method in TRAINER_METHODS else Contestant(method, model) for method in methods}
+def contestants(methods: Sequence[str], model, device: torch.device,
+                workdir: str) -> Tuple[Dict[str, Contestant], Dict[str, str]]:
+    """(a Contestant per method, the error status of each method that could not be set up);
+    trainers (and their model copies) are built once per run."""
+    built, failed = {}, {}
+    for method in methods:
+        try:
+            built[method] = (Contestant(method, *_trainer_and_model(method, model, device, workdir))
+                             if method in TRAINER_METHODS else Contestant(method, model))
+        except Exception as exc:  # noqa: BLE001 - one broken method is its own rows' result
+            failed[method] = error_status(exc)
+    return built, failed
 
 
 def _trainer_and_model(method: str, model, device: torch.device, workdir: str):
@@ -349,7 +357,7 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
     vocab = model.config.vocab_size
     usable = [method for method in cfg.methods if unavailable_reason(method) is None]
     with tempfile.TemporaryDirectory(prefix="fastpref-bench-") as workdir:
-        by_method = contestants(usable, model, cfg.device, workdir)
+        by_method, broken = contestants(usable, model, cfg.device, workdir)
         models = list({id(c.model): c.model for c in by_method.values()}.values())
 
         def reset() -> None:
@@ -363,11 +371,13 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
                 tokens = sum(p.tokens for p in pairs)
                 group = [Row(cfg.model, method, seq_len, count, tokens, dtype_name(cfg.dtype))
                          for method in cfg.methods]
-                measured = [row for row in group if row.method in by_method]
-                for row in group:
+
+                def build(row: Row):
                     if row.method not in by_method:
-                        row.status = unavailable_reason(row.method)
-                candidates = [_candidate(row, group, by_method[row.method], pairs, cfg, reset) for row in measured]
+                        return broken.get(row.method) or unavailable_reason(row.method)
+                    return _candidate(row, group, by_method[row.method], pairs, cfg, reset)
+
+                measured, candidates = build_candidates(group, build)
                 where = f"seq {seq_len}, {count} pairs"
                 measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
                              lambda step: on_step(f"{where}: {step}"))
@@ -377,8 +387,11 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
                 seq_rows.extend(group)
             if cfg.find_max_pairs:
                 for method, contestant in by_method.items():
-                    found = max_pairs(contestant, seq_len, cfg, reset,
-                                      lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
+                    try:
+                        found = max_pairs(contestant, seq_len, cfg, reset,
+                                          lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
+                    except Exception as exc:  # noqa: BLE001 - the search fails for this method alone
+                        found = error_status(exc)
                     for row in seq_rows:
                         if row.method == method:
                             row.max_pairs = found
@@ -506,7 +519,7 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
-    return [f"{r.method} (seq {r.seq_len}, {r.pairs} pairs)" for r in rows if r.status == "WRONG"]
+    return [f"{r.method} (seq {r.seq_len}, {r.pairs} pairs): {r.status}" for r in rows if is_failure(r.status)]
 
 
 def plot(rows: Sequence[Row], cfg: Config, path) -> bool:

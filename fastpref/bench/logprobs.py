@@ -14,7 +14,7 @@ import torch
 import fastpref
 
 from . import options
-from .measure import Candidate, measure_rows, memory_method, timing_note
+from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, materialized_logprobs,
                         random_head, relative_error, token_reference)
 from .report import header, markdown_table, number
@@ -50,8 +50,8 @@ class Config:
 
 @dataclass
 class Row:
-    """status: "ok", "OOM" or "WRONG"; the measurements are None when it is not "ok" (peak_mib also
-    where memory cannot be measured on this platform)."""
+    """status: "ok", "OOM", "WRONG" or "ERROR: <type>: <message>"; the measurements are None when
+    it is not "ok" (peak_mib also where memory cannot be measured on this platform)."""
 
     method: str
     head: str
@@ -115,8 +115,9 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         weight.requires_grad_(head == "trainable")
         head_rows = [Row(method, head, cfg.n, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for method in methods(cfg)]
-        candidates = [_candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset) for row in head_rows]
-        measure_rows(head_rows, candidates, cfg.device, cfg.warmup, cfg.repeat,
+        measured, candidates = build_candidates(
+            head_rows, lambda row: _candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset))
+        measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
                      lambda step: on_step(f"{head} head: {step}"))
         rows.extend(head_rows)
 
@@ -174,5 +175,5 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
-    return [f"{r.method} ({r.head} head)" for r in rows if r.status == "WRONG"]
+    return [f"{r.method} ({r.head} head): {r.status}" for r in rows if is_failure(r.status)]
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastpref
 
 from . import options
-from .measure import MIB, Candidate, measure_rows, memory_method, timing_note
+from .measure import MIB, Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs,
                         materialized_logprobs, random_head, relative_error, token_reference)
 from .report import header, markdown_table, number
@@ -98,7 +98,7 @@ class Row:
     hidden: int
     vocab: int
     dtype: str
-    status: str = "ok"  # ok, OOM, WRONG, or "n/a (why)"
+    status: str = "ok"  # ok, OOM, WRONG, "ERROR: <type>: <message>", or "n/a (why)"
     time_ms: Optional[float] = None
     peak_mib: Optional[float] = None
     extra_mib: Optional[float] = None
@@ -352,14 +352,12 @@ def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: L
     inputs.weight.requires_grad_(head == "trainable")
     group = [Row(model, method, loss_type, head, inputs.targets.numel(), inputs.scored, inputs.hidden.shape[-1],
                  inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
-    candidates, measured = [], []
-    for row in group:
+
+    def build(row: Row):
         fn = loss_function(row.method, loss_type, cfg.device)
-        if isinstance(fn, str):
-            row.status = fn
-            continue
-        candidates.append(_candidate(row, fn, inputs, ref, cfg.dtype))
-        measured.append(row)
+        return fn if isinstance(fn, str) else _candidate(row, fn, inputs, ref, cfg.dtype)
+
+    measured, candidates = build_candidates(group, build)
     measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, on_step)
     for row in measured:
         if row.status == "ok":
@@ -444,13 +442,14 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; extra over floor = peak minus"
         " the gradients the step leaves (d_hidden, and d_weight for a trainable head)",
         "loss rel err, grad rel err: against the materialized math in float32, row-chunked (grad: max"
-        " |error| / max |reference| over d_hidden and, for a trainable head, d_weight); OOM = ran out of memory",
+        " |error| / max |reference| over d_hidden and, for a trainable head, d_weight); OOM = ran out of memory; ERROR = the method raised (type and message shown)",
     ]
     return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
-    return [f"{r.method} ({r.model}, N={r.n}, {r.loss}, {r.head} head)" for r in rows if r.status == "WRONG"]
+    return [f"{r.method} ({r.model}, N={r.n}, {r.loss}, {r.head} head): {r.status}" for r in rows
+            if is_failure(r.status)]
 
 
 def plot(rows: Sequence[Row], cfg: Config, path) -> bool:

@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -172,7 +172,8 @@ class Candidate:
 
 @dataclass
 class Measurement:
-    """status: "ok", "OOM" or "WRONG"; the numbers are None unless measured."""
+    """status: "ok", "OOM", "WRONG" or "ERROR: <type>: <message>"; the numbers are None unless
+    measured."""
 
     status: str = "ok"
     time_ms: Optional[float] = None
@@ -180,15 +181,32 @@ class Measurement:
     times_ms: List[float] = field(default_factory=list)
 
 
-def _out_of_memory_or_raise(run: Callable[[], Any]) -> bool:
-    """Run; True when it ran out of memory (then its frames are gone), other errors propagate."""
+ERROR = "ERROR"
+
+
+def error_status(exc: BaseException) -> str:
+    """A failed method's row status: "ERROR: <type>: <first line of the message>"."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return f"{ERROR}: {type(exc).__name__}: {message}".rstrip(": ")
+
+
+def is_failure(status: str) -> bool:
+    """A row that gave a wrong answer or raised: the op goes on, the exit status says so."""
+    return status == "WRONG" or status.startswith(ERROR)
+
+
+def _attempt(run: Callable[[], Any]) -> Optional[str]:
+    """Run; None when it finished, else the row status it earned: "OOM" when it ran out of
+    memory, "ERROR: ..." for any other exception (its frames are gone either way). A broken
+    method is a row, never the end of the comparison; Ctrl-C still stops the run."""
     try:
         run()
-        return False
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result; the rest re-raise
-        if not is_out_of_memory(exc):
-            raise
-    return True
+        return None
+    except Exception as exc:  # noqa: BLE001 - every failure of one method is that method's result
+        return "OOM" if is_out_of_memory(exc) else error_status(exc)
 
 
 def _prepare(candidate: Candidate, warmup: int, meter: PeakMemory, result: Measurement) -> None:
@@ -210,8 +228,9 @@ def _prepare(candidate: Candidate, warmup: int, meter: PeakMemory, result: Measu
         result.peak_mib = meter.stop()
         candidate.reset()
 
-    if _out_of_memory_or_raise(check_warm_and_weigh):
-        result.status, result.peak_mib = "OOM", None
+    failed = _attempt(check_warm_and_weigh)
+    if failed:
+        result.status, result.peak_mib = failed, None
     candidate.reset()
     release_memory(meter.device)
 
@@ -220,6 +239,25 @@ def timing_note(warmup: int, repeat: int) -> str:
     """How measure_interleaved takes its times, for reports."""
     return (f"time: median of {repeat} runs, taken in rounds over the methods, after {warmup} warm-up"
             " run(s) and the memory run")
+
+
+def build_candidates(rows: Sequence, build: Callable[[Any], Any]) -> Tuple[List, List[Candidate]]:
+    """(rows to measure, their candidates): `build(row)` gives the row's Candidate, or a status
+    string when the method cannot run here; a build that raises gives the row its error status,
+    and the other rows go on."""
+    measured, candidates = [], []
+    for row in rows:
+        try:
+            candidate = build(row)
+        except Exception as exc:  # noqa: BLE001 - a method that cannot even be set up is its row's result
+            row.status = "OOM" if is_out_of_memory(exc) else error_status(exc)
+            continue
+        if isinstance(candidate, str):
+            row.status = candidate
+            continue
+        measured.append(row)
+        candidates.append(candidate)
+    return measured, candidates
 
 
 def measure_rows(rows: Sequence, candidates: Sequence[Candidate], device: torch.device, warmup: int, repeat: int,
@@ -243,8 +281,9 @@ def measure_interleaved(candidates: Sequence[Candidate], device: torch.device, w
         for candidate, result in zip(candidates, results):
             if result.status != "ok":
                 continue
-            if _out_of_memory_or_raise(lambda: result.times_ms.append(time_ms(candidate.step, device))):
-                result.status, result.peak_mib = "OOM", None
+            failed = _attempt(lambda: result.times_ms.append(time_ms(candidate.step, device)))
+            if failed:
+                result.status, result.peak_mib = failed, None
             candidate.reset()
     for result in results:
         if result.status == "ok":
