@@ -121,6 +121,9 @@ def test_logprobs_rows_are_right_and_measured():
     for row in rows:
         assert row.status == "ok"
         assert math.isfinite(row.time_ms) and row.time_ms > 0
+        assert 0 < row.scored < row.n
+        flops = (8 if row.head == "trainable" else 4) * row.scored * 16 * 500
+        assert row.tflops == pytest.approx(flops / (row.time_ms * 1e-3) / 1e12)
         assert (row.peak_mib is not None) == MEMORY_MEASURED
         assert row.logp_err < 1e-4 and row.grad_err < 1e-4
 
@@ -403,13 +406,14 @@ def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, b
 
 def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
     def run_then_interrupt(cfg, rows, on_step):
-        rows.append(logprobs.Row("materialized", "frozen", 48, 16, 500, "float32", "ok", 1.0, 2.0, 0.0, 0.0))
+        rows.append(logprobs.Row("materialized", "frozen", n=48, scored=43, hidden=16, vocab=500, dtype="float32",
+                                 time_ms=1.0, peak_mib=2.0, logp_err=0.0, grad_err=0.0))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(logprobs, "run", run_then_interrupt)
     assert bench.run_op(logprobs, tiny_logprobs(), "test", out=str(tmp_path / "x"), progress=False) == 130
     report = (tmp_path / "x.md").read_text()
-    assert "| materialized | frozen | 48 | 16 | 500 | float32 | 1.0 | 2.0 |" in report
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 | 1.0 | - | 2.0 |" in report
     assert "**Interrupted**" in report
 
 

@@ -15,8 +15,8 @@ import fastpref
 
 from . import options
 from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
-from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, materialized_logprobs,
-                        random_head, relative_error, token_reference)
+from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, head_flop_floor,
+                        materialized_logprobs, random_head, relative_error, tflops, token_reference)
 from .report import header, markdown_table, number
 
 NAME = "logprobs"
@@ -56,11 +56,13 @@ class Row:
     method: str
     head: str
     n: int
+    scored: int  # targets that are not ignored: the rows the FLOP floor counts
     hidden: int
     vocab: int
     dtype: str
     status: str = "ok"
     time_ms: Optional[float] = None
+    tflops: Optional[float] = None
     peak_mib: Optional[float] = None
     logp_err: Optional[float] = None
     grad_err: Optional[float] = None
@@ -111,14 +113,18 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
     def reset() -> None:
         hidden.grad = weight.grad = None
 
+    scored = int((targets != IGNORE_INDEX).sum())
     for head in cfg.heads:
         weight.requires_grad_(head == "trainable")
-        head_rows = [Row(method, head, cfg.n, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
+        head_rows = [Row(method, head, cfg.n, scored, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for method in methods(cfg)]
         measured, candidates = build_candidates(
             head_rows, lambda row: _candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset))
         measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
                      lambda step: on_step(f"{head} head: {step}"))
+        for row in measured:
+            if row.status == "ok":
+                row.tflops = tflops(head_flop_floor(row.scored, row.hidden, row.vocab, row.head), row.time_ms)
         rows.extend(head_rows)
 
 
@@ -144,18 +150,20 @@ def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -
 def format_table(rows: Sequence[Row]) -> str:
     """Memory ratios are against the baseline with the same head."""
     baseline = {r.head: r.peak_mib for r in rows if r.method == BASELINE and r.peak_mib}
-    columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "peak mem over inputs (MiB)",
-               "mem vs baseline", "max abs dlogp", "grad rel err"]
+    columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "TFLOP/s",
+               "peak mem over inputs (MiB)", "mem vs baseline", "max abs dlogp", "grad rel err"]
     cells = []
     for r in rows:
         if r.status != "ok":
-            time_ms = peak = ratio = r.status
+            time_ms = rate = peak = ratio = r.status
         else:
-            time_ms, peak = number(r.time_ms), "n/a" if r.peak_mib is None else number(r.peak_mib)
+            time_ms, rate = number(r.time_ms), number(r.tflops, 2)
+            peak = "n/a" if r.peak_mib is None else number(r.peak_mib)
             base = baseline.get(r.head)
             ratio = "n/a" if r.peak_mib is None or base is None else f"{100 * r.peak_mib / base:.1f}%"
         errors = ["-" if e is None else f"{e:.2e}" for e in (r.logp_err, r.grad_err)]
-        cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, peak, ratio, *errors])
+        cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, rate, peak, ratio,
+                      *errors])
     return markdown_table(columns, cells)
 
 
@@ -166,6 +174,8 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f"methods: {BASELINE} = full [N, V] logits, float32 log-softmax, gather (as in TRL);"
         " fastpref-<backend> = fastpref.linear_logprobs",
         timing_note(cfg.warmup, cfg.repeat),
+        "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
+        " time, N_scored = targets not ignored",
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; the input gradients are"
         " alive at the end of the run and count",
         "max abs dlogp, grad rel err: against a float32 row-chunked reference of the baseline's math"

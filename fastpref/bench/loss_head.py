@@ -35,8 +35,8 @@ import fastpref
 
 from . import options
 from .measure import MIB, Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
-from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs,
-                        materialized_logprobs, random_head, relative_error, token_reference)
+from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs, head_flop_floor,
+                        materialized_logprobs, random_head, relative_error, tflops, token_reference)
 from .report import header, markdown_table, number
 
 NAME = "loss-head"
@@ -385,13 +385,8 @@ def _candidate(row: Row, fn: LossFunction, inputs: Inputs, ref: LossReference, d
     return Candidate(row.method, step, check, inputs.clear_grads)
 
 
-def flop_floor(row: Row) -> float:
-    """8 N_scored H V for a trainable head, 4 N_scored H V for a frozen one."""
-    return (8 if row.head == "trainable" else 4) * row.scored * row.hidden * row.vocab
-
-
 def _derive(row: Row, inputs: Inputs) -> None:
-    row.tflops = flop_floor(row) / (row.time_ms * 1e-3) / 1e12
+    row.tflops = tflops(head_flop_floor(row.scored, row.hidden, row.vocab, row.head), row.time_ms)
     if row.peak_mib is not None:
         floor = inputs.hidden.numel() * inputs.hidden.element_size()
         if row.head == "trainable":

@@ -31,6 +31,17 @@ def reference_rows(weight: torch.Tensor) -> int:
     return max(1, REFERENCE_CHUNK_ELEMENTS.get(weight.device.type, 1 << 24) // weight.shape[0])
 
 
+def head_flop_floor(scored: int, hidden: int, vocab: int, head: str) -> float:
+    """The LM head's FLOP floor for a forward+backward over `scored` tokens: 8 N H V with a
+    trainable head (logits, their recomputation, d_hidden, d_weight), 4 N H V with a frozen one
+    (logits and d_hidden, the softmax-weighted rows accumulated in the forward)."""
+    return (8 if head == "trainable" else 4) * scored * hidden * vocab
+
+
+def tflops(flops: float, time_ms: float) -> float:
+    return flops / (time_ms * 1e-3) / 1e12
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
