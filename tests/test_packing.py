@@ -4,9 +4,12 @@ from typing import List
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import fastpref
+# Optional on a bare GPU machine: without it this module is skipped, not a collection error.
+transformers = pytest.importorskip("transformers")
+LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
+
+import fastpref  # noqa: E402
 from fastpref.train.model import causal_lm_parts, packed_hidden
 from fastpref.train.packing import pack_pairs
 

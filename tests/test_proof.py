@@ -1,0 +1,80 @@
+"""The GPU proof run's plumbing, on the CPU: its dry run end to end, its time limits and budget."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastpref.bench import proof
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_goes_end_to_end(tmp_path):
+    results = tmp_path / "results"
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run(["bash", "benchmarks/gpu_proof.sh", "--dry-run", "--results-dir", str(results)],
+                         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "dry run, not run: " in run.stdout and "pip install" in run.stdout  # the install is shown, not run
+    report = (results / "proof.md").read_text()
+    for step in ("gpu-tests", "device-peaks", "logprobs", "loss-head", "end-to-end"):
+        assert f"| {step} | ok |" in report
+        assert (results / f"{step}.log").exists()
+    for name in ("device-peaks", "logprobs", "loss-head", "end-to-end"):
+        assert json.loads((results / f"{name}.json").read_text())
+    peaks = json.loads((results / "device-peaks.json").read_text())
+    assert peaks["matmul_tflops"] > 0 and peaks["copy_tb_per_s"] > 0
+    assert "| logprobs | fastpref-torch | trainable | ok |" in report
+    assert "| loss-head | fastpref-torch | frozen | ok |" in report
+    assert "passed" in (results / "gpu-tests.log").read_text() or "skipped" in (results / "gpu-tests.log").read_text()
+
+
+def test_a_step_past_its_limit_is_interrupted_and_keeps_what_it_wrote(tmp_path):
+    written = tmp_path / "rows.json"
+    script = ("import json, time\n"
+              "try:\n"
+              "    time.sleep(60)\n"
+              "except KeyboardInterrupt:\n"
+              f"    open({str(written)!r}, 'w').write(json.dumps(['row measured before the limit']))\n"
+              "    raise SystemExit(130)\n")
+    step = proof.Step("slow", 1, [sys.executable, "-c", script])
+    proof.run_step(step, 1.0, tmp_path / "slow.log")
+    assert step.status.startswith("cut at its 1 s limit")
+    assert json.loads(written.read_text()) == ["row measured before the limit"]
+    assert step.wall_s < 30
+
+
+def test_a_failing_step_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def steps(results):
+        return [proof.Step("broken", 30, [sys.executable, "-c", "raise SystemExit('no kernel image')"]),
+                proof.Step("fine", 30, [sys.executable, "-c", "print('measured')"])]
+
+    monkeypatch.setattr(proof, "dry_run_steps", steps)
+    assert proof.main(["--dry-run", "--results-dir", str(tmp_path)]) == 1
+    report = (tmp_path / "proof.md").read_text()
+    assert "| broken | failed (exit 1) |" in report and "| fine | ok |" in report
+    assert "no kernel image" in capsys.readouterr().out  # the failing step's log tail is shown
+
+
+def test_steps_beyond_the_budget_are_skipped(tmp_path):
+    assert proof.main(["--dry-run", "--results-dir", str(tmp_path), "--budget-s", "10"]) == 1
+    report = (tmp_path / "proof.md").read_text()
+    assert report.count("skipped: the run's time budget is spent") == 5
+
+
+def test_unknown_step_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        proof.main(["--dry-run", "--results-dir", str(tmp_path), "--steps", "logprobs", "warp-drive"])
+    assert "--steps: unknown warp-drive; the steps are gpu-tests, device-peaks" in capsys.readouterr().err
+
+
+def test_gpu_steps_measure_the_headline_shape(tmp_path):
+    steps = {step.name: " ".join(step.command) for step in proof.gpu_steps(tmp_path)}
+    assert list(steps) == ["gpu-tests", "device-peaks", "logprobs", "loss-head", "end-to-end"]
+    assert "--n 16384 --hidden 4096 --vocab 128256 --dtype bfloat16" in steps["logprobs"]
+    assert "--hidden 4096 --vocab 128256 --tokens 16384" in steps["loss-head"]
+    assert "-m gpu" in steps["gpu-tests"] and "--continue-on-collection-errors" in steps["gpu-tests"]
+    assert sum(step.limit_s for step in proof.gpu_steps(tmp_path)[:4]) <= 540 - 60  # room for the install
