@@ -34,7 +34,9 @@ class AuditRow:
 
     @property
     def short_kernel(self) -> str:
-        return self.kernel.rsplit(".", 1)[-1]
+        """The function's name: "_forward_kernel" of "fastpref.kernels.m._forward_kernel", or
+        "kto_loss_kernel" of "kto_loss.cu:kto_loss_kernel"."""
+        return self.kernel.rsplit(":" if self.language == "cuda" else ".", 1)[-1]
 
 
 def violations(row: AuditRow) -> List[str]:
