@@ -1,4 +1,4 @@
-"""Command-line interface: ``fastpref train``, ``eval``, ``bench`` and ``kernels``."""
+"""Command-line interface: ``fastpref train``, ``eval``, ``bench``, ``plan`` and ``kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from . import bench
 from .audit import command as audit_command
+from .bench import plan as plan_module
 
 
 def bench_main(op: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -37,6 +38,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bench", help="time and peak memory vs the standard implementation and peers (no OP: all of them)",
         description=bench.__doc__.splitlines()[0], epilog="Each OP has its own flags: fastpref bench OP --help.")
     bench_parsers = bench.add_arguments(bench_parser)
+    plan_parser = commands.add_parser(
+        "plan", help="cost model of the LM-head step: every launch's FLOPs, bytes, atomics, predicted time",
+        description=plan_module.__doc__.splitlines()[0])
+    plan_module.add_arguments(plan_parser)
     kernels_parser = commands.add_parser(
         "kernels", help="compile every GPU kernel offline for sm_90/sm_80: registers, spills, smem, wgmma",
         description=audit_command.__doc__.splitlines()[0])
@@ -48,6 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train_commands.run_train(args)
     if args.command == "eval":
         return train_commands.run_eval(args)
+    if args.command == "plan":
+        return plan_module.run(args)
     if args.command == "kernels":
         return audit_command.run(args, _command("fastpref", argv), argv[1:])
     return bench.main(args, bench_parsers, _command("fastpref", argv))

@@ -78,3 +78,16 @@ def test_gpu_steps_measure_the_headline_shape(tmp_path):
     assert "--hidden 4096 --vocab 128256 --tokens 16384" in steps["loss-head"]
     assert "-m gpu" in steps["gpu-tests"] and "--continue-on-collection-errors" in steps["gpu-tests"]
     assert sum(step.limit_s for step in proof.gpu_steps(tmp_path)[:4]) <= 540 - 60  # room for the install
+
+
+def test_headline_rows_put_the_cost_model_beside_the_triton_rows(tmp_path):
+    row = dict(method="fastpref-triton", head="trainable", status="ok", time_ms=410.0, tflops=168.0, peak_mib=900.0,
+               n=16384, scored=16384, hidden=4096, vocab=128256, dtype="bfloat16")
+    peer = dict(row, method="materialized", tflops=300.0)
+    (tmp_path / "logprobs.json").write_text(json.dumps([row, peer]))
+    assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
+    assert proof.device_kind("AMD EPYC (2 torch threads)") is None
+    triton_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
+    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", "303-522"]
+    assert triton_row[7] == "21%"
+    assert peer_row[5] == "-"

@@ -113,9 +113,26 @@ def run_step(step: Step, limit_s: float, log: Path) -> None:
     step.wall_s = time.monotonic() - began
 
 
-def headline_rows(results: Path, peak_tflops: Optional[float]) -> List[List[str]]:
-    """Every measured row of the logprobs and loss-head steps: time, TFLOP/s, share of the
-    measured matmul peak, peak memory."""
+def device_kind(device: str) -> Optional[str]:
+    """The cost model's kind for a device name ("NVIDIA H200 (driver ...)" -> "h200")."""
+    from .plan import DEVICE_KINDS
+
+    return next((kind for kind in DEVICE_KINDS if kind in device.lower()), None)
+
+
+def predicted(row: dict, kind: Optional[str]) -> str:
+    """The cost model's range for the Triton backend's row (its atomic design), else "-"."""
+    from .plan import Shape, plan
+
+    if kind is None or row["method"] != "fastpref-triton" or row.get("dtype") not in ("bfloat16", "float16"):
+        return "-"
+    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], "atomic", kind).predicted_ms
+    return f"{fast:.0f}-{slow:.0f}"
+
+
+def headline_rows(results: Path, peak_tflops: Optional[float], kind: Optional[str] = None) -> List[List[str]]:
+    """Every measured row of the logprobs and loss-head steps: time (and the cost model's
+    prediction), TFLOP/s, share of the measured matmul peak, peak memory."""
     cells = []
     for op in ("logprobs", "loss-head"):
         try:
@@ -126,7 +143,7 @@ def headline_rows(results: Path, peak_tflops: Optional[float]) -> List[List[str]
             rate = row.get("tflops")
             share = f"{100 * rate / peak_tflops:.0f}%" if rate and peak_tflops else "-"
             cells.append([op, row["method"], row["head"], row["status"], number(row.get("time_ms")),
-                          number(rate, 2), share, number(row.get("peak_mib"))])
+                          predicted(row, kind), number(rate, 2), share, number(row.get("peak_mib"))])
     return cells
 
 
@@ -139,13 +156,14 @@ def summary(steps: Sequence[Step], results: Path, command: str, device: str, dry
                              for s in steps]), ""]
     if peaks is not None:
         lines += ["## Device ceilings (this run)", "", format_peaks(peaks), ""]
-    cells = headline_rows(results, peaks.matmul_tflops if peaks else None)
+    cells = headline_rows(results, peaks.matmul_tflops if peaks else None, device_kind(device))
     if cells:
         lines += ["## Headline rows", "",
                   "TFLOP/s against the FLOP floor (8 N_scored H V trainable, 4 N_scored H V frozen); "
-                  "share = TFLOP/s over this run's measured matmul rate.", "",
-                  markdown_table(["op", "method", "head", "status", "time (ms)", "TFLOP/s", "of matmul peak",
-                                  "peak memory (MiB)"], cells), ""]
+                  "share = TFLOP/s over this run's measured matmul rate; predicted = `fastpref plan`'s range "
+                  "for the Triton backend's design on this kind of GPU (a model estimate).", "",
+                  markdown_table(["op", "method", "head", "status", "time (ms)", "predicted (ms)", "TFLOP/s",
+                                  "of matmul peak", "peak memory (MiB)"], cells), ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,260 @@
+"""Cost model of the LM-head step: every kernel and GEMM a design launches, and its predicted time.
+
+For a shape (N scored tokens, H, V), a dtype width, a head (trainable or frozen) and a GPU kind,
+each launch is counted in FLOPs, HBM bytes and float32 atomic bytes, and its time predicted as the
+largest of three:
+
+    compute   FLOPs / rate,  rate = min(matmul peak, operand intensity of its tile x L2 bandwidth)
+              (a cuBLAS GEMM runs at the matmul peak: it picks tiles that reach it)
+    memory    HBM bytes / HBM bandwidth
+    atomics   atomic bytes / the L2's float32 read-modify-write throughput
+
+A tile of BM x BN outputs that walks K loads (BM + BN) K elements for 2 BM BN K FLOPs: its operand
+intensity is 2 BM BN / ((BM + BN) * element bytes) FLOP per byte of L2 -> SM traffic (64 x 128
+bf16: 43; 128 x 128: 64; 128 x 256: 85). The L2 bandwidth and atomic throughput are uncertain,
+so every prediction is a range (the fast end of both, the slow end of both). These are model
+estimates, not measurements: ``fastpref plan`` says so, and the GPU proof run prints the
+measured rows beside it.
+
+Designs:
+  atomic  the Triton backend today: a fused forward (GEMM + online log-sum-exp, 64 x 128 tiles);
+          a backward of one tile per program that recomputes its logits and adds its share of
+          d_hidden and d_weight with float32 atomics (frozen head: 6NHV in all, trainable: 8NHV).
+  slab    vocabulary slabs of all N rows (width Vs from the scratch budget). Forward, per slab: a
+          fused GEMM z_s = h W_s^T (128 x 128 tiles) whose epilogue updates the running max and
+          sum and writes p~ = exp(z_s - m) to a scratch, then u <- u alpha + p~ W_s (a GEMM), so
+          that the log-sum-exp and u = W_t - sum_v p_v W_v come out of one pass and d_hidden is
+          g u. Backward of a trainable head, per slab: a fused recompute + dz epilogue into a bf16
+          scratch, then d_weight_s = dz^T h (a GEMM with K = N, written once). No atomics; frozen
+          head 4NHV, trainable 8NHV.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from .report import markdown_table
+
+HEADS = ("trainable", "frozen")
+DESIGNS = ("atomic", "slab")
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """matmul_tflops: what a large dense cuBLAS GEMM reaches (not the datasheet figure)."""
+
+    name: str
+    matmul_tflops: float
+    hbm_tb_s: float
+    l2_tb_s: Tuple[float, float]
+    atomic_tb_s: Tuple[float, float]
+
+
+DEVICE_KINDS = {
+    "h100": DeviceKind("H100 SXM", 790.0, 3.35, (5.5, 8.0), (1.8, 3.2)),
+    "h200": DeviceKind("H200", 790.0, 4.8, (5.5, 8.0), (1.8, 3.2)),
+    "a100": DeviceKind("A100 SXM", 280.0, 2.0, (3.5, 5.0), (1.0, 1.8)),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    hidden: int
+    vocab: int
+    element_bytes: int = 2  # bf16
+
+
+@dataclass
+class Launch:
+    """One kind of launch of a design, `count` times; figures are for all of them together."""
+
+    name: str
+    count: int
+    flops: float
+    hbm_bytes: float
+    atomic_bytes: float = 0.0
+    tile: Optional[Tuple[int, int]] = None  # (BM, BN) of a fused kernel; None: a cuBLAS GEMM or elementwise
+
+    def predicted_ms(self, device: DeviceKind, element_bytes: int) -> Tuple[float, float]:
+        """(fast, slow) predicted time in ms."""
+        times = []
+        for l2, atomics in ((device.l2_tb_s[1], device.atomic_tb_s[1]), (device.l2_tb_s[0], device.atomic_tb_s[0])):
+            rate = device.matmul_tflops * 1e12
+            if self.tile is not None:
+                rate = min(rate, operand_intensity(self.tile, element_bytes) * l2 * 1e12)
+            seconds = max(self.flops / rate, self.hbm_bytes / (device.hbm_tb_s * 1e12),
+                          self.atomic_bytes / (atomics * 1e12))
+            times.append(seconds * 1e3)
+        return times[0], times[1]
+
+
+def operand_intensity(tile: Tuple[int, int], element_bytes: int) -> float:
+    bm, bn = tile
+    return 2 * bm * bn / ((bm + bn) * element_bytes)
+
+
+def flop_floor(shape: Shape, head: str) -> float:
+    return (8 if head == "trainable" else 4) * shape.n * shape.hidden * shape.vocab
+
+
+def slab_width(shape: Shape, scratch_bytes: int) -> int:
+    """The widest multiple of 128 columns whose bf16 [N, Vs] scratch fits the budget (at least 128)."""
+    columns = scratch_bytes // (shape.n * shape.element_bytes)
+    return int(max(128, min(shape.vocab, columns // 128 * 128)))
+
+
+def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) -> List[Launch]:
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    bm, bn = tile
+    programs = math.ceil(n / bm) * math.ceil(v / bn)
+    operands = n * h * e + v * h * e
+    backward_flops = (6 if head == "trainable" else 4) * n * h * v
+    atomic_bytes = FP32 * n * h * math.ceil(v / bn)  # d_hidden: every vocabulary tile adds its share
+    if head == "trainable":
+        atomic_bytes += FP32 * v * h * math.ceil(n / bm)  # d_weight: every row tile adds its share
+    return [
+        Launch("forward: GEMM + online log-sum-exp", math.ceil(n / bm), 2 * n * h * v, operands, tile=tile),
+        Launch("backward: recompute + dz + atomic d_hidden" + (", d_weight" if head == "trainable" else ""),
+               programs, backward_flops, operands, atomic_bytes, tile=tile),
+    ]
+
+
+def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, int] = (128, 128)) -> List[Launch]:
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    width = slab_width(shape, scratch_bytes)
+    slabs = math.ceil(v / width)
+    launches = [
+        # the slab's logits stay on chip only when one program spans the slab's columns: they go
+        # to a float32 scratch and come back once for p~ (written as bf16)
+        Launch("forward, per slab: GEMM z_s + online max/sum, p~ = exp(z_s - m)", slabs, 2 * n * h * v,
+               slabs * n * h * e + v * h * e + n * v * (FP32 + FP32 + e), tile=tile),
+        Launch("forward, per slab: u = u alpha + p~ W_s (cuBLAS)", slabs, 2 * n * h * v,
+               n * v * e + v * h * e + slabs * 2 * n * h * FP32),
+    ]
+    if head == "trainable":
+        launches += [
+            Launch("backward, per slab: recompute z_s + dz epilogue (bf16 scratch)", slabs, 2 * n * h * v,
+                   slabs * n * h * e + v * h * e + n * v * e, tile=tile),
+            Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N)", slabs, 2 * n * h * v,
+                   n * v * e + slabs * n * h * e + v * h * e),
+        ]
+    launches.append(Launch("backward: d_hidden = g u", 1, n * h, n * h * (FP32 + e)))
+    return launches
+
+
+def slab_extra_bytes(shape: Shape, scratch_bytes: int) -> int:
+    """Memory the slab design holds beyond its inputs and the gradients it returns: the float32
+    logits of one slab, its bf16 probabilities (or dz), and u in float32."""
+    width = slab_width(shape, scratch_bytes)
+    return shape.n * width * (FP32 + shape.element_bytes) + shape.n * shape.hidden * FP32
+
+
+def materialized_extra_bytes(shape: Shape) -> int:
+    """The materialized baseline's logits (bf16), their float32 log-softmax, and its gradient."""
+    return shape.n * shape.vocab * (shape.element_bytes + FP32 + FP32)
+
+
+@dataclass
+class Plan:
+    shape: Shape
+    head: str
+    design: str
+    device: DeviceKind
+    launches: List[Launch]
+
+    @property
+    def predicted_ms(self) -> Tuple[float, float]:
+        times = [launch.predicted_ms(self.device, self.shape.element_bytes) for launch in self.launches]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    @property
+    def floor_ms(self) -> float:
+        return flop_floor(self.shape, self.head) / (self.device.matmul_tflops * 1e12) * 1e3
+
+    @property
+    def share_of_peak(self) -> Tuple[float, float]:
+        """(at the fast end, at the slow end) of the floor over the predicted time."""
+        fast, slow = self.predicted_ms
+        return self.floor_ms / fast, self.floor_ms / slow
+
+
+def plan(shape: Shape, head: str, design: str, device_kind: str, scratch_bytes: int = 128 << 20) -> Plan:
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"device kind must be one of {sorted(DEVICE_KINDS)}, got {device_kind!r}")
+    if design == "atomic":
+        launches = atomic_design(shape, head)
+    elif design == "slab":
+        launches = slab_design(shape, head, scratch_bytes)
+    else:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    return Plan(shape, head, design, DEVICE_KINDS[device_kind], launches)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.1f}"
+
+
+def format_plan(result: Plan) -> str:
+    e = result.shape.element_bytes
+    rows = []
+    for launch in result.launches:
+        fast, slow = launch.predicted_ms(result.device, e)
+        rows.append([launch.name, f"{launch.count:,}", f"{launch.flops / 1e12:,.1f}", _gb(launch.hbm_bytes),
+                     _gb(launch.atomic_bytes), f"{fast:,.1f}-{slow:,.1f}"])
+    fast, slow = result.predicted_ms
+    share_fast, share_slow = result.share_of_peak
+    floor = "8NHV" if result.head == "trainable" else "4NHV"
+    rows.append(["total", "", f"{sum(l.flops for l in result.launches) / 1e12:,.1f}",
+                 _gb(sum(l.hbm_bytes for l in result.launches)), _gb(sum(l.atomic_bytes for l in result.launches)),
+                 f"{fast:,.1f}-{slow:,.1f}"])
+    shape = result.shape
+    return "\n".join([
+        f"## {result.design} design, {result.head} head, {result.device.name} (model estimate)", "",
+        f"N={shape.n:,} H={shape.hidden:,} V={shape.vocab:,}, {e}-byte operands; {floor} floor "
+        f"{flop_floor(shape, result.head) / 1e12:,.1f} TFLOP = {result.floor_ms:.1f} ms at "
+        f"{result.device.matmul_tflops:.0f} TFLOP/s; predicted {fast:.0f}-{slow:.0f} ms = "
+        f"{100 * share_slow:.0f}-{100 * share_fast:.0f}% of the matmul peak", "",
+        markdown_table(["launch", "count", "TFLOP", "HBM GB", "atomic GB", "predicted ms"], rows), ""])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=16384, help="scored tokens N (default: 16384)")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size H (default: 4096)")
+    parser.add_argument("--vocab", type=int, default=128256, help="vocabulary size V (default: 128256)")
+    parser.add_argument("--element-bytes", type=int, choices=(2, 4), default=2,
+                        help="bytes per operand element: 2 for bf16/fp16 (default), 4 for fp32")
+    parser.add_argument("--device-kind", choices=sorted(DEVICE_KINDS), default="h100",
+                        help="GPU kind whose rates the model uses (default: h100)")
+    parser.add_argument("--head", nargs="+", choices=HEADS, default=list(HEADS), help="heads (default: both)")
+    parser.add_argument("--design", nargs="+", choices=DESIGNS, default=list(DESIGNS),
+                        help="designs (default: both)")
+    parser.add_argument("--scratch-mib", type=int, default=128,
+                        help="the slab design's scratch budget in MiB (default: 128)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("tokens", "hidden", "vocab", "scratch_mib"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    shape = Shape(args.tokens, args.hidden, args.vocab, args.element_bytes)
+    device = DEVICE_KINDS[args.device_kind]
+    print(f"# LM-head cost model on {device.name}: predictions from FLOPs, bytes and atomics, not measurements\n")
+    print(f"- rates assumed: matmul {device.matmul_tflops:.0f} TFLOP/s, HBM {device.hbm_tb_s} TB/s, L2 -> SM "
+          f"{device.l2_tb_s[0]}-{device.l2_tb_s[1]} TB/s, float32 atomics {device.atomic_tb_s[0]}-"
+          f"{device.atomic_tb_s[1]} TB/s\n")
+    for design in args.design:
+        for head in args.head:
+            print(format_plan(plan(shape, head, design, args.device_kind, args.scratch_mib << 20)))
+    if "slab" in args.design:
+        extra = slab_extra_bytes(shape, args.scratch_mib << 20)
+        baseline = materialized_extra_bytes(shape)
+        print(f"slab design: slab width {slab_width(shape, args.scratch_mib << 20):,} columns, extra memory "
+              f"{extra / 2**20:,.0f} MiB = {100 * extra / baseline:.2f}% of the materialized baseline's "
+              f"{baseline / 2**30:,.1f} GiB of logits, log-softmax and logit gradient")
+    return 0

@@ -1,0 +1,78 @@
+"""The LM-head cost model: it reproduces the hand estimate of the atomic design and counts the slab design."""
+import pytest
+
+from fastpref import cli
+from fastpref.bench.plan import (DEVICE_KINDS, Shape, flop_floor, materialized_extra_bytes, operand_intensity, plan,
+                                 slab_extra_bytes, slab_width)
+
+HEADLINE = Shape(16384, 4096, 128256)
+
+
+def test_atomic_design_reproduces_the_hand_estimate():
+    """256 x 1,002 programs of 64 x 128 tiles (43 FLOP/B), 2.0e11 float32 atomic adds (807 GB):
+    a trainable forward+backward of 300-520 ms on an H100, 17-29% of the bf16 matmul peak."""
+    trainable = plan(HEADLINE, "trainable", "atomic", "h100")
+    backward = trainable.launches[1]
+    assert backward.count == 256 * 1002
+    assert operand_intensity((64, 128), 2) == pytest.approx(42.7, abs=0.1)
+    assert backward.atomic_bytes / 4 == pytest.approx(2.0e11, rel=0.01)
+    assert backward.atomic_bytes / 1e9 == pytest.approx(807, rel=0.01)
+    fast, slow = trainable.predicted_ms
+    assert fast == pytest.approx(300, rel=0.03) and slow == pytest.approx(520, rel=0.03)
+    share_fast, share_slow = trainable.share_of_peak
+    assert share_fast == pytest.approx(0.29, abs=0.01) and share_slow == pytest.approx(0.17, abs=0.01)
+    assert sum(launch.flops for launch in trainable.launches) == flop_floor(HEADLINE, "trainable")
+
+    frozen = plan(HEADLINE, "frozen", "atomic", "h100")
+    assert sum(launch.flops for launch in frozen.launches) == 6 * 16384 * 4096 * 128256  # recomputes z: 6NHV
+    fast, slow = frozen.predicted_ms
+    assert 140 < fast < slow < 280
+
+
+def test_slab_design_has_no_atomics_and_does_the_floor():
+    for head, floor in (("trainable", 8), ("frozen", 4)):
+        result = plan(HEADLINE, head, "slab", "h100")
+        assert all(launch.atomic_bytes == 0 for launch in result.launches)
+        flops = sum(launch.flops for launch in result.launches)
+        assert flops == pytest.approx(floor * 16384 * 4096 * 128256, rel=1e-4)  # plus d_hidden = g u
+        assert min(result.share_of_peak) >= 0.6
+
+
+def test_slab_width_follows_the_scratch_budget():
+    assert slab_width(HEADLINE, 128 << 20) == 4096  # 16,384 rows x 4,096 bf16 columns = 128 MiB
+    assert slab_width(HEADLINE, 100 << 20) == 3200 // 128 * 128
+    assert slab_width(HEADLINE, 1) == 128
+    assert slab_width(Shape(8, 16, 300), 1 << 30) == 300
+    smaller = slab_extra_bytes(HEADLINE, 32 << 20)
+    assert smaller < slab_extra_bytes(HEADLINE, 128 << 20) < materialized_extra_bytes(HEADLINE)
+
+
+def test_every_device_kind_is_slower_where_its_rates_are_lower():
+    times = {kind: plan(HEADLINE, "trainable", "slab", kind).predicted_ms[1] for kind in DEVICE_KINDS}
+    assert times["a100"] > times["h100"] >= times["h200"]
+
+
+def test_cli_prints_every_design_and_head(capsys):
+    assert cli.main(["plan", "--device-kind", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "not measurements" in out
+    for design in ("atomic", "slab"):
+        for head in ("trainable", "frozen"):
+            assert f"## {design} design, {head} head, H200 (model estimate)" in out
+    assert "% of the materialized baseline" in out
+
+
+@pytest.mark.parametrize("argv, message", [(["--tokens", "0"], "--tokens must be >= 1"),
+                                           (["--scratch-mib", "-1"], "--scratch-mib must be >= 1")])
+def test_cli_rejects_bad_sizes(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["plan", *argv])
+
+
+def test_plan_rejects_unknown_names():
+    with pytest.raises(ValueError, match="head must be one of"):
+        plan(HEADLINE, "half", "slab", "h100")
+    with pytest.raises(ValueError, match="device kind must be one of"):
+        plan(HEADLINE, "frozen", "slab", "tpu")
+    with pytest.raises(ValueError, match="design must be one of"):
+        plan(HEADLINE, "frozen", "tiled", "h100")
