@@ -1,6 +1,6 @@
 """fastpref: fused kernels for preference optimization without full-vocabulary logits."""
 from ._buffers import poison_outputs
-from .backends import available_backends, registered_backends
+from .backends import available_backends, registered_backends, set_scratch_bytes
 from .layout import PackedBatch, PackedLayout, pack_padded
 from .linear_logprobs import check_linear_inputs, linear_logprobs
 from .loss_spec import LOSS_TYPES, LossSpec
@@ -23,4 +23,5 @@ __all__ = [
     "preference_loss",
     "registered_backends",
     "sequence_logps",
+    "set_scratch_bytes",
 ]

@@ -155,6 +155,26 @@ def test_triton_vocabulary_splits(monkeypatch):
     run_and_compare("triton", *make_inputs(9, 40, 301, torch.float32, with_bias=True, ignore_every=4))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_backward_over_many_vocabulary_slabs(with_bias):
+    """A scratch budget of one tile of columns: the backward walks V in many slabs (the last one
+    ragged), each writing its slab of d_weight once and adding its share of d_hidden."""
+    from fastpref import backends
+
+    try:
+        fastpref.set_scratch_bytes(1)
+        run_and_compare("triton", *make_inputs(23, 40, 301, torch.float32, with_bias=with_bias, ignore_every=5))
+        run_and_compare("triton", *make_inputs(23, 40, 301, torch.bfloat16, with_bias=with_bias, ignore_every=5))
+    finally:
+        fastpref.set_scratch_bytes(backends.DEFAULT_SCRATCH_BYTES)
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "1GB"])
+def test_scratch_budget_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match="scratch_bytes must be a positive int"):
+        fastpref.set_scratch_bytes(value)
+
+
 def test_backends_agree():
     inputs = make_inputs(29, 50, 203, torch.float32, with_bias=True, ignore_every=6, seed=1234)
     logp_torch, grads_torch = run_and_compare("torch", *inputs)

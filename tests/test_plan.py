@@ -43,8 +43,9 @@ def test_slab_width_follows_the_scratch_budget():
     assert slab_width(HEADLINE, 100 << 20) == 3200 // 128 * 128
     assert slab_width(HEADLINE, 1) == 128
     assert slab_width(Shape(8, 16, 300), 1 << 30) == 300
-    smaller = slab_extra_bytes(HEADLINE, 32 << 20)
-    assert smaller < slab_extra_bytes(HEADLINE, 128 << 20) < materialized_extra_bytes(HEADLINE)
+    for head in ("trainable", "frozen"):
+        smaller = slab_extra_bytes(HEADLINE, head, 32 << 20)
+        assert smaller < slab_extra_bytes(HEADLINE, head, 128 << 20) < 0.04 * materialized_extra_bytes(HEADLINE)
 
 
 def test_every_device_kind_is_slower_where_its_rates_are_lower():
@@ -59,7 +60,7 @@ def test_cli_prints_every_design_and_head(capsys):
     for design in ("atomic", "slab"):
         for head in ("trainable", "frozen"):
             assert f"## {design} design, {head} head, H200 (model estimate)" in out
-    assert "% of the materialized baseline" in out
+    assert "slab design, frozen head: extra memory" in out and "% of the materialized baseline" in out
 
 
 @pytest.mark.parametrize("argv, message", [(["--tokens", "0"], "--tokens must be >= 1"),

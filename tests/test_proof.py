@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_goes_end_to_end(tmp_path):
     results = tmp_path / "results"
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment["PYTHON"] = sys.executable
     run = subprocess.run(["bash", "benchmarks/gpu_proof.sh", "--dry-run", "--results-dir", str(results)],
                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -88,6 +89,6 @@ def test_headline_rows_put_the_cost_model_beside_the_triton_rows(tmp_path):
     assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
     assert proof.device_kind("AMD EPYC (2 torch threads)") is None
     triton_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
-    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", "303-522"]
+    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", "111-141"]
     assert triton_row[7] == "21%"
     assert peer_row[5] == "-"

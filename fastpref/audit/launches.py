@@ -106,19 +106,23 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
     """The fused linear log-prob op: forward and backward at every dtype, bias, gradient set and
-    shape. Targets are int64 (the public op converts them before any backend sees them)."""
+    shape. Targets are int64 (the public op converts them before any backend sees them). A
+    frozen head's forward with the hidden gradient wanted is a slab pass of cuBLAS matmuls and
+    its backward a scale: no Triton launch to compile there."""
     from ..backends import ForwardResult
     from ..backends.triton_backend import kernel_config
 
     for dtype, (shape_name, (rows, width, vocab)), has_bias in itertools.product(
             backend.BACKEND.dtypes, SHAPES.items(), (False, True)):
         config = kernel_config(dtype, arch.capability, arch.multiprocessors)
-        hidden, weight = _meta((rows, width), dtype), _meta((vocab, width), dtype)
+        hidden, weight = _meta((rows, width), dtype), _meta((vocab, width), dtype).requires_grad_()
         bias = _meta((vocab,), dtype) if has_bias else None
         targets = _meta((rows,), torch.int64)
         label = (f"{str(dtype).replace('torch.', '')} {shape_name} N={rows} H={width} V={vocab}"
                  f"{' bias' if has_bias else ''}")
-        yield f"forward {label}", lambda: backend.forward(hidden, weight, bias, targets, True, config=config)
+        for want_hidden_grad in (True, False):
+            yield (f"forward {label} trainable head{' hidden grad' if want_hidden_grad else ''}",
+                   lambda want=want_hidden_grad: backend.forward(hidden, weight, bias, targets, want, config=config))
         saved = ForwardResult(*(_meta((rows,), torch.float32) for _ in range(3)))
         grad = _meta((rows,), torch.float32)
         for need_hidden, need_weight, need_bias in itertools.product((True, False), repeat=3):

@@ -87,6 +87,47 @@ class Backend:
 
 _REGISTRY: Dict[str, Backend] = {}
 
+# The most memory the backward's logit-gradient scratch may take: it sets the vocabulary slab
+# width, Vs = scratch / (N * element bytes). At N = 16,384 bf16 rows that is 4,096 columns.
+DEFAULT_SCRATCH_BYTES = 128 << 20
+_scratch_bytes = DEFAULT_SCRATCH_BYTES
+
+
+def set_scratch_bytes(value: int) -> None:
+    """Set the memory budget (bytes) of the backward's [N, Vs] scratch; smaller slabs run more
+    but smaller matmuls. The budget is a floor of one tile of columns, whatever the value."""
+    global _scratch_bytes
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"scratch_bytes must be a positive int, got {value!r}")
+    _scratch_bytes = value
+
+
+def scratch_bytes() -> int:
+    """The current budget of set_scratch_bytes (DEFAULT_SCRATCH_BYTES unless changed)."""
+    return _scratch_bytes
+
+
+def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32.
+
+    On CUDA a half-precision pair takes cuBLAS's GEMM with a float32 output (torch >= 2.8's
+    ``out_dtype``); elsewhere, or on older torch, the operands are upcast first.
+    """
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b, accumulated in float32 and rounded once to out's dtype (on CUDA straight from
+    cuBLAS, with no float32 copy of the product)."""
+    if a.is_cuda and a.dtype == b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(matmul_float32(a, b))
+
 
 def target_logprob(target_logit: torch.Tensor, lse: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
     """log p_t without cancellation at either end.

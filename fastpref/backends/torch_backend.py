@@ -1,7 +1,9 @@
 """Pure-PyTorch backend: blocked over rows *and* vocabulary, runs anywhere.
 
-It is the readable reference of the blocked algorithm and the CPU path. No tensor larger than one
-[row_block x vocab_block] block of logits ever exists (16 MiB of fp32 by default), whatever N and V.
+It is the readable reference of the blocked algorithm, the CPU path, and the fallback on a GPU
+where a kernel cannot run. No tensor larger than one [row_block x vocab_block] block of logits
+ever exists, whatever N and V: 16 MiB of fp32 on a CPU; on a GPU a vocabulary slab of all rows
+within the scratch budget (fastpref.set_scratch_bytes), so every matmul is one large GEMM.
 
 Forward, for each block of rows, streaming over vocabulary blocks W_b with an online softmax
 (running max m, running sum s, rescaled by alpha = exp(m_old - m_new) when m grows):
@@ -33,16 +35,22 @@ from typing import Optional, Tuple
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, target_logprob
+from . import Backend, ForwardResult, matmul_float32, scratch_bytes, target_logprob
 from .torch_preference_loss import preference_loss
 
-# A block of logits holds at most this many elements; rows per block are capped separately so
-# that long inputs still stream over the vocabulary.
+# On a CPU a block of logits holds at most this many elements (cache-sized matmuls run at the
+# CPU's GEMM speed); rows per block are capped so that long inputs still stream over the vocabulary.
 BLOCK_ELEMENTS = 1 << 22
 MAX_ROW_BLOCK = 2048
 
 
-def _block_sizes(num_rows: int, vocab: int) -> Tuple[int, int]:
+def _block_sizes(num_rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
+    """(rows, columns) of a logits block. On a GPU: vocabulary slabs of every row, as wide as the
+    scratch budget (fastpref.set_scratch_bytes) allows for float32 logits, so that each matmul is
+    one large cuBLAS GEMM; on a CPU, cache-sized blocks."""
+    if device.type == "cuda":
+        columns = scratch_bytes() // (4 * max(1, num_rows))
+        return max(1, num_rows), max(1, min(vocab, columns))
     row_block = max(1, min(num_rows, MAX_ROW_BLOCK))
     vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // row_block))
     return row_block, vocab_block
@@ -61,8 +69,15 @@ def _accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in out_dtype, accumulated at least in float32 (never rounded to half precision first)."""
+    if out_dtype == torch.float64:
+        return (a @ b).to(out_dtype)
+    return matmul_float32(a, b)
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
-    z = (h @ w.t()).to(out_dtype)
+    z = _matmul(h, w.t(), out_dtype)
     if b is not None:
         z += b.to(out_dtype)
     return z
@@ -78,7 +93,7 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
-    row_block, vocab_block = _block_sizes(num_rows, vocab)
+    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device)
 
     logp = new_output((num_rows,), adt, hidden.device)
     lse = new_output((num_rows,), adt, hidden.device)
@@ -110,7 +125,7 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
             exp_z[hit_rows, hit_cols] = 0
             sum_excl.mul_(alpha).add_(exp_z.sum(dim=1))
             if want_hidden_grad:
-                acc.mul_(alpha[:, None]).add_((exp_z.to(cdt) @ w).to(adt))
+                acc.mul_(alpha[:, None]).add_(_matmul(exp_z.to(cdt), w, adt))
 
         row_sum = sum_excl + torch.exp(target_logit - running_max)
         row_lse = running_max + row_sum.log()
@@ -140,7 +155,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
 
     d_weight = torch.zeros(vocab, width, dtype=adt, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=adt, device=hidden.device) if need_bias else None
-    row_block, vocab_block = _block_sizes(num_rows, vocab)
+    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device)
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
         h = hidden[r0:r1].to(cdt)
@@ -157,7 +172,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
             hit_rows, hit_cols = _target_slots(t, v0, v1)
             dz[hit_rows, hit_cols] = g_rows[hit_rows] * miss_rows[hit_rows]
             if need_weight:
-                d_weight[v0:v1] += (dz.to(cdt).t() @ h).to(adt)
+                d_weight[v0:v1] += _matmul(dz.to(cdt).t(), h, adt)
             if need_bias:
                 d_bias[v0:v1] += dz.sum(dim=0)
 

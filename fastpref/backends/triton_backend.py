@@ -1,8 +1,9 @@
 """Triton backend: fused kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests).
 
 Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
-Backward: :mod:`fastpref.kernels.linear_logprobs_backward` (recompute + hidden gradient, 4NHV;
-plus 2NHV for the weight gradient when the head is trainable).
+Backward: :mod:`fastpref.kernels.linear_logprobs_backward` per vocabulary slab (the fused
+recompute + logit-gradient kernel, 2NHV, then the hidden gradient as a matmul, 2NHV, and the
+weight gradient as another when the head is trainable, 2NHV); no atomics.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, PreferenceLossResult, fused_loss_result
+from . import torch_backend
+from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_float32, matmul_into,
+               scratch_bytes)
 
 try:
     import triton  # noqa: F401
@@ -33,10 +36,11 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     programs_wanted: int  # the forward splits V until about this many programs run
+    group_n: int = 8  # row blocks rasterised together in the backward (L2 reuse of the weight tile)
 
 
 # Tiles for Triton's CPU interpreter: tiny, since it runs every program in Python.
-INTERPRETER_CONFIG = KernelConfig(16, 64, 32, num_warps=1, num_stages=1, programs_wanted=2)
+INTERPRETER_CONFIG = KernelConfig(16, 64, 32, num_warps=1, num_stages=1, programs_wanted=2, group_n=2)
 
 
 def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors: int = 0) -> KernelConfig:
@@ -45,8 +49,9 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
 
     Every configuration this returns is compiled offline for sm_80 and sm_90 by
     ``fastpref kernels`` (and its test), so a tile change that spills or misses wgmma fails there.
-    The backward's 64 x 128 x 64 half-precision tile holds too many accumulators for mma.sync's
-    register layout on sm_80 (it spills): A100s take K-steps of 32.
+    Half precision takes 128 x 128 tiles (64 FLOP per byte of operands; 64 x 128 gives 43, too
+    little to feed the tensor cores from L2); K-steps of 64 on sm_90 (254 registers in the forward,
+    no spill; 128 x 256 spills) and 32 on sm_80 (mma.sync keeps its accumulators in registers).
     """
     if capability is None:
         return INTERPRETER_CONFIG
@@ -54,8 +59,8 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     if dtype == torch.float32:
         return KernelConfig(32, 64, 32, num_warps=8, num_stages=2, programs_wanted=programs)
     if capability < 90:
-        return KernelConfig(64, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs)
-    return KernelConfig(64, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs)
+        return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs)
+    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs)
 
 
 def config_for(hidden: torch.Tensor) -> KernelConfig:
@@ -69,8 +74,13 @@ def config_for(hidden: torch.Tensor) -> KernelConfig:
 
 def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
             config: Optional[KernelConfig] = None) -> ForwardResult:
+    """The fused GEMM + online log-sum-exp kernel; for a frozen head whose hidden gradient is
+    wanted, the slab pass that also accumulates u = W_t - sum_v p_v W_v (matmuls through cuBLAS),
+    after which the backward is a scale: 4NHV in all instead of 6NHV."""
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
 
+    if want_hidden_grad and not weight.requires_grad and (bias is None or not bias.requires_grad):
+        return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
     cfg = config or config_for(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
     return linear_logprobs_forward(
@@ -85,15 +95,43 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
              need_hidden: bool, need_weight: bool, need_bias: bool,
              config: Optional[KernelConfig] = None):
-    from ..kernels.linear_logprobs_backward import linear_logprobs_backward
+    """Per vocabulary slab: the fused logit-gradient kernel into a scratch, then plain matmuls for
+    d_weight (written once per slab) and d_hidden (accumulated in float32); no atomics. When the
+    forward left u (a frozen head), d_hidden = g u and the slabs run only for what else is wanted."""
+    from ..kernels.linear_logprobs_backward import logit_gradient, slab_columns
 
+    direction = saved.hidden_grad_direction
+    hidden_from_direction = None
+    if need_hidden and direction is not None:
+        hidden_from_direction = (grad_logp.float()[:, None] * direction).to(hidden.dtype)
+        need_hidden = False
+    if not (need_hidden or need_weight or need_bias):
+        return hidden_from_direction, None, None
     cfg = config or config_for(hidden)
-    return linear_logprobs_backward(
-        hidden, weight, bias, targets, saved.lse, saved.miss, grad_logp,
-        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-        block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING,
-    )
+    num_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    columns = slab_columns(num_rows, vocab, hidden.element_size(), scratch_bytes(), cfg.block_v)
+    scratch = new_output((num_rows, min(columns, vocab)), hidden.dtype, hidden.device)
+    grad = grad_logp.float().contiguous()
+    d_hidden = torch.zeros((num_rows, width), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
+    d_bias = new_output((vocab,), torch.float32, weight.device) if need_bias else None
+    for start in range(0, vocab, columns):
+        stop = min(vocab, start + columns)
+        dz = scratch[:, :stop - start]
+        logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start,
+                       block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
+        if need_weight:
+            matmul_into(d_weight[start:stop], dz.t(), hidden)
+        if need_bias:
+            d_bias[start:stop] = dz.sum(dim=0, dtype=torch.float32)
+        if need_hidden:
+            d_hidden += matmul_float32(dz, weight[start:stop])
+    if hidden_from_direction is not None:
+        d_hidden = hidden_from_direction
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight,
+            None if d_bias is None else d_bias.to(bias.dtype))
 
 
 def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:

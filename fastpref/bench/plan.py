@@ -20,13 +20,12 @@ Designs:
   atomic  the Triton backend today: a fused forward (GEMM + online log-sum-exp, 64 x 128 tiles);
           a backward of one tile per program that recomputes its logits and adds its share of
           d_hidden and d_weight with float32 atomics (frozen head: 6NHV in all, trainable: 8NHV).
-  slab    vocabulary slabs of all N rows (width Vs from the scratch budget). Forward, per slab: a
-          fused GEMM z_s = h W_s^T (128 x 128 tiles) whose epilogue updates the running max and
-          sum and writes p~ = exp(z_s - m) to a scratch, then u <- u alpha + p~ W_s (a GEMM), so
-          that the log-sum-exp and u = W_t - sum_v p_v W_v come out of one pass and d_hidden is
-          g u. Backward of a trainable head, per slab: a fused recompute + dz epilogue into a bf16
-          scratch, then d_weight_s = dz^T h (a GEMM with K = N, written once). No atomics; frozen
-          head 4NHV, trainable 8NHV.
+  slab    the Triton backend now, over vocabulary slabs of all N rows (width Vs from the scratch
+          budget). Trainable head: the fused forward (128 x 128 tiles), then per slab a fused
+          recompute + dz epilogue into a bf16 scratch, d_weight_s = dz^T h (written once) and
+          d_hidden += dz W_s (float32), both cuBLAS: 8NHV, no atomics. Frozen head: per slab the
+          logits z_s = h W_s^T in float32 and u <- u alpha + p~ W_s (cuBLAS) with the running max
+          and sum taken between them, so the backward is d_hidden = g u: 4NHV.
 """
 from __future__ import annotations
 
@@ -125,32 +124,44 @@ def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) ->
 
 def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, int] = (128, 128)) -> List[Launch]:
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    if head == "frozen":
+        width = max(1, min(v, scratch_bytes // (FP32 * n)))  # float32 logits of all rows
+        slabs = math.ceil(v / width)
+        return [
+            Launch("forward, per slab: z_s = h W_s^T, float32 out (cuBLAS)", slabs, 2 * n * h * v,
+                   slabs * n * h * e + v * h * e + n * v * FP32),
+            # max, subtract + exp in place, sum, the target's column, the cast to bf16
+            Launch("forward, per slab: running max and sum, p~ = exp(z_s - m) (elementwise)", 5 * slabs, 0.0,
+                   n * v * (6 * FP32 + e)),
+            Launch("forward, per slab: u = u alpha + p~ W_s (cuBLAS, float32 out)", slabs, 2 * n * h * v,
+                   n * v * e + v * h * e + slabs * 4 * n * h * FP32),
+            Launch("backward: d_hidden = g u", 1, n * h, n * h * (FP32 + e)),
+        ]
     width = slab_width(shape, scratch_bytes)
     slabs = math.ceil(v / width)
-    launches = [
-        # the slab's logits stay on chip only when one program spans the slab's columns: they go
-        # to a float32 scratch and come back once for p~ (written as bf16)
-        Launch("forward, per slab: GEMM z_s + online max/sum, p~ = exp(z_s - m)", slabs, 2 * n * h * v,
-               slabs * n * h * e + v * h * e + n * v * (FP32 + FP32 + e), tile=tile),
-        Launch("forward, per slab: u = u alpha + p~ W_s (cuBLAS)", slabs, 2 * n * h * v,
-               n * v * e + v * h * e + slabs * 2 * n * h * FP32),
+    return [
+        Launch("forward: GEMM + online log-sum-exp (fused)", math.ceil(n / tile[0]), 2 * n * h * v,
+               n * h * e + v * h * e, tile=tile),
+        Launch("backward, per slab: recompute z_s + dz epilogue into bf16 scratch (fused)", slabs, 2 * n * h * v,
+               slabs * n * h * e + v * h * e + n * v * e, tile=tile),
+        Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N, written once)", slabs, 2 * n * h * v,
+               n * v * e + slabs * n * h * e + v * h * e),
+        Launch("backward, per slab: d_hidden += dz W_s (cuBLAS, float32 out, then added)", 2 * slabs,
+               2 * n * h * v, n * v * e + v * h * e + slabs * 4 * n * h * FP32),
     ]
-    if head == "trainable":
-        launches += [
-            Launch("backward, per slab: recompute z_s + dz epilogue (bf16 scratch)", slabs, 2 * n * h * v,
-                   slabs * n * h * e + v * h * e + n * v * e, tile=tile),
-            Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N)", slabs, 2 * n * h * v,
-                   n * v * e + slabs * n * h * e + v * h * e),
-        ]
-    launches.append(Launch("backward: d_hidden = g u", 1, n * h, n * h * (FP32 + e)))
-    return launches
 
 
-def slab_extra_bytes(shape: Shape, scratch_bytes: int) -> int:
-    """Memory the slab design holds beyond its inputs and the gradients it returns: the float32
-    logits of one slab, its bf16 probabilities (or dz), and u in float32."""
-    width = slab_width(shape, scratch_bytes)
-    return shape.n * width * (FP32 + shape.element_bytes) + shape.n * shape.hidden * FP32
+def slab_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
+    """Memory the slab design holds beyond its inputs and the gradients it returns: the slab's
+    scratch, and two float32 [N, H] buffers (d_hidden or u, and the GEMM's float32 product that
+    is added into it)."""
+    n, h, e = shape.n, shape.hidden, shape.element_bytes
+    if head == "frozen":
+        width = max(1, min(shape.vocab, scratch_bytes // (FP32 * n)))
+        scratch = n * width * (FP32 + e)
+    else:
+        scratch = n * slab_width(shape, scratch_bytes) * e
+    return scratch + 2 * n * h * FP32
 
 
 def materialized_extra_bytes(shape: Shape) -> int:
@@ -252,9 +263,10 @@ def run(args: argparse.Namespace) -> int:
         for head in args.head:
             print(format_plan(plan(shape, head, design, args.device_kind, args.scratch_mib << 20)))
     if "slab" in args.design:
-        extra = slab_extra_bytes(shape, args.scratch_mib << 20)
         baseline = materialized_extra_bytes(shape)
-        print(f"slab design: slab width {slab_width(shape, args.scratch_mib << 20):,} columns, extra memory "
-              f"{extra / 2**20:,.0f} MiB = {100 * extra / baseline:.2f}% of the materialized baseline's "
-              f"{baseline / 2**30:,.1f} GiB of logits, log-softmax and logit gradient")
+        for head in args.head:
+            extra = slab_extra_bytes(shape, head, args.scratch_mib << 20)
+            print(f"slab design, {head} head: extra memory {extra / 2**20:,.0f} MiB = "
+                  f"{100 * extra / baseline:.2f}% of the materialized baseline's {baseline / 2**30:,.1f} GiB "
+                  "of logits, log-softmax and logit gradient")
     return 0

@@ -121,12 +121,12 @@ def device_kind(device: str) -> Optional[str]:
 
 
 def predicted(row: dict, kind: Optional[str]) -> str:
-    """The cost model's range for the Triton backend's row (its atomic design), else "-"."""
+    """The cost model's range for the Triton backend's row (its slab design), else "-"."""
     from .plan import Shape, plan
 
     if kind is None or row["method"] != "fastpref-triton" or row.get("dtype") not in ("bfloat16", "float16"):
         return "-"
-    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], "atomic", kind).predicted_ms
+    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], "slab", kind).predicted_ms
     return f"{fast:.0f}-{slow:.0f}"
 
 
