@@ -116,8 +116,8 @@ def test_logprobs_rows_are_right_and_measured():
     logprobs.run(tiny_logprobs(), rows)
 
     assert [(r.method, r.head) for r in rows] == [
-        ("materialized", "trainable"), ("fastpref-torch", "trainable"),
-        ("materialized", "frozen"), ("fastpref-torch", "frozen")]
+        ("materialized", "trainable"), ("fastpref-torch", "trainable"), ("gemm-floor", "trainable"),
+        ("materialized", "frozen"), ("fastpref-torch", "frozen"), ("gemm-floor", "frozen")]
     for row in rows:
         assert row.status == "ok"
         assert math.isfinite(row.time_ms) and row.time_ms > 0
@@ -125,7 +125,28 @@ def test_logprobs_rows_are_right_and_measured():
         flops = (8 if row.head == "trainable" else 4) * row.scored * 16 * 500
         assert row.tflops == pytest.approx(flops / (row.time_ms * 1e-3) / 1e12)
         assert (row.peak_mib is not None) == MEMORY_MEASURED
-        assert row.logp_err < 1e-4 and row.grad_err < 1e-4
+        if row.method != "gemm-floor":  # the floor computes no log-probs to check
+            assert row.logp_err < 1e-4 and row.grad_err < 1e-4
+    table = logprobs.format_table(rows)
+    floor = {row.head: row.time_ms for row in rows if row.method == "gemm-floor"}
+    fastpref_row = next(row for row in rows if row.method == "fastpref-torch" and row.head == "frozen")
+    assert f"| {fastpref_row.time_ms / floor['frozen']:.2f}x |" in table
+    assert "| gemm-floor | trainable | 48 | 16 | 500 | float32 |" in table and "| 1.00x |" in table
+
+
+def test_gemm_floor_does_the_heads_flops(monkeypatch):
+    """Four [N, H] x [H, chunk] matmuls per vocabulary chunk for a trainable head, two for a frozen one."""
+    calls = []
+    monkeypatch.setattr(logprobs, "GEMM_FLOOR_COLUMNS", 200)
+    hidden, weight = torch.randn(7, 5), torch.randn(500, 5)
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape[0] * a.shape[1] * b.shape[1])
+                        or real_matmul(a, b))
+    logprobs.gemm_floor_step(hidden, weight, "trainable")
+    assert 2 * sum(calls) == 8 * 7 * 5 * 500
+    calls.clear()
+    logprobs.gemm_floor_step(hidden, weight, "frozen")
+    assert 2 * sum(calls) == 4 * 7 * 5 * 500
 
 
 def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
@@ -144,7 +165,7 @@ def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
         assert expected in report
     assert printed.strip() == report.strip()
     rows = json.loads((tmp_path / "results" / "lp.json").read_text())
-    assert [row["method"] for row in rows] == ["materialized", "fastpref-torch"]
+    assert [row["method"] for row in rows] == ["materialized", "fastpref-torch", "gemm-floor"]
 
 
 def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
@@ -413,7 +434,7 @@ def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(logprobs, "run", run_then_interrupt)
     assert bench.run_op(logprobs, tiny_logprobs(), "test", out=str(tmp_path / "x"), progress=False) == 130
     report = (tmp_path / "x.md").read_text()
-    assert "| materialized | frozen | 48 | 16 | 500 | float32 | 1.0 | - | 2.0 |" in report
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 | 1.0 | - | - | 2.0 |" in report
     assert "**Interrupted**" in report
 
 

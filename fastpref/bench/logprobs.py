@@ -23,6 +23,10 @@ NAME = "logprobs"
 TITLE = "fastpref.linear_logprobs: forward+backward benchmark"
 HELP = "fastpref.linear_logprobs alone vs the materialized baseline"
 BASELINE = "materialized"
+# Not a method: the head's FLOP floor run as plain matmuls, timed in the same rounds, so that each
+# method's time reads as a multiple of what the hardware does with the same FLOPs.
+GEMM_FLOOR = "gemm-floor"
+GEMM_FLOOR_COLUMNS = 8192
 IGNORED_FRACTION = 0.1
 
 
@@ -95,7 +99,20 @@ def method_function(method: str) -> Callable[..., torch.Tensor]:
 
 
 def methods(cfg: Config) -> List[str]:
-    return [BASELINE] + [f"fastpref-{name}" for name in cfg.backends]
+    return [BASELINE] + [f"fastpref-{name}" for name in cfg.backends] + [GEMM_FLOOR]
+
+
+def gemm_floor_step(hidden: torch.Tensor, weight: torch.Tensor, head: str) -> None:
+    """The head's FLOP floor as plain matmuls over vocabulary chunks: per chunk W_c, z = h W_c^T
+    and z W_c (4 N H V_c), and for a trainable head z^T h and h W_c^T again (8 N H V_c)."""
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], GEMM_FLOOR_COLUMNS):
+            chunk = weight[start:start + GEMM_FLOOR_COLUMNS]
+            z = hidden @ chunk.t()
+            z @ chunk
+            if head == "trainable":
+                z.t() @ hidden
+                hidden @ chunk.t()
 
 
 def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
@@ -113,13 +130,20 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
     def reset() -> None:
         hidden.grad = weight.grad = None
 
-    scored = int((targets != IGNORE_INDEX).sum())
+    scored_hidden = hidden.detach()[targets != IGNORE_INDEX]
+
+    def build(row: Row) -> Candidate:
+        if row.method == GEMM_FLOOR:
+            return Candidate(row.method, lambda: gemm_floor_step(scored_hidden, weight.detach(), row.head),
+                             lambda output: True)
+        return _candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset)
+
+    scored = scored_hidden.shape[0]
     for head in cfg.heads:
         weight.requires_grad_(head == "trainable")
         head_rows = [Row(method, head, cfg.n, scored, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for method in methods(cfg)]
-        measured, candidates = build_candidates(
-            head_rows, lambda row: _candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset))
+        measured, candidates = build_candidates(head_rows, build)
         measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
                      lambda step: on_step(f"{head} head: {step}"))
         for row in measured:
@@ -150,20 +174,22 @@ def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -
 def format_table(rows: Sequence[Row]) -> str:
     """Memory ratios are against the baseline with the same head."""
     baseline = {r.head: r.peak_mib for r in rows if r.method == BASELINE and r.peak_mib}
-    columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "TFLOP/s",
+    floor = {r.head: r.time_ms for r in rows if r.method == GEMM_FLOOR and r.status == "ok"}
+    columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "x GEMM floor", "TFLOP/s",
                "peak mem over inputs (MiB)", "mem vs baseline", "max abs dlogp", "grad rel err"]
     cells = []
     for r in rows:
         if r.status != "ok":
-            time_ms = rate = peak = ratio = r.status
+            time_ms = times_floor = rate = peak = ratio = r.status
         else:
             time_ms, rate = number(r.time_ms), number(r.tflops, 2)
+            times_floor = f"{r.time_ms / floor[r.head]:.2f}x" if floor.get(r.head) else "-"
             peak = "n/a" if r.peak_mib is None else number(r.peak_mib)
             base = baseline.get(r.head)
             ratio = "n/a" if r.peak_mib is None or base is None else f"{100 * r.peak_mib / base:.1f}%"
         errors = ["-" if e is None else f"{e:.2e}" for e in (r.logp_err, r.grad_err)]
-        cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, rate, peak, ratio,
-                      *errors])
+        cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, times_floor, rate,
+                      peak, ratio, *errors])
     return markdown_table(columns, cells)
 
 
@@ -173,6 +199,9 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1)",
         f"methods: {BASELINE} = full [N, V] logits, float32 log-softmax, gather (as in TRL);"
         " fastpref-<backend> = fastpref.linear_logprobs",
+        f"{GEMM_FLOOR}: not a method, the FLOP floor as plain matmuls ([N_scored, H] x [H, {GEMM_FLOOR_COLUMNS}]"
+        " vocabulary chunks: 4 per chunk for a trainable head, 2 for a frozen one), timed in the same rounds;"
+        " x GEMM floor = a row's time over it",
         timing_note(cfg.warmup, cfg.repeat),
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
         " time, N_scored = targets not ignored",
