@@ -117,6 +117,8 @@ def runs(tmp_path_factory, tiny_data, tied_model):
             for case in CASES]
     plan += [(case + "-resumed", vars(_config(root / "two" / (case + "-resumed"), case, tiny_data, tied_model,
                                               parallel="fsdp")), 2) for case in KILLED]
+    plan += [("untied-full-bfloat16", vars(_config(root / "two" / "untied-full-bfloat16", "untied-full", tiny_data,
+                                                   tied_model, parallel="fsdp", dtype="bfloat16")), None)]
     report = root / "report.json"
     mp.spawn(_worker, args=(_free_port(), plan, str(report)), nprocs=2, join=True)
     two = json.loads(report.read_text())
@@ -153,6 +155,18 @@ def test_killed_and_resumed_equals_uninterrupted(runs, case):
     _assert_same_weights(_final(root, "one", case), run / "final")
     if case.endswith("lora"):
         assert (run / "final-adapter" / "adapter_config.json").is_file()
+
+
+def test_bfloat16_computes_in_bfloat16_on_float32_weights(runs):
+    """MixedPrecisionPolicy: bf16 forward and backward (the losses move off float32's, a little),
+    float32 weights for the optimizer (the final model is saved from them)."""
+    root, single, two, _ = runs
+    losses = two["untied-full-bfloat16"]
+    assert losses == pytest.approx(single["untied-full"], abs=1e-2)
+    assert max(abs(a - b) for a, b in zip(losses, single["untied-full"])) > 1e-5
+    model = AutoModelForCausalLM.from_pretrained(_final(root, "two", "untied-full-bfloat16"), dtype="auto",
+                                                 local_files_only=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, tmp_path):

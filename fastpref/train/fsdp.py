@@ -69,7 +69,10 @@ def shard(head_model: FusedHeadForward, device: torch.device, world_size: int,
     mesh = init_device_mesh(device.type, (world_size,))
     precision = MixedPrecisionPolicy()
     if compute_dtype != torch.float32:
-        precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # no casting of the inputs: they are token ids and the loss's closure (whose reference
+        # log-probs stay float32), and FSDP cannot rebuild the packed batch's dataclasses
+        precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
     for layer in decoder_layers(head_model.model):
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     # The root reshards after every forward too (FSDP2's default keeps it gathered until the
