@@ -22,7 +22,6 @@ from ..losses import PreferenceLoss
 from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 from .distributed import Distributed
 from .fsdp import check_setup as check_fsdp_setup
 from .fsdp import decoder_layers
@@ -32,6 +31,7 @@ from .model import FusedHeadForward, adapters_disabled, model_fingerprint, unwra
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .packing import pack_pairs
 from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
+from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
