@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from fastpref.train.default_assets import default_model, default_tokenizer
 from fastpref.train.fsdp import decoder_layers
 from fastpref.train.checkpoint import CheckpointError
-from fastpref.train.loop import TrainConfig, train
+from fastpref.train.loop import TrainConfig, TrainingInterrupted, train
 from test_distributed import _free_port, exit_without_teardown
 from test_trainer import config
 
@@ -26,17 +26,18 @@ class Killed(Exception):
     """Stands for a process killed after a checkpoint: nothing after it is saved."""
 
 
-def _kill_at(step):
+def _stop_at(step, exception):
     def on_step(current):
         if current == step:
-            raise Killed
+            raise exception
 
     return on_step
 
 
 def _worker(rank, port, runs, report):
-    """Each run: (name, TrainConfig fields, step to kill it at or None, then resumed). Rank 0 writes
-    every run's losses and what each rank printed."""
+    """Each run: (name, TrainConfig fields, None or the step after which it is killed or
+    interrupted (Ctrl-C) and then resumed). Rank 0 writes every run's losses and what each rank
+    printed."""
     import torch.distributed as dist
 
     faulthandler.dump_traceback_later(600, exit=True)  # a hang (a missed collective) fails, with where
@@ -44,10 +45,15 @@ def _worker(rank, port, runs, report):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     losses, printed = {}, {}
-    for name, options, kill_at in runs:
-        if kill_at is not None:
+    for name, options, stop_at in runs:
+        if name.endswith("-killed"):
             with pytest.raises(Killed):
-                train(TrainConfig(**options), on_step=_kill_at(kill_at))
+                train(TrainConfig(**options), on_step=_stop_at(stop_at, Killed))
+        elif name.endswith("-interrupted"):
+            # nothing saved on an interrupt under FSDP2: the message points to the latest checkpoint
+            with pytest.raises(TrainingInterrupted, match=rf"nothing is saved .* the latest checkpoint is "
+                                                          rf".*checkpoint-{stop_at}"):
+                train(TrainConfig(**options), on_step=_stop_at(stop_at, KeyboardInterrupt))
         with contextlib.redirect_stdout(io.StringIO()) as out:
             losses[name] = train(TrainConfig(**options)).losses
         printed[name] = out.getvalue()
@@ -91,7 +97,8 @@ CASES = {
     "untied-lora-online": dict(COMMON, lora_r=4, reference="online"),
     "tied-lora": dict(COMMON, lora_r=4),
 }
-KILLED = ("untied-full", "tied-lora")  # killed after step 2 (checkpoint-2 saved), then resumed
+# stopped after step 2 (checkpoint-2 saved), then resumed
+STOPPED = {"untied-full": "killed", "tied-lora": "interrupted"}
 
 
 def _config(root, case, data, tied_model, **extra):
@@ -105,7 +112,7 @@ def _config(root, case, data, tied_model, **extra):
 def runs(tmp_path_factory, tiny_data, tied_model):
     """Every case in one process, and on two processes (one spawn for all, killed ones too).
     Returns the root directory, the losses of one process and of two by case (a killed run's after
-    its resumption under "<case>-resumed"), and what the runs printed (by case; two processes: by
+    its resumption under "<case>-killed" or "<case>-interrupted"), and what the runs printed (by case; two processes: by
     rank, then case)."""
     root = tmp_path_factory.mktemp("runs")
     single, printed = {}, {}
@@ -115,8 +122,8 @@ def runs(tmp_path_factory, tiny_data, tied_model):
         printed[case] = out.getvalue()
     plan = [(case, vars(_config(root / "two" / case, case, tiny_data, tied_model, parallel="fsdp")), None)
             for case in CASES]
-    plan += [(case + "-resumed", vars(_config(root / "two" / (case + "-resumed"), case, tiny_data, tied_model,
-                                              parallel="fsdp")), 2) for case in KILLED]
+    plan += [(f"{case}-{how}", vars(_config(root / "two" / f"{case}-{how}", case, tiny_data, tied_model,
+                                            parallel="fsdp")), 2) for case, how in STOPPED.items()]
     plan += [("untied-full-bfloat16", vars(_config(root / "two" / "untied-full-bfloat16", "untied-full", tiny_data,
                                                    tied_model, parallel="fsdp", dtype="bfloat16")), None)]
     report = root / "report.json"
@@ -146,12 +153,14 @@ def test_fsdp_equals_one_process(runs, case):
     _assert_same_weights(_final(root, "one", case), _final(root, "two", case))
 
 
-@pytest.mark.parametrize("case", KILLED)
-def test_killed_and_resumed_equals_uninterrupted(runs, case):
+@pytest.mark.parametrize("case, how", list(STOPPED.items()))
+def test_stopped_and_resumed_equals_uninterrupted(runs, case, how):
+    """Killed, or interrupted (Ctrl-C), after step 2 and run again: it resumes from checkpoint-2 and
+    trains step 3 as the uninterrupted run did."""
     root, single, two, _ = runs
-    run = root / "two" / (case + "-resumed") / "run"
+    run = root / "two" / f"{case}-{how}" / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert two[case + "-resumed"] == pytest.approx(two[case][2:], rel=1e-6, abs=1e-7)
+    assert two[f"{case}-{how}"] == pytest.approx(two[case][2:], rel=1e-6, abs=1e-7)
     _assert_same_weights(_final(root, "one", case), run / "final")
     if case.endswith("lora"):
         assert (run / "final-adapter" / "adapter_config.json").is_file()
@@ -172,7 +181,7 @@ def test_bfloat16_computes_in_bfloat16_on_float32_weights(runs):
 def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, tmp_path):
     """Another world size: torch.distributed.checkpoint reshards the two processes' checkpoint."""
     root, single, _, _ = runs
-    checkpoint = root / "two" / "untied-full-resumed" / "run" / "checkpoint-2"
+    checkpoint = root / "two" / "untied-full-killed" / "run" / "checkpoint-2"
     resumed = train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume=str(checkpoint)))
     assert resumed.losses == pytest.approx(single["untied-full"][2:], rel=1e-5, abs=1e-6)
     _assert_same_weights(_final(root, "one", "untied-full"), resumed.model_path)
@@ -181,7 +190,7 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, 
 def test_corrupt_sharded_checkpoint_is_refused(runs, tiny_data, tied_model, tmp_path):
     root, _, _, _ = runs
     checkpoint = tmp_path / "checkpoint-2"
-    shutil.copytree(root / "two" / "untied-full-resumed" / "run" / "checkpoint-2", checkpoint)
+    shutil.copytree(root / "two" / "untied-full-killed" / "run" / "checkpoint-2", checkpoint)
     shard = sorted((checkpoint / "model-optimizer").glob("*.distcp"))[-1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
