@@ -121,7 +121,8 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
          "the fused loss reads TRL's padded batch (TRL 1.16 itself falls back to padding)"),
         ("fsdp", fsdp, fsdp,
          "the fused loss multiplies the LM-head weight outside the model's forward, where FSDP holds "
-         "it sharded; use DDP or DeepSpeed ZeRO-1/2"),
+         "it sharded; use DDP or DeepSpeed ZeRO-1/2 here, or `fastpref train --parallel fsdp` "
+         "(FSDP2, the loss inside the root's forward)"),
         ("deepspeed zero_stage", 3, zero3,
          "the fused loss multiplies the LM-head weight outside the model's forward, where ZeRO-3 "
          "holds it partitioned; use ZeRO-1/2 or DDP"),

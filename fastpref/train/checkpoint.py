@@ -49,17 +49,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, parts: Dict[str, Any], meta: Dict[str, Any]) -> Path:
-    """Write `parts` (name -> picklable object) and `meta` (JSON) atomically into `directory`."""
+def staging_directory(directory: Path) -> Path:
+    """Where a checkpoint is written before `seal` renames it into place."""
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    files = {}
-    for name, value in parts.items():
-        path = staging / f"{name}.pt"
-        torch.save(value, path)
-        files[path.name] = _sha256(path)
+    return directory.with_name(directory.name + ".partial")
+
+
+def seal(staging: Path, directory: Path, meta: Dict[str, Any]) -> Path:
+    """Hash every file under `staging` into its manifest (with `meta`), then rename it to `directory`."""
+    files = {path.relative_to(staging).as_posix(): _sha256(path)
+             for path in sorted(staging.rglob("*")) if path.is_file()}
     manifest = {"format": FORMAT_VERSION, "files": files, "meta": meta}
     with open(staging / MANIFEST, "w") as handle:
         json.dump(manifest, handle, indent=1)
@@ -70,8 +69,19 @@ def save_checkpoint(directory: Path, parts: Dict[str, Any], meta: Dict[str, Any]
     return directory
 
 
-def load_checkpoint(directory: Path, map_location="cpu") -> Dict[str, Any]:
-    """The parts of a verified checkpoint, plus its "meta"; CheckpointError if it is not whole."""
+def save_checkpoint(directory: Path, parts: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """Write `parts` (name -> picklable object) and `meta` (JSON) atomically into `directory`."""
+    staging = staging_directory(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, value in parts.items():
+        torch.save(value, staging / f"{name}.pt")
+    return seal(staging, Path(directory), meta)
+
+
+def verified_manifest(directory: Path) -> Dict[str, Any]:
+    """The manifest of a checkpoint whose files are all there and match their checksums;
+    CheckpointError if it is not whole."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
@@ -87,13 +97,23 @@ def load_checkpoint(directory: Path, map_location="cpu") -> Dict[str, Any]:
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{directory} has checkpoint format {manifest.get('format')}, "
                               f"this version reads {FORMAT_VERSION}")
-    loaded: Dict[str, Any] = {"meta": manifest.get("meta", {})}
     for filename, expected in files.items():
         path = directory / filename
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {filename}")
         if _sha256(path) != expected:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {filename} does not match its checksum")
+    manifest.setdefault("meta", {})
+    return manifest
+
+
+def load_checkpoint(directory: Path, map_location="cpu", manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The parts of a verified checkpoint, plus its "meta"; CheckpointError if it is not whole.
+    `manifest`: the checkpoint's, verified already."""
+    manifest = manifest or verified_manifest(directory)
+    loaded: Dict[str, Any] = {"meta": manifest["meta"]}
+    for filename in manifest["files"]:
+        path = Path(directory) / filename
         loaded[path.stem] = torch.load(path, map_location=map_location, weights_only=False)
     return loaded
 

@@ -9,7 +9,7 @@ import sys
 from ..loss_spec import LOSS_TYPES
 from .checkpoint import CheckpointError
 from .data import FORMATS, MALFORMED_POLICIES, TRUNCATION_MODES
-from .loop import SCHEDULES, TrainConfig, TrainingInterrupted, train
+from .loop import PARALLEL, SCHEDULES, TrainConfig, TrainingInterrupted, train
 
 _DEFAULTS = TrainConfig()
 
@@ -71,6 +71,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tensorboard", action="store_true")
     add("--resume", default=_DEFAULTS.resume, help="auto (latest checkpoint in --output-dir), never, or a path")
     add("--backend", default=_DEFAULTS.backend, help="fastpref backend: auto, triton, torch")
+    add("--parallel", choices=PARALLEL, default=_DEFAULTS.parallel,
+        help="with several processes (torchrun): ddp replicates the model on every process; fsdp "
+             "shards parameters, gradients and optimizer state over them (FSDP2)")
     add("--no-progress", dest="progress", action="store_false")
 
 

@@ -22,10 +22,14 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
 
+    @staticmethod
+    def environment_world_size() -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
     @classmethod
     def from_environment(cls, device_preference: str) -> "Distributed":
         """Join the process group torchrun/accelerate describe in the environment (if any)."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = cls.environment_world_size()
         if world_size <= 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,6 +51,26 @@ class Distributed:
     def shard(self, items: Sequence) -> List:
         """This rank's share of a global batch (round-robin, so shards differ by at most one)."""
         return list(items[self.rank::self.world_size])
+
+    def broadcast_object(self, value):
+        """Rank 0's `value` (any picklable object), on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_shards(self, local: Sequence, total: int) -> List:
+        """Every rank's `shard` of a `total`-item batch, put back in order: the inverse of `shard`,
+        on every rank."""
+        if not self.enabled:
+            return list(local)
+        shards = [None] * self.world_size
+        dist.all_gather_object(shards, list(local))
+        items = [None] * total
+        for rank, shard in enumerate(shards):
+            items[rank::self.world_size] = shard
+        return items
 
     def barrier(self) -> None:
         if self.enabled:

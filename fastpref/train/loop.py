@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..losses import PreferenceLoss
@@ -22,12 +23,18 @@ from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .distributed import Distributed
-from .model import adapters_disabled, causal_lm_parts, model_fingerprint, packed_hidden
+from .fsdp import check_setup as check_fsdp_setup
+from .fsdp import decoder_layers
+from .fsdp import shard as shard_for_fsdp
+from .memory import memory_report
+from .model import FusedHeadForward, adapters_disabled, model_fingerprint, unwrap
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .packing import pack_pairs
 from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
+from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 
 SCHEDULES = ("cosine", "linear", "constant")
+PARALLEL = ("ddp", "fsdp")
 # The embedded default (no model given) trains a tiny random model: it needs a far larger
 # learning rate than fine-tuning a pretrained one, and several passes over its sample.
 EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 4, "pairs_per_step": 8, "beta": 0.1, "max_length": 160,
@@ -84,6 +91,7 @@ class TrainConfig:
     tensorboard: bool = False
     resume: str = "auto"
     backend: str = "auto"
+    parallel: str = "ddp"
     progress: bool = True
 
     def resolved(self) -> "TrainConfig":
@@ -96,6 +104,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.reference in ("cache", "online"), "reference must be 'cache' or 'online'"),
+            (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)"),
@@ -169,7 +178,10 @@ def _load_tokenizer(cfg: TrainConfig):
 
 
 def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main: bool):
-    """(policy, frozen reference model or None)."""
+    """(policy, frozen reference model or None). Under FSDP2 the weights stay float32 on the CPU:
+    sharding moves each process's shard to the device, and mixed precision casts them."""
+    if cfg.parallel == "fsdp":
+        device, dtype = torch.device("cpu"), torch.float32
     from transformers import AutoModelForCausalLM
 
     from .default_assets import default_model
@@ -248,6 +260,7 @@ class Trainer:
         self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
                                       label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                                       average_logps=cfg.average_logps, backend=cfg.backend)
+        check_fsdp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.pairs_per_step)
         self.dist = Distributed.from_environment(cfg.device)
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
@@ -255,19 +268,35 @@ class Trainer:
         self._load_data()
         self.policy, self.reference_model = _load_models(
             cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
-        self.forward_model = self.policy
-        if self.dist.enabled:
+        self.fsdp = cfg.parallel == "fsdp"
+        # under FSDP2 an unsupported model fails here, before any long work
+        self.layers = decoder_layers(self.policy) if self.fsdp else []
+        self._prepare_reference()
+        # the head models run the forward and the fused loss in one module call (model.py)
+        self.head_model = self._parallel(FusedHeadForward(self.policy))
+        self.forward_model = self.head_model
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.policy, device_ids=device_ids)
-        self._prepare_reference()
+            self.forward_model = DistributedDataParallel(self.head_model, device_ids=device_ids)
+        self.reference_head = None
+        if self.reference_model is not None:
+            self.reference_head = self._parallel(FusedHeadForward(self.reference_model))
+        self._fill_reference_cache()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
+        self.memory_lines = memory_report(
+            self.policy, self.reference_model, rank=self.dist.rank, world_size=self.dist.world_size,
+            fsdp=self.fsdp, compute_dtype=self.dtype,
+            reference=cfg.reference if self.loss_fn.spec.needs_reference else None,
+            pairs_per_step=cfg.pairs_per_step, max_length=cfg.max_length,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            decoder_layers=self.layers)
         self.step = 0
         self.displacement = DisplacementMonitor()
 
@@ -284,40 +313,74 @@ class Trainer:
         self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
 
 
+    def _parallel(self, head_model: FusedHeadForward) -> FusedHeadForward:
+        """`head_model` sharded under FSDP2; as it is otherwise (DDP wraps the policy's alone)."""
+        if not self.fsdp:
+            return head_model
+        return shard_for_fsdp(head_model, self.device, self.dist.world_size, self.dtype)
+
     def _prepare_reference(self):
+        """The reference's source, fixed before the policy is wrapped: the cache key (which reads
+        the whole weights) and, online in a full fine-tune, a frozen copy of the starting policy."""
         cfg = self.cfg
         self.reference_cache = None
-        self.frozen_copy = None
+        self.reference_key = None
         if not self.loss_fn.spec.needs_reference:
             return
-        lora = cfg.lora_r > 0
         if cfg.reference == "online":
-            if self.reference_model is None and not lora:
+            if self.reference_model is None and cfg.lora_r == 0:
                 # a full fine-tune moves the policy: the reference is a frozen copy of its start
                 self.reference_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
             return
         source = self.reference_model or self.policy
-        key = cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype)
+        # rank 0's key on every rank: saving the embedded model's starting point (rank 0 alone)
+        # adds fields to its config, which the fingerprint reads
+        self.reference_key = self.dist.broadcast_object(
+            cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype))
+
+    def _fill_reference_cache(self):
+        if self.reference_key is None:
+            return
+        cfg = self.cfg
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        pairs = self.train_pairs + self.eval_pairs
+
+        def load_or_compute(compute):
+            return ReferenceCache.load_or_compute(
+                self.reference_key, pairs, compute, cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step,
+                progress=cfg.progress and self.dist.is_main, write=self.dist.is_main)
+
+        if self.fsdp:
+            # every process joins every forward of the sharded model, so all compute together
+            # (none can find the file before all are done: rank 0 writes it after the last batch)
+            self.reference_cache = load_or_compute(self._reference_logps_sharded)
+            self.dist.barrier()
+            return
         # rank 0 computes and writes the cache; the others then read the file it wrote
         for turn in ("main", "others"):
             if (turn == "main") == self.dist.is_main:
-                self.reference_cache = ReferenceCache.load_or_compute(
-                    key, self.train_pairs + self.eval_pairs, self._reference_logps_now,
-                    cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step, progress=cfg.progress and self.dist.is_main)
+                self.reference_cache = load_or_compute(self._reference_logps_now)
             self.dist.barrier()
 
     def _reference_logps_now(self, pairs) -> torch.Tensor:
         """The reference model's, or else the policy's with adapters disabled (LoRA) or before
         any step (the cache of a full fine-tune is computed before training starts)."""
-        model = self.reference_model if self.reference_model is not None else self.policy
+        model = self.reference_head if self.reference_head is not None else self.head_model
         was_training = model.training
         model.eval()
-        with adapters_disabled(model):
+        with adapters_disabled(self.policy if self.reference_head is None else self.reference_model):
             logps = pair_logps(model, pairs, self.attention, self.device,
                                prefix_sharing=self.cfg.prefix_sharing, backend=self.cfg.backend)
         model.train(was_training)
         return logps
+
+    def _reference_logps_sharded(self, pairs) -> torch.Tensor:
+        """`_reference_logps_now` of `pairs`, each process scoring its share (a process without
+        one scores a pair it then drops, to join the forward)."""
+        local = self.dist.shard(pairs)
+        logps = self._reference_logps_now(local or pairs[:1]).cpu().view(-1, 2)
+        per_pair = self.dist.gather_shards(list(logps) if local else [], len(pairs))
+        return torch.cat(per_pair).to(self.device)
 
     def _reference_for(self, pairs) -> Optional[torch.Tensor]:
         if not self.loss_fn.spec.needs_reference:
@@ -328,11 +391,14 @@ class Trainer:
 
     # -- one batch -----------------------------------------------------------------------------
     def _batch_loss(self, pairs, model):
+        """`model`: the policy's FusedHeadForward, wrapped by DDP or not."""
         packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing).to(self.device)
-        parts = causal_lm_parts(self.policy)
-        hidden = packed_hidden(model, packed, self.attention)
-        loss, metrics = self.loss_fn(hidden, parts.head_weight, packed.targets, packed.layout,
-                                     self._reference_for(pairs), bias=parts.head_bias)
+        reference = self._reference_for(pairs)
+
+        def loss(hidden, weight, bias):
+            return self.loss_fn(hidden, weight, packed.targets, packed.layout, reference, bias=bias)
+
+        loss, metrics = model(packed, self.attention, loss)
         return loss, metrics, packed.input_ids.shape[1]
 
     def _micro_batches(self, step: int) -> List[List]:
@@ -349,18 +415,19 @@ class Trainer:
         """Loss and metrics over `pairs`, each rank scoring its share."""
         if not pairs:
             return None
-        self.policy.eval()
+        self.head_model.eval()
         records, weights = [], []
-        local = self.dist.shard(pairs)
         with torch.no_grad():
-            for start in range(0, len(local), self.cfg.pairs_per_step):
-                batch = local[start:start + self.cfg.pairs_per_step]
-                loss, metrics, _ = self._batch_loss(batch, self.policy)
-                records.append({"loss": float(loss), **_scalar_metrics(metrics)})
-                weights.append(len(batch))
-        self.policy.train()
+            # the same global batches on every process: a sharded model needs all in every forward
+            for start in range(0, len(pairs), self.cfg.pairs_per_step):
+                local = self.dist.shard(pairs[start:start + self.cfg.pairs_per_step])
+                loss, metrics, _ = self._batch_loss(local or pairs[:1], self.head_model)
+                if local:
+                    records.append({"loss": float(loss), **_scalar_metrics(metrics)})
+                    weights.append(len(local))
+        self.head_model.train()
         mean = _average(records, weights) if records else {}
-        mean = self.dist.weighted_mean(mean, len(local), self.device)
+        mean = self.dist.weighted_mean(mean, sum(weights), self.device)
         return {"step": self.step, "split": split, "pairs": len(pairs), **mean}
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -380,34 +447,50 @@ class Trainer:
 
     def save(self) -> Path:
         directory = self.output_dir / f"checkpoint-{self.step}"
-        if self.dist.is_main:
+        meta = {"run": self._run_identity(), "step": self.step, "world_size": self.dist.world_size}
+        progress = {"step": self.step, "displacement": vars(self.displacement)}
+        if self.fsdp:
+            save_sharded(directory, self.policy, self.optimizer,
+                         {"scheduler": self.scheduler.state_dict(), "progress": progress}, meta, self.dist,
+                         trainable_only=self.cfg.lora_r > 0)
+        elif self.dist.is_main:
             save_checkpoint(directory, {
                 "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                "progress": {"step": self.step, "displacement": vars(self.displacement)},
-            }, meta={"run": self._run_identity(), "step": self.step, "world_size": self.dist.world_size})
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "progress": progress,
+            }, meta=meta)
+        if self.dist.is_main:
             for old in list_checkpoints(self.output_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return directory
 
     def restore(self, directory: Path) -> None:
-        state = load_checkpoint(directory)
-        expected, found = self._run_identity(), state["meta"].get("run", {})
+        manifest = verified_on_main(directory, self.dist)
+        expected, found = self._run_identity(), manifest["meta"].get("run", {})
         differing = sorted(k for k in expected if expected[k] != found.get(k))
         if differing:
             raise CheckpointError(
                 f"checkpoint {directory} belongs to a different run: {', '.join(differing)} differ; "
                 "use another --output-dir or --resume never")
-        if self.cfg.lora_r > 0:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.policy, state["model"])
+        if is_sharded(manifest):
+            # torch.distributed.checkpoint reshards to this run's world size and wrapping
+            state = load_sharded(directory, self.policy, self.optimizer, self.dist,
+                                 trainable_only=self.cfg.lora_r > 0)
+        elif self.fsdp:
+            raise CheckpointError(
+                f"checkpoint {directory} is a whole-model checkpoint of a run without --parallel fsdp; "
+                "resume it with --parallel ddp (or one process), or start anew with --resume never")
         else:
-            self.policy.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            state = load_checkpoint(directory, manifest=manifest)
+            if self.cfg.lora_r > 0:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.policy, state["model"])
+            else:
+                self.policy.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         self.step = state["progress"]["step"]
         vars(self.displacement).update(state["progress"]["displacement"])
 
@@ -427,6 +510,7 @@ class Trainer:
         show = cfg.progress and main
         if show:
             tqdm.write(self.data_report.summary())
+        print("\n".join(self.memory_lines), flush=True)  # every process: its own share
         self.policy.train()
         losses: List[float] = []
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not show)
@@ -454,8 +538,16 @@ class Trainer:
                     self.on_step(self.step)
         except KeyboardInterrupt:
             bar.close()
-            path = self.save()
             log.close()
+            if self.fsdp:
+                # a sharded save needs every process at the same point, which an interrupt
+                # arriving mid-step does not give: saving could hang
+                last = latest_checkpoint(self.output_dir)
+                raise TrainingInterrupted(
+                    f"interrupted at step {self.step}: under --parallel fsdp nothing is saved on an "
+                    f"interrupt; the latest checkpoint is {last}; run the same command again to resume "
+                    "from it") from None
+            path = self.save()
             raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path}; "
                                       "run the same command again to resume") from None
         bar.close()
@@ -464,9 +556,10 @@ class Trainer:
         log.close()
         model_path = self.output_dir / "final"
         plot_path = None
+        final_state = self._gathered_state() if self.fsdp else None
         if main:
             plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
-            self._save_final(model_path)
+            self._save_final(model_path, final_state)
             summary = {"final_train": final, "steps": self.step, "data": self.data_report.to_dict(),
                        "world_size": self.dist.world_size, "elapsed_s": time.perf_counter() - started}
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -490,7 +583,9 @@ class Trainer:
             # a rank with no pair of this micro-batch still joins DDP's all-reduce, with weight 0
             pairs, share = (local, len(local)) if local else (batch[:1], 0)
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.forward_model.no_sync()
+            # FSDP2 reduce-scatters every micro-batch: skipping it would keep whole gradients
+            ddp = self.dist.enabled and not self.fsdp
+            sync = self.forward_model.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
                 loss, metrics, length = self._batch_loss(pairs, self.forward_model)
                 (loss * (share / step_pairs * world)).backward()
@@ -499,7 +594,10 @@ class Trainer:
                 weights.append(share)
                 tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if isinstance(grad_norm, DTensor):  # the norm over all shards, reduced by FSDP's mesh
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -511,13 +609,35 @@ class Trainer:
         return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,
                 "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, **mean}
 
-    def _save_final(self, target: Path) -> None:
+    def _gathered_state(self) -> Dict[str, torch.Tensor]:
+        """Under FSDP2, the policy's whole trainable weights, on rank 0's CPU (empty elsewhere);
+        every process must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.cfg.lora_r > 0)
+        return get_model_state_dict(self.policy, options=options)
+
+    def _save_final(self, target: Path, state: Optional[Dict[str, torch.Tensor]]) -> None:
+        """The trained model as a plain Hugging Face model (and a LoRA run's adapter beside it).
+
+        `state`: the gathered weights of a sharded policy (whose own tensors are shards); a LoRA
+        adapter is then merged into its base model read back from disk, which training never changed.
+        """
         model = self.policy
         if self.cfg.lora_r > 0:
-            model.save_pretrained(self.output_dir / "final-adapter")
-            self.tokenizer.save_pretrained(self.output_dir / "final-adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(target)
+            adapter = self.output_dir / "final-adapter"
+            model.save_pretrained(adapter, state_dict=state)
+            self.tokenizer.save_pretrained(adapter)
+            if state is None:
+                model = model.merge_and_unload()
+            else:
+                from peft import PeftModel
+                from transformers import AutoModelForCausalLM
+
+                base = AutoModelForCausalLM.from_pretrained(unwrap(model).name_or_path, local_files_only=True)
+                model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            state = None
+        model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)
 
 

@@ -70,6 +70,27 @@ def packed_hidden(model, packed: PackedPairs, attention: str) -> torch.Tensor:
     return out.hidden_states[-1][0].index_select(0, packed.loss_positions)
 
 
+class FusedHeadForward(torch.nn.Module):
+    """A causal LM whose forward ends in the fused loss: ``head(hidden, W, b)``.
+
+    ``forward(packed, attention, head)`` computes the packed hidden states of the response
+    positions (see :func:`packed_hidden`) and hands them, with the LM head's weight W and bias b,
+    to ``head`` — a closure holding everything else the loss needs — and returns its result.
+    The head weight is read inside this module's forward on purpose: wrapped by DDP or FSDP2 as
+    the root module, the weight is then the whole, gathered one (FSDP2 unshards the root's group
+    for its forward, and its post-backward reduce-scatters the head gradient like any other).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed: PackedPairs, attention: str, head):
+        hidden = packed_hidden(self.model, packed, attention)
+        parts = causal_lm_parts(self.model)
+        return head(hidden, parts.head_weight, parts.head_bias)
+
+
 def model_fingerprint(model) -> str:
     """A cheap identity of the weights: config plus a strided sample of every parameter."""
     digest = hashlib.sha256()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..losses import sequence_logps
 from ..linear_logprobs import linear_logprobs
-from .model import causal_lm_parts, packed_hidden
+from .model import FusedHeadForward
 from .packing import pack_pairs
 
 CACHE_VERSION = "1"
@@ -40,13 +40,19 @@ def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype)
 @torch.no_grad()
 def pair_logps(model, pairs: Sequence, attention: str, device, *,
                prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
-    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...)."""
+    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...).
+
+    `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
+    """
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
-    parts = causal_lm_parts(model)
-    hidden = packed_hidden(model, packed, attention)
-    token_logp = linear_logprobs(hidden, parts.head_weight, packed.targets, bias=parts.head_bias,
-                                 backend=backend)
-    return sequence_logps(token_logp, packed.layout).float()
+
+    def logps(hidden, weight, bias):
+        token_logp = linear_logprobs(hidden, weight, packed.targets, bias=bias, backend=backend)
+        return sequence_logps(token_logp, packed.layout).float()
+
+    if not isinstance(model, FusedHeadForward):
+        model = FusedHeadForward(model)
+    return model(packed, attention, logps)
 
 
 class ReferenceCache:
@@ -61,7 +67,10 @@ class ReferenceCache:
 
     @classmethod
     def load_or_compute(cls, key: str, pairs: Sequence, compute: Callable[[Sequence], torch.Tensor], *,
-                        cache_dir: Optional[Path], batch_pairs: int, progress: bool = True) -> "ReferenceCache":
+                        cache_dir: Optional[Path], batch_pairs: int, progress: bool = True,
+                        write: bool = True) -> "ReferenceCache":
+        """The cached values if `cache_dir` holds them for every pair, else `compute`d batch by batch
+        (and stored there when `write`: with several processes, only one writes)."""
         path = None if cache_dir is None else Path(cache_dir) / f"reference-logps-{key[:24]}.pt"
         if path is not None and path.is_file():
             stored = torch.load(path, weights_only=True)
@@ -76,7 +85,7 @@ class ReferenceCache:
             logps = compute(batch).cpu()
             for i, pair in enumerate(batch):
                 values[pair.row] = logps[2 * i:2 * i + 2].clone()
-        if path is not None:
+        if path is not None and write:
             path.parent.mkdir(parents=True, exist_ok=True)
             rows = sorted(values)
             staging = path.with_suffix(".partial")
