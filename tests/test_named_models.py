@@ -84,3 +84,13 @@ def test_installed_smollm2_converts_to_a_llama(tmp_path):
     folder = resolve_model("smollm2-135m", tmp_path, progress=False)
     config = AutoConfig.from_pretrained(folder)
     assert config.model_type == "llama" and config.vocab_size == 49152 and config.hidden_size == 576
+
+
+def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data):
+    from fastpref.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(model="tiny-llama", data=small_data, output_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), max_length=64, max_prompt_length=32, pairs_per_step=4,
+                      max_steps=2, eval_fraction=0.2, learning_rate=1e-3, progress=False)
+    result = train(cfg)
+    assert result.steps == 2 and (tmp_path / "cache" / "models" / "tiny-llama" / SOURCE_FILE).is_file()
