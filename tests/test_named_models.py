@@ -94,3 +94,18 @@ def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data):
                       max_steps=2, eval_fraction=0.2, learning_rate=1e-3, progress=False)
     result = train(cfg)
     assert result.steps == 2 and (tmp_path / "cache" / "models" / "tiny-llama" / SOURCE_FILE).is_file()
+
+
+def test_the_end_to_end_benchmark_takes_a_named_model(tmp_path, tiny_named_model, monkeypatch):
+    import torch
+
+    from fastpref.bench.end_to_end import Config, _model_notes, build_model
+
+    monkeypatch.setenv("FASTPREF_CACHE", str(tmp_path / "cache"))
+    model, _, _ = tiny_named_model
+    assert_same_weights(model, build_model("tiny-llama", torch.float32, torch.device("cpu")))
+    what, fixed = _model_notes(Config(torch.device("cpu"), "tiny-llama", [64], [1], torch.float32))
+    count = sum(p.numel() for p in model.parameters())
+    assert what.startswith("model: tiny-llama = the real pretrained LlamaForCausalLM")
+    size = count * 4 / 2**20
+    assert f"{count / 1e6:.1f}M parameters = {size:.0f} MiB of weights, + {2 * size:.0f} MiB of AdamW state" in fixed
