@@ -164,3 +164,10 @@ def test_the_displacement_warning_recommends_a_flag_the_cli_accepts():
     warnings = [monitor.update(-10.0 - step, 0.1 * step) for step in range(4)]
     assert "--loss-type sigmoid sft" in warnings[-1]
     parser_with(add_train_arguments).parse_args(["--loss-type", "sigmoid", "sft"])
+
+
+def test_python_names_in_messages_become_flags_but_paths_stay():
+    from fastpref.train.commands import _in_flag_names
+
+    assert _in_flag_names("eval_fraction=0.2 of 3 pairs; lora_r > 0; in /data/max_length.jsonl") == \
+        "--eval-fraction 0.2 of 3 pairs; --lora-r > 0; in /data/max_length.jsonl"

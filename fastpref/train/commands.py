@@ -46,8 +46,8 @@ def _in_flag_names(message: str) -> str:
     """An error message of the Python API as the command line reads it: on_malformed='skip' becomes
     --on-malformed skip, and every other TrainConfig field name its flag."""
     for name in sorted((f.name for f in dataclasses.fields(TrainConfig) if "_" in f.name), key=len, reverse=True):
-        message = re.sub(rf"\b{name}=(['\"]?)([^'\"\s,;)]*)\1", lambda m: f"{_flag(name)} {m.group(2)}", message)
-        message = re.sub(rf"(?<![-\w]){name}\b", _flag(name), message)
+        message = re.sub(rf"(?<![-\w/.]){name}=(['\"]?)([^'\"\s,;)]*)\1", lambda m: f"{_flag(name)} {m.group(2)}", message)
+        message = re.sub(rf"(?<![-\w/.]){name}\b", _flag(name), message)
     return message
 
 
