@@ -170,7 +170,8 @@ def _load_saved(path: str, split: Optional[str]) -> datasets.Dataset:
 
 def _json_rows(stream: BinaryIO, *, compressed: bool, name: str) -> datasets.Dataset:
     """Parse JSON here rather than through ``datasets.load_dataset``: no builder to resolve, no cache
-    directory written, and a bad line is reported by its number."""
+    directory written, and a line that is not a JSON object becomes a malformed row (column
+    ``UNREADABLE_COLUMN`` holds why), skipped and reported by its row like any other."""
     if compressed:
         stream = gzip.GzipFile(fileobj=stream)
     text = io.TextIOWrapper(stream, encoding="utf-8").read()
