@@ -6,7 +6,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from . import bench
+from . import __version__, bench
 from .audit import command as audit_command
 from .bench import plan as plan_module
 
@@ -24,6 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import commands as train_commands
 
     parser = argparse.ArgumentParser(prog="fastpref", description="fastpref command-line tools")
+    parser.add_argument("--version", action="version", version=f"fastpref {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_parser = commands.add_parser(
         "train", help="align a causal LM on preference data (no arguments: the embedded default run)",

@@ -109,6 +109,7 @@ class _LinearLogprobs(torch.autograd.Function):
             return torch.zeros(num_rows, dtype=_output_dtype(hidden), device=hidden.device)
 
         saved = backend.forward(h, weight, bias, t, want_hidden_grad=want_hidden_grad)
+        _check_finite(saved.logp, h, kept_rows)
         if kept_rows is None:
             logp = saved.logp
         else:
@@ -142,6 +143,23 @@ class _LinearLogprobs(torch.autograd.Function):
         if d_h is not None and kept_rows is not None:
             d_h = torch.zeros_like(hidden).index_copy_(0, kept_rows, d_h)
         return d_h, d_w, d_b, None, None, None, None
+
+
+def _check_finite(logp: torch.Tensor, hidden: torch.Tensor, kept_rows: Optional[torch.Tensor]) -> None:
+    """Raise when a log-prob is NaN or inf, naming the first row: finite inputs always give finite
+    log-probs, so this catches NaN/inf in hidden (or weight) from the [N] results, without a pass
+    over the [N, H] input unless something is wrong."""
+    bad = ~torch.isfinite(logp)
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    row = first if kept_rows is None else int(kept_rows[first])
+    count = int(bad.sum())
+    if not bool(torch.isfinite(hidden[first]).all()):
+        where = f"hidden row {row} holds NaN or inf"
+    else:
+        where = f"hidden row {row} is finite, so weight or bias holds NaN or inf"
+    raise ValueError(f"non-finite log-probability at row {row} ({count} rows in all): {where}")
 
 
 def _output_dtype(hidden: torch.Tensor) -> torch.dtype:

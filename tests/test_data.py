@@ -131,12 +131,6 @@ def test_load_rows_rejects_what_it_cannot_read_locally(tmp_path):
     jsonl = write_jsonl(tmp_path / "rows.jsonl", EXPLICIT_ROWS)
     with pytest.raises(ValueError, match="only applies to a saved DatasetDict"):
         load_rows(jsonl, split="train")
-    (tmp_path / "broken.jsonl").write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        load_rows(tmp_path / "broken.jsonl")
-    (tmp_path / "list.jsonl").write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n[1, 2]\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 is a list, expected a JSON object"):
-        load_rows(tmp_path / "list.jsonl")
     write_jsonl(tmp_path / "mixed.jsonl", [EXPLICIT_ROWS[0], dict(EXPLICIT_ROWS[1], chosen=7)])
     with pytest.raises(ValueError, match="column 'chosen' mixes kinds of value"):
         load_rows(tmp_path / "mixed.jsonl")
@@ -310,6 +304,23 @@ def test_a_missing_key_in_a_jsonl_file_is_a_malformed_row(tmp_path, tokenizer):
     examples, report = tokenize_pairs(load_rows(path), tokenizer)
     assert [example.row for example in examples] == [0, 2]
     assert report.skipped == {"missing 'rejected'": [1]}
+
+
+def test_unreadable_json_lines_are_malformed_rows_numbered_like_the_others(tmp_path, tokenizer):
+    lines = [json.dumps(EXPLICIT_ROWS[0]), "{not json", "", "[1, 2]", json.dumps(EXPLICIT_ROWS[1])]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    examples, report = tokenize_pairs(load_rows(tmp_path / "rows.jsonl"), tokenizer)
+    # row N is line N + 1: the bad lines 2, 3 and 4 are rows 1, 2 and 3
+    assert [example.row for example in examples] == [0, 4]
+    assert report.skipped == {"not valid JSON": [1], "blank line": [2], "a JSON list, not an object": [3]}
+    with pytest.raises(ValueError, match=r"3 malformed rows \(row 1: not valid JSON; row 2: blank line"):
+        tokenize_pairs(load_rows(tmp_path / "rows.jsonl"), tokenizer, on_malformed="error")
+
+
+def test_an_empty_file_is_called_empty(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="the data is empty: it holds no rows"):
+        tokenize_pairs(load_rows(tmp_path / "empty.jsonl"), tokenizer)
 
 
 def test_on_malformed_error_lists_the_first_rows(tokenizer):

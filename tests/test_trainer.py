@@ -1,5 +1,6 @@
 """The trainer end to end on the embedded tiny model and a slice of the bundled sample."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
         train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
     (checkpoint / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"no manifest.json: the checkpoint is incomplete"):
-        train(config(tmp_path, small_data, max_steps=4))
+        train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path, small_data):
@@ -150,3 +151,12 @@ def test_evaluate_scores_pairs_against_the_reference(tmp_path, small_data):
 def test_bad_configuration_fails_at_start(tmp_path, small_data, options, message):
     with pytest.raises(ValueError, match=message):
         train(config(tmp_path, small_data, **options))
+
+
+def test_learning_rates_follow_trl_warmup_and_cosine(tmp_path, small_data):
+    peak, steps = 3e-3, 6
+    result = train(config(tmp_path, small_data, max_steps=steps, warmup_ratio=0.1, learning_rate=peak))
+    rates = [r["lr"] for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    # TRL: ceil(0.1 * 6) = 1 warmup step starting at 0, then cosine over the remaining 5
+    expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
+    assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)

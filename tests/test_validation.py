@@ -95,3 +95,31 @@ def test_mixed_devices_on_meta():
     hidden, weight, targets = good()
     with pytest.raises(ValueError, match=r"all inputs must be on one device, got hidden on cpu, weight on meta"):
         fastpref.linear_logprobs(hidden, weight.to("meta"), targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_hidden_names_its_first_row(backend, bad):
+    hidden, weight, targets = good()
+    targets[1] = -100  # an ignored row does not count, whatever it holds
+    hidden[1, 0] = hidden[4, 3] = hidden[5, 0] = bad
+    with pytest.raises(ValueError, match=r"non-finite log-probability at row 4 \(2 rows in all\): "
+                                         r"hidden row 4 holds NaN or inf"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+    hidden, weight, targets = good()
+    hidden[:, 0] = 1.0
+    weight[targets[2], 0] = bad  # enters every row's log-sum-exp
+    with pytest.raises(ValueError, match=r"row 0 \(6 rows in all\): hidden row 0 is finite, so weight or bias "
+                                         r"holds NaN or inf"):
+        fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+
+
+def test_non_finite_hidden_is_refused_by_the_preference_loss():
+    from test_losses import make_packed_batch
+
+    hidden, weight, targets, layout, reference = make_packed_batch(3, 8, 20, torch.float32)
+    row = int((targets != -100).nonzero()[3, 0])
+    hidden = hidden.detach().clone()
+    hidden[row] = float("nan")
+    with pytest.raises(ValueError, match=rf"non-finite log-probability at row {row} .*hidden row {row} holds NaN"):
+        fastpref.PreferenceLoss("sigmoid")(hidden, weight, targets, layout, reference)

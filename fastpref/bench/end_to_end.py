@@ -47,6 +47,8 @@ import torch
 import fastpref
 
 from ..train.model import causal_lm_parts, packed_hidden
+from ..train.named_models import NAMED_MODELS, resolve_model
+from ..train.reference import default_cache_dir
 from ..train.packing import pack_pairs
 from . import options
 from .loss_head import BETA, liger_loss, trl_pair_loss
@@ -118,8 +120,9 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODEL_PRESETS),
-                        help="Llama configuration with random weights (default: llama-1b on a GPU, llama-tiny on a CPU)")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS) + sorted(NAMED_MODELS),
+                        help="Llama configuration with random weights, or a packaged real model by name "
+                             "(default: llama-1b on a GPU, llama-tiny on a CPU)")
     parser.add_argument("--seq-len", dest="seq_lens", nargs="+", type=options.positive_int,
                         help="longest sequence (prompt + response) of a pair, in tokens; at least 8")
     parser.add_argument("--pairs", nargs="+", type=options.positive_int, help="pairs per step to measure")
@@ -156,9 +159,14 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def build_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if preset in NAMED_MODELS:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(preset, default_cache_dir()), dtype=dtype,
+                                                     local_files_only=True).to(device)
+        model.train()
+        return model
     config = LlamaConfig(**MODEL_PRESETS[preset], max_position_embeddings=16384)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -493,15 +501,38 @@ def format_table(rows: Sequence[Row]) -> str:
     return table
 
 
+def _model_notes(cfg: Config) -> List[str]:
+    """What the model is, and the fixed memory of training it, which no step's peak includes."""
+    if cfg.model in NAMED_MODELS:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(cfg.model, default_cache_dir()))
+        what = (f"model: {cfg.model} = the real pretrained {config.architectures[0]} (packaged GGUF, dequantised), "
+                f"{dtype_name(cfg.dtype)}, vocab {config.vocab_size}, hidden {config.hidden_size}, "
+                f"{config.num_hidden_layers} layers")
+    else:
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**MODEL_PRESETS[cfg.model])
+        what = (f"model: {cfg.model} = Llama, random weights, {dtype_name(cfg.dtype)}, "
+                + ", ".join(f"{key} {value}" for key, value in MODEL_PRESETS[cfg.model].items()))
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    size = count * torch.finfo(cfg.dtype).bits / 8 / 2**20
+    fixed = (f"fixed part, outside every step's peak: {count / 1e6:.1f}M parameters = {size:.0f} MiB of weights, "
+             f"+ {2 * size:.0f} MiB of AdamW state in the same dtype (the {size:.0f} MiB of gradients are in the peak)")
+    return [what, fixed]
+
+
 def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
-    preset = MODEL_PRESETS[cfg.model]
     if cfg.memory_budget_mib is not None:
         fit = f"peak memory at most {cfg.memory_budget_mib:g} MiB"
     else:
         fit = "no out-of-memory error"
     notes = [
-        f"model: {cfg.model} = Llama, random weights, {dtype_name(cfg.dtype)}, "
-        + ", ".join(f"{key} {value}" for key, value in preset.items()),
+        *_model_notes(cfg),
         f"step: forward, DPO sigmoid loss (beta = {BETA}) against precomputed zero reference log-probs, backward"
         " into every parameter (no optimizer); pairs: prompt seq_len/4 to seq_len/2 tokens, chosen and rejected"
         " of one length per pair, up to the rest of seq_len",

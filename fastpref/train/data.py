@@ -36,6 +36,8 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 MALFORMED_POLICIES = ("skip", "error")
 ASSISTANT_MARKER = "\n\nAssistant:"
 BUNDLED_SAMPLE = "hh_rlhf_sample.jsonl.gz"
+# A JSON file's rows that could not be read carry the reason here; they are malformed rows.
+UNREADABLE_COLUMN = "__unreadable__"
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _TOKENIZE_CHUNK_ROWS = 1024
@@ -168,7 +170,8 @@ def _load_saved(path: str, split: Optional[str]) -> datasets.Dataset:
 
 def _json_rows(stream: BinaryIO, *, compressed: bool, name: str) -> datasets.Dataset:
     """Parse JSON here rather than through ``datasets.load_dataset``: no builder to resolve, no cache
-    directory written, and a bad line is reported by its number."""
+    directory written, and a line that is not a JSON object becomes a malformed row (column
+    ``UNREADABLE_COLUMN`` holds why), skipped and reported by its row like any other."""
     if compressed:
         stream = gzip.GzipFile(fileobj=stream)
     text = io.TextIOWrapper(stream, encoding="utf-8").read()
@@ -177,22 +180,35 @@ def _json_rows(stream: BinaryIO, *, compressed: bool, name: str) -> datasets.Dat
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{name}: not a valid JSON array ({exc})") from exc
-        located = [(f"item {index}", item) for index, item in enumerate(items)]
     else:
         # Split on "\n" only: str.splitlines would also break at U+2028 and the like, which JSON
-        # allows unescaped inside strings.
-        located = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{name}: line {number} is not valid JSON ({exc})") from exc
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise ValueError(f"{name}: {where} is a {type(record).__name__}, expected a JSON object")
-    return _records_to_dataset([record for _, record in located], name)
+        # allows unescaped inside strings. Every line is a row, blank ones included, so that row N
+        # is line N + 1 of the file.
+        lines = text.split("\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        items = [_parse_line(line) for line in lines]
+    records = [item if isinstance(item, dict) else
+               {UNREADABLE_COLUMN: item.reason if isinstance(item, _Unreadable) else
+                f"a JSON {type(item).__name__}, not an object"}
+               for item in items]
+    return _records_to_dataset(records, name)
+
+
+class _Unreadable:
+    """A JSON line that could not be parsed: a malformed row, reported with the others."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _parse_line(line: str) -> Any:
+    if not line.strip():
+        return _Unreadable("blank line")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return _Unreadable("not valid JSON")
 
 
 def _records_to_dataset(records: List[Dict[str, Any]], name: str) -> datasets.Dataset:
@@ -341,7 +357,7 @@ def _split_conversational(
 
 def _column_names(rows: Rows) -> List[str]:
     if isinstance(rows, datasets.Dataset):
-        return rows.column_names
+        return [name for name in rows.column_names if name != UNREADABLE_COLUMN]
     if isinstance(rows, datasets.DatasetDict):
         raise TypeError(
             f"rows is a DatasetDict with splits {sorted(rows)}; pass one split, e.g. rows['train']"
@@ -479,6 +495,8 @@ def tokenize_pairs(
     _check_positive_int("max_length", max_length)
     _check_positive_int("max_prompt_length", max_prompt_length)
     columns = _column_names(rows)
+    if len(rows) == 0:
+        raise ValueError("the data is empty: it holds no rows")
     resolved = _resolve_format(rows, columns, format)
     split: Callable[[Mapping[str, Any]], Tuple[str, str, str]]
     if resolved == "explicit":
@@ -498,6 +516,8 @@ def tokenize_pairs(
         try:
             if not isinstance(row, Mapping):
                 raise _Malformed("row is not a mapping")
+            if row.get(UNREADABLE_COLUMN):
+                raise _Malformed(row[UNREADABLE_COLUMN])
             text_pairs.append((index, *split(row)))
         except _Malformed as reason:
             malformed.append((index, str(reason)))

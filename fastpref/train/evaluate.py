@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_module
 from .model import adapters_disabled
-from .reference import pair_logps
+from .named_models import resolve_model
+from .reference import default_cache_dir, pair_logps
 
 
 def _load(model_path: Path, reference_path: Optional[Path], device, dtype, attention):
@@ -42,7 +43,7 @@ def _load(model_path: Path, reference_path: Optional[Path], device, dtype, atten
 
 
 def evaluate_pairs(model: str, data: Optional[str], *, reference_model: Optional[str] = None, beta: float = 0.1,
-                   output: Optional[str] = None, pairs_per_batch: int = 8, max_length: int = 1024,
+                   output: Optional[str] = None, pairs_per_step: int = 8, max_length: int = 1024,
                    max_prompt_length: int = 512, truncation_mode: str = "keep_end", data_format: str = "auto",
                    split: Optional[str] = None, on_malformed: str = "skip", device: str = "auto",
                    dtype: str = "auto", attention: str = "auto", backend: str = "auto",
@@ -53,6 +54,10 @@ def evaluate_pairs(model: str, data: Optional[str], *, reference_model: Optional
                            ("cpu" if device == "auto" else device))
     dtype_ = (torch.bfloat16 if device_.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     attention_ = attention if attention != "auto" else ("sdpa" if device_.type == "cpu" else "flex_attention")
+    model = resolve_model(model, default_cache_dir(), progress=progress)
+    if reference_model is not None:
+        reference_model = resolve_model(reference_model, default_cache_dir(), flag="--reference-model",
+                                        progress=progress)
     policy, tokenizer, reference = _load(Path(model), Path(reference_model) if reference_model else None,
                                          device_, dtype_, attention_)
     rows = data_module.load_rows(data, split=split)
@@ -63,8 +68,8 @@ def evaluate_pairs(model: str, data: Optional[str], *, reference_model: Optional
         raise ValueError("no usable preference pairs in the data:\n" + report.summary())
 
     records = []
-    for start in tqdm(range(0, len(pairs), pairs_per_batch), desc="eval", unit="batch", disable=not progress):
-        batch = pairs[start:start + pairs_per_batch]
+    for start in tqdm(range(0, len(pairs), pairs_per_step), desc="eval", unit="batch", disable=not progress):
+        batch = pairs[start:start + pairs_per_step]
         policy_logps = pair_logps(policy, batch, attention_, device_, prefix_sharing=False,
                                   backend=backend)
         if reference is not None:

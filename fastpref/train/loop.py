@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,15 @@ from .fsdp import shard as shard_for_fsdp
 from .memory import memory_report
 from .model import FusedHeadForward, adapters_disabled, model_fingerprint, unwrap
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
+from .named_models import resolve_model
 from .packing import pack_pairs
 from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
+HELDOUT_FILE = "heldout.jsonl"
+SUMMARY_FILE = "summary.json"
 # The embedded default (no model given) trains a tiny random model: it needs a far larger
 # learning rate than fine-tuning a pretrained one, and several passes over its sample.
 EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 4, "pairs_per_step": 8, "beta": 0.1, "max_length": 160,
@@ -123,13 +128,17 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
+            raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
+                             "pip install 'fastpref[lora]' (or pip install peft)")
 
 
 @dataclass
 class TrainResult:
     output_dir: Path
     steps: int
-    final_metrics: Dict[str, float]
+    final_metrics: Dict[str, float]  # on the training pairs
+    eval_metrics: Optional[Dict[str, float]]  # on the held-out pairs, at the last step
     metrics_path: Path
     plot_path: Optional[Path]
     model_path: Path
@@ -138,6 +147,35 @@ class TrainResult:
 
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved; the message says where."""
+
+
+def _with_local_models(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with named models (smollm2-135m, ...) replaced by their converted folders, and model
+    paths checked to be model folders before any work starts."""
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    local = {}
+    for name in ("model", "reference_model"):
+        given = getattr(cfg, name)
+        if given is not None:
+            local[name] = resolve_model(given, cache_root, flag="--" + name.replace("_", "-"), progress=cfg.progress)
+    return dataclasses.replace(cfg, **local)
+
+
+def _make_writable_dir(directory: Path) -> None:
+    """Create `directory` and prove it writable now, rather than after minutes of work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir {directory} is not a writable directory: {error}") from None
+
+
+def _check_max_length(max_length: int, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the model's context of {limit} tokens "
+                         "(its max_position_embeddings)")
 
 
 def _device_and_dtype(cfg: TrainConfig, distributed: Distributed):
@@ -221,19 +259,14 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main:
 
 
 def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """transformers' schedulers with TRL's warmup of ceil(warmup_ratio * steps) steps, so that a
+    run's learning rates are step for step those of the same run under TRL (the first step's is 0
+    whenever there is a warmup)."""
+    from transformers import get_scheduler
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 def _scalar_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -249,11 +282,21 @@ class Trainer:
     """Holds a run's state; `train()` below is the entry point."""
 
     def __init__(self, cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None):
-        self.cfg = cfg.resolved()
+        self.cfg = _with_local_models(cfg.resolved())
         self.on_step = on_step
         cfg = self.cfg
         self.output_dir = Path(cfg.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        created = not self.output_dir.exists()
+        _make_writable_dir(self.output_dir)
+        try:
+            self._start()
+        except BaseException:
+            if created:  # a failed start leaves nothing behind
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise
+
+    def _start(self):
+        cfg = self.cfg
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -268,6 +311,7 @@ class Trainer:
         self._load_data()
         self.policy, self.reference_model = _load_models(
             cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
+        _check_max_length(cfg.max_length, self.policy)
         self.fsdp = cfg.parallel == "fsdp"
         # under FSDP2 an unsupported model fails here, before any long work
         self.layers = decoder_layers(self.policy) if self.fsdp else []
@@ -311,6 +355,8 @@ class Trainer:
             raise ValueError("no usable preference pairs in the data:\n" + self.data_report.summary())
         self.data_fingerprint = data_module.fingerprint_pairs(pairs)
         self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
+        # the held-out rows as they were read, for `fastpref eval --data OUTPUT_DIR/heldout.jsonl`
+        self.heldout_rows = rows.select([p.row for p in self.eval_pairs]).to_list()
 
 
     def _parallel(self, head_model: FusedHeadForward) -> FusedHeadForward:
@@ -502,19 +548,26 @@ class Trainer:
             resume_from = latest_checkpoint(self.output_dir)
         elif cfg.resume != "never":
             resume_from = Path(cfg.resume)
+        finished = self._finished_run() if cfg.resume == "auto" else None
+        if finished is not None:
+            return finished
         if resume_from is not None:
             self.restore(resume_from)
+            if main:
+                tqdm.write(f"resuming from {resume_from} (step {self.step} of {self.total_steps})")
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_from else None,
                          tensorboard_dir=self.output_dir / "tensorboard" if cfg.tensorboard else None,
                          enabled=main)
         show = cfg.progress and main
-        if show:
+        if main:  # shown with or without progress bars
+            (self.output_dir / HELDOUT_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.heldout_rows))
             tqdm.write(self.data_report.summary())
         print("\n".join(self.memory_lines), flush=True)  # every process: its own share
         self.policy.train()
         losses: List[float] = []
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not show)
         started = time.perf_counter()
+        last_eval = None
         try:
             while self.step < self.total_steps:
                 record = self._train_step()
@@ -524,7 +577,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                 margin=f"{record['rewards/margins']:.3f}")
                 warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
-                if warning and show:
+                if warning and main:
                     tqdm.write("warning: " + warning)
                 if warning:
                     log.write({"step": self.step, "split": "warning", "message": warning})
@@ -532,6 +585,7 @@ class Trainer:
                     evaluation = self.evaluate(self.eval_pairs, "eval")
                     if evaluation:
                         log.write(evaluation)
+                        last_eval = evaluation
                 if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
                 if self.on_step is not None:
@@ -560,11 +614,28 @@ class Trainer:
         if main:
             plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
             self._save_final(model_path, final_state)
-            summary = {"final_train": final, "steps": self.step, "data": self.data_report.to_dict(),
+            summary = {"final_eval": last_eval, "final_train": final, "steps": self.step,
+                       "run": self._run_identity(), "data": self.data_report.to_dict(),
                        "world_size": self.dist.world_size, "elapsed_s": time.perf_counter() - started}
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.dist.barrier()
-        return TrainResult(self.output_dir, self.step, final, log.path, plot_path, model_path, losses)
+        return TrainResult(self.output_dir, self.step, final, last_eval, log.path, plot_path, model_path, losses)
+
+    def _finished_run(self) -> Optional[TrainResult]:
+        """The result of this very run when the output directory already holds it complete."""
+        path = self.output_dir / SUMMARY_FILE
+        if not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        if summary.get("run") != self._run_identity() or summary.get("steps") != self.total_steps:
+            return None
+        if self.dist.is_main:
+            tqdm.write(f"{self.output_dir} already holds this run, finished at step {self.total_steps}: nothing "
+                       "to do (--resume never trains it again; another --output-dir keeps this one)")
+        plot = self.output_dir / "metrics.png"
+        return TrainResult(self.output_dir, self.total_steps, summary["final_train"], summary.get("final_eval"),
+                           self.output_dir / "metrics.jsonl", plot if plot.is_file() else None,
+                           self.output_dir / "final")
 
     def _train_step(self) -> Dict[str, float]:
         """One optimizer step over the global batch; this rank computes its share of each micro-batch.

