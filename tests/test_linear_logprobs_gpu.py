@@ -28,15 +28,18 @@ def test_backends_agree_on_gpu(dtype):
         assert relative_error(a, b) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_rows_past_32_bit_offsets(backend):
-    """N * H > 2^31: the last rows' offsets overflow int32 unless the kernels index in int64."""
+def test_rows_past_32_bit_offsets(backend, trainable_head):
+    """N * H > 2^31: the last rows' offsets overflow int32 unless the kernels index in int64 (a
+    trainable head takes the Triton backward's logit-gradient kernel, a frozen one the slab forward)."""
     if backend not in fastpref.available_backends("cuda"):
         pytest.skip(f"backend {backend!r} is not available here")
     n, h, v = 131_076, 16_400, 1_003
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(torch.bfloat16)
+    weight.requires_grad_(trainable_head)
     targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
     logp = fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
     grad_out = torch.randn(n, device="cuda", generator=gen)
@@ -44,7 +47,7 @@ def test_rows_past_32_bit_offsets(backend):
 
     tail = slice(n - 64, n)
     ref_hidden = hidden[tail].detach().double().cpu().requires_grad_()
-    ref = reference_logprobs(ref_hidden, weight, targets[tail])
+    ref = reference_logprobs(ref_hidden, weight.detach(), targets[tail])
     (ref_d_hidden,) = torch.autograd.grad((ref * grad_out[tail].double().cpu()).sum(), [ref_hidden])
     assert relative_error(logp[tail], ref) <= TOLERANCE[torch.bfloat16]
     assert relative_error(d_hidden[tail], ref_d_hidden) <= TOLERANCE[torch.bfloat16]
