@@ -98,7 +98,9 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
     logp = new_output((num_rows,), adt, hidden.device)
     lse = new_output((num_rows,), adt, hidden.device)
     miss = new_output((num_rows,), adt, hidden.device)
-    direction = new_output((num_rows, width), adt, hidden.device) if want_hidden_grad else None
+    # one row block (a GPU's slab layout): u is built in place of the accumulator, no second [N, H]
+    whole_rows = row_block >= num_rows
+    direction = new_output((num_rows, width), adt, hidden.device) if want_hidden_grad and not whole_rows else None
 
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
@@ -135,7 +137,11 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
         logp[r0:r1] = target_logprob(target_logit, row_lse, row_miss)
         if want_hidden_grad:
             w_t = weight[t].to(adt)
-            direction[r0:r1] = row_miss[:, None] * w_t - acc / row_sum[:, None]
+            u = acc.div_(row_sum[:, None]).neg_().add_(row_miss[:, None] * w_t)
+            if whole_rows:
+                direction = u
+            else:
+                direction[r0:r1] = u
 
     return ForwardResult(logp=logp, lse=lse, miss=miss, hidden_grad_direction=direction)
 
