@@ -195,7 +195,8 @@ def linear_logprobs(
 
     Non-contiguous inputs are accepted and copied to contiguous memory first (for the weight,
     that is a V x H copy: pass a contiguous weight to avoid it). The op synchronises with the
-    device once, to validate the targets and count the positions to compute.
+    device twice: before the kernels, to validate the targets and count the positions to compute;
+    after the forward, to refuse a non-finite log-prob (NaN or inf in the inputs), naming its row.
     """
     check_linear_inputs(hidden, weight, targets, bias)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):

@@ -62,12 +62,6 @@ def _logit_gradient_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def slab_columns(num_rows: int, vocab: int, element_bytes: int, scratch_bytes: int, block_v: int) -> int:
-    """The widest multiple of block_v columns whose [num_rows, Vs] scratch fits scratch_bytes."""
-    columns = scratch_bytes // max(1, num_rows * element_bytes) // block_v * block_v
-    return int(max(block_v, min(columns, triton.cdiv(vocab, block_v) * block_v)))
-
-
 def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, *,
                    block_n, block_v, block_h, group_n, num_warps, num_stages, upcast):
     """Fill dz [N, Vs] (a view whose rows may be strided) with the logits' gradient of one slab."""

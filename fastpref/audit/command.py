@@ -38,8 +38,6 @@ def run(args: argparse.Namespace, command: str, argv: List[str]) -> int:
         environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "fastpref.cli", "kernels", *argv], env=environment).returncode
 
-    # Fused multiply-add on, as Triton compiles on the GPU by default (and without its warning).
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from ..bench.report import utc_now, write_outputs
     from .report import audit, format_summary, format_table
 

@@ -14,29 +14,16 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from .arches import Arch
+from .report import AuditRow
 
 # The device-code flags of setup.py's NVCC_FLAGS (a test keeps the two in step).
 NVCC_DEVICE_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
-
-
-@dataclass
-class CudaKernelResult:
-    source: str
-    kernel: str
-    config: str
-    arch: str
-    registers: Optional[int]
-    spill_bytes: Optional[int]
-    shared_bytes: Optional[int]
-    tensor_cores: str
-    atomics: Optional[int]
-    compile_s: float
-    error: Optional[str] = None
+# A kernel template's element type, as the audit names dtypes.
+TEMPLATE_DTYPES = {"__nv_bfloat16": "bfloat16", "__half": "float16", "float": "float32"}
 
 
 def csrc_dir() -> Optional[Path]:
@@ -132,7 +119,7 @@ def split_kernel_name(readable: str):
     return head.rsplit("::", 1)[-1], template
 
 
-def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]) -> List[CudaKernelResult]:
+def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]) -> List[AuditRow]:
     """One row per kernel of `source` compiled for `arch` (one error row if it fails)."""
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,8 +130,8 @@ def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]
         elapsed = time.perf_counter() - began
         if result.returncode != 0:
             message = " | ".join(line for line in (result.stderr or result.stdout).splitlines()[:6])
-            return [CudaKernelResult(source.name, "(file)", "", arch.name, None, None, None, "-", None, elapsed,
-                                     error=f"nvcc failed: {message}")]
+            return [AuditRow("cuda", f"{source.name}:(file)", "", arch.name, None, None, None, None, "-", None,
+                             elapsed, error=f"nvcc failed: {message}")]
         sass = ""
         if cuobjdump:
             dumped = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=False)
@@ -156,8 +143,9 @@ def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]
     for mangled, figures in kernels.items():
         name, template = split_kernel_name(readable[mangled])
         code = functions.get(mangled)
-        rows.append(CudaKernelResult(
-            source=source.name, kernel=name, config=template, arch=arch.name,
+        rows.append(AuditRow(
+            language="cuda", kernel=f"{source.name}:{name}", config=template, arch=arch.name,
+            dtype=TEMPLATE_DTYPES.get(template),
             registers=figures.get("registers"), spill_bytes=figures.get("spill_bytes"),
             shared_bytes=figures.get("shared_bytes"),
             tensor_cores=sass_tensor_cores(code) if code is not None else "n/a",
@@ -166,7 +154,7 @@ def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]
     return rows
 
 
-def audit_csrc(arches: List[Arch]) -> List[CudaKernelResult]:
+def audit_csrc(arches: List[Arch]) -> List[AuditRow]:
     """Every kernel of every csrc/*.cu on every arch; empty when there is no csrc/ or no nvcc."""
     folder, nvcc = csrc_dir(), find_nvcc()
     if folder is None or nvcc is None:

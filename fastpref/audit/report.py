@@ -5,7 +5,7 @@ import concurrent.futures
 import multiprocessing
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..bench.report import markdown_table, number
@@ -105,22 +105,15 @@ def _triton_rows(arches: Sequence[Arch], workers: int,
     return rows, sorted(uncovered)
 
 
-def _cuda_rows(arches: Sequence[Arch]) -> List[AuditRow]:
-    from .cuda_compile import audit_csrc
-
-    dtype_names = {"__nv_bfloat16": "bfloat16", "__half": "float16", "float": "float32"}
-    return [AuditRow("cuda", f"{row.source}:{row.kernel}", row.config, row.arch, dtype_names.get(row.config),
-                     row.registers, row.spill_bytes, row.shared_bytes, row.tensor_cores, row.atomics,
-                     row.compile_s, row.error)
-            for row in audit_csrc(list(arches))]
-
-
 def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cuda: bool = True,
           workers: Optional[int] = None,
           on_progress: Callable[[int, int], None] = lambda done, total: None) -> AuditResult:
     """Compile every kernel for every arch in `arch_names` and measure each binary."""
-    from .cuda_compile import csrc_dir, find_nvcc
+    from .cuda_compile import audit_csrc, csrc_dir, find_nvcc
 
+    # Fused multiply-add on, as Triton compiles on a GPU by default (and without its warning);
+    # spawned compiler processes inherit it.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     arches = [ARCHES[name] for name in arch_names]
     rows: List[AuditRow] = []
     uncovered: List[str] = []
@@ -134,7 +127,7 @@ def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cud
         elif find_nvcc() is None:
             missing.append("nvcc (not on PATH or in $CUDA_HOME/bin): CUDA kernels not audited")
         else:
-            rows += _cuda_rows(arches)
+            rows += audit_csrc(arches)
     return AuditResult(rows, uncovered, missing)
 
 
@@ -174,8 +167,3 @@ def format_summary(rows: Sequence[AuditRow]) -> str:
           f"{sum(row.compile_s or 0.0 for row in members):.1f}",
           str(sum(1 for row in members if violations(row)))]
          for (language, kernel, arch), members in sorted(groups.items())))
-
-
-def rows_as_json(result: AuditResult) -> dict:
-    return {"rows": [dict(asdict(row), violations=violations(row)) for row in result.rows],
-            "uncovered_kernels": result.uncovered, "not_audited": result.missing_tools, "ok": result.ok}

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .arches import Arch
@@ -66,7 +66,6 @@ class CompileResult:
     atomics: Optional[int] = None
     compile_s: Optional[float] = None
     error: Optional[str] = None
-    scenarios: List[str] = field(default_factory=list)
 
 
 def _hashable(value):
@@ -168,9 +167,8 @@ def _error_summary(text: str) -> str:
 
 
 def worker_setup() -> None:
-    """Process-pool initializer: the compiler, never the interpreter, and no output but ours."""
+    """Process-pool initializer: the compiler, never the interpreter."""
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def distinct_jobs(launches: List[Launch], arch: Arch) -> Dict[CompileJob, List[str]]:

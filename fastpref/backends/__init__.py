@@ -107,6 +107,13 @@ def scratch_bytes() -> int:
     return _scratch_bytes
 
 
+def slab_columns(num_rows: int, vocab: int, element_bytes: int, budget: int, multiple: int = 1) -> int:
+    """The widest vocabulary slab whose [num_rows, columns] scratch of element_bytes fits the
+    budget: a multiple of `multiple` columns (a kernel's tile), at least one, at most V."""
+    columns = budget // max(1, num_rows * element_bytes) // multiple * multiple
+    return int(max(multiple, min(columns, vocab)))
+
+
 def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in float32.
 

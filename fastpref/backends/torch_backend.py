@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, matmul_float32, scratch_bytes, target_logprob
+from . import Backend, ForwardResult, matmul_float32, scratch_bytes, slab_columns, target_logprob
 from .torch_preference_loss import preference_loss
 
 # On a CPU a block of logits holds at most this many elements (cache-sized matmuls run at the
@@ -49,8 +49,7 @@ def _block_sizes(num_rows: int, vocab: int, device: torch.device) -> Tuple[int, 
     scratch budget (fastpref.set_scratch_bytes) allows for float32 logits, so that each matmul is
     one large cuBLAS GEMM; on a CPU, cache-sized blocks."""
     if device.type == "cuda":
-        columns = scratch_bytes() // (4 * max(1, num_rows))
-        return max(1, num_rows), max(1, min(vocab, columns))
+        return max(1, num_rows), slab_columns(num_rows, vocab, 4, scratch_bytes())
     row_block = max(1, min(num_rows, MAX_ROW_BLOCK))
     vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // row_block))
     return row_block, vocab_block
@@ -71,9 +70,7 @@ def _accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b in out_dtype, accumulated at least in float32 (never rounded to half precision first)."""
-    if out_dtype == torch.float64:
-        return (a @ b).to(out_dtype)
-    return matmul_float32(a, b)
+    return a @ b if out_dtype == torch.float64 else matmul_float32(a, b)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out_dtype) -> torch.Tensor:

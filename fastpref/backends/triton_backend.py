@@ -16,7 +16,7 @@ import torch
 from .._buffers import new_output
 from . import torch_backend
 from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_float32, matmul_into,
-               scratch_bytes)
+               scratch_bytes, slab_columns)
 
 try:
     import triton  # noqa: F401
@@ -96,22 +96,18 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
              need_hidden: bool, need_weight: bool, need_bias: bool,
              config: Optional[KernelConfig] = None):
     """Per vocabulary slab: the fused logit-gradient kernel into a scratch, then plain matmuls for
-    d_weight (written once per slab) and d_hidden (accumulated in float32); no atomics. When the
-    forward left u (a frozen head), d_hidden = g u and the slabs run only for what else is wanted."""
-    from ..kernels.linear_logprobs_backward import logit_gradient, slab_columns
+    d_weight (written once per slab) and d_hidden (accumulated in float32); no atomics. A forward
+    that took the slab pass (a frozen head) left u: its backward, d_hidden = g u, is that pass's."""
+    from ..kernels.linear_logprobs_backward import logit_gradient
 
-    direction = saved.hidden_grad_direction
-    hidden_from_direction = None
-    if need_hidden and direction is not None:
-        hidden_from_direction = (grad_logp.float()[:, None] * direction).to(hidden.dtype)
-        need_hidden = False
-    if not (need_hidden or need_weight or need_bias):
-        return hidden_from_direction, None, None
+    if saved.hidden_grad_direction is not None:
+        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp,
+                                      need_hidden, need_weight, need_bias)
     cfg = config or config_for(hidden)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     columns = slab_columns(num_rows, vocab, hidden.element_size(), scratch_bytes(), cfg.block_v)
-    scratch = new_output((num_rows, min(columns, vocab)), hidden.dtype, hidden.device)
+    scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
     grad = grad_logp.float().contiguous()
     d_hidden = torch.zeros((num_rows, width), dtype=torch.float32, device=hidden.device) if need_hidden else None
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
@@ -128,8 +124,6 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
             d_bias[start:stop] = dz.sum(dim=0, dtype=torch.float32)
         if need_hidden:
             d_hidden += matmul_float32(dz, weight[start:stop])
-    if hidden_from_direction is not None:
-        d_hidden = hidden_from_direction
     return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight,
             None if d_bias is None else d_bias.to(bias.dtype))
 

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from ..backends import slab_columns
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
@@ -101,9 +102,14 @@ def flop_floor(shape: Shape, head: str) -> float:
 
 
 def slab_width(shape: Shape, scratch_bytes: int) -> int:
-    """The widest multiple of 128 columns whose bf16 [N, Vs] scratch fits the budget (at least 128)."""
-    columns = scratch_bytes // (shape.n * shape.element_bytes)
-    return int(max(128, min(shape.vocab, columns // 128 * 128)))
+    """The Triton backward's slab: the widest multiple of its 128-column tile whose [N, Vs]
+    scratch fits the budget."""
+    return slab_columns(shape.n, shape.vocab, shape.element_bytes, scratch_bytes, 128)
+
+
+def float32_slab_width(shape: Shape, scratch_bytes: int) -> int:
+    """The slab forward's (the torch backend's on a GPU): float32 logits of all rows."""
+    return slab_columns(shape.n, shape.vocab, FP32, scratch_bytes)
 
 
 def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) -> List[Launch]:
@@ -125,8 +131,7 @@ def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) ->
 def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, int] = (128, 128)) -> List[Launch]:
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
     if head == "frozen":
-        width = max(1, min(v, scratch_bytes // (FP32 * n)))  # float32 logits of all rows
-        slabs = math.ceil(v / width)
+        slabs = math.ceil(v / float32_slab_width(shape, scratch_bytes))
         return [
             Launch("forward, per slab: z_s = h W_s^T, float32 out (cuBLAS)", slabs, 2 * n * h * v,
                    slabs * n * h * e + v * h * e + n * v * FP32),
@@ -157,8 +162,7 @@ def slab_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     is added into it)."""
     n, h, e = shape.n, shape.hidden, shape.element_bytes
     if head == "frozen":
-        width = max(1, min(shape.vocab, scratch_bytes // (FP32 * n)))
-        scratch = n * width * (FP32 + e)
+        scratch = n * float32_slab_width(shape, scratch_bytes) * (FP32 + e)
     else:
         scratch = n * slab_width(shape, scratch_bytes) * e
     return scratch + 2 * n * h * FP32
