@@ -1,9 +1,11 @@
 """Triton backend: fused kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests).
 
 Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
-Backward: :mod:`fastpref.kernels.linear_logprobs_backward` per vocabulary slab (the fused
-recompute + logit-gradient kernel, 2NHV, then the hidden gradient as a matmul, 2NHV, and the
-weight gradient as another when the head is trainable, 2NHV); no atomics.
+Backward, per vocabulary slab: :mod:`fastpref.kernels.linear_logprobs_backward` (the fused
+recompute + logit-gradient kernel, 2NHV), :mod:`fastpref.kernels.hidden_gradient` (the hidden
+gradient's GEMM, 2NHV, accumulated across slabs as a half-precision pair instead of a float32
+[N, H] buffer) and, when the head is trainable, the weight gradient as a cuBLAS GEMM (2NHV,
+written once); no atomics.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 
 from .._buffers import new_output
 from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_float32, matmul_into,
-               scratch_bytes, slab_columns)
+from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_into, scratch_bytes,
+               slab_columns)
 
 try:
     import triton  # noqa: F401
@@ -95,9 +97,12 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
              need_hidden: bool, need_weight: bool, need_bias: bool,
              config: Optional[KernelConfig] = None):
-    """Per vocabulary slab: the fused logit-gradient kernel into a scratch, then plain matmuls for
-    d_weight (written once per slab) and d_hidden (accumulated in float32); no atomics. A forward
-    that took the slab pass (a frozen head) left u: its backward, d_hidden = g u, is that pass's."""
+    """Per vocabulary slab: the fused logit-gradient kernel into a scratch, then d_weight as a
+    cuBLAS GEMM (written once per slab) and d_hidden += dz W_s as a Triton GEMM whose epilogue
+    keeps the running sum as d_hidden (the inputs' dtype) plus a bfloat16 remainder; no atomics.
+    A forward that took the slab pass (a frozen head) left u: its backward, d_hidden = g u, is
+    that pass's."""
+    from ..kernels.hidden_gradient import accumulate_hidden_gradient, low_part_dtype
     from ..kernels.linear_logprobs_backward import logit_gradient
 
     if saved.hidden_grad_direction is not None:
@@ -109,7 +114,12 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     columns = slab_columns(num_rows, vocab, hidden.element_size(), scratch_bytes(), cfg.block_v)
     scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
     grad = grad_logp.float().contiguous()
-    d_hidden = torch.zeros((num_rows, width), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    d_hidden = d_hidden_low = None
+    if need_hidden:
+        d_hidden = torch.zeros((num_rows, width), dtype=hidden.dtype, device=hidden.device)
+        low_dtype = low_part_dtype(hidden.dtype)
+        if low_dtype is not None:
+            d_hidden_low = torch.zeros((num_rows, width), dtype=low_dtype, device=hidden.device)
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
     d_bias = new_output((vocab,), torch.float32, weight.device) if need_bias else None
     for start in range(0, vocab, columns):
@@ -123,9 +133,11 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
         if need_bias:
             d_bias[start:stop] = dz.sum(dim=0, dtype=torch.float32)
         if need_hidden:
-            d_hidden += matmul_float32(dz, weight[start:stop])
-    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight,
-            None if d_bias is None else d_bias.to(bias.dtype))
+            accumulate_hidden_gradient(dz, weight, start, d_hidden, d_hidden_low,
+                                       block_n=cfg.block_n, block_h=cfg.block_v, block_k=cfg.block_h,
+                                       group_n=cfg.group_n, num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages, upcast=INTERPRETING)
+    return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
 def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
