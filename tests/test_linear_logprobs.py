@@ -224,3 +224,31 @@ def test_no_grad_skips_the_hidden_gradient_direction(monkeypatch):
         fastpref.linear_logprobs(hidden.requires_grad_(), weight, targets, backend="torch")
     fastpref.linear_logprobs(hidden, weight, targets, backend="torch")
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_torch_backend_gpu_layout_within_the_scratch_budget(monkeypatch, dtype, trainable_head):
+    """The torch backend's GPU blocks (the Triton backend's frozen-head pass too) on the CPU, with a
+    budget so small that the forward runs several row blocks and vocabulary slabs: the results
+    hold, and each block's allocations fit the budget."""
+    from fastpref import backends
+
+    budget = 6 * 1024
+    layouts = []
+
+    def gpu_layout(num_rows, vocab, device, accumulator_width=0):
+        rows, columns = torch_backend.gpu_block_sizes(num_rows, vocab, accumulator_width)
+        layouts.append((rows, columns, accumulator_width))
+        return rows, columns
+
+    monkeypatch.setattr(torch_backend, "_block_sizes", gpu_layout)
+    try:
+        fastpref.set_scratch_bytes(budget)
+        run_and_compare("torch", *make_inputs(37, 24, 301, dtype, with_bias=True, ignore_every=5),
+                        trainable_head=trainable_head)
+    finally:
+        fastpref.set_scratch_bytes(backends.DEFAULT_SCRATCH_BYTES)
+    rows, columns, width = next(layout for layout in layouts if layout[2])
+    assert 1 < rows < 37 and columns < 301
+    assert rows * width * 4 * 4 + rows * columns * (4 + 2) <= budget

@@ -2,8 +2,9 @@
 
 It is the readable reference of the blocked algorithm, the CPU path, and the fallback on a GPU
 where a kernel cannot run. No tensor larger than one [row_block x vocab_block] block of logits
-ever exists, whatever N and V: 16 MiB of fp32 on a CPU; on a GPU a vocabulary slab of all rows
-within the scratch budget (fastpref.set_scratch_bytes), so every matmul is one large GEMM.
+ever exists, whatever N and V: 16 MiB of fp32 on a CPU; on a GPU everything a block allocates
+fits the scratch budget (fastpref.set_scratch_bytes), in blocks as large as that allows, so every
+matmul is one large cuBLAS GEMM.
 
 Forward, for each block of rows, streaming over vocabulary blocks W_b with an online softmax
 (running max m, running sum s, rescaled by alpha = exp(m_old - m_new) when m grows):
@@ -19,7 +20,8 @@ Forward, for each block of rows, streaming over vocabulary blocks W_b with an on
     u   = miss W_t - acc / s  =  W_t - sum_v p_v W_v.
 
 Keeping the target out of the sums avoids the cancellation of 1 - p_t and of W_t - p_t W_t when
-the model is confident (p_t -> 1). With u saved, the hidden gradient of the backward is a scale,
+the model is confident (p_t -> 1). u is saved in the inputs' dtype (a bf16 [N, H], not float32:
+it is rounded once, as the gradient will be), and the hidden gradient of the backward is a scale,
 d_hidden_n = g_n u_n: a frozen head costs 4NHV FLOPs in all.
 
 Backward for a trainable head: one more pass recomputing z from the saved lse,
@@ -44,15 +46,28 @@ BLOCK_ELEMENTS = 1 << 22
 MAX_ROW_BLOCK = 2048
 
 
-def _block_sizes(num_rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
-    """(rows, columns) of a logits block. On a GPU: vocabulary slabs of every row, as wide as the
-    scratch budget (fastpref.set_scratch_bytes) allows for float32 logits, so that each matmul is
-    one large cuBLAS GEMM; on a CPU, cache-sized blocks."""
+def _block_sizes(num_rows: int, vocab: int, device: torch.device, accumulator_width: int = 0) -> Tuple[int, int]:
+    """(rows, columns) of a logits block; accumulator_width: H when each row also carries float32
+    [rows, H] accumulators (the forward's u). On a GPU everything a block allocates fits the
+    scratch budget (fastpref.set_scratch_bytes): with accumulators, half of it goes to them (four
+    float32 [rows, H]: u, its matmul's product, W_t and the miss-scaled W_t) and half to a vocabulary
+    slab of logits (float32, and its half-precision copy for the matmul); without, all rows
+    and a slab as wide as the budget allows, so that each matmul is one large cuBLAS GEMM. On a
+    CPU, cache-sized blocks."""
     if device.type == "cuda":
-        return max(1, num_rows), slab_columns(num_rows, vocab, 4, scratch_bytes())
+        return gpu_block_sizes(num_rows, vocab, accumulator_width)
     row_block = max(1, min(num_rows, MAX_ROW_BLOCK))
     vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // row_block))
     return row_block, vocab_block
+
+
+def gpu_block_sizes(num_rows: int, vocab: int, accumulator_width: int = 0) -> Tuple[int, int]:
+    """_block_sizes on a GPU: the largest blocks whose allocations fit scratch_bytes()."""
+    budget = scratch_bytes()
+    if not accumulator_width:
+        return max(1, num_rows), slab_columns(num_rows, vocab, 4, budget)
+    rows = max(1, min(num_rows, budget // 2 // (4 * 4 * accumulator_width)))
+    return rows, slab_columns(rows, vocab, 4 + 2, budget // 2)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -90,14 +105,13 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
-    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device)
+    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, width if want_hidden_grad else 0)
 
     logp = new_output((num_rows,), adt, hidden.device)
     lse = new_output((num_rows,), adt, hidden.device)
     miss = new_output((num_rows,), adt, hidden.device)
-    # one row block (a GPU's slab layout): u is built in place of the accumulator, no second [N, H]
-    whole_rows = row_block >= num_rows
-    direction = new_output((num_rows, width), adt, hidden.device) if want_hidden_grad and not whole_rows else None
+    # kept in the inputs' dtype: u is the hidden gradient's direction, rounded once like the gradient
+    direction = new_output((num_rows, width), hidden.dtype, hidden.device) if want_hidden_grad else None
 
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
@@ -134,11 +148,7 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
         logp[r0:r1] = target_logprob(target_logit, row_lse, row_miss)
         if want_hidden_grad:
             w_t = weight[t].to(adt)
-            u = acc.div_(row_sum[:, None]).neg_().add_(row_miss[:, None] * w_t)
-            if whole_rows:
-                direction = u
-            else:
-                direction[r0:r1] = u
+            direction[r0:r1] = acc.div_(row_sum[:, None]).neg_().addcmul_(row_miss[:, None], w_t)
 
     return ForwardResult(logp=logp, lse=lse, miss=miss, hidden_grad_direction=direction)
 
@@ -152,7 +162,12 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
 
     d_hidden = None
     if need_hidden:
-        d_hidden = (g[:, None] * saved.hidden_grad_direction).to(hidden.dtype)
+        # row blocks: the float32 product g u never exists for all rows at once
+        d_hidden = new_output((num_rows, width), hidden.dtype, hidden.device)
+        row_block = _block_sizes(num_rows, vocab, hidden.device, width)[0]
+        for r0 in range(0, num_rows, row_block):
+            r1 = min(r0 + row_block, num_rows)
+            d_hidden[r0:r1] = g[r0:r1, None] * saved.hidden_grad_direction[r0:r1]
     if not (need_weight or need_bias):
         return d_hidden, None, None
 
