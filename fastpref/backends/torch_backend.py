@@ -95,10 +95,18 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out_dty
     return z
 
 
-def _target_slots(targets: torch.Tensor, v0: int, v1: int):
-    """Rows whose target lies in [v0, v1) and the target's column inside that block."""
-    rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
-    return rows, targets[rows] - v0
+def _target_columns(targets: torch.Tensor, v0: int, v1: int):
+    """Which rows have their target in the block [v0, v1), and each row's target column in the
+    block ([rows, 1], clamped into it where the target lies elsewhere): masks rather than indices,
+    so that no host synchronisation stalls a GPU between blocks."""
+    local = targets - v0
+    return (local >= 0) & (local < v1 - v0), local.clamp(0, v1 - v0 - 1)[:, None]
+
+
+def _set_target_entries(block: torch.Tensor, hit: torch.Tensor, column: torch.Tensor, values) -> None:
+    """block[n, column[n]] = values[n] on the rows where hit, in place."""
+    kept = block.gather(1, column).squeeze(1)
+    block.scatter_(1, column, torch.where(hit, values, kept)[:, None])
 
 
 def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
@@ -128,14 +136,14 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardRes
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
             z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
-            hit_rows, hit_cols = _target_slots(t, v0, v1)
-            target_logit[hit_rows] = z[hit_rows, hit_cols]
+            hit, column = _target_columns(t, v0, v1)
+            target_logit = torch.where(hit, z.gather(1, column).squeeze(1), target_logit)
 
             new_max = torch.maximum(running_max, z.amax(dim=1))
             alpha = torch.exp(running_max - new_max)
             running_max = new_max
             exp_z = z.sub_(new_max[:, None]).exp_()
-            exp_z[hit_rows, hit_cols] = 0
+            _set_target_entries(exp_z, hit, column, 0.0)
             sum_excl.mul_(alpha).add_(exp_z.sum(dim=1))
             if want_hidden_grad:
                 acc.mul_(alpha[:, None]).add_(_matmul(exp_z.to(cdt), w, adt))
@@ -187,8 +195,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
             z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
             # dz = g * (onehot - p), built in place over the logits block
             dz = z.sub_(lse_rows[:, None]).exp_().mul_(-g_rows[:, None])
-            hit_rows, hit_cols = _target_slots(t, v0, v1)
-            dz[hit_rows, hit_cols] = g_rows[hit_rows] * miss_rows[hit_rows]
+            hit, column = _target_columns(t, v0, v1)
+            _set_target_entries(dz, hit, column, g_rows * miss_rows)
             if need_weight:
                 d_weight[v0:v1] += _matmul(dz.to(cdt).t(), h, adt)
             if need_bias:
