@@ -61,9 +61,11 @@ def _block_sizes(num_rows: int, vocab: int, device: torch.device, accumulator_wi
     return row_block, vocab_block
 
 
-def gpu_block_sizes(num_rows: int, vocab: int, accumulator_width: int = 0) -> Tuple[int, int]:
-    """_block_sizes on a GPU: the largest blocks whose allocations fit scratch_bytes()."""
-    budget = scratch_bytes()
+def gpu_block_sizes(num_rows: int, vocab: int, accumulator_width: int = 0,
+                    budget: Optional[int] = None) -> Tuple[int, int]:
+    """_block_sizes on a GPU: the largest blocks whose allocations fit `budget` bytes
+    (scratch_bytes() unless given)."""
+    budget = scratch_bytes() if budget is None else budget
     if not accumulator_width:
         return max(1, num_rows), slab_columns(num_rows, vocab, 4, budget)
     rows = max(1, min(num_rows, budget // 2 // (4 * 4 * accumulator_width)))

@@ -20,12 +20,15 @@ Designs:
   atomic  the Triton backend today: a fused forward (GEMM + online log-sum-exp, 64 x 128 tiles);
           a backward of one tile per program that recomputes its logits and adds its share of
           d_hidden and d_weight with float32 atomics (frozen head: 6NHV in all, trainable: 8NHV).
-  slab    the Triton backend now, over vocabulary slabs of all N rows (width Vs from the scratch
-          budget). Trainable head: the fused forward (128 x 128 tiles), then per slab a fused
-          recompute + dz epilogue into a bf16 scratch, d_weight_s = dz^T h (written once) and
-          d_hidden += dz W_s (float32), both cuBLAS: 8NHV, no atomics. Frozen head: per slab the
-          logits z_s = h W_s^T in float32 and u <- u alpha + p~ W_s (cuBLAS) with the running max
-          and sum taken between them, so the backward is d_hidden = g u: 4NHV.
+  slab    the Triton backend now. Trainable head: the fused forward (128 x 128 tiles), then per
+          vocabulary slab of all N rows (width Vs from the scratch budget) a fused recompute + dz
+          epilogue into a bf16 scratch, d_weight_s = dz^T h (cuBLAS, written once) and
+          d_hidden += dz W_s (a Triton GEMM whose epilogue keeps the sum as a bf16 pair): 8NHV,
+          no atomics. Frozen head: the torch backend's pass, in blocks of R rows x S columns that
+          fit the scratch budget: the logits z = h W_s^T in float32 and u <- u alpha + p~ W_s
+          (cuBLAS) with the running max and sum taken between them, so the backward is
+          d_hidden = g u: 4NHV. Its blocks are many small launches from Python (about a dozen
+          per block): the host must issue them faster than the GPU runs them.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..backends import slab_columns
+from ..backends import DEFAULT_SCRATCH_BYTES, slab_columns
+from ..backends.torch_backend import gpu_block_sizes
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
@@ -107,9 +111,9 @@ def slab_width(shape: Shape, scratch_bytes: int) -> int:
     return slab_columns(shape.n, shape.vocab, shape.element_bytes, scratch_bytes, 128)
 
 
-def float32_slab_width(shape: Shape, scratch_bytes: int) -> int:
-    """The slab forward's (the torch backend's on a GPU): float32 logits of all rows."""
-    return slab_columns(shape.n, shape.vocab, FP32, scratch_bytes)
+def frozen_blocks(shape: Shape, scratch_bytes: int) -> Tuple[int, int]:
+    """(R, S): the frozen-head pass's rows and columns per block (the torch backend's GPU layout)."""
+    return gpu_block_sizes(shape.n, shape.vocab, shape.hidden, scratch_bytes)
 
 
 def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) -> List[Launch]:
@@ -131,19 +135,24 @@ def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) ->
 def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, int] = (128, 128)) -> List[Launch]:
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
     if head == "frozen":
-        slabs = math.ceil(v / float32_slab_width(shape, scratch_bytes))
+        rows, columns = frozen_blocks(shape, scratch_bytes)
+        row_blocks, slabs = math.ceil(n / rows), math.ceil(v / columns)
+        blocks = row_blocks * slabs
+        weight_reads = row_blocks * v * h * e  # every row block streams the whole weight
         return [
-            Launch("forward, per slab: z_s = h W_s^T, float32 out (cuBLAS)", slabs, 2 * n * h * v,
-                   slabs * n * h * e + v * h * e + n * v * FP32),
-            # max, subtract + exp in place, sum, the target's column, the cast to bf16
-            Launch("forward, per slab: running max and sum, p~ = exp(z_s - m) (elementwise)", 5 * slabs, 0.0,
+            Launch("forward, per block: z = h W_s^T, float32 out (cuBLAS)", blocks, 2 * n * h * v,
+                   slabs * n * h * e + weight_reads + n * v * FP32),
+            # max, subtract + exp in place, the target's entry, sum, the cast to bf16
+            Launch("forward, per block: running max and sum, p~ = exp(z - m) (elementwise)", 5 * blocks, 0.0,
                    n * v * (6 * FP32 + e)),
-            Launch("forward, per slab: u = u alpha + p~ W_s (cuBLAS, float32 out)", slabs, 2 * n * h * v,
-                   n * v * e + v * h * e + slabs * 4 * n * h * FP32),
-            Launch("backward: d_hidden = g u", 1, n * h, n * h * (FP32 + e)),
+            Launch("forward, per block: u = u alpha + p~ W_s (cuBLAS, float32 out)", blocks, 2 * n * h * v,
+                   n * v * e + weight_reads + slabs * 4 * n * h * FP32),
+            Launch("forward, per row block: u saved in the inputs' dtype", row_blocks, 0.0, n * h * (3 * FP32 + e)),
+            Launch("backward: d_hidden = g u", row_blocks, n * h, 2 * n * h * e),
         ]
     width = slab_width(shape, scratch_bytes)
     slabs = math.ceil(v / width)
+    pair_bytes = e + (2 if e < FP32 else 0)  # d_hidden, and its bf16 remainder for half precision
     return [
         Launch("forward: GEMM + online log-sum-exp (fused)", math.ceil(n / tile[0]), 2 * n * h * v,
                n * h * e + v * h * e, tile=tile),
@@ -151,21 +160,22 @@ def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, in
                slabs * n * h * e + v * h * e + n * v * e, tile=tile),
         Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N, written once)", slabs, 2 * n * h * v,
                n * v * e + slabs * n * h * e + v * h * e),
-        Launch("backward, per slab: d_hidden += dz W_s (cuBLAS, float32 out, then added)", 2 * slabs,
-               2 * n * h * v, n * v * e + v * h * e + slabs * 4 * n * h * FP32),
+        Launch("backward, per slab: d_hidden += dz W_s (Triton GEMM, epilogue adds into the bf16 pair)", slabs,
+               2 * n * h * v, n * v * e + v * h * e + slabs * 2 * n * h * pair_bytes, tile=tile),
     ]
 
 
 def slab_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
-    """Memory the slab design holds beyond its inputs and the gradients it returns: the slab's
-    scratch, and two float32 [N, H] buffers (d_hidden or u, and the GEMM's float32 product that
-    is added into it)."""
+    """Memory the slab design holds beyond its inputs and the gradients it returns.
+
+    Trainable head: the [N, Vs] logit-gradient scratch and, for half precision, d_hidden's bf16
+    remainder [N, H]. Frozen head: u saved in the inputs' dtype [N, H] and, while the forward
+    runs, one block's allocations (within the scratch budget)."""
     n, h, e = shape.n, shape.hidden, shape.element_bytes
     if head == "frozen":
-        scratch = n * float32_slab_width(shape, scratch_bytes) * (FP32 + e)
-    else:
-        scratch = n * slab_width(shape, scratch_bytes) * e
-    return scratch + 2 * n * h * FP32
+        rows, columns = frozen_blocks(shape, scratch_bytes)
+        return n * h * e + rows * h * 4 * FP32 + rows * columns * (FP32 + 2)
+    return n * slab_width(shape, scratch_bytes) * e + (2 * n * h if e < FP32 else 0)
 
 
 def materialized_extra_bytes(shape: Shape) -> int:
@@ -197,7 +207,7 @@ class Plan:
         return self.floor_ms / fast, self.floor_ms / slow
 
 
-def plan(shape: Shape, head: str, design: str, device_kind: str, scratch_bytes: int = 128 << 20) -> Plan:
+def plan(shape: Shape, head: str, design: str, device_kind: str, scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Plan:
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if device_kind not in DEVICE_KINDS:
@@ -249,8 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", nargs="+", choices=HEADS, default=list(HEADS), help="heads (default: both)")
     parser.add_argument("--design", nargs="+", choices=DESIGNS, default=list(DESIGNS),
                         help="designs (default: both)")
-    parser.add_argument("--scratch-mib", type=int, default=128,
-                        help="the slab design's scratch budget in MiB (default: 128)")
+    parser.add_argument("--scratch-mib", type=int, default=DEFAULT_SCRATCH_BYTES >> 20,
+                        help="the slab design's scratch budget in MiB (default: fastpref's, "
+                             f"{DEFAULT_SCRATCH_BYTES >> 20})")
 
 
 def run(args: argparse.Namespace) -> int:
