@@ -171,25 +171,38 @@ def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -
     return Candidate(row.method, step, check, reset)
 
 
+def gradients_mib(row: Row) -> float:
+    """The input gradients a run leaves alive: d_hidden, and d_weight for a trainable head."""
+    elements = row.n * row.hidden + (row.vocab * row.hidden if row.head == "trainable" else 0)
+    return elements * DTYPES[row.dtype].itemsize / 2**20
+
+
+def extra_mib(row: Row) -> Optional[float]:
+    """A run's peak memory beyond its inputs and the gradients it returns."""
+    return None if row.peak_mib is None else max(0.0, row.peak_mib - gradients_mib(row))
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """Memory ratios are against the baseline with the same head."""
-    baseline = {r.head: r.peak_mib for r in rows if r.method == BASELINE and r.peak_mib}
+    baseline = {r.head: extra_mib(r) for r in rows if r.method == BASELINE and r.status == "ok" and r.peak_mib}
     floor = {r.head: r.time_ms for r in rows if r.method == GEMM_FLOOR and r.status == "ok"}
     columns = ["method", "head", "N", "H", "V", "dtype", "time fwd+bwd (ms)", "x GEMM floor", "TFLOP/s",
-               "peak mem over inputs (MiB)", "mem vs baseline", "max abs dlogp", "grad rel err"]
+               "peak mem over inputs (MiB)", "extra over gradients (MiB)", "extra vs baseline", "max abs dlogp",
+               "grad rel err"]
     cells = []
     for r in rows:
         if r.status != "ok":
-            time_ms = times_floor = rate = peak = ratio = r.status
+            time_ms = times_floor = rate = peak = extra = ratio = r.status
         else:
             time_ms, rate = number(r.time_ms), number(r.tflops, 2)
             times_floor = f"{r.time_ms / floor[r.head]:.2f}x" if floor.get(r.head) else "-"
             peak = "n/a" if r.peak_mib is None else number(r.peak_mib)
+            extra = "n/a" if r.peak_mib is None else number(extra_mib(r))
             base = baseline.get(r.head)
-            ratio = "n/a" if r.peak_mib is None or base is None else f"{100 * r.peak_mib / base:.1f}%"
+            ratio = "n/a" if r.peak_mib is None or not base else f"{100 * extra_mib(r) / base:.1f}%"
         errors = ["-" if e is None else f"{e:.2e}" for e in (r.logp_err, r.grad_err)]
         cells.append([r.method, r.head, str(r.n), str(r.hidden), str(r.vocab), r.dtype, time_ms, times_floor, rate,
-                      peak, ratio, *errors])
+                      peak, extra, ratio, *errors])
     return markdown_table(columns, cells)
 
 
@@ -206,7 +219,8 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
         " time, N_scored = targets not ignored",
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; the input gradients are"
-        " alive at the end of the run and count",
+        " alive at the end of the run and count; extra over gradients = peak minus their size (what the"
+        " method holds beyond its inputs and outputs), against the baseline's",
         "max abs dlogp, grad rel err: against a float32 row-chunked reference of the baseline's math"
         " (grad: max |error| / max |reference|, over d_hidden and, for a trainable head, d_weight)",
     ]
