@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastpref.bench import proof
+from fastpref.bench.plan import Shape, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,7 @@ def test_headline_rows_put_the_cost_model_beside_the_triton_rows(tmp_path):
     assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
     assert proof.device_kind("AMD EPYC (2 torch threads)") is None
     triton_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
-    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", "111-141"]
+    fast, slow = plan(Shape(16384, 4096, 128256), "trainable", "slab", "h100").predicted_ms
+    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", f"{fast:.0f}-{slow:.0f}"]
     assert triton_row[7] == "21%"
     assert peer_row[5] == "-"
