@@ -7,11 +7,12 @@ log-sum-exp and writes, in its epilogue,
     dz_{n,v} = g_n (1[v = t_n] - exp(z_{n,v} - lse_n))      (on the target column: g_n miss_n,
                                                               the forward's 1 - p_t, no cancellation)
 
-into a [N, Vs] scratch (the inputs' dtype: bf16 for a bf16 head). Then two plain GEMMs:
+into a [N, Vs] scratch (the inputs' dtype: bf16 for a bf16 head). Then two GEMMs:
 
     d_weight[slab] = dz^T h      K = N: every row of the slab's weight gradient is complete after
-                                 one GEMM and is written once, in the weight's dtype
-    d_hidden      += dz W_slab   accumulated in float32 across slabs
+                                 one GEMM (cuBLAS) and is written once, in the weight's dtype
+    d_hidden      += dz W_slab   kernels/hidden_gradient.py: summed across slabs as the inputs'
+                                 dtype plus a bfloat16 remainder
     d_bias[slab]   = sum_n dz
 
 so nothing is added twice to the same address from different programs: the result does not
