@@ -293,6 +293,50 @@ def test_cli_loss_head_sweep_writes_plot(tmp_path, capsys):
     assert "![lh](lh.png)" in (tmp_path / "lh.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory) -> str:
+    """The embedded default model and tokenizer, saved as a Hugging Face folder."""
+    from fastpref.train.default_assets import default_model, default_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = default_tokenizer()
+    default_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_loss_head_on_a_models_real_hidden_states(tiny_model_folder):
+    """--hidden-from: the model's final hidden states on HH-RLHF pairs and its own head; targets are
+    the next tokens of each response, so the reference's log-probs are the model's own."""
+    from transformers import AutoModelForCausalLM
+
+    inputs = loss_head.real_inputs(tiny_model_folder, 2, 48, torch.float32, CPU)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    assert inputs.hidden.shape == (4, 48, model.config.hidden_size)
+    assert torch.equal(inputs.weight, model.get_output_embeddings().weight.detach())
+    scored = inputs.targets != loss_head.IGNORE_INDEX
+    assert scored.any(dim=1).all() and not scored[:, 0].any()  # a prompt precedes every response
+    row = int(scored.sum(1).argmax())
+    positions = scored[row].nonzero().squeeze(1)
+    # each scored position's target is the token after it; the model's logits there give its log-prob
+    tokens = inputs.targets[row, positions]
+    hidden = inputs.hidden[row, positions].detach()
+    logits = hidden @ inputs.weight.t()
+    assert torch.allclose(torch.log_softmax(logits, -1).gather(1, tokens[:, None]).sum(),
+                          inputs.policy_logps[row], rtol=1e-5)
+
+    rows = []
+    loss_head.run(tiny_loss_head(models=[tiny_model_folder], hidden_from=tiny_model_folder, tokens=[192],
+                                 seq_len=48, losses=["sigmoid"], heads=("trainable",), shapes=None), rows)
+    assert [r.status for r in rows] == ["ok"] * 5
+    assert {(r.hidden, r.vocab) for r in rows} == {(model.config.hidden_size, model.config.vocab_size)}
+
+
+def test_loss_head_real_hidden_states_need_enough_pairs(tiny_model_folder):
+    with pytest.raises(ValueError, match="pairs that tokenize, 100000 wanted"):
+        loss_head.real_inputs(tiny_model_folder, 100_000, 32, torch.float32, CPU)
+
+
 # ---------------------------------------------------------------------------------------------
 # end-to-end
 
@@ -449,7 +493,8 @@ def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
     (["loss-head", "--device", "cpu", "--loss", "kto"], "invalid choice"),
     (["loss-head", "--device", "cpu", "--tokens", "100", "--seq-len", "16"], "not a multiple of 2 * --seq-len = 32"),
     (["loss-head", "--device", "cpu", "--hidden", "64"], "--hidden and --vocab go together"),
-    (["loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "9", "--model", "gemma2-2b"], "either --model"),
+    (["loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "9", "--model", "gemma2-2b"], "give one of --model"),
+    (["loss-head", "--device", "cpu", "--hidden-from", "gemma3-270m", "--model", "gemma2-2b"], "give one of --model"),
     (["loss-head", "--device", "cpu", "--seq-len", "1"], "--seq-len must be at least 2"),
     (["loss-head", "--peers", "torch"], "invalid choice"),
     (["end-to-end", "--device", "cpu", "--seq-len", "4"], "--seq-len must be at least 8"),

@@ -82,6 +82,7 @@ class Config:
     repeat: int = 2
     seed: int = 0
     shapes: Optional[Dict[str, Tuple[int, int]]] = None  # name -> (H, V); HEAD_SHAPES when None
+    hidden_from: Optional[str] = None  # a model whose real hidden states and head are the inputs
 
     def head_shape(self, model: str) -> Tuple[int, int]:
         return (self.shapes or HEAD_SHAPES)[model]
@@ -114,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=options.positive_int,
                         help="with --vocab, measure this head shape instead of --model")
     parser.add_argument("--vocab", type=options.positive_int, help="with --hidden: vocabulary size V")
+    parser.add_argument("--hidden-from", metavar="MODEL",
+                        help="instead of random inputs, the real final hidden states and LM head of MODEL (a "
+                             "named model such as gemma3-270m, or a local Hugging Face folder) on the bundled "
+                             "HH-RLHF pairs")
     parser.add_argument("--tokens", nargs="+", type=options.positive_int,
                         help="batch sizes N in tokens, each a multiple of 2 * --seq-len")
     parser.add_argument("--seq-len", type=options.positive_int, help="tokens T per sequence")
@@ -132,11 +137,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     shapes = None
     if (args.hidden is None) != (args.vocab is None):
         parser.error("--hidden and --vocab go together")
+    if sum(given is not None for given in (args.models, args.hidden, args.hidden_from)) > 1:
+        parser.error("give one of --model, --hidden/--vocab and --hidden-from")
     if args.hidden is not None:
-        if args.models is not None:
-            parser.error("give either --model or --hidden/--vocab")
         name = "custom"
         shapes, chosen["models"] = {name: (args.hidden, args.vocab)}, [name]
+    if args.hidden_from is not None:
+        chosen["models"] = [args.hidden_from]
     if chosen["seq_len"] < 2:
         parser.error("--seq-len must be at least 2: a prompt token and a response token")
     for tokens in chosen["tokens"]:
@@ -149,7 +156,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                   backends=options.backends_from_args(args, parser, device),
                   peers=PEERS if args.peers is None else list(dict.fromkeys(args.peers)),
                   heads=options.heads_from_args(args), warmup=chosen["warmup"], repeat=chosen["repeat"],
-                  shapes=shapes)
+                  shapes=shapes, hidden_from=args.hidden_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +190,14 @@ def make_inputs(pairs: int, seq_len: int, hidden_size: int, vocab: int, dtype: t
     targets[torch.arange(seq_len, device=device) < prompt] = IGNORE_INDEX
     policy_logps = float32_logprobs(hidden, weight, targets).sum(-1)
     return Inputs(hidden.requires_grad_(), weight, targets, policy_logps)
+
+
+def real_inputs(model: str, pairs: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> Inputs:
+    """The real final hidden states and LM head of `model` on HH-RLHF pairs (see real_hidden)."""
+    from .real_hidden import real_batch
+
+    hidden, weight, targets = real_batch(model, pairs, seq_len, dtype, device)
+    return Inputs(hidden.requires_grad_(), weight, targets, float32_logprobs(hidden, weight, targets).sum(-1))
 
 
 def reference_logps_for(loss_type: str, inputs: Inputs) -> Optional[torch.Tensor]:
@@ -332,10 +347,13 @@ def methods(cfg: Config) -> List[str]:
 def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
     """Append rows to `rows` for every head shape, N, loss and head mode, as each group finishes."""
     for model in cfg.models:
-        hidden_size, vocab = cfg.head_shape(model)
         for tokens in cfg.tokens:
-            inputs = make_inputs(tokens // (2 * cfg.seq_len), cfg.seq_len, hidden_size, vocab, cfg.dtype,
-                                 cfg.device, cfg.seed)
+            pairs = tokens // (2 * cfg.seq_len)
+            if cfg.hidden_from is not None:
+                on_step(f"{model} N={tokens}: hidden states from the model")
+                inputs = real_inputs(model, pairs, cfg.seq_len, cfg.dtype, cfg.device)
+            else:
+                inputs = make_inputs(pairs, cfg.seq_len, *cfg.head_shape(model), cfg.dtype, cfg.device, cfg.seed)
             for loss_type in cfg.losses:
                 where = f"{model} N={tokens} {loss_type}"
                 on_step(f"{where}: reference")
@@ -418,11 +436,18 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+    if cfg.hidden_from is None:
+        inputs = (f"inputs: TRL's padded batch of N = 2 B T tokens, T = {cfg.seq_len}: per row a prompt of 1 to"
+                  f" T/4 tokens (target {IGNORE_INDEX}) and a response to the end of the row; hidden ~ N(0, 1),"
+                  f" weight ~ N(0, {LOGIT_STD}^2 / H)")
+    else:
+        inputs = (f"inputs: the final hidden states and LM-head weight of {cfg.hidden_from} on the first B pairs"
+                  " of the bundled HH-RLHF sample that fit T tokens, in TRL's padded batch of N = 2 B T tokens,"
+                  f" T = {cfg.seq_len}: per row prompt + response, right-padded; targets {IGNORE_INDEX} on the"
+                  " prompt and the padding")
     notes = [
-        f"inputs: TRL's padded batch of N = 2 B T tokens, T = {cfg.seq_len}: per row a prompt of 1 to T/4"
-        f" tokens (target {IGNORE_INDEX}) and a response to the end of the row; hidden ~ N(0, 1),"
-        f" weight ~ N(0, {LOGIT_STD}^2 / H); {dtype_name(cfg.dtype)}; beta = {BETA}, SimPO gamma ="
-        f" {SIMPO_GAMMA}; backward of the scalar loss",
+        f"{inputs}; {dtype_name(cfg.dtype)}; beta = {BETA}, SimPO gamma = {SIMPO_GAMMA}; backward of the"
+        " scalar loss",
         "reference log-probs (precomputed): zeros for sigmoid (the only reference Liger-Kernel's DPO takes"
         " without a reference model), the policy's log-probs plus N(0, 1) noise for ipo, none for simpo",
         f"methods: {MATERIALIZED} = [2B, T, V] logits, float32 log-softmax, gather, masked sums (TRL before 1.16);"
