@@ -56,9 +56,10 @@ def dataset():
 
 
 def _llama_config(tokenizer, **options):
+    options = {"tie_word_embeddings": False, **options}
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, **options)
+                       pad_token_id=tokenizer.pad_token_id, **options)
 
 
 def _seeded(build, seed):
@@ -331,12 +332,105 @@ def test_refuses_options_it_cannot_honour(tmp_path, tokenizer, dataset, policy, 
         _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, **options)
 
 
-def test_refuses_fsdp(tmp_path, tokenizer, dataset, policy, other_model, monkeypatch):
-    args = _config(tmp_path)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="fsdp=True"):
-        FastprefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(other_model), args=args,
-                           train_dataset=dataset, processing_class=tokenizer)
+def _relative_difference(grads, expected):
+    return max(((grads[name] - value).norm() / value.norm()).item() for name, value in expected.items())
+
+
+def _fsdp2_worker(rank, port, output_dir, report):
+    """One step of TRL's and of fastpref's trainer on 2 gloo ranks, one pair per rank, with the
+    models wrapped as accelerate's FSDP2 plugin wraps them (fsdp2_prepare_model: a group per decoder
+    layer, the embedding, the final norm + LM head kept gathered after forward, the root), for an
+    untied and a tied head; the same step of TRL's trainer in one process on both pairs; and a
+    model whose LM head reshards after forward. Rank 0 reports."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tokenizer, pairs = default_tokenizer(), Dataset.from_dict(PAIRS)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+                                            reshard_after_forward=True)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                        device=torch.device("cpu"), is_main_process=rank == 0)
+    result = {}
+    for tied in (False, True):
+        policy, reference = (_seeded(lambda: LlamaForCausalLM(_llama_config(tokenizer, tie_word_embeddings=tied)),
+                                     seed) for seed in (0, 1))
+        steps = {}
+        for cls in (trl.DPOTrainer, FastprefDPOTrainer):
+            trainer = _build(cls, output_dir, tokenizer, pairs, policy, reference, per_device_train_batch_size=1)
+            model = fsdp2_prepare_model(accelerator, trainer.model)
+            trainer.ref_model = fsdp2_prepare_model(accelerator, trainer.ref_model)
+            batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[rank]]))
+            model.train()
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            steps[cls] = loss.item(), {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        single = _build(trl.DPOTrainer, output_dir, tokenizer, pairs, policy, reference, per_device_train_batch_size=2)
+        batch = single._prepare_inputs(single.data_collator([single.train_dataset[i] for i in range(2)]))
+        single.model.train()
+        single.compute_loss(single.model, batch).backward()
+        one_process = {name: p.grad for name, p in single.model.named_parameters()}
+        (trl_loss, trl_grads), (loss, grads) = steps[trl.DPOTrainer], steps[FastprefDPOTrainer]
+        losses = [None, None]
+        dist.all_gather_object(losses, (trl_loss, loss))
+        result[f"tied={tied}"] = {
+            "loss": max(abs(b - a) / abs(a) for a, b in losses),
+            "gradients": _relative_difference(grads, trl_grads),
+            "trl_vs_one_process": _relative_difference(trl_grads, one_process),
+            "fastpref_vs_one_process": _relative_difference(grads, one_process),
+            "head_in_grads": "lm_head.weight" in grads or "model.embed_tokens.weight" in grads,
+        }
+
+    policy, reference = (_seeded(lambda: LlamaForCausalLM(_llama_config(tokenizer)), seed) for seed in (0, 1))
+    trainer = _build(FastprefDPOTrainer, output_dir, tokenizer, pairs, policy, reference,
+                     per_device_train_batch_size=1)
+    fully_shard(trainer.model.lm_head)  # a non-root group: resharded after forward
+    fully_shard(trainer.model)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[rank]]))
+    with pytest.raises(ValueError) as refused:
+        trainer.compute_loss(trainer.model, batch)
+    result["sharded_head"] = str(refused.value)
+    if rank == 0:
+        with open(report, "w") as handle:
+            json.dump(result, handle)
+    dist.barrier()
+    exit_without_teardown()
+
+
+def test_fsdp2_step_matches_trl_and_one_process(tmp_path):
+    """Under accelerate's FSDP2 wrapping the head weight is read after the forward, gathered, and its
+    gradient is reduce-scattered like the others: loss and gradients are TRL's under the same
+    FSDP2 wrapping, and the one-process step's on the global batch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report = tmp_path / "fsdp2.json"
+    mp.spawn(_fsdp2_worker, args=(port, tmp_path, str(report)), nprocs=2, join=True)
+    result = json.loads(report.read_text())
+    for head in ("tied=False", "tied=True"):
+        step = result[head]
+        assert step["head_in_grads"], head
+        assert step["loss"] <= 1e-5 and step["gradients"] <= 1e-5, (head, step)
+        assert step["trl_vs_one_process"] <= 1e-5 and step["fastpref_vs_one_process"] <= 1e-5, (head, step)
+    assert "still sharded after the model's forward" in result["sharded_head"]
+    assert "reshard_after_forward=False" in result["sharded_head"]
+
+
+@pytest.mark.parametrize("fsdp_options, environment", [
+    ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, {}),
+    ({}, {"ACCELERATE_USE_FSDP": "true"}),  # accelerate launch's FSDP without a version is FSDP1
+    ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}),
+], ids=["fsdp_config", "accelerate-default", "accelerate-version-1"])
+def test_refuses_fsdp1(tmp_path, tokenizer, dataset, policy, other_model, monkeypatch, fsdp_options, environment):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="fsdp version=1 .*use FSDP2"):
+        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, **fsdp_options)
 
 
 def test_refuses_deepspeed_zero3(tmp_path, tokenizer, dataset, policy, other_model):

@@ -46,13 +46,18 @@ Supported, with TRL 1.16's formulas (see :mod:`fastpref.loss_spec`):
   rounding).
 - The MoE load-balancing loss (``router_aux_loss_coef``): the model's own ``aux_loss``.
 - DDP through accelerate, gradient accumulation and checkpointing, mixed precision, LoRA.
+- FSDP2 through accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, the Trainer's
+  default, or ``accelerate launch`` with FSDP version 2): the head weight is read after the
+  model's forward, when FSDP2 holds the LM head's group gathered (accelerate's FSDP2 keeps the
+  final norm and the LM head unsharded between forward and backward), so its gradient is
+  reduce-scattered like every other; ``full_tensor()`` is never called.
 
 Refused when the trainer is built, with a ``ValueError`` naming the option and its value:
 ``loss_type`` ``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
 ``discopop``, ``sigmoid_norm``; ``f_divergence_type`` other than ``"reverse_kl"``;
 ``use_weighting=True``; ``ld_alpha``; ``sync_ref_model=True``; ``padding_free=True``; a nonzero
 ``label_smoothing`` unless ``loss_type`` has ``"robust"`` and no ``"sigmoid"`` (TRL 1.16 applies it
-to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP and DeepSpeed ZeRO-3 (the LM-head
+to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP1 and DeepSpeed ZeRO-3 (the LM-head
 weight is used outside the model's forward, where they hold it sharded); prompt-learning PEFT
 (virtual tokens); vision-language models; models whose forward takes no ``logits_to_keep``; LM
 heads that are not a plain ``W h + b`` (soft-capped or scaled logits, adapters on ``lm_head``).
@@ -73,10 +78,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 from accelerate.utils import is_peft_model, parse_flag_from_env
 from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
@@ -86,7 +93,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ..layout import pack_padded
 from ..linear_logprobs import linear_logprobs
 from ..losses import PreferenceLoss, sequence_logps
-from ..train.model import causal_lm_parts
+from ..train.model import CausalLMParts, causal_lm_parts
 
 __all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES"]
 
@@ -99,6 +106,16 @@ _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "re
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
+def _fsdp_version(args: DPOConfig) -> Optional[int]:
+    """The FSDP version the run will use (None: no FSDP): the Trainer's fsdp_config, whose default is
+    FSDP2, or accelerate launch's FSDP_VERSION, whose default is FSDP1."""
+    if args.fsdp:
+        return int((args.fsdp_config or {}).get("version", 2))
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
 def _refuse_unsupported_config(args: DPOConfig) -> None:
     """Raise for every DPOConfig setting whose math the fused loss would not reproduce."""
     for name in args.loss_type:
@@ -106,7 +123,7 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
             raise ValueError(
                 f"loss_type={args.loss_type!r}: {name!r} is not supported by FastprefDPOTrainer "
                 f"(supported: {', '.join(SUPPORTED_LOSS_TYPES)}); use trl.DPOTrainer for it")
-    fsdp = bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+    fsdp1 = _fsdp_version(args) == 1
     zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
     refusals = (
         ("f_divergence_type", args.f_divergence_type, args.f_divergence_type != "reverse_kl",
@@ -119,10 +136,10 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
          "TR-DPO's reference-model syncing is not supported"),
         ("padding_free", args.padding_free, args.padding_free,
          "the fused loss reads TRL's padded batch (TRL 1.16 itself falls back to padding)"),
-        ("fsdp", fsdp, fsdp,
-         "the fused loss multiplies the LM-head weight outside the model's forward, where FSDP holds "
-         "it sharded; use DDP or DeepSpeed ZeRO-1/2 here, or `fastpref train --parallel fsdp` "
-         "(FSDP2, the loss inside the root's forward)"),
+        ("fsdp version", 1, fsdp1,
+         "FSDP1 keeps the LM-head weight in a flat sharded buffer outside the model's forward, where the "
+         "fused loss multiplies it; use FSDP2 (fsdp_config={'version': 2}, or FSDP_VERSION=2 with "
+         "accelerate launch), DDP or DeepSpeed ZeRO-1/2"),
         ("deepspeed zero_stage", 3, zero3,
          "the fused loss multiplies the LM-head weight outside the model's forward, where ZeRO-3 "
          "holds it partitioned; use ZeRO-1/2 or DDP"),
@@ -178,6 +195,19 @@ def _model_kwargs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     kwargs = {key: value for key, value in inputs.items() if key not in _NON_MODEL_KEYS}
     kwargs["use_cache"] = False
     return kwargs
+
+
+def _gathered_head(model) -> CausalLMParts:
+    """The LM head of `model` just after its forward, checked to be whole: under FSDP2 its group
+    must still be gathered then (a sharded weight here would need full_tensor(), whose gradient
+    skips FSDP's reduce-scatter)."""
+    parts = causal_lm_parts(model)
+    if any(isinstance(p, DTensor) for p in (parts.head_weight, parts.head_bias) if p is not None):
+        raise ValueError(
+            "the LM head's weight is still sharded after the model's forward: FSDP2 resharded its group. "
+            "Keep the LM head's group gathered after forward (fully_shard(..., reshard_after_forward=False) "
+            "on a group holding lm_head, as accelerate's FSDP2 does, or leave lm_head in the root's group)")
+    return parts
 
 
 def _shifted_targets(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -261,11 +291,12 @@ class FastprefDPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        parts = causal_lm_parts(self.accelerator.unwrap_model(model))
         with torch.no_grad(), adapter, \
                 disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             with self.accelerator.autocast():
                 outputs = model(**_model_kwargs(inputs), output_hidden_states=True, logits_to_keep=1)
+            # read after the forward: under FSDP2 the head is then the gathered weight (see _compute_loss)
+            parts = _gathered_head(self.accelerator.unwrap_model(model))
             packed = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
             weight = parts.head_weight
             token_logp = linear_logprobs(packed.hidden.to(weight.dtype), weight, packed.targets,
@@ -286,7 +317,7 @@ class FastprefDPOTrainer(DPOTrainer):
         # The wrapper's own forward keeps DDP's gradient synchronisation; logits_to_keep=1 makes the
         # model's LM head run on one position per row. hidden_states[-1] is the final, normed state.
         outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
-        parts = causal_lm_parts(self.accelerator.unwrap_model(model))
+        parts = _gathered_head(self.accelerator.unwrap_model(model))
         packed = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
         # Mixed precision may hand back float32 hidden states next to a half-precision head.
         weight = parts.head_weight

@@ -26,6 +26,17 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _class_under_fsdp(module) -> type:
+    """The module's own class: FSDP2's fully_shard swaps it for a subclass FSDP<name>(FSDPModule,
+    <class>) that changes no math."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        return next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
 def causal_lm_parts(model) -> CausalLMParts:
     """The LM head of a (possibly DDP- or PEFT-wrapped) AutoModelForCausalLM, checked to be W h + b."""
     lm = unwrap(model)
@@ -37,7 +48,7 @@ def causal_lm_parts(model) -> CausalLMParts:
                 f"the model's config sets {option} = {value}: its logits are not W h + b, which the "
                 "fused loss computes; this model is not supported")
     head = lm.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+    if _class_under_fsdp(head) is not torch.nn.Linear:
         raise ValueError(
             f"the LM head must be a plain torch.nn.Linear, got {type(head).__name__} "
             "(adapters on the LM head are not supported: leave it out of the LoRA target modules)")
