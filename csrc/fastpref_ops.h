@@ -20,7 +20,7 @@ enum class DType : int {
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Threads per block of the compensated accumulation, one element each.
-constexpr int kAccumulateThreads = 256;
+constexpr int kAccumulateThreads = 128;
 // Grid x is limited to 2^31 - 1 blocks by CUDA.
 constexpr int64_t kMaxGridX = 2147483647;
 

@@ -22,7 +22,8 @@
 // values (the rows of a column cancel: rounded terms would leave a large relative error).
 //
 // One warp per row, its lanes on consecutive columns (coalesced float32 reads); a row's state is
-// read and written by one lane, so no two threads ever write the same address: no atomics.
+// read and written by one lane (its target logit by the lane that meets the target), so no two
+// threads ever write the same address: no atomics.
 #include <cmath>
 
 #include "common.cuh"
@@ -30,7 +31,7 @@
 namespace fastpref {
 namespace {
 
-constexpr int kSlabThreads = 256;
+constexpr int kSlabThreads = 128;
 constexpr int kSlabRowsPerBlock = kSlabThreads / kWarpSize;
 
 // The row of the calling warp; warp-uniform, so a whole warp leaves together (full-mask shuffles).
@@ -64,12 +65,11 @@ slab_softmax_kernel(const float* __restrict__ logits, const T* __restrict__ bias
   // Each lane's own online softmax over its columns: one exp per element.
   float lane_max = -INFINITY;
   float lane_sum = 0.0f;
-  float lane_target = 0.0f;
 #pragma unroll 4
   for (int64_t col = lane; col < columns; col += kWarpSize) {
     const float z = biased(row_logits[col], bias, slab_start + col);
     const bool other = col != target;
-    if (!other) lane_target = z;
+    if (!other) target_logit[row] = z;  // the one lane, of the one slab, that holds the target
     if (z > lane_max) {
       lane_sum = lane_sum * rescale(lane_max, z) + (other ? 1.0f : 0.0f);
       lane_max = z;
@@ -79,14 +79,12 @@ slab_softmax_kernel(const float* __restrict__ logits, const T* __restrict__ bias
   }
   const float slab_max = warp_max(lane_max);
   const float slab_sum = warp_sum(lane_sum * rescale(lane_max, slab_max));
-  const float slab_target = warp_sum(lane_target);  // the one lane holding it, zeros elsewhere
 
   if (lane == 0) {
     const float old_max = row_max[row];
     const float new_max = fmaxf(old_max, slab_max);
     sum_excl[row] = sum_excl[row] * rescale(old_max, new_max) + slab_sum * rescale(slab_max, new_max);
     row_max[row] = new_max;
-    if (target >= 0 && target < columns) target_logit[row] = slab_target;
   }
 }
 

@@ -282,13 +282,13 @@ def slab_budget(num_rows, columns, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_many_slabs_match_one_slab(dtype, with_bias):
-    """Slabs of 37 columns (31 of them, the last ragged, targets in every one) give the one-slab
+    """Slabs of 37 columns (17 of them, the last ragged, targets in most) give the one-slab
     result: the online softmax carried across slabs, every slab of d_weight and d_bias written
     once, d_hidden accumulated over them."""
-    rows, columns = 70, 37
-    inputs = make_inputs(rows, 64, 1111, dtype, with_bias=with_bias)
+    rows, columns, vocab = 70, 37, 600
+    inputs = make_inputs(rows, 64, vocab, dtype, with_bias=with_bias)
     with scratch_budget(1 << 30):
-        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == 1111
+        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == vocab
         logp_one, grads_one = run_and_compare("cuda", *inputs)
     with scratch_budget(slab_budget(rows, columns, dtype)):
         assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == columns
@@ -296,6 +296,23 @@ def test_many_slabs_match_one_slab(dtype, with_bias):
     assert relative_error(logp_many, logp_one) <= 1e-6
     for many, one in zip(grads_many, grads_one):
         assert relative_error(many, one) <= (1e-5 if dtype == torch.float32 else 2**-8)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
+    """A bias of -inf on the first 50 columns (the whole first slab of 37 and part of the next)
+    and the last 7: the running max stays -inf across a slab and the masked columns add exactly
+    nothing, as in the float64 reference; no NaN anywhere."""
+    rows, columns = 29, 37
+    hidden, weight, bias, targets, grad_out = make_inputs(rows, 40, 300, dtype, with_bias=True)
+    bias[:50] = float("-inf")
+    bias[-7:] = float("-inf")
+    targets = torch.randint(50, 293, (rows,), device=targets.device)
+    with scratch_budget(slab_budget(rows, columns, dtype)):
+        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        run_and_compare("cuda", hidden, weight, bias, targets, grad_out)
 
 
 @pytest.mark.gpu

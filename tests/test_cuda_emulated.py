@@ -116,6 +116,11 @@ def test_many_slabs_match_one_slab(dtype, with_bias):
     gpu_tests.test_many_slabs_match_one_slab(dtype, with_bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
+    gpu_tests.test_masked_columns_whole_slabs_of_minus_infinity(dtype)
+
+
 def test_compensated_hidden_gradient_rounds_about_once():
     gpu_tests.test_compensated_hidden_gradient_rounds_about_once()
 
