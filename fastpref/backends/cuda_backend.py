@@ -15,20 +15,19 @@ whose float32 logits plus a logit gradient in the inputs' dtype fit the scratch 
 - backward: x recomputed (2NHS); slab_logit_gradient writes, in the inputs' dtype,
       dz = -g exp(z - lse) off the target, g miss on it;
   then d_weight[slab] = dz^T h (cuBLAS, written once in the weight's dtype, 2NHS),
-  d_bias[slab] = sum_n dz (of the float32 dz the kernel leaves over the logits) and
-  d_hidden += dz W_s (2NHS). Float32 inputs add into a
-  float32 d_hidden; half precision keeps d_hidden = hi in its own dtype plus a bfloat16
-  compensation buffer lo, the product taken in float32 row chunks and folded in by
-  compensated_accumulate (csrc/compensated_accumulate.cu): s = hi + lo + p, hi = round(s),
-  lo = round_bf16(s - hi), so d_hidden is rounded about once however many slabs there are, without
-  a float32 [N, H].
+  d_bias[slab] = sum_n dz (over the unrounded float32 dz the kernel leaves in the logits' place)
+  and d_hidden += dz W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
+  d_hidden = hi in its own dtype plus a bfloat16 compensation buffer lo, the product taken in
+  float32 row chunks and folded in by compensated_accumulate (csrc/compensated_accumulate.cu):
+  s = hi + lo + p, hi = round(s), lo = round_bf16(s - hi), so d_hidden is rounded about once
+  however many slabs there are, without a float32 [N, H].
 - a frozen head whose hidden gradient is wanted takes the torch backend's slab forward that also
   accumulates u = W_t - sum_v p_v W_v (cuBLAS and element-wise ops), after which the backward is a
   scale: 4NHV FLOPs in all instead of 6NHV.
 
 Trainable head: 8NHV FLOPs, all of them in cuBLAS GEMMs. Extra memory: the budget, plus for half
-precision the bfloat16 lo [N, H] (the float32 product chunks reuse the logits slab). Nothing is
-added twice to one address (no atomics: results do not depend on scheduling).
+precision the bfloat16 lo [N, H] (the float32 product chunks reuse the logits slab). No kernel here
+adds twice to one address: no atomics.
 
 The kernels take raw pointers: every tensor handed to them is made contiguous and of the dtype
 they expect here. Each launch goes to the inputs' device on its current stream; nothing
@@ -155,7 +154,7 @@ class _HiddenGradient:
     hi, in the inputs' dtype, with lo a bfloat16 compensation buffer; each slab's product is taken
     in float32 chunks of rows and folded in by compensated_accumulate (hi + lo carry float32-like
     precision; hi is the result). The chunks are written over `product_scratch`, the slab's float32
-    logits, dead once dz is formed: as many rows as it holds (5,461 at N = 16,384, H = 4,096 and the
+    logits, dead once dz is formed: as many rows as it holds (5,460 at N = 16,384, H = 4,096 and the
     default budget, GEMMs cuBLAS runs at full speed), and no memory beyond the budget.
     """
 

@@ -186,7 +186,7 @@ def cuda_design(shape: Shape, head: str, scratch_bytes: int) -> List[Launch]:
     if e == FP32:
         return launches + [Launch("backward, per slab: d_hidden += dz W_s (cuBLAS, float32)", slabs, 2 * n * h * v,
                                   n * v * e + v * h * e + slabs * 2 * n * h * FP32)]
-    chunks = math.ceil(n / min(n, n * width // h))  # product chunks of rows over the logits slab
+    chunks = math.ceil(n / min(n, max(n * width, h) // h))  # product chunks of rows over the logits slab
     return launches + [
         Launch("backward, per row chunk: p = dz W_s (cuBLAS, float32 out)", slabs * chunks, 2 * n * h * v,
                n * v * e + chunks * v * h * e + slabs * n * h * FP32),
