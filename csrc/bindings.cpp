@@ -7,7 +7,6 @@
 // CUDA error string (std::runtime_error from the launchers). Launches are asynchronous.
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -75,79 +74,74 @@ LaunchContext context(int64_t device, std::uintptr_t stream) {
   return {static_cast<int>(device), reinterpret_cast<void*>(stream)};
 }
 
-// How to split the vocabulary over about `splits_wanted` blocks per row block: whole
-// kVocabBlock tiles per split, no split empty. Returns (num_splits, vocab_per_split).
-py::tuple vocab_split(int64_t vocab, int64_t splits_wanted) {
+// A vocabulary slab [slab_start, slab_start + columns) inside [0, vocab).
+void check_slab(int64_t num_rows, int64_t columns, int64_t slab_start, int64_t vocab) {
+  extent("num_rows", num_rows);
   extent("vocab", vocab);
-  if (splits_wanted <= 0) invalid("splits_wanted must be >= 1, got " + std::to_string(splits_wanted));
-  const int64_t vocab_blocks = ceil_div(vocab, kVocabBlock);
-  int64_t num_splits = std::min(std::min(splits_wanted, vocab_blocks), kMaxGridY);
-  const int64_t vocab_per_split = ceil_div(vocab_blocks, num_splits) * kVocabBlock;
-  num_splits = ceil_div(vocab, vocab_per_split);
-  return py::make_tuple(num_splits, vocab_per_split);
+  extent("columns", columns, vocab);
+  if (slab_start < 0 || slab_start > vocab - columns) {
+    invalid("slab_start must lie in [0, vocab - columns] = [0, " + std::to_string(vocab - columns) +
+            "], got " + std::to_string(slab_start));
+  }
 }
 
-void linear_logprobs_forward(std::uintptr_t hidden, std::uintptr_t weight, std::uintptr_t bias,
-                             std::uintptr_t targets, std::uintptr_t row_max,
-                             std::uintptr_t sum_excl, std::uintptr_t target_logit,
-                             int64_t num_rows, int64_t vocab, int64_t width, int64_t num_splits,
-                             int64_t vocab_per_split, int dtype, int64_t device,
-                             std::uintptr_t stream) {
-  ForwardArgs args{};
-  args.hidden = pointer<const void*>("hidden", hidden);
-  args.weight = pointer<const void*>("weight", weight);
+void slab_softmax_update(std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t targets,
+                         std::uintptr_t row_max, std::uintptr_t sum_excl,
+                         std::uintptr_t target_logit, int64_t num_rows, int64_t columns,
+                         int64_t slab_start, int64_t vocab, int dtype, int64_t device,
+                         std::uintptr_t stream) {
+  SlabSoftmaxArgs args{};
+  args.logits = pointer<const float*>("logits", logits);
   args.bias = optional_pointer<const void*>(bias);
   args.targets = pointer<const int64_t*>("targets", targets);
   args.row_max = pointer<float*>("row_max", row_max);
   args.sum_excl = pointer<float*>("sum_excl", sum_excl);
   args.target_logit = pointer<float*>("target_logit", target_logit);
-  args.num_rows = extent("num_rows", num_rows);
-  args.vocab = extent("vocab", vocab);
-  args.width = extent("width", width);
-  args.num_splits = extent("num_splits", num_splits, kMaxGridY);
-  args.vocab_per_split = extent("vocab_per_split", vocab_per_split);
-  if (vocab_per_split % kVocabBlock != 0) {
-    invalid("vocab_per_split must be a multiple of " + std::to_string(kVocabBlock) + ", got " +
-            std::to_string(vocab_per_split));
-  }
-  // Every split non-empty and together covering the vocabulary (see vocab_split).
-  if ((num_splits - 1) * vocab_per_split >= vocab || num_splits * vocab_per_split < vocab) {
-    invalid("num_splits = " + std::to_string(num_splits) + " splits of vocab_per_split = " +
-            std::to_string(vocab_per_split) + " must cover vocab = " + std::to_string(vocab) +
-            " with none empty (use vocab_split)");
-  }
+  check_slab(num_rows, columns, slab_start, vocab);
+  args.num_rows = num_rows;
+  args.columns = columns;
+  args.slab_start = slab_start;
   args.dtype = dtype_of(dtype);
   const LaunchContext ctx = context(device, stream);
-  launch_linear_logprobs_forward(args, ctx);
+  launch_slab_softmax(args, ctx);
 }
 
-void linear_logprobs_backward(std::uintptr_t hidden, std::uintptr_t weight, std::uintptr_t bias,
-                              std::uintptr_t targets, std::uintptr_t lse, std::uintptr_t miss,
-                              std::uintptr_t grad_logp, std::uintptr_t d_hidden,
-                              std::uintptr_t d_weight, std::uintptr_t d_bias, int64_t num_rows,
-                              int64_t vocab, int64_t width, int dtype, int64_t device,
-                              std::uintptr_t stream) {
-  BackwardArgs args{};
-  args.hidden = pointer<const void*>("hidden", hidden);
-  args.weight = pointer<const void*>("weight", weight);
+void slab_logit_gradient(std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t targets,
+                         std::uintptr_t lse, std::uintptr_t miss, std::uintptr_t grad_logp,
+                         std::uintptr_t dz, bool float32_dz_into_logits, int64_t num_rows,
+                         int64_t columns, int64_t slab_start, int64_t vocab, int dtype,
+                         int64_t device, std::uintptr_t stream) {
+  SlabGradientArgs args{};
+  args.logits = pointer<float*>("logits", logits);
   args.bias = optional_pointer<const void*>(bias);
   args.targets = pointer<const int64_t*>("targets", targets);
   args.lse = pointer<const float*>("lse", lse);
   args.miss = pointer<const float*>("miss", miss);
   args.grad_logp = pointer<const float*>("grad_logp", grad_logp);
-  args.d_hidden = optional_pointer<float*>(d_hidden);
-  args.d_weight = optional_pointer<float*>(d_weight);
-  args.d_bias = optional_pointer<float*>(d_bias);
-  if (d_hidden == 0 && d_weight == 0 && d_bias == 0) {
-    invalid("d_hidden, d_weight and d_bias are all null: request at least one gradient");
-  }
-  if (d_bias != 0 && bias == 0) invalid("d_bias is requested but bias is null (no bias to differentiate)");
-  args.num_rows = extent("num_rows", num_rows);
-  args.vocab = extent("vocab", vocab, kMaxGridY * kVocabBlock);
-  args.width = extent("width", width);
+  args.dz = pointer<void*>("dz", dz);
+  args.float32_dz_into_logits = float32_dz_into_logits;
+  check_slab(num_rows, columns, slab_start, vocab);
+  args.num_rows = num_rows;
+  args.columns = columns;
+  args.slab_start = slab_start;
   args.dtype = dtype_of(dtype);
   const LaunchContext ctx = context(device, stream);
-  launch_linear_logprobs_backward(args, ctx);
+  launch_slab_logit_gradient(args, ctx);
+}
+
+void compensated_accumulate(std::uintptr_t product, std::uintptr_t hi, std::uintptr_t lo,
+                            int64_t count, int dtype, int64_t device, std::uintptr_t stream) {
+  CompensatedAccumulateArgs args{};
+  args.product = pointer<const float*>("product", product);
+  args.hi = pointer<void*>("hi", hi);
+  args.lo = pointer<void*>("lo", lo);
+  args.count = extent("count", count, kMaxGridX * kAccumulateThreads);
+  args.dtype = dtype_of(dtype);
+  if (args.dtype == DType::kFloat32) {
+    invalid("dtype must be 1 (float16) or 2 (bfloat16): float32 gradients need no compensation, got 0");
+  }
+  const LaunchContext ctx = context(device, stream);
+  launch_compensated_accumulate(args, ctx);
 }
 
 void preference_pair_loss(std::uintptr_t token_logp, std::uintptr_t cu_seqlens,
@@ -216,29 +210,32 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::kBFloat16);
-  m.attr("ROW_BLOCK") = kRowBlock;
-  m.attr("VOCAB_BLOCK") = kVocabBlock;
   m.attr("NUM_PAIRED_LOSS_TYPES") = kNumPairedLossTypes;
 
   // Launchers release the GIL: they only validate and enqueue work.
   const auto release = py::call_guard<py::gil_scoped_release>();
 
-  m.def("vocab_split", &vocab_split, py::kw_only(), py::arg("vocab"), py::arg("splits_wanted"),
-        "(num_splits, vocab_per_split) for the forward: whole tiles per split, none empty.");
+  m.def("slab_softmax_update", &slab_softmax_update, py::kw_only(),
+        py::arg("logits"), py::arg("bias"), py::arg("targets"), py::arg("row_max"),
+        py::arg("sum_excl"), py::arg("target_logit"), py::arg("num_rows"), py::arg("columns"),
+        py::arg("slab_start"), py::arg("vocab"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"), release,
+        "Updates the rows' online-softmax state [num_rows] (float32) with one vocabulary slab's "
+        "logits [num_rows, columns] (float32, bias not yet added).");
 
-  m.def("linear_logprobs_forward", &linear_logprobs_forward, py::kw_only(),
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"),
-        py::arg("row_max"), py::arg("sum_excl"), py::arg("target_logit"), py::arg("num_rows"),
-        py::arg("vocab"), py::arg("width"), py::arg("num_splits"), py::arg("vocab_per_split"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"), release,
-        "Per-split online-softmax partials [num_splits, num_rows] (float32) of z = h W^T (+ b).");
+  m.def("slab_logit_gradient", &slab_logit_gradient, py::kw_only(),
+        py::arg("logits"), py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("miss"),
+        py::arg("grad_logp"), py::arg("dz"), py::arg("float32_dz_into_logits"), py::arg("num_rows"),
+        py::arg("columns"),
+        py::arg("slab_start"), py::arg("vocab"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"), release,
+        "Writes one vocabulary slab's logit gradient dz [num_rows, columns] in dtype (and in "
+        "float32 over the logits when float32_dz_into_logits is true).");
 
-  m.def("linear_logprobs_backward", &linear_logprobs_backward, py::kw_only(),
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
-        py::arg("miss"), py::arg("grad_logp"), py::arg("d_hidden"), py::arg("d_weight"),
-        py::arg("d_bias"), py::arg("num_rows"), py::arg("vocab"), py::arg("width"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"), release,
-        "Adds the requested float32 gradients (null pointer: not requested) with atomics.");
+  m.def("compensated_accumulate", &compensated_accumulate, py::kw_only(),
+        py::arg("product"), py::arg("hi"), py::arg("lo"), py::arg("count"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"), release,
+        "hi (dtype) + lo (bfloat16) += product (float32), element-wise with compensation.");
 
   m.def("preference_pair_loss", &preference_pair_loss, py::kw_only(),
         py::arg("token_logp"), py::arg("cu_seqlens"), py::arg("lengths"),

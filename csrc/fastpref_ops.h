@@ -19,12 +19,10 @@ enum class DType : int {
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tile of the linear log-prob kernels: rows (tokens) x vocabulary columns per thread block.
-// The forward splits the vocabulary in multiples of kVocabBlock.
-constexpr int kRowBlock = 64;
-constexpr int kVocabBlock = 128;
-// Grid y (vocabulary splits, vocabulary blocks) is limited to 65535 blocks by CUDA.
-constexpr int64_t kMaxGridY = 65535;
+// Threads per block of the compensated accumulation, one element each.
+constexpr int kAccumulateThreads = 128;
+// Grid x is limited to 2^31 - 1 blocks by CUDA.
+constexpr int64_t kMaxGridX = 2147483647;
 
 // Where and how a launch runs.
 struct LaunchContext {
@@ -32,41 +30,45 @@ struct LaunchContext {
   void* stream;  // cudaStream_t; nullptr is the legacy default stream
 };
 
-// Forward partials of z = h W^T (+ b) for each (vocabulary split, row), all [num_splits, num_rows]
-// float32: row_max (running max), sum_excl (sum of exp(z - row_max) over the split's columns other
-// than the target) and target_logit (z at the target if it falls in the split, else 0).
-struct ForwardArgs {
-  const void* hidden;     // [num_rows, width], dtype
-  const void* weight;     // [vocab, width], dtype
+// One vocabulary slab [slab_start, slab_start + columns) of the forward: updates each row's
+// online-softmax state, three [num_rows] float32 buffers carried across slabs (start: -inf, 0, 0),
+// from the slab's logits without bias (cuBLAS's output) plus the bias.
+struct SlabSoftmaxArgs {
+  const float* logits;    // [num_rows, columns] float32, contiguous: x = h W_slab^T
   const void* bias;       // [vocab], dtype, or nullptr
   const int64_t* targets; // [num_rows], every value in [0, vocab)
-  float* row_max;
-  float* sum_excl;
-  float* target_logit;
+  float* row_max;         // running max of the row's logits
+  float* sum_excl;        // sum of exp(z - row_max) over the columns other than the target
+  float* target_logit;    // z at the target, written by the slab that holds it
   int64_t num_rows;
-  int64_t vocab;
-  int64_t width;
-  int64_t num_splits;
-  int64_t vocab_per_split;  // multiple of kVocabBlock; split s covers [s * vocab_per_split, ...)
-  DType dtype;
+  int64_t columns;
+  int64_t slab_start;
+  DType dtype;            // of bias
 };
 
-// Backward: float32 gradients accumulated with atomics into zero-initialised buffers.
-// A null gradient pointer means "not requested" and skips that work entirely.
-struct BackwardArgs {
-  const void* hidden;
-  const void* weight;
-  const void* bias;        // or nullptr
+// One vocabulary slab of the backward: dz = g (onehot(t) miss - exp(z - lse)) in dtype, and in
+// float32 over the logits when float32_dz_into_logits is set (for the bias gradient).
+struct SlabGradientArgs {
+  float* logits;           // [num_rows, columns] float32, contiguous: x = h W_slab^T
+  const void* bias;        // [vocab], dtype, or nullptr
   const int64_t* targets;
   const float* lse;        // [num_rows] from the forward
   const float* miss;       // [num_rows] 1 - p(target) from the forward
   const float* grad_logp;  // [num_rows] upstream gradient
-  float* d_hidden;         // [num_rows, width] or nullptr
-  float* d_weight;         // [vocab, width] or nullptr
-  float* d_bias;           // [vocab] or nullptr
+  void* dz;                // [num_rows, columns], dtype, contiguous
+  bool float32_dz_into_logits;
   int64_t num_rows;
-  int64_t vocab;
-  int64_t width;
+  int64_t columns;
+  int64_t slab_start;
+  DType dtype;
+};
+
+// hi, lo += product, compensated: s = hi + lo + product, hi = round(s), lo = round_bf16(s - hi).
+struct CompensatedAccumulateArgs {
+  const float* product;  // [count] float32
+  void* hi;              // [count], dtype (float16 or bfloat16)
+  void* lo;              // [count] bfloat16
+  int64_t count;
   DType dtype;
 };
 
@@ -109,8 +111,9 @@ struct KtoLossArgs {
   bool average;
 };
 
-void launch_linear_logprobs_forward(const ForwardArgs& args, const LaunchContext& ctx);
-void launch_linear_logprobs_backward(const BackwardArgs& args, const LaunchContext& ctx);
+void launch_slab_softmax(const SlabSoftmaxArgs& args, const LaunchContext& ctx);
+void launch_slab_logit_gradient(const SlabGradientArgs& args, const LaunchContext& ctx);
+void launch_compensated_accumulate(const CompensatedAccumulateArgs& args, const LaunchContext& ctx);
 void launch_preference_pair_loss(const PairLossArgs& args, const LaunchContext& ctx);
 void launch_kto_loss(const KtoLossArgs& args, const LaunchContext& ctx);
 

@@ -6,10 +6,11 @@ with a ValueError naming the argument before any CUDA call, CUDA failures surfac
 RuntimeError, and the registry explains why "cuda" cannot run on CPU tensors.
 
 On a GPU (marked gpu): the kernels against the float64 reference and against the Triton backend,
-on odd shapes, every dtype, ignore patterns, frozen and trainable heads, vocabulary splits,
-misaligned rows, 64-bit offsets, side streams, and every loss type.
+on odd shapes, every dtype, ignore patterns, frozen and trainable heads, many vocabulary slabs,
+the compensated half-precision hidden gradient, misaligned rows, 64-bit offsets, side streams,
+and every loss type.
 """
-import math
+import contextlib
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import fastpref
-from fastpref.backends import cuda_backend
+from fastpref.backends import cuda_backend, scratch_bytes, torch_backend
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
 from reference import reference_kto_loss, relative_error
 from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
@@ -51,7 +52,7 @@ def test_extension_imports_wherever_nvcc_is_available():
         pytest.skip(f"pure-Python install (FASTPREF_BUILD_CUDA=0 or no nvcc): {IMPORT_ERROR}")
     assert (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16) == (0, 1, 2)
     assert _C.NUM_PAIRED_LOSS_TYPES == len(PAIRED_LOSS_TYPES)
-    assert _C.ROW_BLOCK > 0 and _C.VOCAB_BLOCK > 0
+    assert all(callable(getattr(_C, name)) for name in ARGUMENTS)
 
 
 # ---- argument validation of the bound functions ---------------------------------------------
@@ -59,16 +60,18 @@ def test_extension_imports_wherever_nvcc_is_available():
 FAKE = 1 << 20  # a non-null stand-in pointer: validation never dereferences pointers
 
 
-def forward_arguments():
-    return dict(hidden=FAKE, weight=FAKE, bias=0, targets=FAKE, row_max=FAKE, sum_excl=FAKE,
-                target_logit=FAKE, num_rows=5, vocab=300, width=16, num_splits=1,
-                vocab_per_split=384, dtype=0, device=0, stream=0)
+def slab_softmax_arguments():
+    return dict(logits=FAKE, bias=0, targets=FAKE, row_max=FAKE, sum_excl=FAKE, target_logit=FAKE,
+                num_rows=5, columns=100, slab_start=200, vocab=300, dtype=0, device=0, stream=0)
 
 
-def backward_arguments():
-    return dict(hidden=FAKE, weight=FAKE, bias=0, targets=FAKE, lse=FAKE, miss=FAKE,
-                grad_logp=FAKE, d_hidden=FAKE, d_weight=0, d_bias=0, num_rows=5, vocab=300,
-                width=16, dtype=1, device=0, stream=0)
+def slab_gradient_arguments():
+    return dict(logits=FAKE, bias=FAKE, targets=FAKE, lse=FAKE, miss=FAKE, grad_logp=FAKE, dz=FAKE,
+                float32_dz_into_logits=True, num_rows=5, columns=300, slab_start=0, vocab=300, dtype=1, device=0, stream=0)
+
+
+def accumulate_arguments():
+    return dict(product=FAKE, hi=FAKE, lo=FAKE, count=80, dtype=2, device=0, stream=0)
 
 
 def pair_loss_arguments():
@@ -86,14 +89,16 @@ def kto_loss_arguments():
 
 
 ARGUMENTS = {
-    "linear_logprobs_forward": forward_arguments,
-    "linear_logprobs_backward": backward_arguments,
+    "slab_softmax_update": slab_softmax_arguments,
+    "slab_logit_gradient": slab_gradient_arguments,
+    "compensated_accumulate": accumulate_arguments,
     "preference_pair_loss": pair_loss_arguments,
     "kto_loss": kto_loss_arguments,
 }
 REQUIRED_POINTERS = {
-    "linear_logprobs_forward": ["hidden", "weight", "targets", "row_max", "sum_excl", "target_logit"],
-    "linear_logprobs_backward": ["hidden", "weight", "targets", "lse", "miss", "grad_logp"],
+    "slab_softmax_update": ["logits", "targets", "row_max", "sum_excl", "target_logit"],
+    "slab_logit_gradient": ["logits", "targets", "lse", "miss", "grad_logp", "dz"],
+    "compensated_accumulate": ["product", "hi", "lo"],
     "preference_pair_loss": ["token_logp", "cu_seqlens", "lengths", "chosen_index", "rejected_index",
                              "weights", "averages", "chosen_tokens", "sequence_logps", "parts",
                              "token_grad"],
@@ -101,25 +106,28 @@ REQUIRED_POINTERS = {
                  "sequence_logps", "parts", "token_grad"],
 }
 SIZES = {
-    "linear_logprobs_forward": ["num_rows", "vocab", "width", "num_splits", "vocab_per_split"],
-    "linear_logprobs_backward": ["num_rows", "vocab", "width"],
+    "slab_softmax_update": ["num_rows", "columns", "vocab"],
+    "slab_logit_gradient": ["num_rows", "columns", "vocab"],
+    "compensated_accumulate": ["count"],
     "preference_pair_loss": ["num_pairs"],
     "kto_loss": ["num_sequences"],
 }
 OTHER_BAD_ARGUMENTS = [
     # (function, changes, argument named first in the message)
-    ("linear_logprobs_forward", {"dtype": 3}, "dtype"),
-    ("linear_logprobs_forward", {"dtype": -1}, "dtype"),
-    ("linear_logprobs_forward", {"device": -1}, "device"),
-    ("linear_logprobs_forward", {"vocab_per_split": 200}, "vocab_per_split"),
-    ("linear_logprobs_forward", {"num_splits": 2}, "num_splits"),  # the second split is empty
-    ("linear_logprobs_forward", {"vocab_per_split": 128}, "num_splits"),  # 300 > 1 x 128
-    ("linear_logprobs_forward", {"num_splits": 70000}, "num_splits"),  # past grid.y
-    ("linear_logprobs_backward", {"dtype": 9}, "dtype"),
-    ("linear_logprobs_backward", {"device": -2}, "device"),
-    ("linear_logprobs_backward", {"d_hidden": 0}, "d_hidden"),  # nothing requested
-    ("linear_logprobs_backward", {"d_bias": FAKE}, "d_bias"),  # without a bias
-    ("linear_logprobs_backward", {"vocab": 65536 * 128}, "vocab"),  # past grid.y
+    ("slab_softmax_update", {"dtype": 3}, "dtype"),
+    ("slab_softmax_update", {"dtype": -1}, "dtype"),
+    ("slab_softmax_update", {"device": -1}, "device"),
+    ("slab_softmax_update", {"columns": 301}, "columns"),  # wider than the vocabulary
+    ("slab_softmax_update", {"slab_start": 201}, "slab_start"),  # past the vocabulary's end
+    ("slab_softmax_update", {"slab_start": -1}, "slab_start"),
+    ("slab_logit_gradient", {"dtype": 9}, "dtype"),
+    ("slab_logit_gradient", {"device": -2}, "device"),
+    ("slab_logit_gradient", {"slab_start": 1}, "slab_start"),
+    ("slab_logit_gradient", {"num_rows": 1 << 31}, "num_rows"),
+    ("compensated_accumulate", {"dtype": 0}, "dtype"),  # float32 needs no compensation
+    ("compensated_accumulate", {"dtype": 5}, "dtype"),
+    ("compensated_accumulate", {"device": -1}, "device"),
+    ("compensated_accumulate", {"count": 1 << 40}, "count"),  # past grid.x
     ("preference_pair_loss", {"beta": 0.0}, "beta"),
     ("preference_pair_loss", {"beta": float("nan")}, "beta"),
     ("preference_pair_loss", {"label_smoothing": 0.5}, "label_smoothing"),
@@ -163,21 +171,6 @@ def test_cuda_failures_raise_runtime_error_with_the_cuda_message(function):
     arguments = {**ARGUMENTS[function](), "device": 1000}
     with pytest.raises(RuntimeError, match=r"CUDA error cuda\w+ \(.+\) in cuda\w+"):
         getattr(_C, function)(**arguments)
-
-
-@needs_extension
-def test_vocab_split_plans_whole_tiles_and_no_empty_split():
-    block = _C.VOCAB_BLOCK
-    for vocab in (1, block - 1, block, 3 * block + 5, 50_257, 262_144):
-        for wanted in (1, 2, 7, 264, 10_000):
-            num_splits, per_split = _C.vocab_split(vocab=vocab, splits_wanted=wanted)
-            assert per_split % block == 0
-            assert (num_splits - 1) * per_split < vocab <= num_splits * per_split
-            assert 1 <= num_splits <= min(wanted, math.ceil(vocab / block))
-    with pytest.raises(ValueError, match="^vocab"):
-        _C.vocab_split(vocab=0, splits_wanted=1)
-    with pytest.raises(ValueError, match="^splits_wanted"):
-        _C.vocab_split(vocab=10, splits_wanted=0)
 
 
 # ---- registry --------------------------------------------------------------------------------
@@ -268,18 +261,131 @@ def test_realistic_shapes(dtype, shape):
     run_and_compare("cuda", *make_inputs(*shape, dtype, ignore_every=7))
 
 
+@contextlib.contextmanager
+def scratch_budget(value):
+    """fastpref.set_scratch_bytes(value) within the block; the previous budget is restored after."""
+    previous = scratch_bytes()
+    fastpref.set_scratch_bytes(value)
+    try:
+        yield
+    finally:
+        fastpref.set_scratch_bytes(previous)
+
+
+def slab_budget(num_rows, columns, dtype):
+    """The scratch budget of slabs `columns` wide: float32 logits plus dz in dtype per element."""
+    return num_rows * columns * (4 + torch.finfo(dtype).bits // 8)
+
+
 @pytest.mark.gpu
 @needs_extension
-@pytest.mark.parametrize("splits", [2, 3, 7, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_many_slabs_match_one_slab(dtype, with_bias):
+    """Slabs of 37 columns (17 of them, the last ragged, targets in most) give the one-slab
+    result: the online softmax carried across slabs, every slab of d_weight and d_bias written
+    once, d_hidden accumulated over them."""
+    rows, columns, vocab = 70, 37, 600
+    inputs = make_inputs(rows, 64, vocab, dtype, with_bias=with_bias)
+    with scratch_budget(1 << 30):
+        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == vocab
+        logp_one, grads_one = run_and_compare("cuda", *inputs)
+    with scratch_budget(slab_budget(rows, columns, dtype)):
+        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == columns
+        logp_many, grads_many = run_and_compare("cuda", *inputs)
+    assert relative_error(logp_many, logp_one) <= 1e-6
+    for many, one in zip(grads_many, grads_one):
+        assert relative_error(many, one) <= (1e-5 if dtype == torch.float32 else 2**-8)
+
+
+@pytest.mark.gpu
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype):
-    """The forward's split partials merge to the one-split result (the target in any split)."""
-    inputs = make_inputs(70, 64, 1111, dtype, with_bias=True, ignore_every=4)
-    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: 1)
-    one_split, _ = run_and_compare("cuda", *inputs)
-    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: splits)
-    many_splits, _ = run_and_compare("cuda", *inputs)
-    assert relative_error(many_splits, one_split) <= 1e-6
+def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
+    """A bias of -inf on the first 50 columns (the whole first slab of 37 and part of the next)
+    and the last 7: the running max stays -inf across a slab and the masked columns add exactly
+    nothing, as in the float64 reference; no NaN anywhere."""
+    rows, columns = 29, 37
+    hidden, weight, bias, targets, grad_out = make_inputs(rows, 40, 300, dtype, with_bias=True)
+    bias[:50] = float("-inf")
+    bias[-7:] = float("-inf")
+    targets = torch.randint(50, 293, (rows,), device=targets.device)
+    with scratch_budget(slab_budget(rows, columns, dtype)):
+        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        run_and_compare("cuda", hidden, weight, bias, targets, grad_out)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_compensated_hidden_gradient_rounds_about_once():
+    """bfloat16 d_hidden summed over 50 slabs: its error against the float64 sum of the same
+    bfloat16 logit gradients stays within 1.5x the error of rounding that sum once. Plain
+    bfloat16 accumulation (rounded after every slab) misses that bound on the same inputs."""
+    rows, width, vocab, columns = 40, 64, 1000, 20
+    hidden, weight, _, targets, grad_out = make_inputs(rows, width, vocab, torch.bfloat16)
+    with scratch_budget(slab_budget(rows, columns, torch.bfloat16)):
+        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        leaf = hidden.detach().requires_grad_()
+        trainable = weight.detach().requires_grad_()  # a frozen head would take the torch backend
+        logp = fastpref.linear_logprobs(leaf, trainable, targets, backend="cuda")
+        d_hidden, _ = torch.autograd.grad((logp * grad_out).sum(), [leaf, trainable])
+
+    # The backward's dz, rounded to bfloat16 as it enters the GEMMs; exact: its float64 product.
+    logits = hidden.double() @ weight.double().T
+    p = torch.softmax(logits, dim=1)
+    g = grad_out.double()[:, None]
+    dz = -g * p
+    at_target = torch.arange(rows, device=hidden.device), targets
+    dz[at_target] = g[:, 0] * (1 - p[at_target])
+    dz = dz.to(torch.bfloat16).double()
+    weight64 = weight.double()
+    exact = dz @ weight64
+    rounded_once = relative_error(exact.to(torch.bfloat16), exact)
+    plain = torch.zeros_like(hidden)
+    for start in range(0, vocab, columns):
+        plain = (plain.double() + dz[:, start:start + columns] @ weight64[start:start + columns]).to(plain.dtype)
+    assert relative_error(d_hidden, exact) <= 1.5 * rounded_once
+    assert relative_error(plain, exact) > 1.5 * rounded_once
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_bias_gradient_sums_unrounded_logit_gradients():
+    """Two rows whose logit gradients nearly cancel (the same row, g = 1 and -0.999): d_bias is a
+    thousandth of either term, so summing the bfloat16-rounded dz would miss it by ~100%."""
+    hidden, weight, bias, targets, _ = make_inputs(1, 32, 300, torch.bfloat16, with_bias=True, seed=4)
+    hidden, targets = hidden.expand(2, -1), targets.expand(2)
+    grad_out = torch.tensor([1.0, -0.999], device=hidden.device)
+    leaf = bias.detach().requires_grad_()
+    logp = fastpref.linear_logprobs(hidden, weight, targets, bias=leaf, backend="cuda")
+    (d_bias,) = torch.autograd.grad((logp * grad_out).sum(), [leaf])
+    logits = hidden.double() @ weight.double().T + bias.double()
+    dz = -torch.softmax(logits, dim=1)
+    dz[torch.arange(2, device=hidden.device), targets] += 1
+    expected = (grad_out.double()[:, None] * dz).sum(dim=0)
+    assert relative_error(d_bias, expected.to(torch.bfloat16)) <= 2**-7
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frozen_head_takes_the_torch_backends_one_pass(dtype):
+    """Weight and bias without gradients, hidden gradient wanted: the forward is the torch
+    backend's slab pass that also returns u = W_t - sum_v p_v W_v, the backward its scale g u
+    (4NHV in all). A trainable bias makes the head trainable: the slab kernels run, no u."""
+    hidden, weight, bias, targets, grad_out = make_inputs(37, 48, 501, dtype, with_bias=True)
+    ours = cuda_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    theirs = torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    assert ours.hidden_grad_direction is not None
+    for field in ("logp", "lse", "miss", "hidden_grad_direction"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    d_hidden, d_weight, d_bias = cuda_backend.backward(hidden, weight, bias, targets, ours, grad_out,
+                                                       True, False, False)
+    expected = torch_backend.backward(hidden, weight, bias, targets, theirs, grad_out, True, False, False)
+    assert torch.equal(d_hidden, expected[0]) and d_weight is None and d_bias is None
+    trainable_bias = bias.detach().requires_grad_()
+    assert cuda_backend.forward(hidden, weight, trainable_bias, targets,
+                                want_hidden_grad=True).hidden_grad_direction is None
 
 
 @pytest.mark.gpu
@@ -326,7 +432,7 @@ def test_side_stream_and_second_device():
 def test_vocabulary_past_32_bit_offsets():
     """V * H > 2^31: the last vocabulary rows' offsets overflow int32 unless indexed in int64.
 
-    Trainable head, so the weight gradient's atomics reach those rows too; the reference runs in
+    Trainable head, so the weight gradient's slabs reach those rows too; the reference runs in
     float64 on the GPU, chunked over V.
     """
     n, h, v = 24, 8_200, 262_147

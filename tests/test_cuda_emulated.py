@@ -11,9 +11,9 @@ module (monkeypatched into fastpref.backends.cuda_backend for that test only; fa
 is never touched) and calls a GPU test of test_cuda_backend.py with CPU tensors, on shapes small
 enough for the emulation: a few blocks per launch.
 
-Not checked here: speed, anything only nvcc and the hardware see (the device compiler, the real
-WMMA fragment layouts, the memory model, concurrently running blocks), and the 64-bit offset tests,
-too large to emulate.
+Not checked here: speed, anything only nvcc and the hardware see (the device compiler, the memory
+model, concurrently running blocks), cuBLAS itself (the GEMMs between the kernels are torch's CPU
+matmuls here), and the 64-bit offset tests, too large to emulate.
 
 For a deeper check by hand, FASTPREF_EMULATION_SANITIZER=address or thread builds the module with
 that sanitizer. The address sanitizer reports out-of-bounds accesses to global and shared memory,
@@ -47,8 +47,8 @@ from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
 
 SANITIZER = os.environ.get("FASTPREF_EMULATION_SANITIZER") or None
 DTYPES = gpu_tests.DTYPES
-# test_cuda_backend.SHAPES but the largest: one to three row blocks, one to four vocabulary tiles
-# per split, widths that do and do not allow 16-byte vector loads, partial last tiles.
+# test_cuda_backend.SHAPES but the largest: one to seventeen blocks of rows (a partial last one),
+# slabs narrower and wider than a warp.
 SHAPES = [(1, 16, 1), (3, 5, 2), (37, 70, 301), (65, 33, 129), (130, 96, 1000)]
 
 
@@ -75,12 +75,11 @@ def emulated_extension(request, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def emulated_cuda_backend(emulated_extension, monkeypatch):
-    """backend="cuda" runs the emulated kernels on CPU tensors, two vocabulary splits by default."""
+    """backend="cuda" runs the emulated kernels on CPU tensors."""
     monkeypatch.setattr(cuda_backend, "_C", emulated_extension)
     monkeypatch.setattr(cuda_backend, "_IMPORT_ERROR", None)
     monkeypatch.setattr(cuda_backend.BACKEND, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(cuda_backend, "_launch_on", lambda tensor: {"device": 0, "stream": 0})
-    monkeypatch.setattr(cuda_backend, "splits_wanted", lambda hidden: 2)
     monkeypatch.setattr(gpu_tests, "_C", emulated_extension)
 
 
@@ -94,10 +93,6 @@ def test_bad_arguments_raise_value_error_naming_them(function, changes, argument
 @pytest.mark.parametrize("function", sorted(gpu_tests.ARGUMENTS))
 def test_cuda_failures_raise_runtime_error_with_the_cuda_message(function):
     gpu_tests.test_cuda_failures_raise_runtime_error_with_the_cuda_message(function)
-
-
-def test_vocab_split_plans_whole_tiles_and_no_empty_split():
-    gpu_tests.test_vocab_split_plans_whole_tiles_and_no_empty_split()
 
 
 # ---- the kernels ----------------------------------------------------------------------------
@@ -115,10 +110,28 @@ def test_all_rows_ignored(trainable_head):
     gpu_tests.test_all_rows_ignored(trainable_head)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_many_slabs_match_one_slab(dtype, with_bias):
+    gpu_tests.test_many_slabs_match_one_slab(dtype, with_bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype):
-    gpu_tests.test_vocabulary_splits_merge_exactly(monkeypatch, splits, dtype)
+def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
+    gpu_tests.test_masked_columns_whole_slabs_of_minus_infinity(dtype)
+
+
+def test_compensated_hidden_gradient_rounds_about_once():
+    gpu_tests.test_compensated_hidden_gradient_rounds_about_once()
+
+
+def test_bias_gradient_sums_unrounded_logit_gradients():
+    gpu_tests.test_bias_gradient_sums_unrounded_logit_gradients()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frozen_head_takes_the_torch_backends_one_pass(dtype):
+    gpu_tests.test_frozen_head_takes_the_torch_backends_one_pass(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

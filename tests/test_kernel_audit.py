@@ -64,6 +64,11 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     if find_nvcc() is not None:
         cuda_sources = {row.kernel.split(":")[0] for row in rows if row.language == "cuda"}
         assert cuda_sources == {path.name for path in (ROOT / "csrc").glob("*.cu")}
+        # the CUDA backend's slab epilogues: one thread owns each output, nothing added with atomics
+        slab_kernels = {"slab_softmax_kernel", "slab_logit_gradient_kernel", "compensated_accumulate_kernel"}
+        slab_rows = [row for row in rows if row.language == "cuda" and row.short_kernel in slab_kernels]
+        assert {row.short_kernel for row in slab_rows} == slab_kernels
+        assert all(row.atomics == 0 for row in slab_rows)
     report = stem.with_suffix(".md").read_text()
     assert "| kernel | config | arch | registers |" in report and "wgmma" in report
 
@@ -135,7 +140,7 @@ def test_violations_name_each_problem():
     assert "lowers to mma.sync, not wgmma" in violations(_row(tensor_cores="mma.sync"))[0]
     assert violations(_row(tensor_cores="mma.sync", arch="sm_80")) == []
     assert violations(_row(tensor_cores="fma", dtype="float32")) == []
-    assert violations(_row(language="cuda", tensor_cores="mma.sync")) == []  # csrc/ is WMMA by design
+    assert violations(_row(language="cuda", tensor_cores="-")) == []  # csrc/ epilogues: cuBLAS does the GEMMs
     assert "compile error" in violations(_row(error="CompilationError: at 1:2"))[0]
     assert "no ptxas report" in violations(_row(registers=None))[0]
 
@@ -160,10 +165,15 @@ ptxas info    : Compiling entry function '_ZN8fastpref4headEv' for 'sm_90'
 ptxas info    : Function properties for _ZN8fastpref4headEv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 1280 bytes smem
+ptxas info    : Compiling entry function '_ZN8fastpref4slabEv' for 'sm_80'
+ptxas info    : Function properties for _ZN8fastpref4slabEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 31 registers, used 0 barriers, 432 bytes cmem[0]
 """
     assert parse_ptxas_verbose(log) == {
         "_ZN8fastpref4lossEv": {"spill_bytes": 8, "registers": 32, "shared_bytes": 16},
-        "_ZN8fastpref4headEv": {"spill_bytes": 0, "registers": 128, "shared_bytes": 1280}}
+        "_ZN8fastpref4headEv": {"spill_bytes": 0, "registers": 128, "shared_bytes": 1280},
+        "_ZN8fastpref4slabEv": {"spill_bytes": 0, "registers": 31, "shared_bytes": 0}}  # no smem named
     assert read_ptxas_report(log) == (32, 8, 16)
     assert split_kernel_name("void fastpref::(anonymous namespace)::gemm_kernel<__nv_bfloat16>(float const*)") \
         == ("gemm_kernel", "__nv_bfloat16")

@@ -3,8 +3,8 @@ import pytest
 
 from fastpref import cli
 from fastpref.backends import DEFAULT_SCRATCH_BYTES
-from fastpref.bench.plan import (DEVICE_KINDS, Shape, flop_floor, frozen_blocks, materialized_extra_bytes,
-                                 operand_intensity, plan, slab_extra_bytes, slab_width)
+from fastpref.bench.plan import (DEVICE_KINDS, Shape, cuda_extra_bytes, cuda_slab_width, flop_floor, frozen_blocks,
+                                 materialized_extra_bytes, operand_intensity, plan, slab_extra_bytes, slab_width)
 
 HEADLINE = Shape(16384, 4096, 128256)
 
@@ -53,6 +53,31 @@ def test_frozen_blocks_fit_the_budget():
     assert rows * 4096 * 16 + rows * columns * 6 <= 64 << 20
 
 
+def test_cuda_design_runs_the_floor_in_cublas_gemms_without_atomics():
+    """Trainable: 94 slabs of 1,365 columns (float32 logits + bf16 dz in 128 MiB), every FLOP in a
+    GEMM, the compensated accumulation of d_hidden its largest memory-bound cost; frozen: the torch
+    backend's slab pass, launch for launch the slab design's."""
+    assert cuda_slab_width(HEADLINE, 128 << 20) == (128 << 20) // (16384 * 6)
+    trainable = plan(HEADLINE, "trainable", "cuda", "h200", 128 << 20)
+    assert all(launch.atomic_bytes == 0 for launch in trainable.launches)
+    assert sum(launch.flops for launch in trainable.launches) == flop_floor(HEADLINE, "trainable")
+    assert min(trainable.share_of_peak) >= 0.6
+    epilogues = [launch for launch in trainable.launches if launch.flops == 0]
+    accumulate = max(epilogues, key=lambda launch: launch.hbm_bytes)
+    assert "compensated" in accumulate.name and accumulate.count == 94 * 4
+    assert plan(HEADLINE, "frozen", "cuda", "h200").launches == plan(HEADLINE, "frozen", "slab", "h200").launches
+    float32 = plan(Shape(16384, 4096, 128256, element_bytes=4), "trainable", "cuda", "h200")
+    assert not any("compensated" in launch.name for launch in float32.launches)
+
+
+def test_cuda_design_memory_is_its_scratch_and_the_bf16_compensation():
+    budget = 64 << 20
+    width = cuda_slab_width(HEADLINE, budget)
+    assert cuda_extra_bytes(HEADLINE, "trainable", budget) == 16384 * width * 6 + 16384 * 4096 * 2
+    assert cuda_extra_bytes(HEADLINE, "trainable", budget) <= 0.01 * materialized_extra_bytes(HEADLINE)
+    assert cuda_extra_bytes(Shape(16384, 4096, 128256, 4), "trainable", budget) == budget  # 512 columns, no lo
+
+
 def test_slab_width_follows_the_scratch_budget():
     assert slab_width(HEADLINE, 128 << 20) == 4096  # 16,384 rows x 4,096 bf16 columns = 128 MiB
     assert slab_width(HEADLINE, 100 << 20) == 3200 // 128 * 128
@@ -71,7 +96,7 @@ def test_cli_prints_every_design_and_head(capsys):
     assert cli.main(["plan", "--device-kind", "h200"]) == 0
     out = capsys.readouterr().out
     assert "not measurements" in out
-    for design in ("atomic", "slab"):
+    for design in ("atomic", "slab", "cuda"):
         for head in ("trainable", "frozen"):
             assert f"## {design} design, {head} head, H200 (model estimate)" in out
     assert "slab design, frozen head: extra memory" in out and "% of the materialized baseline" in out

@@ -54,7 +54,8 @@ def find_cuobjdump() -> Optional[str]:
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_USAGE = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+# ptxas leaves out "bytes smem" for a kernel without shared memory.
+_USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def parse_ptxas_verbose(log: str) -> Dict[str, Dict[str, int]]:
@@ -74,7 +75,7 @@ def parse_ptxas_verbose(log: str) -> Dict[str, Dict[str, int]]:
         usage = _USAGE.search(line)
         if usage:
             current["registers"] = int(usage.group(1))
-            current["shared_bytes"] = int(usage.group(2))
+            current["shared_bytes"] = int(usage.group(2) or 0)
     return kernels
 
 
@@ -110,7 +111,7 @@ def demangle(names: List[str]) -> Dict[str, str]:
 
 
 def split_kernel_name(readable: str):
-    """("linear_logprobs_backward_kernel", "__nv_bfloat16") from a demangled signature."""
+    """("slab_logit_gradient_kernel", "__nv_bfloat16") from a demangled signature."""
     head = readable.replace("(anonymous namespace)::", "").split("(", 1)[0]
     template = ""
     if head.endswith(">"):

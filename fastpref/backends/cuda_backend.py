@@ -1,13 +1,33 @@
-"""CUDA backend: the fused ops as hand-written CUDA C++ kernels (csrc/), bound as ``fastpref._C``.
+"""CUDA backend: the fused ops without Triton, for GPUs and platforms where Triton does not run
+(older GPUs, some Windows setups). It keeps the Triton backend's memory bound and gets its GEMM
+speed from cuBLAS: the matmuls are torch's own (cuBLAS, float32 output), and the extension
+``fastpref._C`` (csrc/) adds only the epilogues around them and the preference losses.
 
-Same contract and the same math as the Triton backend:
+The linear log-probs run over vocabulary slabs of S columns spanning all N rows, S the widest
+whose float32 logits plus a logit gradient in the inputs' dtype fit the scratch budget
+(fastpref.set_scratch_bytes): S = budget / (N (4 + element bytes)). Per slab W_s:
 
-- forward (csrc/linear_logprobs_forward.cu): per vocabulary split, online-softmax partials
-  (running max, sum over non-target columns, target logit), merged here in O(N * splits);
-- backward (csrc/linear_logprobs_backward.cu): logits recomputed from the saved log-sum-exp,
-  gradients accumulated with float32 atomics, no weight-gradient work for a frozen head;
-- preference losses (csrc/preference_pair_loss.cu, csrc/kto_loss.cu): one block per pair or
-  sequence.
+- forward: x = h W_s^T (cuBLAS, 2NHS FLOPs), then slab_softmax_update (csrc/slab_epilogues.cu)
+  adds the bias and carries each row's online softmax across slabs,
+      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),  z_t;
+  after the last slab, lse = m + log(s + exp(z_t - m)) and miss = s / (s + exp(z_t - m)) = 1 - p_t
+  (merge_vocabulary_splits of the one state) and logp (target_logprob).
+- backward: x recomputed (2NHS); slab_logit_gradient writes, in the inputs' dtype,
+      dz = -g exp(z - lse) off the target, g miss on it;
+  then d_weight[slab] = dz^T h (cuBLAS, written once in the weight's dtype, 2NHS),
+  d_bias[slab] = sum_n dz (over the unrounded float32 dz the kernel leaves in the logits' place)
+  and d_hidden += dz W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
+  d_hidden = hi in its own dtype plus a bfloat16 compensation buffer lo, the product taken in
+  float32 row chunks and folded in by compensated_accumulate (csrc/compensated_accumulate.cu):
+  s = hi + lo + p, hi = round(s), lo = round_bf16(s - hi), so d_hidden is rounded about once
+  however many slabs there are, without a float32 [N, H].
+- a frozen head whose hidden gradient is wanted takes the torch backend's slab forward that also
+  accumulates u = W_t - sum_v p_v W_v (cuBLAS and element-wise ops), after which the backward is a
+  scale: 4NHV FLOPs in all instead of 6NHV.
+
+Trainable head: 8NHV FLOPs, all of them in cuBLAS GEMMs. Extra memory: the budget, plus for half
+precision the bfloat16 lo [N, H] (the float32 product chunks reuse the logits slab). No kernel here
+adds twice to one address: no atomics.
 
 The kernels take raw pointers: every tensor handed to them is made contiguous and of the dtype
 they expect here. Each launch goes to the inputs' device on its current stream; nothing
@@ -21,8 +41,9 @@ import torch
 
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
-from . import (Backend, ForwardResult, GradientBuffers, PreferenceLossResult, fused_loss_result,
-               merge_vocabulary_splits)
+from . import torch_backend
+from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_into,
+               merge_vocabulary_splits, scratch_bytes, slab_columns)
 
 try:
     from .. import _C
@@ -36,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(see csrc/README.md)"
     )
 
-# WMMA on bfloat16 and the tile shapes need Ampere or newer.
+# bfloat16 storage and arithmetic in the epilogues need Ampere or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
 
@@ -66,51 +87,128 @@ def _float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def splits_wanted(hidden: torch.Tensor) -> int:
-    """Vocabulary splits per row block, so that about two blocks per SM run when rows are few."""
-    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    row_blocks = -(-hidden.shape[0] // _C.ROW_BLOCK)
-    return max(1, 2 * sms // row_blocks)
+def _frozen_head(weight, bias) -> bool:
+    return not weight.requires_grad and (bias is None or not bias.requires_grad)
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b with out float32: on CUDA cuBLAS writes half-precision operands' product
+    straight into out (torch's out_dtype), with no float32 copy of it in between."""
+    if a.is_cuda and a.dtype != out.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
+        except (TypeError, RuntimeError):  # a torch without out_dtype
+            pass
+    return matmul_into(out, a, b)
+
+
+class _Slabs:
+    """The vocabulary slabs of one pass and their float32 logits scratch (at least one row of H,
+    so that the backward can reuse it for the hidden gradient's product chunks)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.hidden, self.weight = hidden, weight
+        (self.num_rows, width), self.vocab = hidden.shape, weight.shape[0]
+        self.columns = slab_columns(self.num_rows, self.vocab, 4 + hidden.element_size(), scratch_bytes())
+        self.scratch = new_output((max(self.num_rows * self.columns, width),), torch.float32, hidden.device)
+
+    def __iter__(self):
+        """(start, stop, x) per slab: x = h W[start:stop]^T, a contiguous float32 [N, stop - start]."""
+        for start in range(0, self.vocab, self.columns):
+            stop = min(self.vocab, start + self.columns)
+            logits = self.scratch[:self.num_rows * (stop - start)].view(self.num_rows, stop - start)
+            yield start, stop, _product_into(logits, self.hidden, self.weight[start:stop].t())
+
+
+def _slab_arguments(slabs: _Slabs, bias, targets, start: int, stop: int, logits) -> dict:
+    return dict(logits=logits.data_ptr(), bias=_pointer(bias), targets=targets.data_ptr(),
+                num_rows=slabs.num_rows, columns=stop - start, slab_start=start, vocab=slabs.vocab,
+                dtype=_dtype_code(slabs.hidden.dtype), **_launch_on(slabs.hidden))
+
+
+def _prepared(hidden, weight, bias, targets):
+    return (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            _index(targets))
 
 
 def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    targets = _index(targets)
-    num_rows, width = hidden.shape
-    vocab = weight.shape[0]
-    num_splits, vocab_per_split = _C.vocab_split(vocab=vocab, splits_wanted=splits_wanted(hidden))
-    split_max, split_sum_excl, split_target = (
-        new_output((num_splits, num_rows), torch.float32, hidden.device) for _ in range(3))
-    _C.linear_logprobs_forward(
-        hidden=hidden.data_ptr(), weight=weight.data_ptr(), bias=_pointer(bias),
-        targets=targets.data_ptr(), row_max=split_max.data_ptr(),
-        sum_excl=split_sum_excl.data_ptr(), target_logit=split_target.data_ptr(),
-        num_rows=num_rows, vocab=vocab, width=width, num_splits=num_splits,
-        vocab_per_split=vocab_per_split, dtype=_dtype_code(hidden.dtype), **_launch_on(hidden))
+    if want_hidden_grad and _frozen_head(weight, bias):
+        return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
+    num_rows = hidden.shape[0]
+    running_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    sum_excl = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    slabs = _Slabs(hidden, weight)
+    for start, stop, logits in slabs:
+        _C.slab_softmax_update(row_max=running_max.data_ptr(), sum_excl=sum_excl.data_ptr(),
+                               target_logit=target_logit.data_ptr(),
+                               **_slab_arguments(slabs, bias, targets, start, stop, logits))
+    return merge_vocabulary_splits(running_max[None], sum_excl[None], target_logit[None])
 
-    return merge_vocabulary_splits(split_max, split_sum_excl, split_target)
+
+class _HiddenGradient:
+    """d_hidden = sum over slabs of dz W_slab, without atomics.
+
+    Float32 inputs: cuBLAS adds each product into d_hidden (float32). Half precision: d_hidden is
+    hi, in the inputs' dtype, with lo a bfloat16 compensation buffer; each slab's product is taken
+    in float32 chunks of rows and folded in by compensated_accumulate (hi + lo carry float32-like
+    precision; hi is the result). The chunks are written over `product_scratch`, the slab's float32
+    logits, dead once dz is formed: as many rows as it holds (5,460 at N = 16,384, H = 4,096 and the
+    default budget, GEMMs cuBLAS runs at full speed), and no memory beyond the budget.
+    """
+
+    def __init__(self, hidden: torch.Tensor, product_scratch: torch.Tensor):
+        num_rows, width = hidden.shape
+        self.hi = torch.zeros_like(hidden)
+        self.compensated = hidden.dtype != torch.float32
+        if self.compensated:
+            self.lo = torch.zeros((num_rows, width), dtype=torch.bfloat16, device=hidden.device)
+            self.chunk_rows = min(num_rows, product_scratch.numel() // width)
+            self.product = product_scratch[:self.chunk_rows * width].view(self.chunk_rows, width)
+
+    def add(self, dz: torch.Tensor, weight_slab: torch.Tensor) -> None:
+        if not self.compensated:
+            self.hi.addmm_(dz, weight_slab)
+            return
+        num_rows, width = self.hi.shape
+        for r0 in range(0, num_rows, self.chunk_rows):
+            r1 = min(num_rows, r0 + self.chunk_rows)
+            product = _product_into(self.product[:r1 - r0], dz[r0:r1], weight_slab)
+            _C.compensated_accumulate(product=product.data_ptr(), hi=self.hi[r0:r1].data_ptr(),
+                                      lo=self.lo[r0:r1].data_ptr(), count=(r1 - r0) * width,
+                                      dtype=_dtype_code(self.hi.dtype), **_launch_on(self.hi))
 
 
 def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
              need_hidden: bool, need_weight: bool, need_bias: bool):
+    if saved.hidden_grad_direction is not None:
+        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp,
+                                      need_hidden, need_weight, need_bias)
     need_bias = need_bias and bias is not None
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    targets = _index(targets)
-    num_rows, width = hidden.shape
-    vocab = weight.shape[0]
-    grads = GradientBuffers.zeros(hidden, weight, need_hidden, need_weight, need_bias)
+    hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
     lse, miss, grad = _float32(saved.lse), _float32(saved.miss), _float32(grad_logp)
-    _C.linear_logprobs_backward(
-        hidden=hidden.data_ptr(), weight=weight.data_ptr(), bias=_pointer(bias),
-        targets=targets.data_ptr(), lse=lse.data_ptr(), miss=miss.data_ptr(),
-        grad_logp=grad.data_ptr(), d_hidden=_pointer(grads.d_hidden),
-        d_weight=_pointer(grads.d_weight), d_bias=_pointer(grads.d_bias), num_rows=num_rows, vocab=vocab, width=width,
-        dtype=_dtype_code(hidden.dtype), **_launch_on(hidden))
-    return grads.in_input_dtypes(hidden, weight, bias)
+    slabs = _Slabs(hidden, weight)
+    d_hidden = _HiddenGradient(hidden, slabs.scratch) if need_hidden else None
+    d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
+    d_bias = new_output((vocab,), torch.float32, weight.device) if need_bias else None
+    dz_scratch = new_output((num_rows * slabs.columns,), hidden.dtype, hidden.device)
+    for start, stop, logits in slabs:
+        dz = dz_scratch[:num_rows * (stop - start)].view(num_rows, stop - start)
+        _C.slab_logit_gradient(lse=lse.data_ptr(), miss=miss.data_ptr(), grad_logp=grad.data_ptr(),
+                               dz=dz.data_ptr(), float32_dz_into_logits=need_bias,
+                               **_slab_arguments(slabs, bias, targets, start, stop, logits))
+        if need_weight:
+            matmul_into(d_weight[start:stop], dz.t(), hidden)
+        if need_bias:
+            d_bias[start:stop] = logits.sum(dim=0)  # the unrounded dz, over the logits
+        if need_hidden:  # last: its product chunks overwrite the logits
+            d_hidden.add(dz, weight[start:stop])
+    return (None if d_hidden is None else d_hidden.hi, d_weight,
+            None if d_bias is None else d_bias.to(bias.dtype))
 
 
 def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:

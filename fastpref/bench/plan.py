@@ -29,6 +29,13 @@ Designs:
           (cuBLAS) with the running max and sum taken between them, so the backward is
           d_hidden = g u: 4NHV. Its blocks are many small launches from Python (about a dozen
           per block): the host must issue them faster than the GPU runs them.
+  cuda    the CUDA backend (no Triton): the slab algorithm with every matmul a cuBLAS GEMM and
+          the csrc/ epilogues between them, slabs of float32 logits plus a dz scratch. Trainable
+          head: per slab x_s = h W_s^T (float32 out), the online-softmax epilogue; in the backward
+          x_s again, the dz epilogue, d_weight_s = dz^T h, and d_hidden from float32 products in
+          row chunks (over the dead logits slab) folded into hi + lo (half precision) by the
+          compensated accumulation: 8NHV, no atomics. Frozen head: the torch backend's slab pass,
+          as in the slab design.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from ..backends.torch_backend import gpu_block_sizes
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
-DESIGNS = ("atomic", "slab")
+DESIGNS = ("atomic", "slab", "cuda")
 FP32 = 4
 
 
@@ -165,6 +172,49 @@ def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, in
     ]
 
 
+def cuda_slab_width(shape: Shape, scratch_bytes: int) -> int:
+    """The CUDA backend's slab: float32 logits plus dz in the operands' dtype per element."""
+    return slab_columns(shape.n, shape.vocab, FP32 + shape.element_bytes, scratch_bytes)
+
+
+def cuda_design(shape: Shape, head: str, scratch_bytes: int) -> List[Launch]:
+    if head == "frozen":
+        return slab_design(shape, head, scratch_bytes)
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    width = cuda_slab_width(shape, scratch_bytes)
+    slabs = math.ceil(v / width)
+    logits_bytes = slabs * n * h * e + v * h * e + n * v * FP32
+    launches = [
+        Launch("forward, per slab: x_s = h W_s^T, float32 out (cuBLAS)", slabs, 2 * n * h * v, logits_bytes),
+        Launch("forward, per slab: bias + online softmax (slab_softmax_kernel)", slabs, 0.0, n * v * FP32),
+        Launch("backward, per slab: x_s recomputed (cuBLAS)", slabs, 2 * n * h * v, logits_bytes),
+        Launch("backward, per slab: dz into the scratch (slab_logit_gradient_kernel)", slabs, 0.0, n * v * (FP32 + e)),
+        Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N, written once)", slabs, 2 * n * h * v,
+               n * v * e + slabs * n * h * e + v * h * e),
+    ]
+    if e == FP32:
+        return launches + [Launch("backward, per slab: d_hidden += dz W_s (cuBLAS, float32)", slabs, 2 * n * h * v,
+                                  n * v * e + v * h * e + slabs * 2 * n * h * FP32)]
+    chunks = math.ceil(n / min(n, max(n * width, h) // h))  # product chunks of rows over the logits slab
+    return launches + [
+        Launch("backward, per row chunk: p = dz W_s (cuBLAS, float32 out)", slabs * chunks, 2 * n * h * v,
+               n * v * e + chunks * v * h * e + slabs * n * h * FP32),
+        # reads p, hi and lo (bf16), writes hi and lo
+        Launch("backward, per row chunk: hi, lo += p (compensated_accumulate_kernel)", slabs * chunks, 0.0,
+               slabs * n * h * (FP32 + 2 * e + 2 * 2)),
+    ]
+
+
+def cuda_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
+    """Memory the CUDA design holds beyond its inputs and the gradients it returns: its slab
+    scratch and, for half-precision operands, the bfloat16 compensation lo [N, H]."""
+    if head == "frozen":
+        return slab_extra_bytes(shape, head, scratch_bytes)
+    n, h, e = shape.n, shape.hidden, shape.element_bytes
+    scratch = max(n * cuda_slab_width(shape, scratch_bytes), h) * FP32 + n * cuda_slab_width(shape, scratch_bytes) * e
+    return scratch + (n * h * 2 if e < FP32 else 0)
+
+
 def slab_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     """Memory the slab design holds beyond its inputs and the gradients it returns.
 
@@ -216,6 +266,8 @@ def plan(shape: Shape, head: str, design: str, device_kind: str, scratch_bytes: 
         launches = atomic_design(shape, head)
     elif design == "slab":
         launches = slab_design(shape, head, scratch_bytes)
+    elif design == "cuda":
+        launches = cuda_design(shape, head, scratch_bytes)
     else:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     return Plan(shape, head, design, DEVICE_KINDS[device_kind], launches)
@@ -277,11 +329,12 @@ def run(args: argparse.Namespace) -> int:
     for design in args.design:
         for head in args.head:
             print(format_plan(plan(shape, head, design, args.device_kind, args.scratch_mib << 20)))
-    if "slab" in args.design:
-        baseline = materialized_extra_bytes(shape)
+    baseline = materialized_extra_bytes(shape)
+    extra_bytes = {"slab": slab_extra_bytes, "cuda": cuda_extra_bytes}
+    for design in (d for d in args.design if d in extra_bytes):
         for head in args.head:
-            extra = slab_extra_bytes(shape, head, args.scratch_mib << 20)
-            print(f"slab design, {head} head: extra memory {extra / 2**20:,.0f} MiB = "
+            extra = extra_bytes[design](shape, head, args.scratch_mib << 20)
+            print(f"{design} design, {head} head: extra memory {extra / 2**20:,.0f} MiB = "
                   f"{100 * extra / baseline:.2f}% of the materialized baseline's {baseline / 2**30:,.1f} GiB "
                   "of logits, log-softmax and logit gradient")
     return 0

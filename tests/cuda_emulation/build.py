@@ -27,7 +27,7 @@ from typing import List, Optional
 
 HARNESS = Path(__file__).resolve().parent
 CSRC = HARNESS.parents[1] / "csrc"
-CUDA_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h")
+CUDA_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
 CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-Wno-unknown-pragmas"]
 SANITIZER_FLAGS = {
     None: [],

@@ -1,8 +1,7 @@
 // A CPU stand-in for the parts of CUDA that the kernels in csrc/ use, so that a host C++ compiler
 // builds them (build.py rewrites only launches and extern __shared__ declarations) and they run on
-// CPU memory. It replaces cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and mma.h: no CUDA toolkit is
-// needed. It holds only what csrc/ uses: kernel code that uses more fails to build until it is
-// added here.
+// CPU memory. It replaces cuda_runtime.h, cuda_fp16.h and cuda_bf16.h: no CUDA toolkit is needed.
+// It holds only what csrc/ uses: kernel code that uses more fails to build until it is added here.
 //
 // Execution model: every CUDA thread of a block is an OS thread running the kernel's own code, so
 // the threads of a block really run concurrently and the thread sanitizer can check their shared
@@ -13,7 +12,7 @@
 // The hardware rules that CPU memory would not enforce are checked, and a violation becomes the
 // error of the next cudaGetLastError(), which the launchers turn into a RuntimeError: launch
 // configuration limits, dynamic shared memory beyond what cudaFuncSetAttribute allowed the kernel,
-// WMMA pointer alignment and leading dimensions, full-warp shuffle masks. The dynamic shared
+// full-warp shuffle masks. The dynamic shared
 // memory region starts 16 bytes past a 128-byte boundary (CUDA promises only 16-byte alignment),
 // and every block finds it filled with 0xff bytes (NaN as float), not what the last block left.
 #pragma once
@@ -31,7 +30,6 @@
 #include <new>
 #include <system_error>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -39,7 +37,6 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
-#define __align__(n) __attribute__((aligned(n)))
 
 using std::max;
 using std::min;
@@ -60,9 +57,6 @@ using cudaStream_t = struct CUstream_st*;
 
 struct uint3 {
   unsigned x, y, z;
-};
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
 };
 struct dim3 {
   unsigned x, y, z;
@@ -194,10 +188,6 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return values[(lane ^ static_cast<unsigned>(lane_mask)) % kWarpSize];
 }
 
-inline float atomicAdd(float* address, float value) {
-  return std::atomic_ref<float>(*address).fetch_add(value);
-}
-
 // ---- Launch ---------------------------------------------------------------------------------
 
 namespace cuda_emulation {
@@ -268,90 +258,3 @@ void launch(Kernel* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cudaStre
 }
 
 }  // namespace cuda_emulation
-
-// ---- WMMA (nvcuda::wmma) --------------------------------------------------------------------
-// A fragment holds the whole 16 x 16 tile; lane 0 of the warp does the arithmetic for the warp,
-// every lane checks the arguments.
-
-namespace cuda_emulation {
-
-inline bool lane_zero() { return threadIdx.x % kWarpSize == 0; }
-
-inline void check_wmma_pointer(const void* pointer, const char* what) {
-  if (reinterpret_cast<uintptr_t>(pointer) % 32 != 0) report(cudaErrorMisalignedAddress, what);
-}
-
-inline float element(float x) { return x; }
-inline float element(__half x) { return __half2float(x); }
-inline float element(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-}  // namespace cuda_emulation
-
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "only 16 x 16 x 16 fragments are emulated");
-  float x[16][16];
-};
-using Accumulator = fragment<accumulator, 16, 16, 16, float>;
-
-template <typename Use, typename T, typename Layout>
-void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
-  for (auto& row : f.x) std::fill(std::begin(row), std::end(row), value);
-}
-
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* pointer, unsigned ldm) {
-  static_assert(sizeof(T) == 2, "only 16-bit operand fragments are emulated");
-  using namespace cuda_emulation;
-  check_wmma_pointer(pointer, "wmma::load_matrix_sync: pointer not 32-byte aligned");
-  if (ldm % 8 != 0) {
-    report(cudaErrorIllegalInstruction, "wmma::load_matrix_sync: ldm not a multiple of 8");
-  }
-  if (!lane_zero()) return;
-  constexpr bool kRowMajor = std::is_same<Layout, row_major>::value;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      f.x[r][c] = element(kRowMajor ? pointer[r * ldm + c] : pointer[c * ldm + r]);
-    }
-  }
-}
-
-template <typename TA, typename LA, typename TB, typename LB>
-void mma_sync(Accumulator& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const Accumulator& c) {
-  if (!cuda_emulation::lane_zero()) return;
-  Accumulator sum = c;
-  for (int m = 0; m < 16; ++m) {
-    for (int n = 0; n < 16; ++n) {
-      for (int k = 0; k < 16; ++k) sum.x[m][n] += a.x[m][k] * b.x[k][n];
-    }
-  }
-  d = sum;
-}
-
-inline void store_matrix_sync(float* pointer, const Accumulator& f, unsigned ldm, layout_t layout) {
-  using namespace cuda_emulation;
-  check_wmma_pointer(pointer, "wmma::store_matrix_sync: pointer not 32-byte aligned");
-  if (ldm % 4 != 0) {
-    report(cudaErrorIllegalInstruction, "wmma::store_matrix_sync: ldm not a multiple of 4");
-  }
-  if (!lane_zero()) return;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      pointer[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
-    }
-  }
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
