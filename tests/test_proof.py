@@ -82,15 +82,17 @@ def test_gpu_steps_measure_the_headline_shape(tmp_path):
     assert sum(step.limit_s for step in proof.gpu_steps(tmp_path)[:4]) <= 540 - 60  # room for the install
 
 
-def test_headline_rows_put_the_cost_model_beside_the_triton_rows(tmp_path):
+def test_headline_rows_put_the_cost_model_beside_the_gpu_backends_rows(tmp_path):
     row = dict(method="fastpref-triton", head="trainable", status="ok", time_ms=410.0, tflops=168.0, peak_mib=900.0,
                n=16384, scored=16384, hidden=4096, vocab=128256, dtype="bfloat16")
+    cuda = dict(row, method="fastpref-cuda")
     peer = dict(row, method="materialized", tflops=300.0)
-    (tmp_path / "logprobs.json").write_text(json.dumps([row, peer]))
+    (tmp_path / "logprobs.json").write_text(json.dumps([row, cuda, peer]))
     assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
     assert proof.device_kind("AMD EPYC (2 torch threads)") is None
-    triton_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
-    fast, slow = plan(Shape(16384, 4096, 128256), "trainable", "slab", "h100").predicted_ms
-    assert triton_row[:6] == ["logprobs", "fastpref-triton", "trainable", "ok", "410.0", f"{fast:.0f}-{slow:.0f}"]
+    triton_row, cuda_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
+    for measured, design in ((triton_row, "slab"), (cuda_row, "cuda")):
+        fast, slow = plan(Shape(16384, 4096, 128256), "trainable", design, "h100").predicted_ms
+        assert measured[2:6] == ["trainable", "ok", "410.0", f"{fast:.0f}-{slow:.0f}"]
     assert triton_row[7] == "21%"
     assert peer_row[5] == "-"

@@ -120,13 +120,18 @@ def device_kind(device: str) -> Optional[str]:
     return next((kind for kind in DEVICE_KINDS if kind in device.lower()), None)
 
 
+# The cost model's design of each GPU backend.
+DESIGN_OF_METHOD = {"fastpref-triton": "slab", "fastpref-cuda": "cuda"}
+
+
 def predicted(row: dict, kind: Optional[str]) -> str:
-    """The cost model's range for the Triton backend's row (its slab design), else "-"."""
+    """The cost model's range for a GPU backend's row (its design), else "-"."""
     from .plan import Shape, plan
 
-    if kind is None or row["method"] != "fastpref-triton" or row.get("dtype") not in ("bfloat16", "float16"):
+    design = DESIGN_OF_METHOD.get(row["method"])
+    if kind is None or design is None or row.get("dtype") not in ("bfloat16", "float16"):
         return "-"
-    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], "slab", kind).predicted_ms
+    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], design, kind).predicted_ms
     return f"{fast:.0f}-{slow:.0f}"
 
 
