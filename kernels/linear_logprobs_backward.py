@@ -13,7 +13,7 @@ into a [N, Vs] scratch (the inputs' dtype: bf16 for a bf16 head). Then two GEMMs
                                  one GEMM (cuBLAS) and is written once, in the weight's dtype
     d_hidden      += dz W_slab   kernels/hidden_gradient.py: summed across slabs as the inputs'
                                  dtype plus a bfloat16 remainder
-    d_bias[slab]   = sum_n dz
+    d_bias[slab]   = sum_n dz    from the kernel's per-row-block column sums of the unrounded dz
 
 so nothing is added twice to the same address from different programs: the result does not
 depend on scheduling, and the time goes to matmuls (2 N H V each) instead of read-modify-writes.
@@ -31,9 +31,10 @@ from .logits_tile import logits_tile
 
 @triton.jit
 def _logit_gradient_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, dz_ptr,
-    num_rows, slab_columns, width, slab_start, dz_row_stride,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, dz_ptr, bias_grad_ptr,
+    num_rows, slab_columns, width, slab_start, dz_row_stride, bias_grad_row_stride,
+    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # grouped rasterisation: program ids walk GROUP_N row blocks down one column block first
@@ -61,18 +62,29 @@ def _logit_gradient_kernel(
     dz = g[:, None] * tl.where(cols[None, :] == targets[:, None], miss[:, None], -p)
     tl.store(dz_ptr + rows[:, None] * dz_row_stride + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
+    if NEED_BIAS_GRAD:
+        # the row block's column sums of the unrounded dz: summed over row blocks on the host
+        column_sums = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
+        tl.store(bias_grad_ptr + row_block.to(tl.int64) * bias_grad_row_stride + local_cols, column_sums,
+                 mask=col_mask)
 
 
-def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, *,
+def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, bias_grad_partial=None, *,
                    block_n, block_v, block_h, group_n, num_warps, num_stages, upcast):
-    """Fill dz [N, Vs] (a view whose rows may be strided) with the logits' gradient of one slab."""
+    """Fill dz [N, Vs] (a view whose rows may be strided) with the logits' gradient of one slab,
+    and, when given, bias_grad_partial [cdiv(N, block_n), Vs] (float32, rows may be strided) with
+    each row block's column sums of dz before its rounding to dz's dtype (their sum over row blocks
+    is the slab's d_bias)."""
     num_rows, width = hidden.shape
     columns = dz.shape[1]
     grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(columns, block_v),)
     _logit_gradient_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets, lse, miss, grad, dz,
+        lse if bias_grad_partial is None else bias_grad_partial,
         num_rows, columns, width, slab_start, dz.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=group_n,
+        0 if bias_grad_partial is None else bias_grad_partial.stride(0),
+        HAS_BIAS=bias is not None, NEED_BIAS_GRAD=bias_grad_partial is not None,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=group_n,
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -252,3 +252,20 @@ def test_torch_backend_gpu_layout_within_the_scratch_budget(monkeypatch, dtype, 
     rows, columns, width = next(layout for layout in layouts if layout[2])
     assert 1 < rows < 37 and columns < 301
     assert rows * width * 4 * 4 + rows * columns * (4 + 2) <= budget
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gradient_sums_unrounded_logit_gradients(backend):
+    """Two rows whose logit gradients nearly cancel (the same row, g = 1 and -0.999): d_bias is a
+    thousandth of either term, so summing the bfloat16-rounded dz would miss it by ~100%."""
+    hidden, weight, bias, targets, _ = make_inputs(1, 32, 300, torch.bfloat16, with_bias=True, seed=4)
+    hidden, targets = hidden.expand(2, -1).contiguous(), targets.expand(2).contiguous()
+    grad_out = torch.tensor([1.0, -0.999], device=hidden.device)
+    leaf = bias.detach().requires_grad_()
+    logp = fastpref.linear_logprobs(hidden, weight.requires_grad_(), targets, bias=leaf, backend=backend)
+    (d_bias,) = torch.autograd.grad((logp * grad_out).sum(), [leaf])
+    logits = hidden.double() @ weight.detach().double().T + bias.double()
+    dz = -torch.softmax(logits, dim=1)
+    dz[torch.arange(2, device=hidden.device), targets] += 1
+    expected = (grad_out.double()[:, None] * dz).sum(dim=0)
+    assert relative_error(d_bias, expected.to(torch.bfloat16)) <= 2**-7

@@ -122,16 +122,19 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
             d_hidden_low = torch.zeros((num_rows, width), dtype=low_dtype, device=hidden.device)
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
     d_bias = new_output((vocab,), torch.float32, weight.device) if need_bias else None
+    bias_grad_partial = (new_output((-(-num_rows // cfg.block_n), columns), torch.float32, hidden.device)
+                         if need_bias else None)
     for start in range(0, vocab, columns):
         stop = min(vocab, start + columns)
         dz = scratch[:, :stop - start]
-        logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start,
+        partial = None if bias_grad_partial is None else bias_grad_partial[:, :stop - start]
+        logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
                        block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
         if need_bias:
-            d_bias[start:stop] = dz.sum(dim=0, dtype=torch.float32)
+            d_bias[start:stop] = partial.sum(dim=0)
         if need_hidden:
             accumulate_hidden_gradient(dz, weight, start, d_hidden, d_hidden_low,
                                        block_n=cfg.block_n, block_h=cfg.block_v, block_k=cfg.block_h,
