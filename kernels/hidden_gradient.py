@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_tiles import grouped_tile
+
 
 @triton.jit
 def _accumulate_hidden_gradient_kernel(
@@ -35,15 +37,7 @@ def _accumulate_hidden_gradient_kernel(
     HAS_LO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(num_rows, BLOCK_N)
-    col_blocks = tl.cdiv(width, BLOCK_H)
-    per_group = GROUP_N * col_blocks
-    first_row_block = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_N)
-    row_block = first_row_block + (pid % per_group) % group_rows
-    col_block = (pid % per_group) // group_rows
-
+    row_block, col_block = grouped_tile(tl.program_id(0), num_rows, width, BLOCK_N, BLOCK_H, GROUP_N)
     rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col_block.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < num_rows

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_tiles import grouped_tile
 from .logits_tile import logits_tile
 
 
@@ -37,16 +38,7 @@ def _logit_gradient_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grouped rasterisation: program ids walk GROUP_N row blocks down one column block first
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(num_rows, BLOCK_N)
-    col_blocks = tl.cdiv(slab_columns, BLOCK_V)
-    per_group = GROUP_N * col_blocks
-    first_row_block = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_N)
-    row_block = first_row_block + (pid % per_group) % group_rows
-    col_block = (pid % per_group) // group_rows
-
+    row_block, col_block = grouped_tile(tl.program_id(0), num_rows, slab_columns, BLOCK_N, BLOCK_V, GROUP_N)
     rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_cols = col_block.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < num_rows

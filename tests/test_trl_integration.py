@@ -6,7 +6,6 @@ Tiny random Llama (hidden 32, 2 layers) on the offline tokenizer, fp32 on the CP
 import copy
 import json
 import os
-import socket
 import types
 
 import pytest
@@ -22,7 +21,7 @@ from transformers import (  # noqa: E402
 
 from fastpref.integrations.trl import FastprefDPOTrainer  # noqa: E402
 from fastpref.train.default_assets import default_tokenizer  # noqa: E402
-from test_distributed import exit_without_teardown  # noqa: E402
+from test_distributed import _free_port, exit_without_teardown  # noqa: E402
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "num_tokens")
@@ -296,11 +295,8 @@ def _ddp_worker(rank, port, output_dir, report):
 def test_ddp_step_matches_trl(tmp_path):
     """Through DDP, gradients are averaged over the ranks (which see different pairs): the ranks
     stay identical, and the step is TRL's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     report = tmp_path / "ddp.json"
-    mp.spawn(_ddp_worker, args=(port, tmp_path, str(report)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), tmp_path, str(report)), nprocs=2, join=True)
     result = json.loads(report.read_text())
     assert result["ranks_agree"]
     assert result["step"] > 0 and result["difference"] <= 1e-5 * result["step"]
@@ -406,11 +402,8 @@ def test_fsdp2_step_matches_trl_and_one_process(tmp_path):
     """Under accelerate's FSDP2 wrapping the head weight is read after the forward, gathered, and its
     gradient is reduce-scattered like the others: loss and gradients are TRL's under the same
     FSDP2 wrapping, and the one-process step's on the global batch."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     report = tmp_path / "fsdp2.json"
-    mp.spawn(_fsdp2_worker, args=(port, tmp_path, str(report)), nprocs=2, join=True)
+    mp.spawn(_fsdp2_worker, args=(_free_port(), tmp_path, str(report)), nprocs=2, join=True)
     result = json.loads(report.read_text())
     for head in ("tied=False", "tied=True"):
         step = result[head]
