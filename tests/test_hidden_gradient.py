@@ -69,3 +69,14 @@ def test_float32_accumulates_without_a_low_part():
     dz, weight, exact, _ = _inputs(9, 33, 7 * SLAB + 3, torch.float32, seed=2)
     hi = _accumulate(dz, weight, torch.float32, None)
     assert torch.allclose(hi.double().cpu(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_a_gpu_the_result_is_rounded_to_nearest(dtype):
+    """Compiled for a GPU, the conversions round to nearest: half an ulp of the exact sum (plus the
+    pair's own limit), where the interpreter's truncation needs a whole one."""
+    dz, weight, exact, largest_partial = _inputs(19, 40, 40 * SLAB + 5, dtype, seed=3)
+    hi = _accumulate(dz, weight, dtype, low_part_dtype(dtype))
+    excess = (hi.double().cpu() - exact).abs() - 0.5 * _ulp(exact, dtype) * 1.001
+    assert float((excess / largest_partial).max()) <= 2**-12
