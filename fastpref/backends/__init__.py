@@ -131,11 +131,24 @@ def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out = a @ b, accumulated in float32 and rounded once to out's dtype (on CUDA straight from
-    cuBLAS, with no float32 copy of the product)."""
-    if a.is_cuda and a.dtype == b.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
+    """out = a @ b, accumulated in float32 and rounded once to out's dtype. On CUDA cuBLAS writes
+    straight into out, also a float32 out of half-precision operands (torch's out_dtype), with no
+    float32 copy of the product in between; elsewhere, or on a torch without out_dtype, the
+    product is formed in float32 and copied."""
+    if a.is_cuda and a.dtype == b.dtype:
+        if a.dtype == out.dtype:
+            return torch.mm(a, b, out=out)
+        if out.dtype == torch.float32:
+            try:
+                return torch.mm(a, b, out_dtype=out.dtype, out=out)
+            except (TypeError, RuntimeError):
+                pass
     return out.copy_(matmul_float32(a, b))
+
+
+def frozen_head(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """No gradient wanted for the head: a backend may then fold the hidden gradient into its forward."""
+    return not weight.requires_grad and (bias is None or not bias.requires_grad)
 
 
 def target_logprob(target_logit: torch.Tensor, lse: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
 from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_into,
+from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, matmul_into,
                merge_vocabulary_splits, scratch_bytes, slab_columns)
 
 try:
@@ -87,21 +87,6 @@ def _float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def _frozen_head(weight, bias) -> bool:
-    return not weight.requires_grad and (bias is None or not bias.requires_grad)
-
-
-def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out = a @ b with out float32: on CUDA cuBLAS writes half-precision operands' product
-    straight into out (torch's out_dtype), with no float32 copy of it in between."""
-    if a.is_cuda and a.dtype != out.dtype:
-        try:
-            return torch.mm(a, b, out_dtype=out.dtype, out=out)
-        except (TypeError, RuntimeError):  # a torch without out_dtype
-            pass
-    return matmul_into(out, a, b)
-
-
 class _Slabs:
     """The vocabulary slabs of one pass and their float32 logits scratch (at least one row of H,
     so that the backward can reuse it for the hidden gradient's product chunks)."""
@@ -117,7 +102,7 @@ class _Slabs:
         for start in range(0, self.vocab, self.columns):
             stop = min(self.vocab, start + self.columns)
             logits = self.scratch[:self.num_rows * (stop - start)].view(self.num_rows, stop - start)
-            yield start, stop, _product_into(logits, self.hidden, self.weight[start:stop].t())
+            yield start, stop, matmul_into(logits, self.hidden, self.weight[start:stop].t())
 
 
 def _slab_arguments(slabs: _Slabs, bias, targets, start: int, stop: int, logits) -> dict:
@@ -132,7 +117,7 @@ def _prepared(hidden, weight, bias, targets):
 
 
 def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
-    if want_hidden_grad and _frozen_head(weight, bias):
+    if want_hidden_grad and frozen_head(weight, bias):
         return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows = hidden.shape[0]
@@ -174,7 +159,7 @@ class _HiddenGradient:
         num_rows, width = self.hi.shape
         for r0 in range(0, num_rows, self.chunk_rows):
             r1 = min(num_rows, r0 + self.chunk_rows)
-            product = _product_into(self.product[:r1 - r0], dz[r0:r1], weight_slab)
+            product = matmul_into(self.product[:r1 - r0], dz[r0:r1], weight_slab)
             _C.compensated_accumulate(product=product.data_ptr(), hi=self.hi[r0:r1].data_ptr(),
                                       lo=self.lo[r0:r1].data_ptr(), count=(r1 - r0) * width,
                                       dtype=_dtype_code(self.hi.dtype), **_launch_on(self.hi))

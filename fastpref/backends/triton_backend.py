@@ -17,8 +17,8 @@ import torch
 
 from .._buffers import new_output
 from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, fused_loss_result, matmul_into, scratch_bytes,
-               slab_columns)
+from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, matmul_into,
+               scratch_bytes, slab_columns)
 
 try:
     import triton  # noqa: F401
@@ -81,7 +81,7 @@ def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
     after which the backward is a scale: 4NHV in all instead of 6NHV."""
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
 
-    if want_hidden_grad and not weight.requires_grad and (bias is None or not bias.requires_grad):
+    if want_hidden_grad and frozen_head(weight, bias):
         return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
     cfg = config or config_for(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
