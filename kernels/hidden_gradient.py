@@ -66,18 +66,13 @@ def _accumulate_hidden_gradient_kernel(
         tl.store(lo_ptr + offsets, (total - rounded.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
 
 
-def low_part_dtype(dtype: torch.dtype):
-    """The dtype of the compensation buffer lo for a d_hidden of `dtype`; None when d_hidden itself
-    accumulates in at least float32."""
-    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else None
-
-
 def accumulate_hidden_gradient(dz, weight, slab_start, d_hidden, d_hidden_low, *,
                                block_n, block_h, block_k, group_n, num_warps, num_stages, upcast):
     """d_hidden (+ d_hidden_low) += dz @ weight[slab_start : slab_start + dz.shape[1]].
 
     dz: [N, Vs] (rows may be strided); d_hidden: [N, H] contiguous, the running sum's rounded
-    part; d_hidden_low: [N, H] bfloat16 contiguous, its remainder, or None for float32 d_hidden.
+    part; d_hidden_low: [N, H] contiguous, its remainder (dtype backends.low_part_dtype), or None for
+    float32 d_hidden.
     """
     num_rows, width = d_hidden.shape
     grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(width, block_h),)

@@ -146,6 +146,13 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return out.copy_(matmul_float32(a, b))
 
 
+def low_part_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype of the remainder lo that the GPU backends keep beside a d_hidden of `dtype` summed
+    over vocabulary slabs (d_hidden = hi + lo, see kernels/hidden_gradient.py); None when d_hidden
+    itself accumulates in at least float32."""
+    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def frozen_head(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """No gradient wanted for the head: a backend may then fold the hidden gradient into its forward."""
     return not weight.requires_grad and (bias is None or not bias.requires_grad)

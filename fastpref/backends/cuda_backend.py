@@ -42,8 +42,8 @@ import torch
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
 from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, matmul_into,
-               merge_vocabulary_splits, scratch_bytes, slab_columns)
+from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, low_part_dtype,
+               matmul_into, merge_vocabulary_splits, scratch_bytes, slab_columns)
 
 try:
     from .. import _C
@@ -146,9 +146,10 @@ class _HiddenGradient:
     def __init__(self, hidden: torch.Tensor, product_scratch: torch.Tensor):
         num_rows, width = hidden.shape
         self.hi = torch.zeros_like(hidden)
-        self.compensated = hidden.dtype != torch.float32
+        low_dtype = low_part_dtype(hidden.dtype)
+        self.compensated = low_dtype is not None
         if self.compensated:
-            self.lo = torch.zeros((num_rows, width), dtype=torch.bfloat16, device=hidden.device)
+            self.lo = torch.zeros((num_rows, width), dtype=low_dtype, device=hidden.device)
             self.chunk_rows = min(num_rows, product_scratch.numel() // width)
             self.product = product_scratch[:self.chunk_rows * width].view(self.chunk_rows, width)
 

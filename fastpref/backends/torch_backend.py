@@ -49,8 +49,8 @@ MAX_ROW_BLOCK = 2048
 def _block_sizes(num_rows: int, vocab: int, device: torch.device, accumulator_width: int = 0) -> Tuple[int, int]:
     """(rows, columns) of a logits block; accumulator_width: H when each row also carries float32
     [rows, H] accumulators (the forward's u). On a GPU everything a block allocates fits the
-    scratch budget (fastpref.set_scratch_bytes): with accumulators, half of it goes to them (four
-    float32 [rows, H]: u, its matmul's product, W_t and the miss-scaled W_t) and half to a vocabulary
+    scratch budget (fastpref.set_scratch_bytes): with accumulators, half of it goes to them (room for
+    four float32 [rows, H]: u, its matmul's product, and W_t gathered and upcast) and half to a vocabulary
     slab of logits (float32, and its half-precision copy for the matmul); without, all rows
     and a slab as wide as the budget allows, so that each matmul is one large cuBLAS GEMM. On a
     CPU, cache-sized blocks."""

@@ -17,8 +17,8 @@ import torch
 
 from .._buffers import new_output
 from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, matmul_into,
-               scratch_bytes, slab_columns)
+from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, low_part_dtype,
+               matmul_into, scratch_bytes, slab_columns)
 
 try:
     import triton  # noqa: F401
@@ -102,7 +102,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     keeps the running sum as d_hidden (the inputs' dtype) plus a bfloat16 remainder; no atomics.
     A forward that took the slab pass (a frozen head) left u: its backward, d_hidden = g u, is
     that pass's."""
-    from ..kernels.hidden_gradient import accumulate_hidden_gradient, low_part_dtype
+    from ..kernels.hidden_gradient import accumulate_hidden_gradient
     from ..kernels.linear_logprobs_backward import logit_gradient
 
     if saved.hidden_grad_direction is not None:
