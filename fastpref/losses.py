@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backends as _backends
-from .backends.torch_preference_loss import log1m_exp
 from .layout import PackedLayout
 from .linear_logprobs import check_linear_inputs, linear_logprobs
 from .loss_spec import NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
+from .numerics import log1m_exp
 
 
 @dataclass

@@ -1,13 +1,16 @@
 """Backward of the fused linear log-prob op over vocabulary slabs, without atomics.
 
 The vocabulary is cut into slabs of Vs columns (Vs from the scratch budget), each spanning all
-N rows. Per slab, one fused kernel recomputes the slab's logits tile by tile from the saved
-log-sum-exp and writes, in its epilogue,
+N rows. Per slab, one fused kernel recomputes the slab's logits tile by tile (x = h W^T + b,
+transformed to z), and writes from the saved log-sum-exp, in its epilogue, the gradient with
+respect to x (J = dz/dx the transform's slope, p = exp(z - lse), g = dL/dlogp):
 
-    dz_{n,v} = g_n (1[v = t_n] - exp(z_{n,v} - lse_n))      (on the target column: g_n miss_n,
-                                                              the forward's 1 - p_t, no cancellation)
+    dz_{n,v} = J_{n,v} g_n (1[v = t_n] - p_{n,v})        (on the target column: g_n miss_n,
+                                                          the forward's 1 - p_t, no cancellation)
 
-into a [N, Vs] scratch (the inputs' dtype: bf16 for a bf16 head). Then two GEMMs:
+and, when the entropy's gradient g^H is wanted (constexpr), its term
+-J g^H_n p_{n,v} (log p_{n,v} + entropy_n) beside it, into a [N, Vs] scratch (the inputs' dtype:
+bf16 for a bf16 head). Then two GEMMs:
 
     d_weight[slab] = dz^T h      K = N: every row of the slab's weight gradient is complete after
                                  one GEMM (cuBLAS) and is written once, in the weight's dtype
@@ -27,14 +30,16 @@ import triton
 import triton.language as tl
 
 from .grouped_tiles import grouped_tile
-from .logits_tile import logits_tile
+from .logits_tile import logits_tile, transform_logits, transform_slope
 
 
 @triton.jit
 def _logit_gradient_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, dz_ptr, bias_grad_ptr,
-    num_rows, slab_columns, width, slab_start, dz_row_stride, bias_grad_row_stride,
-    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, entropy_ptr, grad_entropy_ptr,
+    dz_ptr, bias_grad_ptr,
+    num_rows, slab_columns, width, slab_start, dz_row_stride, bias_grad_row_stride, pre, post,
+    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -46,12 +51,22 @@ def _logit_gradient_kernel(
     cols = slab_start + local_cols
     z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+    z = transform_logits(z, pre, post, HAS_SOFTCAP)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     miss = tl.load(miss_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    dz = g[:, None] * tl.where(cols[None, :] == targets[:, None], miss[:, None], -p)
+    is_target = cols[None, :] == targets[:, None]
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    if HAS_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+        entropy_term = g_entropy[:, None] * p * (log_p + entropy[:, None])
+        dz = tl.where(is_target, g[:, None] * miss[:, None], -g[:, None] * p) - entropy_term
+    else:
+        dz = g[:, None] * tl.where(is_target, miss[:, None], -p)
+    dz = dz * transform_slope(z, pre, post, HAS_SOFTCAP)
     tl.store(dz_ptr + rows[:, None] * dz_row_stride + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
     if NEED_BIAS_GRAD:
@@ -61,21 +76,26 @@ def _logit_gradient_kernel(
                  mask=col_mask)
 
 
-def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, bias_grad_partial=None, *,
+def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, bias_grad_partial=None,
+                   entropy=None, grad_entropy=None, *, pre, post, softcap,
                    block_n, block_v, block_h, group_n, num_warps, num_stages, upcast):
     """Fill dz [N, Vs] (a view whose rows may be strided) with the logits' gradient of one slab,
     and, when given, bias_grad_partial [cdiv(N, block_n), Vs] (float32, rows may be strided) with
     each row block's column sums of dz before its rounding to dz's dtype (their sum over row blocks
-    is the slab's d_bias)."""
+    is the slab's d_bias). entropy and grad_entropy ([N] float32): the entropy term, when given.
+    pre, post, softcap: the logit transform (fastpref.logit_transform)."""
     num_rows, width = hidden.shape
     columns = dz.shape[1]
     grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(columns, block_v),)
+    has_entropy_grad = grad_entropy is not None
     _logit_gradient_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, targets, lse, miss, grad, dz,
+        hidden, weight, hidden if bias is None else bias, targets, lse, miss, grad,
+        entropy if has_entropy_grad else lse, grad_entropy if has_entropy_grad else grad, dz,
         lse if bias_grad_partial is None else bias_grad_partial,
         num_rows, columns, width, slab_start, dz.stride(0),
-        0 if bias_grad_partial is None else bias_grad_partial.stride(0),
-        HAS_BIAS=bias is not None, NEED_BIAS_GRAD=bias_grad_partial is not None,
+        0 if bias_grad_partial is None else bias_grad_partial.stride(0), pre, post,
+        HAS_BIAS=bias is not None, NEED_BIAS_GRAD=bias_grad_partial is not None, HAS_SOFTCAP=softcap,
+        HAS_ENTROPY_GRAD=has_entropy_grad,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=group_n,
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

@@ -1,30 +1,44 @@
-"""Forward of the fused linear log-prob op: log-sum-exp and target logit, streamed over V.
+"""Forward of the fused linear log-prob op: the online-softmax sums of each row, streamed over V.
 
 Grid: (row blocks, vocabulary splits). Each program owns BLOCK_N rows and one contiguous slice
-of the vocabulary, and walks it BLOCK_V columns at a time keeping an online softmax in float32:
+of the vocabulary, and walks it BLOCK_V columns at a time. Per tile it forms the logits
+x = h W^T + b (tensor cores, float32 accumulators), transforms them to z (logit scale, soft cap,
+temperature: kernels/logits_tile.py) and folds them into float32 sums relative to the running
+maximum m (alpha = exp(m - m') when it grows):
 
-    m' = max(m, max_v z_v),   s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),   z_t picked up once.
+    m' = max(m, max_v z_v),   s' = alpha s + sum_{v != t} exp(z_v - m'),   z_t picked up once,
 
-The target is kept out of the sum so that miss = 1 - p_t comes out without cancellation.
-Splitting V keeps the GPU full when N is small; the per-split (m, s, z_t) are merged by torch in
-O(N * splits):  S = sum_i s_i exp(m_i - M),  lse = M + log(S + exp(z_t - M)),
-miss = S / (S + exp(z_t - M)).
-No logits leave the chip.
+and, for the per-token outputs asked for (constexpr flags, so a plain call carries none of it),
+
+    sum_all' = alpha sum_all + sum_v exp(z_v - m')
+    shifted' = alpha (shifted + (m - m') sum_all) + sum_v exp(z_v - m') (z_v - m')   (entropy)
+    sum_sq'  = alpha^2 sum_sq + sum_v exp(2 (z_v - m'))                              (log sum p^2)
+    logit_sum' = logit_sum + sum_v z_v                                                (mean logit)
+    max_before' = max(max_before, max_{v < t} z_v)                                    (is_top1)
+
+The target is kept out of s so that miss = 1 - p_t comes out without cancellation. Splitting V
+keeps the GPU full when N is small; the per-split sums are merged by the caller in O(N * splits)
+(fastpref.backends.online_softmax). No logits leave the chip.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import merge_vocabulary_splits
-from .logits_tile import logits_tile
+from .logits_tile import logits_tile, transform_logits
+
+# The per-split sums this kernel writes, in its argument order: always the first three, the
+# others when their output is asked for.
+SPLIT_SUMS = ("row_max", "sum_excl", "target", "sum_all", "shifted", "sum_sq", "logit_sum", "max_before")
 
 
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
-    max_ptr, sum_excl_ptr, target_logit_ptr,
-    num_rows, vocab, width, vocab_per_split,
-    HAS_BIAS: tl.constexpr,
+    max_ptr, sum_excl_ptr, target_logit_ptr, sum_all_ptr, shifted_ptr, sum_sq_ptr, logit_sum_ptr,
+    max_before_ptr,
+    num_rows, vocab, width, vocab_per_split, pre, post,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
+    HAS_LOGIT_SUM: tl.constexpr, HAS_MAX_BEFORE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -39,28 +53,59 @@ def _forward_kernel(
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sum_excl = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    sum_all = tl.zeros((BLOCK_N,), tl.float32)
+    shifted = tl.zeros((BLOCK_N,), tl.float32)
+    sum_sq = tl.zeros((BLOCK_N,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    max_before = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_end
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+        z = transform_logits(z, pre, post, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         is_target = cols[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        if HAS_LOGIT_SUM:
+            logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        if HAS_MAX_BEFORE:
+            max_before = tl.maximum(max_before, tl.max(tl.where(cols[None, :] < targets[:, None], z, float("-inf")),
+                                                       axis=1))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
-        sum_excl = sum_excl * tl.exp(running_max - new_max) + tl.sum(others, axis=1)
+        # exactly 1 when the maximum stays, also at -inf (a tile of masked columns): no exp(nan)
+        alpha = tl.where(running_max == new_max, 1.0, tl.exp(running_max - new_max))
+        shifted_z = z - new_max[:, None]
+        exp_z = tl.exp(shifted_z)
+        sum_excl = sum_excl * alpha + tl.sum(tl.where(is_target, 0.0, exp_z), axis=1)
+        if HAS_ENTROPY:
+            shift = tl.where(sum_all > 0, (running_max - new_max) * sum_all, 0.0)
+            shifted = alpha * (shifted + shift) + tl.sum(tl.where(col_mask[None, :], exp_z * shifted_z, 0.0), axis=1)
+            sum_all = sum_all * alpha + tl.sum(exp_z, axis=1)
+        if HAS_SUM_SQ:
+            sum_sq = sum_sq * alpha * alpha + tl.sum(exp_z * exp_z, axis=1)
         running_max = new_max
 
     out = split.to(tl.int64) * num_rows + rows
     tl.store(max_ptr + out, running_max, mask=row_mask)
     tl.store(sum_excl_ptr + out, sum_excl, mask=row_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(sum_all_ptr + out, sum_all, mask=row_mask)
+        tl.store(shifted_ptr + out, shifted, mask=row_mask)
+    if HAS_SUM_SQ:
+        tl.store(sum_sq_ptr + out, sum_sq, mask=row_mask)
+    if HAS_LOGIT_SUM:
+        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+    if HAS_MAX_BEFORE:
+        tl.store(max_before_ptr + out, max_before, mask=row_mask)
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, block_h,
-                            num_splits, num_warps, num_stages, upcast, new_output):
-    """The ForwardResult (logp, lse, miss; each [M] float32) of compacted, contiguous inputs."""
+def linear_logprobs_forward(hidden, weight, bias, targets, *, pre, post, softcap, entropy, sum_sq, logit_sum,
+                            max_before, block_n, block_v, block_h, num_splits, num_warps, num_stages, upcast,
+                            new_output):
+    """{name: [splits, M] float32} of compacted, contiguous inputs, for the names of SPLIT_SUMS the
+    flags ask for (entropy: sum_all and shifted)."""
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     vocab_blocks = triton.cdiv(vocab, block_v)
@@ -68,15 +113,19 @@ def linear_logprobs_forward(hidden, weight, bias, targets, *, block_n, block_v, 
     vocab_per_split = triton.cdiv(vocab_blocks, num_splits) * block_v
     num_splits = triton.cdiv(vocab, vocab_per_split)
 
-    partial = [new_output((num_splits, num_rows), torch.float32, hidden.device) for _ in range(3)]
+    wanted = {"row_max": True, "sum_excl": True, "target": True, "sum_all": entropy, "shifted": entropy,
+              "sum_sq": sum_sq, "logit_sum": logit_sum, "max_before": max_before}
+    sums = {name: new_output((num_splits, num_rows), torch.float32, hidden.device)
+            for name in SPLIT_SUMS if wanted[name]}
     grid = (triton.cdiv(num_rows, block_n), num_splits)
     _forward_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets,
-        *partial,
-        num_rows, vocab, width, vocab_per_split,
-        HAS_BIAS=bias is not None,
+        *(sums.get(name, sums["row_max"]) for name in SPLIT_SUMS),
+        num_rows, vocab, width, vocab_per_split, pre, post,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap, HAS_ENTROPY=entropy, HAS_SUM_SQ=sum_sq,
+        HAS_LOGIT_SUM=logit_sum, HAS_MAX_BEFORE=max_before,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    return merge_vocabulary_splits(*partial)
+    return sums

@@ -1,8 +1,11 @@
-"""One [BLOCK_N x BLOCK_V] tile of logits z = h W^T (+ b), accumulated in float32."""
+"""One [BLOCK_N x BLOCK_V] tile of logits z = h W^T (+ b), accumulated in float32, and the logit
+transform (fastpref.logit_transform) with its slope."""
 import os
 
 import triton
 import triton.language as tl
+
+from .scalar_math import tanh
 
 # Triton's CPU interpreter multiplies bfloat16 bit patterns in tl.dot instead of their values:
 # when interpreting, operands are upcast to float32 before every dot.
@@ -33,3 +36,20 @@ def logits_tile(
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return z
+
+
+@triton.jit
+def transform_logits(x, pre, post, HAS_SOFTCAP: tl.constexpr):
+    """z = post tanh(pre x) under a soft cap, pre x without."""
+    if HAS_SOFTCAP:
+        return post * tanh(pre * x)
+    return pre * x
+
+
+@triton.jit
+def transform_slope(z, pre, post, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx at z: pre post (1 - tanh^2), tanh = z / post, under a soft cap; pre without."""
+    if HAS_SOFTCAP:
+        tanh_value = z / post
+        return pre * post * (1.0 - tanh_value * tanh_value)
+    return pre

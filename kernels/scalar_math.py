@@ -1,4 +1,4 @@
-"""Numerically careful scalar functions for the loss kernels, from exp and log alone.
+"""Numerically careful scalar functions for the kernels, from exp and log alone.
 
 Triton's core language has no log1p or expm1 (libdevice differs across versions and the CPU
 interpreter), so they are built with Kahan's tricks, exact to a few ulps.
@@ -19,6 +19,14 @@ def expm1(x):
     u = tl.exp(x)
     safe = tl.where((u == 1.0) | (u == 0.0), 2.0, u)
     return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (safe - 1.0) * x / tl.log(safe)))
+
+
+@triton.jit
+def tanh(x):
+    """tanh from expm1: accurate near 0 (no 1 - 1 cancellation) and exactly +-1 far out."""
+    e = expm1(2.0 * tl.minimum(tl.abs(x), 20.0))
+    t = e / (e + 2.0)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

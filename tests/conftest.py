@@ -21,6 +21,13 @@ def _poisoned_outputs():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_error_left_pending():
+    """A test that leaves a deferred input error behind fails (and does not hand it to the next)."""
+    yield
+    fastpref.raise_pending_errors()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

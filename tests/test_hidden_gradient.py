@@ -11,7 +11,8 @@ one sign over the slabs (2^-12.4 measured here; rounding to nearest keeps it nea
 import pytest
 import torch
 
-from fastpref.backends import low_part_dtype, triton_backend
+from fastpref.backends import triton_backend
+from fastpref.backends.gemm import low_part_dtype
 from fastpref.kernels.hidden_gradient import accumulate_hidden_gradient
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -215,7 +215,7 @@ def test_no_grad_skips_the_hidden_gradient_direction(monkeypatch):
     forward = torch_backend.BACKEND.forward
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["want_hidden_grad"])
+        seen.append(kwargs["fold_hidden_gradient"])
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(torch_backend.BACKEND, "forward", spy)
@@ -237,8 +237,8 @@ def test_torch_backend_gpu_layout_within_the_scratch_budget(monkeypatch, dtype, 
     budget = 6 * 1024
     layouts = []
 
-    def gpu_layout(num_rows, vocab, device, accumulator_width=0):
-        rows, columns = torch_backend.gpu_block_sizes(num_rows, vocab, accumulator_width)
+    def gpu_layout(num_rows, vocab, device, options, accumulator_width=0):
+        rows, columns = torch_backend.gpu_block_sizes(num_rows, vocab, options.scratch_bytes, accumulator_width)
         layouts.append((rows, columns, accumulator_width))
         return rows, columns
 

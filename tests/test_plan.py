@@ -2,7 +2,7 @@
 import pytest
 
 from fastpref import cli
-from fastpref.backends import DEFAULT_SCRATCH_BYTES
+from fastpref.backends.scratch import DEFAULT_SCRATCH_BYTES
 from fastpref.bench.plan import (DEVICE_KINDS, Shape, cuda_extra_bytes, cuda_slab_width, flop_floor, frozen_blocks,
                                  materialized_extra_bytes, operand_intensity, plan, slab_extra_bytes, slab_width)
 

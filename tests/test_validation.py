@@ -1,4 +1,9 @@
-"""Bad input gets a clear TypeError/ValueError naming the argument, before any kernel runs."""
+"""Bad input gets a clear TypeError/ValueError naming the argument.
+
+Shapes, dtypes and arguments are checked on the host before any kernel runs. Bad values (targets
+out of range, NaN or inf in the inputs) are found on the device: they raise at once with
+check=True, otherwise at fastpref.raise_pending_errors() or at the next call once their flags
+have reached the host, never with a silent wrong answer left standing."""
 import pytest
 import torch
 
@@ -27,19 +32,88 @@ def good(n=6, h=8, v=11, dtype=torch.float32):
         (lambda h, w, t: (h.int(), w.int(), t), TypeError, r"hidden must be float16, bfloat16"),
         (lambda h, w, t: (h, w, t.float()), TypeError, r"targets must be an integer tensor"),
         (lambda h, w, t: (h.numpy(), w, t), TypeError, r"hidden must be a torch.Tensor"),
-        (lambda h, w, t: (h, w, t.clone().fill_(11)), ValueError,
-         r"targets must lie in \[0, V = 11\) or equal ignore_index = -100; 6 do not, the first at position 0"),
-        (lambda h, w, t: (h, w, torch.tensor([0, 1, -100, -1, 2, 3])), ValueError,
-         r"1 do not, the first at position 3 \(value -1\)"),
     ],
     ids=["hidden-3d", "weight-1d", "width-mismatch", "targets-length", "targets-2d", "empty",
          "zero-width", "empty-vocab", "dtype-mismatch", "integer-hidden", "float-targets",
-         "numpy-hidden", "target-too-large", "negative-target"],
+         "numpy-hidden"],
 )
 def test_bad_inputs_raise_clear_errors(backend, mutate, error, message):
     hidden, weight, targets = mutate(*good())
     with pytest.raises(error, match=message):
         fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+
+
+def raises_now_or_later(mode, message, call):
+    """`call` raises ValueError(message) at once (check=True), at raise_pending_errors, or at the
+    next call of the op; until then its bad rows are 0, never NaN."""
+    if mode == "check":
+        with pytest.raises(ValueError, match=message):
+            call(check=True)
+        return
+    call()  # returns: nothing is read on the host during the call
+    with pytest.raises(ValueError, match=message):
+        if mode == "pending":
+            fastpref.raise_pending_errors()
+        else:
+            hidden, weight, targets = good()
+            fastpref.linear_logprobs(hidden, weight, targets)
+    fastpref.raise_pending_errors()  # consumed: nothing left over
+
+
+@pytest.mark.parametrize("mode", ["check", "pending", "next-call"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "targets, message",
+    [([11] * 6, r"targets must lie in \[0, V = 11\) or equal ignore_index = -100; 6 do not, the first at position 0"),
+     ([0, 1, -100, -1, 2, 3], r"1 do not, the first at position 3 \(value -1\)")],
+    ids=["target-too-large", "negative-target"])
+def test_bad_targets_raise_at_once_or_later(mode, backend, targets, message):
+    hidden, weight, _ = good()
+    targets = torch.tensor(targets)
+
+    def call(**check):
+        logp = fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check)
+        bad = (targets < 0) & (targets != -100) | (targets >= 11)
+        assert torch.equal(logp[bad], torch.zeros_like(logp[bad]))
+        return logp
+
+    raises_now_or_later(mode, message, call)
+
+
+@pytest.mark.parametrize("mode", ["check", "pending"])
+def test_wrong_num_kept_is_named(mode):
+    hidden, weight, targets = good()
+    targets[2] = -100
+    raises_now_or_later(mode, r"num_kept = 4, but 5 targets are not ignore_index = -100",
+                        lambda **check: fastpref.linear_logprobs(hidden, weight, targets, num_kept=4, **check))
+
+
+@pytest.mark.parametrize("value", [-1, 7, 2.0, True])
+def test_num_kept_outside_its_range(value):
+    hidden, weight, targets = good()
+    with pytest.raises(ValueError, match=r"num_kept must be None or an int in \[0, N = 6\]"):
+        fastpref.linear_logprobs(hidden, weight, targets, num_kept=value)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(softcap=0.0), ValueError, r"softcap must be > 0 \(or None for no soft cap\), got 0.0"),
+    (dict(softcap=-30.0), ValueError, r"softcap must be > 0"),
+    (dict(temperature=0.0), ValueError, r"temperature must be > 0, got 0.0"),
+    (dict(temperature=-1.0), ValueError, r"temperature must be > 0"),
+    (dict(temperature=float("nan")), ValueError, r"temperature must be finite"),
+    (dict(logit_scale=float("inf")), ValueError, r"logit_scale must be finite"),
+    (dict(logit_scale="2"), TypeError, r"logit_scale must be a real number, got str"),
+    (dict(softcap=True), TypeError, r"softcap must be a real number, got bool"),
+    (dict(outputs=("entropy", "logits")), ValueError, r"outputs names \['logits'\], which are not among"),
+    (dict(outputs="entropy"), TypeError, r"outputs must be a tuple of names"),
+    (dict(scratch_bytes=0), ValueError, r"scratch_bytes must be a positive int, got 0"),
+    (dict(check=1), TypeError, r"check must be True or False"),
+], ids=["softcap-zero", "softcap-negative", "temperature-zero", "temperature-negative", "temperature-nan",
+        "scale-inf", "scale-str", "softcap-bool", "unknown-output", "outputs-string", "scratch-zero", "check-int"])
+def test_bad_options_are_named(arguments, error, message):
+    hidden, weight, targets = good()
+    with pytest.raises(error, match=message):
+        fastpref.linear_logprobs(hidden, weight, targets, **arguments)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,21 +171,26 @@ def test_mixed_devices_on_meta():
         fastpref.linear_logprobs(hidden, weight.to("meta"), targets)
 
 
+@pytest.mark.parametrize("mode", ["check", "pending", "next-call"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_hidden_names_its_first_row(backend, bad):
+def test_non_finite_hidden_names_its_first_row(mode, backend, bad):
     hidden, weight, targets = good()
     targets[1] = -100  # an ignored row does not count, whatever it holds
     hidden[1, 0] = hidden[4, 3] = hidden[5, 0] = bad
-    with pytest.raises(ValueError, match=r"non-finite log-probability at row 4 \(2 rows in all\): "
-                                         r"hidden row 4 holds NaN or inf"):
-        fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+
+    def call(**check):
+        logp = fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check)
+        assert logp[1] == 0 and torch.isfinite(logp[[0, 2, 3]]).all()
+        return logp
+
+    raises_now_or_later(mode, r"non-finite log-probability at row 4 \(2 rows in all\): hidden row 4 holds NaN or inf",
+                        call)
     hidden, weight, targets = good()
     hidden[:, 0] = 1.0
     weight[targets[2], 0] = bad  # enters every row's log-sum-exp
-    with pytest.raises(ValueError, match=r"row 0 \(6 rows in all\): hidden row 0 is finite, so weight or bias "
-                                         r"holds NaN or inf"):
-        fastpref.linear_logprobs(hidden, weight, targets, backend=backend)
+    raises_now_or_later(mode, r"row 0 \(6 rows in all\): hidden row 0 is finite, so weight or bias holds NaN or inf",
+                        lambda **check: fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check))
 
 
 def test_non_finite_hidden_is_refused_by_the_preference_loss():
@@ -121,5 +200,6 @@ def test_non_finite_hidden_is_refused_by_the_preference_loss():
     row = int((targets != -100).nonzero()[3, 0])
     hidden = hidden.detach().clone()
     hidden[row] = float("nan")
+    fastpref.PreferenceLoss("sigmoid")(hidden, weight, targets, layout, reference)
     with pytest.raises(ValueError, match=rf"non-finite log-probability at row {row} .*hidden row {row} holds NaN"):
-        fastpref.PreferenceLoss("sigmoid")(hidden, weight, targets, layout, reference)
+        fastpref.raise_pending_errors()

@@ -41,9 +41,10 @@ import torch
 
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
-from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, low_part_dtype,
-               matmul_into, merge_vocabulary_splits, scratch_bytes, slab_columns)
+from . import Backend, ForwardResult, HeadOptions, PreferenceLossResult, fused_loss_result, torch_backend
+from .gemm import low_part_dtype, matmul_into
+from .online_softmax import merge_vocabulary_parts
+from .scratch import slab_columns
 
 try:
     from .. import _C
@@ -91,10 +92,10 @@ class _Slabs:
     """The vocabulary slabs of one pass and their float32 logits scratch (at least one row of H,
     so that the backward can reuse it for the hidden gradient's product chunks)."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, budget: int):
         self.hidden, self.weight = hidden, weight
         (self.num_rows, width), self.vocab = hidden.shape, weight.shape[0]
-        self.columns = slab_columns(self.num_rows, self.vocab, 4 + hidden.element_size(), scratch_bytes())
+        self.columns = slab_columns(self.num_rows, self.vocab, 4 + hidden.element_size(), budget)
         self.scratch = new_output((max(self.num_rows * self.columns, width),), torch.float32, hidden.device)
 
     def __iter__(self):
@@ -116,20 +117,20 @@ def _prepared(hidden, weight, bias, targets):
             _index(targets))
 
 
-def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
-    if want_hidden_grad and frozen_head(weight, bias):
-        return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
+    if fold_hidden_gradient:
+        return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows = hidden.shape[0]
     running_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
     sum_excl = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
-    slabs = _Slabs(hidden, weight)
+    slabs = _Slabs(hidden, weight, options.scratch_bytes)
     for start, stop, logits in slabs:
         _C.slab_softmax_update(row_max=running_max.data_ptr(), sum_excl=sum_excl.data_ptr(),
                                target_logit=target_logit.data_ptr(),
                                **_slab_arguments(slabs, bias, targets, start, stop, logits))
-    return merge_vocabulary_splits(running_max[None], sum_excl[None], target_logit[None])
+    return merge_vocabulary_parts(running_max[None], sum_excl[None], target_logit[None], vocab=weight.shape[0])
 
 
 class _HiddenGradient:
@@ -166,10 +167,10 @@ class _HiddenGradient:
                                       dtype=_dtype_code(self.hi.dtype), **_launch_on(self.hi))
 
 
-def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
-             need_hidden: bool, need_weight: bool, need_bias: bool):
+def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, grad_entropy,
+             options: HeadOptions, need_hidden: bool, need_weight: bool, need_bias: bool):
     if saved.hidden_grad_direction is not None:
-        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp,
+        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, options,
                                       need_hidden, need_weight, need_bias)
     need_bias = need_bias and bias is not None
     if not (need_hidden or need_weight or need_bias):
@@ -177,7 +178,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     lse, miss, grad = _float32(saved.lse), _float32(saved.miss), _float32(grad_logp)
-    slabs = _Slabs(hidden, weight)
+    slabs = _Slabs(hidden, weight, options.scratch_bytes)
     d_hidden = _HiddenGradient(hidden, slabs.scratch) if need_hidden else None
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
     d_bias = new_output((vocab,), torch.float32, weight.device) if need_bias else None

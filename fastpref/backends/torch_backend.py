@@ -1,32 +1,36 @@
 """Pure-PyTorch backend: blocked over rows *and* vocabulary, runs anywhere.
 
 It is the readable reference of the blocked algorithm, the CPU path, and the fallback on a GPU
-where a kernel cannot run. No tensor larger than one [row_block x vocab_block] block of logits
-ever exists, whatever N and V: 16 MiB of fp32 on a CPU; on a GPU everything a block allocates
-fits the scratch budget (fastpref.set_scratch_bytes), in blocks as large as that allows, so every
-matmul is one large cuBLAS GEMM.
+where a kernel cannot run (the GPU backends also run their frozen-head pass here). No tensor
+larger than a few [row_block x vocab_block] blocks of logits ever exists, whatever N and V: 16 MiB
+of float32 per block on a CPU; on a GPU everything a block allocates fits the scratch budget, in
+blocks as large as that allows, so every matmul is one large cuBLAS GEMM.
 
 Forward, for each block of rows, streaming over vocabulary blocks W_b with an online softmax
-(running max m, running sum s, rescaled by alpha = exp(m_old - m_new) when m grows):
+(running max m, rescaled by alpha = exp(m_old - m_new) when m grows; backends.online_softmax
+lists the sums and how they merge):
 
-    z      = h W_b^T + b_b                         (one block of logits)
+    z      = s(h W_b^T + b_b)                      (one block of logits, s the logit transform)
     s_excl = alpha s_excl + sum_{v != t} exp(z_v - m)
     z_t    = the target's logit, picked up in the block that holds it
-    and, when the hidden gradient will be needed (the one-pass formulation):
-    acc    = alpha acc   + sum_{v != t} exp(z_v - m) W_v
+    and the sums of the per-token outputs asked for; when the hidden gradient is folded in (a
+    frozen head: the one-pass formulation), with J_v = dz_v/dx_v the transform's slope,
+    acc    = alpha acc   + sum_{v != t} exp(z_v - m) J_v W_v
 
     s = s_excl + exp(z_t - m),  lse = m + log s,  miss = s_excl / s = 1 - p_t,
-    logp = log1p(-miss) or z_t - lse (see backends.target_logprob),
-    u   = miss W_t - acc / s  =  W_t - sum_v p_v W_v.
+    logp = log1p(-miss) or z_t - lse (see online_softmax.target_logprob),
+    u   = miss J_t W_t - acc / s  =  J_t W_t - sum_v p_v J_v W_v.
 
 Keeping the target out of the sums avoids the cancellation of 1 - p_t and of W_t - p_t W_t when
 the model is confident (p_t -> 1). u is saved in the inputs' dtype (a bf16 [N, H], not float32:
 it is rounded once, as the gradient will be), and the hidden gradient of the backward is a scale,
 d_hidden_n = g_n u_n: a frozen head costs 4NHV FLOPs in all.
 
-Backward for a trainable head: one more pass recomputing z from the saved lse,
+Backward otherwise: one more pass recomputing z from the saved lse, with g = dL/dlogp and
+g_H = dL/dentropy,
 
-    dz = -g exp(z - lse) off the target, g miss on it,   dW_b += dz^T h,   db_b += sum_n dz,
+    dz = -p (g + g_H (log p + H)) off the target,  g miss - g_H p_t (log p_t + H) on it,
+    dx = J dz,   dW_b += dx^T h,   db_b += sum_n dx,   dh += dx W_b (when not folded),
 
 accumulated in float32 (float64 for float64 inputs).
 """
@@ -37,7 +41,10 @@ from typing import Optional, Tuple
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, matmul_float32, scratch_bytes, slab_columns, target_logprob
+from . import Backend, ForwardResult, HeadOptions
+from .gemm import matmul_float32
+from .online_softmax import merge_vocabulary_parts, rescale_weights, shift_term
+from .scratch import slab_columns
 from .torch_preference_loss import preference_loss
 
 # On a CPU a block of logits holds at most this many elements (cache-sized matmuls run at the
@@ -46,30 +53,35 @@ BLOCK_ELEMENTS = 1 << 22
 MAX_ROW_BLOCK = 2048
 
 
-def _block_sizes(num_rows: int, vocab: int, device: torch.device, accumulator_width: int = 0) -> Tuple[int, int]:
+def block_bytes_per_logit(options: HeadOptions) -> int:
+    """Bytes a GPU block allocates per logit: the float32 logits and their half-precision copy,
+    plus, with per-token outputs, the exponentials beside the logits and one float32 temporary."""
+    return 4 + 2 + (8 if options.outputs else 0)
+
+
+def _block_sizes(num_rows: int, vocab: int, device: torch.device, options: HeadOptions,
+                 accumulator_width: int = 0) -> Tuple[int, int]:
     """(rows, columns) of a logits block; accumulator_width: H when each row also carries float32
     [rows, H] accumulators (the forward's u). On a GPU everything a block allocates fits the
-    scratch budget (fastpref.set_scratch_bytes): with accumulators, half of it goes to them (room for
-    four float32 [rows, H]: u, its matmul's product, and W_t gathered and upcast) and half to a vocabulary
-    slab of logits (float32, and its half-precision copy for the matmul); without, all rows
-    and a slab as wide as the budget allows, so that each matmul is one large cuBLAS GEMM. On a
-    CPU, cache-sized blocks."""
+    scratch budget (see gpu_block_sizes); on a CPU, cache-sized blocks."""
     if device.type == "cuda":
-        return gpu_block_sizes(num_rows, vocab, accumulator_width)
+        return gpu_block_sizes(num_rows, vocab, options.scratch_bytes, accumulator_width,
+                               block_bytes_per_logit(options))
     row_block = max(1, min(num_rows, MAX_ROW_BLOCK))
     vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // row_block))
     return row_block, vocab_block
 
 
-def gpu_block_sizes(num_rows: int, vocab: int, accumulator_width: int = 0,
-                    budget: Optional[int] = None) -> Tuple[int, int]:
-    """_block_sizes on a GPU: the largest blocks whose allocations fit `budget` bytes
-    (scratch_bytes() unless given)."""
-    budget = scratch_bytes() if budget is None else budget
+def gpu_block_sizes(num_rows: int, vocab: int, budget: int, accumulator_width: int = 0,
+                    bytes_per_logit: int = 6) -> Tuple[int, int]:
+    """_block_sizes on a GPU, the largest blocks whose allocations fit `budget` bytes. With
+    accumulators, half of it goes to them (room for four float32 [rows, H]: u, its matmul's
+    product, and W_t gathered and upcast) and half to a vocabulary slab of logits; without, all
+    rows and a slab as wide as the budget allows, so that each matmul is one large cuBLAS GEMM."""
     if not accumulator_width:
-        return max(1, num_rows), slab_columns(num_rows, vocab, 4, budget)
+        return max(1, num_rows), slab_columns(num_rows, vocab, bytes_per_logit, budget)
     rows = max(1, min(num_rows, budget // 2 // (4 * 4 * accumulator_width)))
-    return rows, slab_columns(rows, vocab, 4 + 2, budget // 2)
+    return rows, slab_columns(rows, vocab, bytes_per_logit, budget // 2)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -90,11 +102,12 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return a @ b if out_dtype == torch.float64 else matmul_float32(a, b)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
+def _logits(h, w, b, options: HeadOptions, out_dtype) -> torch.Tensor:
+    """One block of transformed logits z = s(h w^T + b)."""
     z = _matmul(h, w.t(), out_dtype)
     if b is not None:
         z += b.to(out_dtype)
-    return z
+    return options.transform.apply_(z)
 
 
 def _target_columns(targets: torch.Tensor, v0: int, v1: int):
@@ -111,79 +124,147 @@ def _set_target_entries(block: torch.Tensor, hit: torch.Tensor, column: torch.Te
     block.scatter_(1, column, torch.where(hit, values, kept)[:, None])
 
 
-def forward(hidden, weight, bias, targets, want_hidden_grad: bool) -> ForwardResult:
+def _target_entries(block: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    return block.gather(1, column).squeeze(1)
+
+
+class _RowStatistics:
+    """The online-softmax sums of one block of rows, updated one vocabulary block at a time."""
+
+    def __init__(self, rows: int, options: HeadOptions, dtype, device):
+        def zeros():
+            return torch.zeros(rows, dtype=dtype, device=device)
+
+        def minus_infinity():
+            return torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+
+        outputs = options.outputs
+        self.row_max, self.sum_excl, self.target = minus_infinity(), zeros(), zeros()
+        self.shifted = zeros() if "entropy" in outputs else None
+        self.sum_sq = zeros() if "log_sum_sq_probs" in outputs else None
+        self.logit_sum = zeros() if "mean_logits" in outputs else None
+        self.max_before = minus_infinity() if "is_top1" in outputs else None
+
+    def update(self, z: torch.Tensor, targets: torch.Tensor, v0: int, v1: int) -> Tuple[torch.Tensor, ...]:
+        """Fold in the block z of columns [v0, v1) (consumed: it becomes exp(z - m) with the target
+        entries zeroed). Returns (that block, alpha) for accumulators rescaled alongside."""
+        hit, column = _target_columns(targets, v0, v1)
+        self.target = torch.where(hit, _target_entries(z, column), self.target)
+        if self.logit_sum is not None:
+            self.logit_sum += z.sum(dim=1)
+        if self.max_before is not None:
+            before = torch.arange(v0, v1, device=z.device)[None, :] < targets[:, None]
+            self.max_before = torch.maximum(self.max_before, z.masked_fill(~before, float("-inf")).amax(dim=1))
+        new_max = torch.maximum(self.row_max, z.amax(dim=1))
+        alpha = rescale_weights(self.row_max, new_max)
+        shifted_z = z.sub_(new_max[:, None])
+        if self.shifted is not None:
+            # every column so far: the target's term joins once its block has passed
+            sum_all = self.sum_excl + torch.where(targets < v0, torch.exp(self.target - self.row_max), 0.0)
+            exp_z = shifted_z.exp()
+            self.shifted = alpha * (self.shifted + shift_term(self.row_max, new_max, sum_all)) \
+                + torch.linalg.vecdot(exp_z, shifted_z)
+        else:
+            exp_z = shifted_z.exp_()
+        if self.sum_sq is not None:
+            self.sum_sq = alpha * alpha * self.sum_sq + torch.linalg.vecdot(exp_z, exp_z)
+        _set_target_entries(exp_z, hit, column, 0.0)
+        self.sum_excl = alpha * self.sum_excl + exp_z.sum(dim=1)
+        self.row_max = new_max
+        return exp_z, alpha
+
+    def result(self, vocab: int) -> ForwardResult:
+        def part(value):
+            return None if value is None else value[None]
+
+        return merge_vocabulary_parts(part(self.row_max), part(self.sum_excl), part(self.target), vocab=vocab,
+                                      shifted=part(self.shifted), sum_sq=part(self.sum_sq),
+                                      logit_sum=part(self.logit_sum), max_before=part(self.max_before))
+
+
+_OUTPUT_FIELDS = ("logp", "lse", "miss", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
-    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, width if want_hidden_grad else 0)
+    transform = options.transform
+    softcapped = transform.softcap is not None
+    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, options,
+                                          width if fold_hidden_gradient else 0)
 
-    logp = new_output((num_rows,), adt, hidden.device)
-    lse = new_output((num_rows,), adt, hidden.device)
-    miss = new_output((num_rows,), adt, hidden.device)
+    result = ForwardResult(*(new_output((num_rows,), adt, hidden.device) for _ in range(3)))
+    for name in options.outputs:
+        dtype = torch.bool if name == "is_top1" else adt
+        setattr(result, name, new_output((num_rows,), dtype, hidden.device))
     # kept in the inputs' dtype: u is the hidden gradient's direction, rounded once like the gradient
-    direction = new_output((num_rows, width), hidden.dtype, hidden.device) if want_hidden_grad else None
+    if fold_hidden_gradient:
+        result.hidden_grad_direction = new_output((num_rows, width), hidden.dtype, hidden.device)
 
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
         h = hidden[r0:r1].to(cdt)
         t = targets[r0:r1]
-        rows = r1 - r0
-        running_max = torch.full((rows,), float("-inf"), dtype=adt, device=hidden.device)
-        sum_excl = torch.zeros(rows, dtype=adt, device=hidden.device)
-        target_logit = torch.zeros(rows, dtype=adt, device=hidden.device)
-        if want_hidden_grad:
-            acc = torch.zeros(rows, width, dtype=adt, device=hidden.device)
+        statistics = _RowStatistics(r1 - r0, options, adt, hidden.device)
+        if fold_hidden_gradient:
+            acc = torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
 
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
-            hit, column = _target_columns(t, v0, v1)
-            target_logit = torch.where(hit, z.gather(1, column).squeeze(1), target_logit)
-
-            new_max = torch.maximum(running_max, z.amax(dim=1))
-            alpha = torch.exp(running_max - new_max)
-            running_max = new_max
-            exp_z = z.sub_(new_max[:, None]).exp_()
-            _set_target_entries(exp_z, hit, column, 0.0)
-            sum_excl.mul_(alpha).add_(exp_z.sum(dim=1))
-            if want_hidden_grad:
+            z = _logits(h, w, None if bias is None else bias[v0:v1], options, adt)
+            slope = transform.derivative(z) if fold_hidden_gradient and softcapped else None
+            exp_z, alpha = statistics.update(z, t, v0, v1)
+            if fold_hidden_gradient:
+                if slope is not None:
+                    exp_z = exp_z.mul_(slope)
                 acc.mul_(alpha[:, None]).add_(_matmul(exp_z.to(cdt), w, adt))
 
-        row_sum = sum_excl + torch.exp(target_logit - running_max)
-        row_lse = running_max + row_sum.log()
-        row_miss = sum_excl / row_sum
-        lse[r0:r1] = row_lse
-        miss[r0:r1] = row_miss
-        logp[r0:r1] = target_logprob(target_logit, row_lse, row_miss)
-        if want_hidden_grad:
+        rows = statistics.result(vocab)
+        for name in _OUTPUT_FIELDS:
+            value = getattr(rows, name)
+            if value is not None:
+                getattr(result, name)[r0:r1] = value
+        if fold_hidden_gradient:
+            row_sum = statistics.sum_excl + torch.exp(statistics.target - statistics.row_max)
             w_t = weight[t].to(adt)
-            direction[r0:r1] = acc.div_(row_sum[:, None]).neg_().addcmul_(row_miss[:, None], w_t)
+            if softcapped:  # J_t W_t; the J_v of the other columns are in acc already
+                w_t.mul_(transform.derivative(statistics.target)[:, None])
+            direction = acc.div_(row_sum[:, None]).neg_().addcmul_(rows.miss[:, None], w_t)
+            if not softcapped and transform.slope != 1.0:
+                direction.mul_(transform.slope)
+            result.hidden_grad_direction[r0:r1] = direction
 
-    return ForwardResult(logp=logp, lse=lse, miss=miss, hidden_grad_direction=direction)
+    return result
 
 
-def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
-             need_hidden: bool, need_weight: bool, need_bias: bool):
+def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, grad_entropy,
+             options: HeadOptions, need_hidden: bool, need_weight: bool, need_bias: bool):
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
     g = grad_logp.to(adt)
+    g_entropy = None if grad_entropy is None else grad_entropy.to(adt)
+    folded = saved.hidden_grad_direction is not None
 
     d_hidden = None
     if need_hidden:
-        # row blocks: the float32 product g u never exists for all rows at once
         d_hidden = new_output((num_rows, width), hidden.dtype, hidden.device)
-        row_block = _block_sizes(num_rows, vocab, hidden.device, width)[0]
+    if need_hidden and folded:
+        # row blocks: the float32 product g u never exists for all rows at once
+        row_block = _block_sizes(num_rows, vocab, hidden.device, options, width)[0]
         for r0 in range(0, num_rows, row_block):
             r1 = min(r0 + row_block, num_rows)
             d_hidden[r0:r1] = g[r0:r1, None] * saved.hidden_grad_direction[r0:r1]
-    if not (need_weight or need_bias):
+    recompute_hidden = need_hidden and not folded
+    if not (need_weight or need_bias or recompute_hidden):
         return d_hidden, None, None
 
     d_weight = torch.zeros(vocab, width, dtype=adt, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=adt, device=hidden.device) if need_bias else None
-    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device)
+    row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, options,
+                                          width if recompute_hidden else 0)
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
         h = hidden[r0:r1].to(cdt)
@@ -191,24 +272,50 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
         g_rows = g[r0:r1]
         lse_rows = saved.lse[r0:r1].to(adt)
         miss_rows = saved.miss[r0:r1].to(adt)
+        if recompute_hidden:
+            d_hidden_rows = torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            z = _logits(h, w, None if bias is None else bias[v0:v1], adt)
-            # dz = g * (onehot - p), built in place over the logits block
-            dz = z.sub_(lse_rows[:, None]).exp_().mul_(-g_rows[:, None])
-            hit, column = _target_columns(t, v0, v1)
-            _set_target_entries(dz, hit, column, g_rows * miss_rows)
+            z = _logits(h, w, None if bias is None else bias[v0:v1], options, adt)
+            slope = options.transform.derivative(z)
+            dz = _logit_gradient(z, t, v0, v1, lse_rows, miss_rows, g_rows,
+                                 None if g_entropy is None else g_entropy[r0:r1],
+                                 None if g_entropy is None else saved.entropy[r0:r1].to(adt))
+            if isinstance(slope, torch.Tensor) or slope != 1.0:
+                dz.mul_(slope)
+            dz_c = dz.to(cdt)
             if need_weight:
-                d_weight[v0:v1] += _matmul(dz.to(cdt).t(), h, adt)
+                d_weight[v0:v1] += _matmul(dz_c.t(), h, adt)
             if need_bias:
                 d_bias[v0:v1] += dz.sum(dim=0)
+            if recompute_hidden:
+                d_hidden_rows += _matmul(dz_c, w, adt)
+        if recompute_hidden:
+            d_hidden[r0:r1] = d_hidden_rows
 
     return (
         d_hidden,
         None if d_weight is None else d_weight.to(weight.dtype),
         None if d_bias is None else d_bias.to(bias.dtype),
     )
+
+
+def _logit_gradient(z, targets, v0, v1, lse, miss, g, g_entropy, entropy) -> torch.Tensor:
+    """dL/dz of one block, built over z in place:
+    -p (g + g_H (log p + H)) off the target, g miss - g_H p_t (log p_t + H) on it."""
+    hit, column = _target_columns(targets, v0, v1)
+    log_p = z.sub_(lse[:, None])
+    if g_entropy is None:
+        dz = log_p.exp_().mul_(-g[:, None])
+        _set_target_entries(dz, hit, column, g * miss)
+        return dz
+    log_p_target = _target_entries(log_p, column)
+    coefficient = (log_p + entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None])
+    dz = log_p.exp_().mul_(coefficient).neg_()
+    at_target = g * miss - g_entropy * torch.exp(log_p_target) * (log_p_target + entropy)
+    _set_target_entries(dz, hit, column, at_target)
+    return dz
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:

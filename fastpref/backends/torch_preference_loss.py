@@ -5,18 +5,12 @@ gradient with respect to the sequence log-probs taken by autograd, then handed b
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..loss_spec import PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
+from ..numerics import log1m_exp
 from . import PreferenceLossResult
-
-
-def log1m_exp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _smoothed_logistic(x: torch.Tensor, smoothing: float) -> torch.Tensor:

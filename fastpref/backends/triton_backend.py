@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from . import torch_backend
-from . import (Backend, ForwardResult, PreferenceLossResult, frozen_head, fused_loss_result, low_part_dtype,
-               matmul_into, scratch_bytes, slab_columns)
+from . import Backend, ForwardResult, HeadOptions, PreferenceLossResult, fused_loss_result, torch_backend
+from .gemm import low_part_dtype, matmul_into
+from .online_softmax import merge_vocabulary_parts
+from .scratch import slab_columns
 
 try:
     import triton  # noqa: F401
@@ -74,28 +75,33 @@ def config_for(hidden: torch.Tensor) -> KernelConfig:
                          torch.cuda.get_device_properties(hidden.device).multi_processor_count)
 
 
-def forward(hidden, weight, bias, targets, want_hidden_grad: bool,
+def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool,
             config: Optional[KernelConfig] = None) -> ForwardResult:
-    """The fused GEMM + online log-sum-exp kernel; for a frozen head whose hidden gradient is
-    wanted, the slab pass that also accumulates u = W_t - sum_v p_v W_v (matmuls through cuBLAS),
-    after which the backward is a scale: 4NHV in all instead of 6NHV."""
+    """The fused GEMM + online-softmax kernel; a frozen head whose hidden gradient is folded in
+    takes the torch backend's slab pass that also accumulates u = J_t W_t - sum_v p_v J_v W_v
+    (matmuls through cuBLAS), after which the backward is a scale: 4NHV in all instead of 6NHV."""
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
 
-    if want_hidden_grad and frozen_head(weight, bias):
-        return torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    if fold_hidden_gradient:
+        return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     cfg = config or config_for(hidden)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
-    return linear_logprobs_forward(
-        hidden, weight, bias, targets,
+    transform, outputs = options.transform, options.outputs
+    sums = linear_logprobs_forward(
+        hidden, weight, bias, targets, pre=transform.pre, post=transform.post,
+        softcap=transform.softcap is not None, entropy="entropy" in outputs,
+        sum_sq="log_sum_sq_probs" in outputs, logit_sum="mean_logits" in outputs, max_before="is_top1" in outputs,
         block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h,
         num_splits=max(1, cfg.programs_wanted // row_blocks),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         upcast=INTERPRETING, new_output=new_output,
     )
+    return merge_vocabulary_parts(sums.pop("row_max"), sums.pop("sum_excl"), sums.pop("target"),
+                                  vocab=weight.shape[0], **sums)
 
 
-def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
-             need_hidden: bool, need_weight: bool, need_bias: bool,
+def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, grad_entropy,
+             options: HeadOptions, need_hidden: bool, need_weight: bool, need_bias: bool,
              config: Optional[KernelConfig] = None):
     """Per vocabulary slab: the fused logit-gradient kernel into a scratch, then d_weight as a
     cuBLAS GEMM (written once per slab) and d_hidden += dz W_s as a Triton GEMM whose epilogue
@@ -106,14 +112,17 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
     from ..kernels.linear_logprobs_backward import logit_gradient
 
     if saved.hidden_grad_direction is not None:
-        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp,
+        return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, options,
                                       need_hidden, need_weight, need_bias)
     cfg = config or config_for(hidden)
+    transform = options.transform
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
-    columns = slab_columns(num_rows, vocab, hidden.element_size(), scratch_bytes(), cfg.block_v)
+    columns = slab_columns(num_rows, vocab, hidden.element_size(), options.scratch_bytes, cfg.block_v)
     scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
     grad = grad_logp.float().contiguous()
+    entropy = None if grad_entropy is None else saved.entropy.float().contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     d_hidden = d_hidden_low = None
     if need_hidden:
         d_hidden = torch.zeros((num_rows, width), dtype=hidden.dtype, device=hidden.device)
@@ -129,6 +138,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp,
         dz = scratch[:, :stop - start]
         partial = None if bias_grad_partial is None else bias_grad_partial[:, :stop - start]
         logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
+                       entropy, grad_entropy, pre=transform.pre, post=transform.post,
+                       softcap=transform.softcap is not None,
                        block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
         if need_weight:

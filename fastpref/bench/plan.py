@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..backends import DEFAULT_SCRATCH_BYTES, slab_columns
+from ..backends.scratch import DEFAULT_SCRATCH_BYTES, slab_columns
 from ..backends.torch_backend import gpu_block_sizes
 from .report import markdown_table
 
@@ -120,7 +120,7 @@ def slab_width(shape: Shape, scratch_bytes: int) -> int:
 
 def frozen_blocks(shape: Shape, scratch_bytes: int) -> Tuple[int, int]:
     """(R, S): the frozen-head pass's rows and columns per block (the torch backend's GPU layout)."""
-    return gpu_block_sizes(shape.n, shape.vocab, shape.hidden, scratch_bytes)
+    return gpu_block_sizes(shape.n, shape.vocab, scratch_bytes, shape.hidden)
 
 
 def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) -> List[Launch]:
