@@ -92,3 +92,33 @@ def reference_kto_loss(seq, lengths, desirable, ref, *, beta, kl=0.0, desirable_
         else:
             total = total + undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
     return total / len(seq)
+
+
+def reference_head_outputs(hidden, weight, targets, bias=None, ignore_index=-100, *, logit_scale=1.0,
+                           softcap=None, temperature=1.0):
+    """Every per-token output of the op in float64 on the CPU from the full transformed logits,
+    0 (False) at ignored positions: {log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1,
+    top_gap} (top_gap: the margin between the two largest logits, where is_top1 is decided)."""
+    h, w = hidden.double().cpu(), weight.double().cpu()
+    logits = h @ w.t()
+    if bias is not None:
+        logits = logits + bias.double().cpu()
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
+    t = targets.cpu().long()
+    kept = t != ignore_index
+    safe = t.clamp(0, w.shape[0] - 1)[:, None]
+    log_p = torch.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    top2 = logits.topk(min(2, logits.shape[1]), dim=-1).values
+    outputs = {
+        "log_probs": log_p.gather(1, safe)[:, 0],
+        "entropy": -(p * log_p).sum(dim=-1),
+        "log_sum_sq_probs": torch.log((p * p).sum(dim=-1)),
+        "mean_logits": logits.mean(dim=-1),
+        "is_top1": logits.argmax(dim=-1) == t,
+        "top_gap": top2[:, 0] - top2[:, -1],
+    }
+    return {name: torch.where(kept, value, torch.zeros_like(value)) for name, value in outputs.items()}
