@@ -79,7 +79,7 @@ def _forward_kernel(
         exp_z = tl.exp(shifted_z)
         sum_excl = sum_excl * alpha + tl.sum(tl.where(is_target, 0.0, exp_z), axis=1)
         if HAS_ENTROPY:
-            shift = tl.where(sum_all > 0, (running_max - new_max) * sum_all, 0.0)
+            shift = (tl.where(sum_all > 0, running_max, new_max) - new_max) * sum_all  # 0 before any column
             shifted = alpha * (shifted + shift) + tl.sum(exp_z * tl.where(col_mask[None, :], shifted_z, 0.0), axis=1)
             sum_all = sum_all * alpha + tl.sum(exp_z, axis=1)
         if HAS_SUM_SQ:
