@@ -78,3 +78,16 @@ def raise_pending_errors() -> None:
         if pending.landed is not None:
             pending.landed.synchronize()
     _raise(ready)
+
+
+def report_any(bad: torch.Tensor, describe: Callable[[int, int], str], check: bool = False) -> None:
+    """Raise, at once with `check` or later, when any entry of the bool tensor `bad` is set:
+    ValueError(describe(how many, the first one's flat index))."""
+    bad = bad.reshape(-1)
+    flags = torch.stack([bad.sum(), bad.to(torch.uint8).argmax()])
+
+    def message(values: List[int]) -> Optional[str]:
+        count, first = values
+        return describe(count, first) if count else None
+
+    (check_now if check else defer)(flags, message)

@@ -16,6 +16,7 @@ rejected rows in the same order, -100 outside the responses) convert it with :fu
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,7 +38,10 @@ class PackedLayout:
     """Where each sequence lies in the packed stream, which tokens count, and how they pair up.
 
     Build it with :meth:`paired` or :meth:`unpaired`, which validate everything once (with one
-    host synchronisation): afterwards the loss can trust the layout.
+    host synchronisation: build it on the CPU, where that costs nothing, and move it with
+    :meth:`to`): afterwards the loss can trust the layout. ``num_response_tokens`` (the number of
+    True entries of response_mask) is then known on the host, so the loss computes exactly those
+    rows without reading anything back from the device.
     """
 
     cu_seqlens: torch.Tensor
@@ -47,6 +51,7 @@ class PackedLayout:
     desirable: Optional[torch.Tensor] = None
     lengths: torch.Tensor = field(init=False)
     sequence_ids: torch.Tensor = field(init=False)
+    num_response_tokens: int = field(init=False)
 
     def __post_init__(self):
         cu = _as_index("cu_seqlens", self.cu_seqlens)
@@ -59,7 +64,8 @@ class PackedLayout:
         self.cu_seqlens = cu
         num_tokens, num_seqs = mask.shape[0], cu.numel() - 1
         seq_lens = cu[1:] - cu[:-1]
-        first, last, non_increasing = torch.stack([cu[0], cu[-1], (seq_lens <= 0).sum()]).tolist()
+        first, last, non_increasing, self.num_response_tokens = torch.stack(
+            [cu[0], cu[-1], (seq_lens <= 0).sum(), mask.sum()]).tolist()
         if first != 0 or last != num_tokens:
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at the number of tokens {num_tokens}, "
@@ -112,6 +118,16 @@ class PackedLayout:
             raise ValueError(
                 f"sequence {int(empty[0])} has no response tokens: its log-probability is empty "
                 "(drop the pair, or widen the response mask)")
+
+    def to(self, device, non_blocking: bool = False) -> "PackedLayout":
+        """The same layout on `device`, without validating it again (no synchronisation)."""
+        moved = copy.copy(self)
+        for name in ("cu_seqlens", "response_mask", "chosen_index", "rejected_index", "desirable", "lengths",
+                     "sequence_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(moved, name, value.to(device, non_blocking=non_blocking))
+        return moved
 
     @classmethod
     def paired(cls, cu_seqlens, response_mask, chosen_index, rejected_index) -> "PackedLayout":

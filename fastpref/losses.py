@@ -11,16 +11,19 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import backends as _backends
+from . import deferred_errors
 from .layout import PackedLayout
 from .linear_logprobs import check_linear_inputs, linear_logprobs
-from .loss_spec import NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
+from .logit_transform import LogitTransform
+from .loss_spec import LOSS_TYPES, NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
 from .numerics import log1m_exp
 
 
@@ -36,18 +39,84 @@ class ReferenceHead:
 Reference = Union[None, torch.Tensor, ReferenceHead]
 
 
-class _FusedPreferenceLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, token_logp, layout, reference_logps, spec, kl, backend):
-        result = backend.preference_loss(token_logp.contiguous(), layout, reference_logps, spec, kl)
-        ctx.save_for_backward(result.token_grad)
-        ctx.mark_non_differentiable(result.parts, result.sequence_logps)
-        return result.loss, result.parts, result.sequence_logps
+@dataclass
+class _LayoutTensors:
+    """A validated PackedLayout's tensors, as the backends' preference losses read them."""
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_parts, _grad_sequence_logps):
-        (token_grad,) = ctx.saved_tensors
-        return grad_loss * token_grad, None, None, None, None, None
+    cu_seqlens: torch.Tensor
+    lengths: torch.Tensor
+    sequence_ids: torch.Tensor
+    chosen_index: Optional[torch.Tensor]
+    rejected_index: Optional[torch.Tensor]
+    desirable: Optional[torch.Tensor]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sequence_ids.shape[0]
+
+    @property
+    def is_paired(self) -> bool:
+        return self.chosen_index is not None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.chosen_index.shape[0] if self.is_paired else 0
+
+
+@torch.library.custom_op("fastpref::preference_loss", mutates_args=())
+def _preference_loss_op(
+    token_logp: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, sequence_ids: torch.Tensor,
+    chosen_index: Optional[torch.Tensor], rejected_index: Optional[torch.Tensor], desirable: Optional[torch.Tensor],
+    reference_logps: Optional[torch.Tensor], kl: Optional[torch.Tensor], backend: str, loss_types: List[int],
+    loss_weights: List[float], beta: float, label_smoothing: float, simpo_gamma: float,
+    average_logps: Optional[bool], desirable_weight: float, undesirable_weight: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [], parts [T, P], sequence_logps [S], token_grad [N]) of the backend's fused loss."""
+    spec = LossSpec.build(tuple(LOSS_TYPES[i] for i in loss_types), loss_weights=loss_weights, beta=beta,
+                          label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, average_logps=average_logps,
+                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    layout = _LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
+    impl = _backends.resolve(backend, token_logp.device)
+    result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
+    return result.loss, result.parts, result.sequence_logps, result.token_grad
+
+
+@_preference_loss_op.register_fake
+def _preference_loss_fake(token_logp, cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable,
+                          reference_logps, kl, backend, loss_types, loss_weights, *_scalars):
+    num_sequences = lengths.shape[0]
+    if chosen_index is not None:
+        parts_shape = (len(PAIRED_LOSS_TYPES), chosen_index.shape[0])
+    else:
+        parts_shape = (1, num_sequences)
+    return (token_logp.new_empty(()), token_logp.new_empty(parts_shape), token_logp.new_empty(num_sequences),
+            token_logp.new_empty(token_logp.shape[0]))
+
+
+def _preference_loss_setup(ctx, inputs, output):
+    _loss, parts, sequence_logps, token_grad = output
+    ctx.save_for_backward(token_grad)
+    ctx.mark_non_differentiable(parts, sequence_logps, token_grad)
+
+
+def _preference_loss_backward(ctx, grad_loss, *_non_differentiable):
+    (token_grad,) = ctx.saved_tensors
+    return (grad_loss * token_grad,) + (None,) * 17
+
+
+_preference_loss_op.register_autograd(_preference_loss_backward, setup_context=_preference_loss_setup)
+
+
+def _fused_preference_loss(token_logp, layout: PackedLayout, reference_logps, spec: LossSpec, kl, backend: str):
+    return torch.ops.fastpref.preference_loss(
+        token_logp.contiguous(), layout.cu_seqlens, layout.lengths, layout.sequence_ids, layout.chosen_index,
+        layout.rejected_index, layout.desirable, reference_logps, kl, backend,
+        [LOSS_TYPES.index(name) for name in spec.loss_types], list(spec.loss_weights), spec.beta,
+        spec.label_smoothing, spec.simpo_gamma, spec.average_logps, spec.desirable_weight, spec.undesirable_weight)
 
 
 def sequence_logps(token_logp: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -71,21 +140,31 @@ class PreferenceLoss(torch.nn.Module):
             (orpo and sft have theirs fixed).
         desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
         ignore_index: the target id marking positions outside the responses.
-        backend: "auto", "triton" or "torch" (see fastpref.available_backends); it runs both
-            the linear log-prob op and the fused pair loss.
+        logit_scale, softcap, temperature: the LM head's logit transform (see
+            fastpref.linear_logprobs; :func:`fastpref.causal_lm.logit_transform` reads it off a
+            Hugging Face config). The reference head of a ReferenceHead shares it.
+        backend: "auto", "triton", "cuda" or "torch" (see fastpref.available_backends); it runs
+            both the linear log-prob op and the fused pair loss.
+        scratch_bytes: the op's scratch budget (None: fastpref.set_scratch_bytes's default).
+        check: raise bad values (targets, reference log-probs, NaN) at once, with a synchronisation;
+            by default they are flagged on the device and raised later (fastpref.raise_pending_errors).
 
     Call with (hidden [N, H], weight [V, H], targets [N], layout, reference=None, *, bias=None,
     kto_kl=None) -> (loss, metrics). `reference` is the reference model's summed response
     log-prob per sequence ([S] tensor, the cheap precomputed path) or a :class:`ReferenceHead`
     to compute them with the same fused op under no_grad; reference-free losses (simpo, orpo,
-    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys.
+    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys. The call reads no
+    tensor value on the host: it can run inside ``torch.compile(fullgraph=True)`` and between a
+    forward and a backward without stalling a GPU.
     """
 
     def __init__(self, loss_type: Union[str, Sequence[str]] = "sigmoid", *, beta: float = 0.1,
                  loss_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, average_logps: Optional[bool] = None,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 ignore_index: int = -100, backend: str = "auto"):
+                 ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                 temperature: float = 1.0, backend: str = "auto", scratch_bytes: Optional[int] = None,
+                 check: bool = False):
         super().__init__()
         self.spec = LossSpec.build(
             loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -93,11 +172,23 @@ class PreferenceLoss(torch.nn.Module):
             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if not isinstance(check, bool):
+            raise TypeError(f"check must be True or False, got {check!r}")
         self.ignore_index = ignore_index
+        self.transform = LogitTransform.build(logit_scale, softcap, temperature)
         self.backend = backend
+        self.scratch_bytes = scratch_bytes
+        self.check = check
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec}, backend={self.backend!r}"
+        return f"spec={self.spec}, transform={self.transform}, backend={self.backend!r}"
+
+    def _logprobs(self, hidden, weight, targets, bias, num_kept):
+        transform = self.transform
+        return linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=self.ignore_index,
+                               logit_scale=transform.logit_scale, softcap=transform.softcap,
+                               temperature=transform.temperature, num_kept=num_kept, backend=self.backend,
+                               scratch_bytes=self.scratch_bytes, check=self.check)
 
     def forward(self, hidden, weight, targets, layout: PackedLayout, reference: Reference = None,
                 *, bias=None, kto_kl=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -119,20 +210,18 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError("kto_kl is KTO's reference point; the paired losses take none")
 
         response_targets = targets.masked_fill(~layout.response_mask, self.ignore_index)
-        unlabeled = (targets == self.ignore_index) & layout.response_mask
-        if bool(unlabeled.any()):
-            position = int(unlabeled.nonzero()[0, 0])
-            raise ValueError(
-                f"targets at response positions must be token ids, but position {position} holds "
-                f"ignore_index = {self.ignore_index}")
+        ignore_index = self.ignore_index
+        deferred_errors.report_any(
+            (targets == ignore_index) & layout.response_mask,
+            lambda count, first: (f"targets at response positions must be token ids, but position {first} holds "
+                                  f"ignore_index = {ignore_index} ({count} positions in all)"), self.check)
 
         impl = _backends.resolve(self.backend, hidden.device)
         reference_logps = self._reference_logps(reference, layout, hidden, response_targets)
-        token_logp = linear_logprobs(hidden, weight, response_targets, bias=bias,
-                                     ignore_index=self.ignore_index, backend=impl.name)
+        token_logp = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens)
         kl = self._kl(kto_kl, token_logp)
-        loss, parts, seq_logps = _FusedPreferenceLoss.apply(
-            token_logp, layout, reference_logps, spec, kl, impl)
+        loss, parts, seq_logps, _token_grad = _fused_preference_loss(
+            token_logp, layout, reference_logps, spec, kl, impl.name)
         return loss, self._metrics(layout, seq_logps, reference_logps, parts, kl)
 
     def _reference_logps(self, reference, layout, hidden, response_targets):
@@ -153,9 +242,8 @@ class PreferenceLoss(torch.nn.Module):
                 raise ValueError(
                     f"reference.hidden is on {reference.hidden.device}, hidden on {hidden.device}")
             with torch.no_grad():
-                token_logp = linear_logprobs(
-                    reference.hidden, reference.weight, response_targets, bias=reference.bias,
-                    ignore_index=self.ignore_index, backend=self.backend)
+                token_logp = self._logprobs(reference.hidden, reference.weight, response_targets, reference.bias,
+                                            layout.num_response_tokens)
             return sequence_logps(token_logp, layout).to(dtype)
         if not isinstance(reference, torch.Tensor):
             raise TypeError(
@@ -166,17 +254,26 @@ class PreferenceLoss(torch.nn.Module):
                 f"({layout.num_sequences}), got {reference.dtype} of shape {tuple(reference.shape)}")
         if reference.device != hidden.device:
             raise ValueError(f"reference is on {reference.device}, hidden on {hidden.device}")
-        if not bool(torch.isfinite(reference).all()):
-            raise ValueError("reference log-probs must be finite")
+        deferred_errors.report_any(
+            ~torch.isfinite(reference),
+            lambda count, first: f"reference log-probs must be finite; sequence {first} is not ({count} in all)",
+            self.check)
         return reference.detach().to(dtype).contiguous()
 
     def _kl(self, kto_kl, token_logp):
         if self.spec.is_paired:
             return None
-        value = torch.as_tensor(0.0 if kto_kl is None else kto_kl, dtype=token_logp.dtype)
-        if value.dim() != 0 or not bool(torch.isfinite(value)):
-            raise ValueError(f"kto_kl must be a finite scalar, got {kto_kl!r}")
-        return value.detach().to(token_logp.device)
+        if kto_kl is None or (isinstance(kto_kl, (int, float)) and not isinstance(kto_kl, bool)):
+            value = 0.0 if kto_kl is None else float(kto_kl)
+            if not math.isfinite(value):
+                raise ValueError(f"kto_kl must be a finite scalar, got {kto_kl!r}")
+            return torch.full((), value, dtype=token_logp.dtype, device=token_logp.device)
+        if not isinstance(kto_kl, torch.Tensor) or kto_kl.dim() != 0 or not kto_kl.dtype.is_floating_point:
+            raise ValueError(f"kto_kl must be a finite scalar (a number or a 0-d float tensor), got {kto_kl!r}")
+        if kto_kl.device != token_logp.device:
+            raise ValueError(f"kto_kl is on {kto_kl.device}, hidden on {token_logp.device}")
+        deferred_errors.report_any(~torch.isfinite(kto_kl), lambda count, first: "kto_kl must be finite", self.check)
+        return kto_kl.detach().to(token_logp.dtype)
 
     def _metrics(self, layout, seq_logps, reference_logps, parts, kl) -> Dict[str, torch.Tensor]:
         """TRL's metric keys, from per-sequence sums: O(S) work, no vocabulary pass."""

@@ -1,7 +1,7 @@
 """Pure-PyTorch preference loss: the readable reference of the fused pair-loss kernels.
 
 Per-sequence sums by index_add, each loss type written as in its paper (see loss_spec), and the
-gradient with respect to the sequence log-probs taken by autograd, then handed back per token.
+gradient with respect to the sequence log-probs taken by torch.func, then handed back per token.
 """
 from __future__ import annotations
 
@@ -78,16 +78,18 @@ def _kto_parts(seq: torch.Tensor, layout, reference, spec: LossSpec, kl) -> torc
 def preference_loss(token_logp, layout, reference, spec: LossSpec, kl) -> PreferenceLossResult:
     sums = torch.zeros(layout.num_sequences, dtype=token_logp.dtype, device=token_logp.device)
     sums.index_add_(0, layout.sequence_ids, token_logp)
-    seq = sums.detach().requires_grad_()
-    with torch.enable_grad():
+
+    def total(seq):
         if spec.is_paired:
             parts = _paired_parts(seq, layout, reference, spec)
             weights = [spec.weight_of(name) for name in PAIRED_LOSS_TYPES]
         else:
             parts = _kto_parts(seq, layout, reference, spec, kl)
             weights = [spec.loss_weights[0]]
-        loss = sum(w * part.sum() for w, part in zip(weights, parts) if w != 0.0)
-        (coef,) = torch.autograd.grad(loss, seq)
+        return sum(w * part.sum() for w, part in zip(weights, parts) if w != 0.0), parts
+
+    # torch.func rather than autograd: it also runs inside the custom op, below autograd's dispatch
+    coef, (loss, parts) = torch.func.grad_and_value(total, has_aux=True)(sums)
     return PreferenceLossResult(
         loss=loss.detach(), parts=parts.detach(), sequence_logps=sums,
         token_grad=coef.index_select(0, layout.sequence_ids),
