@@ -223,8 +223,7 @@ def _options(logit_scale, softcap, temperature, outputs, scratch_bytes) -> HeadO
     return HeadOptions(LogitTransform(logit_scale, softcap, temperature), names, scratch_bytes)
 
 
-@torch.library.custom_op("fastpref::linear_logprobs", mutates_args=())
-def _forward_op(
+def _forward_impl(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     ignore_index: int, num_kept: int, backend: str, logit_scale: float, softcap: Optional[float],
     temperature: float, outputs: List[bool], scratch_bytes: int, fold_hidden_gradient: bool, check: bool,
@@ -257,6 +256,9 @@ def _forward_op(
     direction = result.hidden_grad_direction
     return (*spread, _empty(targets) if computed.rows is None else computed.rows, result.lse, result.miss,
             _empty(hidden) if direction is None else direction)
+
+
+_forward_op = torch.library.custom_op("fastpref::linear_logprobs", mutates_args=())(_forward_impl)
 
 
 def _empty_result(hidden, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
@@ -292,8 +294,7 @@ def _forward_fake(hidden, weight, bias, targets, ignore_index, num_kept, backend
             hidden.new_empty((computed, width) if fold_hidden_gradient else (0,)))
 
 
-@torch.library.custom_op("fastpref::linear_logprobs_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     rows: torch.Tensor, lse: torch.Tensor, miss: torch.Tensor, entropy: torch.Tensor, direction: torch.Tensor,
     grad_log_probs: torch.Tensor, grad_entropy: Optional[torch.Tensor], ignore_index: int, num_kept: int,
@@ -328,6 +329,9 @@ def _backward_op(
         d_bias = torch.zeros_like(bias)
     return (_empty(hidden) if d_hidden is None else d_hidden, _empty(weight) if d_weight is None else d_weight,
             _empty(hidden) if d_bias is None else d_bias)
+
+
+_backward_op = torch.library.custom_op("fastpref::linear_logprobs_backward", mutates_args=())(_backward_impl)
 
 
 @_backward_op.register_fake

@@ -67,8 +67,7 @@ class _LayoutTensors:
         return self.chosen_index.shape[0] if self.is_paired else 0
 
 
-@torch.library.custom_op("fastpref::preference_loss", mutates_args=())
-def _preference_loss_op(
+def _preference_loss_impl(
     token_logp: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, sequence_ids: torch.Tensor,
     chosen_index: Optional[torch.Tensor], rejected_index: Optional[torch.Tensor], desirable: Optional[torch.Tensor],
     reference_logps: Optional[torch.Tensor], kl: Optional[torch.Tensor], backend: str, loss_types: List[int],
@@ -83,6 +82,9 @@ def _preference_loss_op(
     impl = _backends.resolve(backend, token_logp.device)
     result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
     return result.loss, result.parts, result.sequence_logps, result.token_grad
+
+
+_preference_loss_op = torch.library.custom_op("fastpref::preference_loss", mutates_args=())(_preference_loss_impl)
 
 
 @_preference_loss_op.register_fake
@@ -111,12 +113,16 @@ def _preference_loss_backward(ctx, grad_loss, *_non_differentiable):
 _preference_loss_op.register_autograd(_preference_loss_backward, setup_context=_preference_loss_setup)
 
 
-def _fused_preference_loss(token_logp, layout: PackedLayout, reference_logps, spec: LossSpec, kl, backend: str):
-    return torch.ops.fastpref.preference_loss(
+def _preference_loss(token_logp, layout: PackedLayout, reference_logps, spec: LossSpec, kl, impl):
+    """(loss, parts, sequence_logps): the backend's loss in plain torch ops, or its fused kernel."""
+    if impl.differentiable_loss is not None:
+        return impl.differentiable_loss(token_logp, layout, reference_logps, spec, kl)
+    loss, parts, sequence_logps, _token_grad = torch.ops.fastpref.preference_loss(
         token_logp.contiguous(), layout.cu_seqlens, layout.lengths, layout.sequence_ids, layout.chosen_index,
-        layout.rejected_index, layout.desirable, reference_logps, kl, backend,
+        layout.rejected_index, layout.desirable, reference_logps, kl, impl.name,
         [LOSS_TYPES.index(name) for name in spec.loss_types], list(spec.loss_weights), spec.beta,
         spec.label_smoothing, spec.simpo_gamma, spec.average_logps, spec.desirable_weight, spec.undesirable_weight)
+    return loss, parts, sequence_logps
 
 
 def sequence_logps(token_logp: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -220,9 +226,8 @@ class PreferenceLoss(torch.nn.Module):
         reference_logps = self._reference_logps(reference, layout, hidden, response_targets)
         token_logp = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens)
         kl = self._kl(kto_kl, token_logp)
-        loss, parts, seq_logps, _token_grad = _fused_preference_loss(
-            token_logp, layout, reference_logps, spec, kl, impl.name)
-        return loss, self._metrics(layout, seq_logps, reference_logps, parts, kl)
+        loss, parts, seq_logps = _preference_loss(token_logp, layout, reference_logps, spec, kl, impl)
+        return loss, self._metrics(layout, seq_logps.detach(), reference_logps, parts.detach(), kl)
 
     def _reference_logps(self, reference, layout, hidden, response_targets):
         spec = self.spec

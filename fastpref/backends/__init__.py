@@ -102,6 +102,9 @@ class Backend:
     preference_loss(token_logp, layout, reference_logps, spec, kl) -> PreferenceLossResult
         The per-sequence reduction, the pair (or KTO) loss and its gradient, in one pass over all
         pairs. reference_logps: [S] summed reference log-probs or None; kl: [] KTO reference point.
+    differentiable_loss: None for a fused loss (run as a custom op, its backward the gradient it
+        returned), or (token_logp, layout, reference_logps, spec, kl) -> (loss, parts, sequence_logps)
+        in plain differentiable torch ops, which the loss then runs directly.
     unavailable_reason(device) -> None if the backend can run on `device`, else why not.
     dtypes: the floating dtypes it accepts.
     priority: higher wins under backend="auto".
@@ -117,6 +120,7 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...]
     priority: int
     native_devices: Optional[Tuple[str, ...]] = None
+    differentiable_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -45,7 +45,7 @@ from . import Backend, ForwardResult, HeadOptions
 from .gemm import matmul_float32
 from .online_softmax import merge_vocabulary_parts, rescale_weights, shift_term
 from .scratch import slab_columns
-from .torch_preference_loss import preference_loss
+from .torch_preference_loss import loss_terms, preference_loss
 
 # On a CPU a block of logits holds at most this many elements (cache-sized matmuls run at the
 # CPU's GEMM speed); rows per block are capped so that long inputs still stream over the vocabulary.
@@ -330,4 +330,5 @@ BACKEND = Backend(
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
+    differentiable_loss=loss_terms,
 )

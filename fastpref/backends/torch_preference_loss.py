@@ -1,7 +1,8 @@
 """Pure-PyTorch preference loss: the readable reference of the fused pair-loss kernels.
 
-Per-sequence sums by index_add, each loss type written as in its paper (see loss_spec), and the
-gradient with respect to the sequence log-probs taken by torch.func, then handed back per token.
+Per-sequence sums by index_add and each loss type written as in its paper (see loss_spec), as plain
+differentiable torch ops: the loss differentiates them with autograd; for the fused kernels'
+contract (a gradient per token) autograd takes it here.
 """
 from __future__ import annotations
 
@@ -75,22 +76,26 @@ def _kto_parts(seq: torch.Tensor, layout, reference, spec: LossSpec, kl) -> torc
     return (weight * (1 - torch.sigmoid(z)) / seq.numel())[None]
 
 
-def preference_loss(token_logp, layout, reference, spec: LossSpec, kl) -> PreferenceLossResult:
+def loss_terms(token_logp, layout, reference, spec: LossSpec, kl):
+    """(loss [], parts [T, P], sequence_logps [S]) as plain differentiable torch ops of token_logp:
+    autograd differentiates them and torch.compile traces them (the loss runs this directly)."""
     sums = torch.zeros(layout.num_sequences, dtype=token_logp.dtype, device=token_logp.device)
-    sums.index_add_(0, layout.sequence_ids, token_logp)
+    sums = sums.index_add(0, layout.sequence_ids, token_logp)
+    if spec.is_paired:
+        parts = _paired_parts(sums, layout, reference, spec)
+        weights = [spec.weight_of(name) for name in PAIRED_LOSS_TYPES]
+    else:
+        parts = _kto_parts(sums, layout, reference, spec, kl)
+        weights = [spec.loss_weights[0]]
+    loss = sum(w * part.sum() for w, part in zip(weights, parts) if w != 0.0)
+    return loss, parts, sums
 
-    def total(seq):
-        if spec.is_paired:
-            parts = _paired_parts(seq, layout, reference, spec)
-            weights = [spec.weight_of(name) for name in PAIRED_LOSS_TYPES]
-        else:
-            parts = _kto_parts(seq, layout, reference, spec, kl)
-            weights = [spec.loss_weights[0]]
-        return sum(w * part.sum() for w, part in zip(weights, parts) if w != 0.0), parts
 
-    # torch.func rather than autograd: it also runs inside the custom op, below autograd's dispatch
-    coef, (loss, parts) = torch.func.grad_and_value(total, has_aux=True)(sums)
-    return PreferenceLossResult(
-        loss=loss.detach(), parts=parts.detach(), sequence_logps=sums,
-        token_grad=coef.index_select(0, layout.sequence_ids),
-    )
+def preference_loss(token_logp, layout, reference, spec: LossSpec, kl) -> PreferenceLossResult:
+    """The fused kernels' contract: the loss and its gradient per token, from loss_terms by autograd."""
+    token_logp = token_logp.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, parts, sums = loss_terms(token_logp, layout, reference, spec, kl)
+        (token_grad,) = torch.autograd.grad(loss, token_logp)
+    return PreferenceLossResult(loss=loss.detach(), parts=parts.detach(), sequence_logps=sums.detach(),
+                                token_grad=token_grad)
