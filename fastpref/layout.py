@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .transfer import to_device
+
 
 def _as_index(name: str, value, device=None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -119,14 +121,14 @@ class PackedLayout:
                 f"sequence {int(empty[0])} has no response tokens: its log-probability is empty "
                 "(drop the pair, or widen the response mask)")
 
-    def to(self, device, non_blocking: bool = False) -> "PackedLayout":
+    def to(self, device) -> "PackedLayout":
         """The same layout on `device`, without validating it again (no synchronisation)."""
         moved = copy.copy(self)
         for name in ("cu_seqlens", "response_mask", "chosen_index", "rejected_index", "desirable", "lengths",
                      "sequence_ids"):
             value = getattr(self, name)
             if value is not None:
-                setattr(moved, name, value.to(device, non_blocking=non_blocking))
+                setattr(moved, name, to_device(value, device))
         return moved
 
     @classmethod

@@ -31,6 +31,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .transfer import to_device
+
 # Order matters: it indexes the per-type weights and reductions handed to the fused kernels.
 PAIRED_LOSS_TYPES = ("sigmoid", "ipo", "simpo", "hinge", "robust", "orpo", "apo_zero", "apo_down", "sft")
 UNPAIRED_LOSS_TYPES = ("kto",)
@@ -111,7 +113,8 @@ class LossSpec:
         return dict(zip(self.loss_types, self.loss_weights)).get(loss_type, 0.0)
 
     def kernel_tables(self, device):
-        """(weights [T] float32, averages [T] int32) indexed like PAIRED_LOSS_TYPES, for the kernels."""
-        weights = torch.tensor([self.weight_of(n) for n in PAIRED_LOSS_TYPES], dtype=torch.float32, device=device)
-        averages = torch.tensor([self.averages(n) for n in PAIRED_LOSS_TYPES], dtype=torch.int32, device=device)
-        return weights, averages
+        """(weights [T] float32, averages [T] int32) indexed like PAIRED_LOSS_TYPES, for the kernels
+        (made on the CPU and queued to the device without the host waiting)."""
+        weights = torch.tensor([self.weight_of(n) for n in PAIRED_LOSS_TYPES], dtype=torch.float32)
+        averages = torch.tensor([self.averages(n) for n in PAIRED_LOSS_TYPES], dtype=torch.int32)
+        return to_device(weights, device), to_device(averages, device)

@@ -1,4 +1,7 @@
-"""Compiled Triton kernels on a CUDA device: realistic shapes, and indices past 2^31."""
+"""Compiled Triton kernels on a CUDA device: realistic shapes, indices past 2^31, the transforms and
+outputs, and no host synchronisation in the op, the loss and the trainer's micro-batch."""
+import contextlib
+
 import pytest
 import torch
 
@@ -51,3 +54,56 @@ def test_rows_past_32_bit_offsets(backend, trainable_head):
     (ref_d_hidden,) = torch.autograd.grad((ref * grad_out[tail].double().cpu()).sum(), [ref_hidden])
     assert relative_error(logp[tail], ref) <= TOLERANCE[torch.bfloat16]
     assert relative_error(d_hidden[tail], ref_d_hidden) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_transforms_and_outputs_on_gpu(dtype, trainable_head):
+    from test_head_outputs import TRANSFORMS, run_and_compare_outputs
+
+    inputs = make_inputs(1000, 1024, 32003, dtype, with_bias=False, ignore_every=7)
+    run_and_compare_outputs("triton", *inputs, transform=TRANSFORMS["all"], trainable_head=trainable_head)
+
+
+@contextlib.contextmanager
+def sync_is_an_error():
+    """torch.cuda.set_sync_debug_mode("error") within the block: any host synchronisation raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_op_and_loss_never_synchronise(backend):
+    from test_losses import make_packed_batch
+
+    if backend not in fastpref.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available here")
+    hidden, weight, targets, layout, reference = make_packed_batch(64, 256, 5003, torch.bfloat16, seed=2)
+    leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_()]
+    loss_fn = fastpref.PreferenceLoss("sigmoid", backend=backend)
+    with sync_is_an_error():
+        got = fastpref.linear_logprobs(*leaves, targets, softcap=30.0, outputs=fastpref.OUTPUT_NAMES,
+                                       backend=backend)
+        torch.autograd.grad(got.log_probs.sum() + got.entropy.sum(), leaves)
+        loss, _ = loss_fn(*leaves, targets, layout, reference)
+        torch.autograd.grad(loss, leaves)
+
+
+def test_training_micro_batch_never_synchronises(tmp_path, small_data):
+    """The trainer's micro-batch on the GPU, past the host's packing: batch and cached reference to
+    the device, the packed forward, the fused loss and the backward."""
+    from fastpref.train.loop import Trainer
+    from fastpref.train.packing import pack_pairs
+    from test_trainer import config
+
+    trainer = Trainer(config(tmp_path, small_data, device="cuda", attention="sdpa"))
+    pairs = trainer._micro_batches(0)[0]
+    packed = pack_pairs(pairs, prefix_sharing=False)
+    reference = trainer._reference_for(pairs)
+    with sync_is_an_error():
+        loss, _, _ = trainer._device_loss(packed, reference, trainer.forward_model)
+        loss.backward()

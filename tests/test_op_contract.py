@@ -193,3 +193,22 @@ def test_default_loss_call_reads_nothing_on_the_host(loss_type, backend):
         loss, metrics = loss_fn(*leaves, targets, layout, None if loss_type == "simpo" else reference)
         torch.autograd.grad(loss, leaves)
     assert set(metrics) >= {"rewards/chosen", "logps/chosen"}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, attention):
+    """The trainer's micro-batch past the host's packing: the batch to the device, the reference
+    log-probs from the cache, the packed forward of the embedded model, the fused loss, and the
+    backward."""
+    from fastpref.train.loop import Trainer
+    from fastpref.train.packing import pack_pairs
+    from test_trainer import config
+
+    trainer = Trainer(config(tmp_path, small_data, attention=attention))
+    pairs = trainer._micro_batches(0)[0]
+    packed = pack_pairs(pairs, prefix_sharing=False)
+    reference = trainer._reference_for(pairs)
+    with no_host_reads():
+        loss, metrics, _ = trainer._device_loss(packed, reference, trainer.forward_model)
+        loss.backward()
+    assert all(p.grad is not None for p in trainer.policy.parameters() if p.requires_grad)

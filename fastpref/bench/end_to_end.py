@@ -46,7 +46,8 @@ import torch
 
 import fastpref
 
-from ..train.model import causal_lm_parts, packed_hidden
+from ..causal_lm import causal_lm_parts
+from ..train.model import packed_hidden
 from ..train.named_models import NAMED_MODELS, resolve_model
 from ..train.reference import default_cache_dir
 from ..train.packing import pack_pairs

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 
 from ..train.data import load_rows, tokenize_pairs
-from ..train.model import causal_lm_parts
+from ..causal_lm import causal_lm_parts
 from ..train.named_models import resolve_model
 from ..train.reference import default_cache_dir
 from .reference import IGNORE_INDEX
@@ -35,7 +35,10 @@ def real_batch(model: str, pairs: int, seq_len: int, dtype: torch.dtype,
     folder = resolve_model(model, default_cache_dir(), flag="--hidden-from")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
-    parts = causal_lm_parts(lm)  # refuses heads that are not W h + b
+    parts = causal_lm_parts(lm)  # refuses heads that are not a plain Linear
+    if not parts.transform.is_identity:
+        raise ValueError(f"--hidden-from {model}: its logits are transformed ({parts.transform}), which the "
+                         "loss-head methods of the peers do not compute")
     if parts.head_bias is not None:
         raise ValueError(f"--hidden-from {model}: its LM head has a bias, which the loss-head methods do not take")
     examples, _ = tokenize_pairs(load_rows(None), tokenizer, max_length=seq_len, max_prompt_length=seq_len // 2)

@@ -93,7 +93,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ..layout import pack_padded
 from ..linear_logprobs import linear_logprobs
 from ..losses import PreferenceLoss, sequence_logps
-from ..train.model import CausalLMParts, causal_lm_parts
+from ..causal_lm import CausalLMParts, causal_lm_parts, logit_transform
 
 __all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES"]
 

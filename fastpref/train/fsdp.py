@@ -23,7 +23,8 @@ from typing import List
 
 import torch
 
-from .model import FusedHeadForward, unwrap
+from ..causal_lm import unwrap
+from .model import FusedHeadForward
 
 
 def check_setup(parallel: str, world_size: int, pairs_per_step: int) -> None:

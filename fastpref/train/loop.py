@@ -20,6 +20,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from ..logit_transform import LogitTransform
+from ..deferred_errors import raise_pending_errors
 from ..losses import PreferenceLoss
 from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
@@ -29,7 +31,8 @@ from .fsdp import check_setup as check_fsdp_setup
 from .fsdp import decoder_layers
 from .fsdp import shard as shard_for_fsdp
 from .memory import memory_report
-from .model import FusedHeadForward, adapters_disabled, model_fingerprint, unwrap
+from ..causal_lm import causal_lm_parts, unwrap
+from .model import FusedHeadForward, adapters_disabled, model_fingerprint
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .named_models import resolve_model
 from .packing import pack_pairs
@@ -269,8 +272,23 @@ def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def _scalar_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
+def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransform()) -> PreferenceLoss:
+    return PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
+                          label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                          average_logps=cfg.average_logps, logit_scale=transform.logit_scale,
+                          softcap=transform.softcap, temperature=transform.temperature, backend=cfg.backend)
+
+
+def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
+    """Records of 0-d tensors as floats, read from the device in one transfer."""
+    if not records:
+        return []
+    values = torch.stack([value.detach().float() for record in records for value in record.values()]).tolist()
+    read, position = [], 0
+    for record in records:
+        read.append(dict(zip(record, values[position:position + len(record)])))
+        position += len(record)
+    return read
 
 
 def _average(records: Sequence[Dict[str, float]], weights: Sequence[int]) -> Dict[str, float]:
@@ -300,9 +318,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.loss_fn = PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
-                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                                      average_logps=cfg.average_logps, backend=cfg.backend)
+        self.loss_fn = _preference_loss(cfg)  # a bad loss configuration fails before any long work
         check_fsdp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.pairs_per_step)
         self.dist = Distributed.from_environment(cfg.device)
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
@@ -312,6 +328,8 @@ class Trainer:
         self.policy, self.reference_model = _load_models(
             cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
         _check_max_length(cfg.max_length, self.policy)
+        # the policy's logit transform (soft cap, logit scale), read off its config as TRL does
+        self.loss_fn = _preference_loss(cfg, causal_lm_parts(self.policy).transform)
         self.fsdp = cfg.parallel == "fsdp"
         # under FSDP2 an unsupported model fails here, before any long work
         self.layers = decoder_layers(self.policy) if self.fsdp else []
@@ -438,8 +456,13 @@ class Trainer:
     # -- one batch -----------------------------------------------------------------------------
     def _batch_loss(self, pairs, model):
         """`model`: the policy's FusedHeadForward, wrapped by DDP or not."""
-        packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing).to(self.device)
-        reference = self._reference_for(pairs)
+        packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing)  # host work, validated on the CPU
+        return self._device_loss(packed, self._reference_for(pairs), model)
+
+    def _device_loss(self, packed, reference, model):
+        """The loss of a packed batch on the device: nothing in it reads a tensor back on the host (bad
+        values are flagged and raised when the step's metrics are read, see _train_step)."""
+        packed = packed.to(self.device)
 
         def loss(hidden, weight, bias):
             return self.loss_fn(hidden, weight, packed.targets, packed.layout, reference, bias=bias)
@@ -469,10 +492,11 @@ class Trainer:
                 local = self.dist.shard(pairs[start:start + self.cfg.pairs_per_step])
                 loss, metrics, _ = self._batch_loss(local or pairs[:1], self.head_model)
                 if local:
-                    records.append({"loss": float(loss), **_scalar_metrics(metrics)})
+                    records.append({"loss": loss, **metrics})
                     weights.append(len(local))
         self.head_model.train()
-        mean = _average(records, weights) if records else {}
+        raise_pending_errors()
+        mean = _average(_read_metrics(records), weights) if records else {}
         mean = self.dist.weighted_mean(mean, sum(weights), self.device)
         return {"step": self.step, "split": split, "pairs": len(pairs), **mean}
 
@@ -661,18 +685,22 @@ class Trainer:
                 loss, metrics, length = self._batch_loss(pairs, self.forward_model)
                 (loss * (share / step_pairs * world)).backward()
             if share:
-                records.append({"loss": float(loss.detach()), **_scalar_metrics(metrics)})
+                records.append({"loss": loss.detach(), **metrics})  # read on the host once, after the step
                 weights.append(share)
                 tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if isinstance(grad_norm, DTensor):  # the norm over all shards, reduced by FSDP's mesh
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
+        # the step's one synchronisation: its metrics come to the host, and with them any bad input
+        # that the op and the loss flagged on the device is raised
+        raise_pending_errors()
+        *records, totals = _read_metrics(records + [{"grad_norm": grad_norm}])
+        grad_norm = totals["grad_norm"]
         local_pairs = sum(weights)
         mean = self.dist.weighted_mean(_average(records, weights) if records else {}, local_pairs, self.device)
         tokens = world * self.dist.weighted_mean({"tokens": tokens}, 1, self.device)["tokens"]

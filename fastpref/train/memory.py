@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from .model import unwrap
+from ..causal_lm import unwrap
 
 MIB = 1 << 20
 

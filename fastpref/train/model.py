@@ -6,57 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
+from ..causal_lm import causal_lm_parts, unwrap
 from .packing import PackedPairs, dense_attention_mask, flex_block_mask
-
-
-@dataclass
-class CausalLMParts:
-    head_weight: torch.nn.Parameter  # [V, H]
-    head_bias: Optional[torch.nn.Parameter]
-
-
-def unwrap(model):
-    """The causal LM inside DDP and PEFT wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _class_under_fsdp(module) -> type:
-    """The module's own class: FSDP2's fully_shard swaps it for a subclass FSDP<name>(FSDPModule,
-    <class>) that changes no math."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(module)
-    if issubclass(cls, FSDPModule):
-        return next(base for base in cls.__bases__ if base is not FSDPModule)
-    return cls
-
-
-def causal_lm_parts(model) -> CausalLMParts:
-    """The LM head of a (possibly DDP- or PEFT-wrapped) AutoModelForCausalLM, checked to be W h + b."""
-    lm = unwrap(model)
-    config = lm.config
-    for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(config, option, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"the model's config sets {option} = {value}: its logits are not W h + b, which the "
-                "fused loss computes; this model is not supported")
-    head = lm.get_output_embeddings()
-    if _class_under_fsdp(head) is not torch.nn.Linear:
-        raise ValueError(
-            f"the LM head must be a plain torch.nn.Linear, got {type(head).__name__} "
-            "(adapters on the LM head are not supported: leave it out of the LoRA target modules)")
-    return CausalLMParts(head.weight, head.bias)
-
-
-def attention_kind(model) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
 def packed_hidden(model, packed: PackedPairs, attention: str) -> torch.Tensor:

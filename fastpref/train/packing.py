@@ -21,6 +21,7 @@ from typing import List, Sequence
 import torch
 
 from ..layout import PackedLayout
+from ..transfer import to_device
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -42,13 +43,10 @@ class PackedPairs:
         return len(self.rows)
 
     def to(self, device) -> "PackedPairs":
-        layout = self.layout
-        moved = PackedLayout.paired(layout.cu_seqlens.to(device), layout.response_mask.to(device),
-                                    layout.chosen_index.to(device), layout.rejected_index.to(device))
-        return PackedPairs(self.input_ids.to(device), self.position_ids.to(device),
-                           self.unit_ids.to(device), self.roles.to(device),
-                           self.loss_positions.to(device), self.targets.to(device), moved, self.rows,
-                           self.prefix_sharing)
+        """On `device`, copied without a synchronisation (the layout was validated on the CPU)."""
+        return PackedPairs(*(to_device(t, device) for t in (self.input_ids, self.position_ids, self.unit_ids,
+                                                             self.roles, self.loss_positions, self.targets)),
+                           self.layout.to(device), self.rows, self.prefix_sharing)
 
 
 def pack_pairs(pairs: Sequence, *, prefix_sharing: bool) -> PackedPairs:

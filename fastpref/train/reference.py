@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..losses import sequence_logps
+from ..causal_lm import causal_lm_parts
 from ..linear_logprobs import linear_logprobs
+from ..losses import sequence_logps
+from ..transfer import to_device
 from .model import FusedHeadForward
 from .packing import pack_pairs
 
@@ -45,13 +48,15 @@ def pair_logps(model, pairs: Sequence, attention: str, device, *,
     `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
     """
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
-
-    def logps(hidden, weight, bias):
-        token_logp = linear_logprobs(hidden, weight, packed.targets, bias=bias, backend=backend)
-        return sequence_logps(token_logp, packed.layout).float()
-
     if not isinstance(model, FusedHeadForward):
         model = FusedHeadForward(model)
+    transform = causal_lm_parts(model.model).transform
+
+    def logps(hidden, weight, bias):
+        token_logp = linear_logprobs(hidden, weight, packed.targets, bias=bias, backend=backend,
+                                     num_kept=packed.layout.num_response_tokens, **asdict(transform))
+        return sequence_logps(token_logp, packed.layout).float()
+
     return model(packed, attention, logps)
 
 
@@ -63,7 +68,7 @@ class ReferenceCache:
 
     def lookup(self, rows: Sequence[int], device) -> torch.Tensor:
         """[2P] in layout order, for the pairs of `rows`."""
-        return torch.cat([self.values[row] for row in rows]).to(device)
+        return to_device(torch.cat([self.values[row] for row in rows]), device)
 
     @classmethod
     def load_or_compute(cls, key: str, pairs: Sequence, compute: Callable[[Sequence], torch.Tensor], *,
