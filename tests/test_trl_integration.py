@@ -454,12 +454,34 @@ def test_refuses_vision_language_models(tmp_path, tokenizer, dataset, policy, ot
                            args=_config(tmp_path), train_dataset=dataset, processing_class=Processor(tokenizer))
 
 
-def test_refuses_heads_that_are_not_linear_logits(tmp_path, tokenizer, dataset):
-    def softcapped():
-        return LlamaForCausalLM(_llama_config(tokenizer, final_logit_softcapping=30.0))
+def _gemma2(tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    with pytest.raises(ValueError, match="final_logit_softcapping = 30.0"):
-        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, _seeded(softcapped, 0), _seeded(softcapped, 1))
+    # a cap small enough to bend a tiny random model's logits
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=tokenizer.pad_token_id, final_logit_softcapping=0.6,
+        tie_word_embeddings=False))
+
+
+def _granite(tokenizer):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, logits_scaling=0.25, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("build", [_gemma2, _granite], ids=["gemma2-softcap", "granite-logits_scaling"])
+@pytest.mark.parametrize("reference", ["other", "precompute"])
+def test_soft_capped_and_scaled_heads_match_trl(tmp_path, tokenizer, dataset, build, reference):
+    """TRL's head reads the soft cap and the scale off the config; fastpref's op computes them."""
+    policy = _seeded(lambda: build(tokenizer), 0)
+    reference = _seeded(lambda: build(tokenizer), 1) if reference == "other" else reference
+    trl_trainer = _build(trl.DPOTrainer, tmp_path, tokenizer, dataset, policy, reference)
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, reference)
+    assert not trainer.fastpref_loss.transform.is_identity
+    _assert_same_step(_step(trl_trainer, _first_batch(trl_trainer)), _step(trainer, _first_batch(trainer)))
 
 
 def test_refuses_models_without_logits_to_keep(tmp_path, tokenizer, dataset, other_model):

@@ -60,7 +60,12 @@ Refused when the trainer is built, with a ``ValueError`` naming the option and i
 to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP1 and DeepSpeed ZeRO-3 (the LM-head
 weight is used outside the model's forward, where they hold it sharded); prompt-learning PEFT
 (virtual tokens); vision-language models; models whose forward takes no ``logits_to_keep``; LM
-heads that are not a plain ``W h + b`` (soft-capped or scaled logits, adapters on ``lm_head``).
+heads that are not a plain ``torch.nn.Linear`` (adapters on ``lm_head``).
+
+Soft-capped and scaled heads (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``,
+Granite's ``logits_scaling``, ``output_multiplier``, ``lm_head_multiplier``) are read off the
+model's config as TRL's own fused head reads them (:mod:`fastpref.causal_lm`) and computed inside
+the fused op.
 
 Logged metrics: TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens`` (and ``aux_loss`` for
@@ -80,6 +85,7 @@ import contextlib
 import inspect
 import os
 import warnings
+from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -93,7 +99,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ..layout import pack_padded
 from ..linear_logprobs import linear_logprobs
 from ..losses import PreferenceLoss, sequence_logps
-from ..causal_lm import CausalLMParts, causal_lm_parts, logit_transform
+from ..causal_lm import CausalLMParts, causal_lm_parts
 
 __all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES"]
 
@@ -245,6 +251,10 @@ class FastprefDPOTrainer(DPOTrainer):
                          callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
         self._refuse_unsupported_models()
+        # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
+        transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
+        self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
+                                            label_smoothing=args.label_smoothing, **asdict(transform))
 
     def _refuse_unsupported_models(self) -> None:
         _refuse_vision(self.processing_class)  # TRL loads one when none is given
@@ -252,7 +262,7 @@ class FastprefDPOTrainer(DPOTrainer):
             if model is None:
                 continue
             model = self.accelerator.unwrap_model(model)
-            causal_lm_parts(model)  # raises for LM heads the fused op cannot stand in for
+            causal_lm_parts(model)  # raises for LM heads that are not a plain Linear
             base = model.get_base_model() if is_peft_model(model) else model
             if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
                 raise ValueError(
@@ -300,7 +310,8 @@ class FastprefDPOTrainer(DPOTrainer):
             packed = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
             weight = parts.head_weight
             token_logp = linear_logprobs(packed.hidden.to(weight.dtype), weight, packed.targets,
-                                         bias=parts.head_bias, backend=self.fastpref_loss.backend)
+                                         bias=parts.head_bias, num_kept=packed.layout.num_response_tokens,
+                                         backend=self.fastpref_loss.backend, **asdict(parts.transform))
             return sequence_logps(token_logp, packed.layout)
 
     def _compute_loss(self, model, inputs, return_outputs):

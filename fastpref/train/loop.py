@@ -208,6 +208,18 @@ def _attention(cfg: TrainConfig, device: torch.device) -> str:
     return "flex_attention"
 
 
+def _set_attention(model, attention: str, automatic: bool) -> str:
+    """Set `attention` on `model`; an automatic choice the architecture does not support (Gemma-2's
+    attention soft cap has no sdpa path) falls back to eager. Returns the implementation set."""
+    try:
+        model.set_attn_implementation(attention)
+    except ValueError:
+        if not automatic:
+            raise
+        model.set_attn_implementation("eager")
+    return model.config._attn_implementation
+
+
 def _load_tokenizer(cfg: TrainConfig):
     if cfg.model is None:
         from .default_assets import default_tokenizer
@@ -241,12 +253,12 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main:
         policy.name_or_path = str(initial)
     else:
         policy = load(cfg.model)
-    policy.set_attn_implementation(attention)
+    attention = _set_attention(policy, attention, cfg.attention == "auto")
     policy.to(device)
     reference = None
     if cfg.reference_model is not None:
         reference = load(cfg.reference_model)
-        reference.set_attn_implementation(attention)
+        _set_attention(reference, attention, automatic=False)
         reference.to(device).eval().requires_grad_(False)
         if reference.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
             raise ValueError("the reference model's LM head does not match the policy's vocabulary")
@@ -328,6 +340,7 @@ class Trainer:
         self.policy, self.reference_model = _load_models(
             cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
         _check_max_length(cfg.max_length, self.policy)
+        self.attention = self.policy.config._attn_implementation
         # the policy's logit transform (soft cap, logit scale), read off its config as TRL does
         self.loss_fn = _preference_loss(cfg, causal_lm_parts(self.policy).transform)
         self.fsdp = cfg.parallel == "fsdp"
