@@ -2,6 +2,7 @@
 reports OOM as a row, interleaves its timing rounds and writes its report, rows and plot."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch
 
 import fastpref
 from fastpref import bench, cli
-from fastpref.bench import end_to_end, logprobs, loss_head
+from fastpref.bench import end_to_end, logprobs, loss_head, outputs
 from fastpref.bench.measure import Candidate, PeakMemory, measure_interleaved
 from fastpref.bench.report import header
 
@@ -132,6 +133,33 @@ def test_logprobs_rows_are_right_and_measured():
     fastpref_row = next(row for row in rows if row.method == "fastpref-torch" and row.head == "frozen")
     assert f"| {fastpref_row.time_ms / floor['frozen']:.2f}x |" in table
     assert "| gemm-floor | trainable | 48 | 16 | 500 | float32 |" in table and "| 1.00x |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def test_outputs_rows_measure_every_variant_against_log_probs_alone():
+    cfg = outputs.Config(device=CPU, n=40, hidden=16, vocab=300, dtype=torch.float32, backend="torch", repeat=1)
+    rows = []
+    outputs.run(cfg, rows)
+    assert [(r.variant, r.head) for r in rows] == [(v, h) for h in ("trainable", "frozen") for v in outputs.VARIANTS]
+    for row in rows:
+        assert row.status == "ok", row
+        assert math.isfinite(row.time_ms) and row.time_ms > 0
+        assert (row.logp_err is None) == (row.variant.startswith("soft cap"))
+        assert row.logp_err is None or row.logp_err < 1e-4
+    table = outputs.format_table(rows)
+    base = next(r for r in rows if r.variant == "log_probs" and r.head == "frozen")
+    entropy = next(r for r in rows if r.variant == "entropy (in the loss)" and r.head == "frozen")
+    assert f"| {entropy.time_ms / base.time_ms:.2f}x |" in table
+
+
+def test_outputs_refuses_a_backend_that_cannot_run():
+    parser = argparse.ArgumentParser()
+    outputs.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        outputs.config_from_args(parser.parse_args(["--device", "cpu", "--backend", "cuda"]), parser)
 
 
 def test_gemm_floor_does_the_heads_flops(monkeypatch):

@@ -106,12 +106,17 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
     """The fused linear log-prob op: forward and backward at every dtype, bias, gradient set and
-    shape. Targets are int64 (the public op converts them before any backend sees them). A
-    frozen head's forward with the hidden gradient wanted is a slab pass of cuBLAS matmuls and
-    its backward a scale: no Triton launch to compile there."""
-    from ..backends import ForwardResult
+    shape, with the identity transform and no extra outputs; then every kernel variant the logit
+    transform and the per-token outputs switch on (soft cap, each output's sums alone and all of
+    them, the entropy's gradient), at every dtype on the aligned shape. Targets are int64 (the
+    public op converts them before any backend sees them). A frozen head whose hidden gradient is
+    folded in is a slab pass of cuBLAS matmuls and its backward a scale: no Triton launch to
+    compile there."""
+    from ..backends import EXTRA_OUTPUTS, ForwardResult, HeadOptions
     from ..backends.triton_backend import kernel_config
+    from ..logit_transform import LogitTransform
 
+    plain = HeadOptions()
     for dtype, (shape_name, (rows, width, vocab)), has_bias in itertools.product(
             backend.BACKEND.dtypes, SHAPES.items(), (False, True)):
         config = kernel_config(dtype, arch.capability, arch.multiprocessors)
@@ -120,9 +125,8 @@ def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
         targets = _meta((rows,), torch.int64)
         label = (f"{str(dtype).replace('torch.', '')} {shape_name} N={rows} H={width} V={vocab}"
                  f"{' bias' if has_bias else ''}")
-        for want_hidden_grad in (True, False):
-            yield (f"forward {label} trainable head{' hidden grad' if want_hidden_grad else ''}",
-                   lambda want=want_hidden_grad: backend.forward(hidden, weight, bias, targets, want, config=config))
+        yield (f"forward {label} trainable head",
+               lambda: backend.forward(hidden, weight, bias, targets, plain, False, config=config))
         saved = ForwardResult(*(_meta((rows,), torch.float32) for _ in range(3)))
         grad = _meta((rows,), torch.float32)
         for need_hidden, need_weight, need_bias in itertools.product((True, False), repeat=3):
@@ -132,7 +136,31 @@ def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
                                                       ("bias", need_bias)) if need)
             yield (f"backward {label} grads={wanted}",
                    lambda nh=need_hidden, nw=need_weight, nb=need_bias: backend.backward(
-                       hidden, weight, bias, targets, saved, grad, nh, nw, nb, config=config))
+                       hidden, weight, bias, targets, saved, grad, None, plain, nh, nw, nb, config=config))
+
+    rows, width, vocab = SHAPES["aligned"]
+    capped = LogitTransform(logit_scale=0.5, softcap=30.0, temperature=0.7)
+    output_sets = [()] + [(name,) for name in EXTRA_OUTPUTS] + [EXTRA_OUTPUTS]
+    for dtype, transform in itertools.product(backend.BACKEND.dtypes, (LogitTransform(), capped)):
+        config = kernel_config(dtype, arch.capability, arch.multiprocessors)
+        hidden, weight = _meta((rows, width), dtype), _meta((vocab, width), dtype).requires_grad_()
+        targets = _meta((rows,), torch.int64)
+        label = f"{str(dtype).replace('torch.', '')} aligned {'soft cap' if transform.softcap else 'no cap'}"
+        for outputs in output_sets:
+            if not (outputs or transform.softcap):
+                continue  # the plain launch, above
+            options = HeadOptions(transform, frozenset(outputs))
+            yield (f"forward {label} outputs={'+'.join(outputs) or 'none'}",
+                   lambda o=options: backend.forward(hidden, weight, None, targets, o, False, config=config))
+        saved = ForwardResult(*(_meta((rows,), torch.float32) for _ in range(3)), entropy=_meta((rows,), torch.float32))
+        grad = _meta((rows,), torch.float32)
+        for grad_entropy in (None, grad):
+            if grad_entropy is None and not transform.softcap:
+                continue
+            options = HeadOptions(transform, frozenset({"entropy"}))
+            yield (f"backward {label} grads=hidden+weight{' entropy' if grad_entropy is not None else ''}",
+                   lambda g=grad_entropy, o=options: backend.backward(
+                       hidden, weight, None, targets, saved, grad, g, o, True, True, False, config=config))
 
 
 def _loss_scenarios(backend) -> Iterator[Tuple[str, callable]]:

@@ -4,6 +4,7 @@ Forward+backward time and peak memory, every method in the same process on the s
 
 Ops (``fastpref bench OP``):
   logprobs     fastpref.linear_logprobs alone vs the materialized [N, V] logits.
+  outputs      what each per-token output (outputs=) and the soft cap add to the op's time.
   loss-head    DPO / IPO / SimPO from hidden states: materialized (TRL), Liger-Kernel,
                Cut Cross-Entropy and fastpref, over head shapes and batch sizes.
   end-to-end   one DPO step of a causal LM: TRL-style padded forward with full logits, the same
@@ -23,10 +24,10 @@ from typing import Dict, List, Optional
 
 from tqdm.auto import tqdm
 
-from . import end_to_end, logprobs, loss_head
+from . import end_to_end, logprobs, loss_head, outputs
 from .report import load_average, write_outputs
 
-OPS = {module.NAME: module for module in (logprobs, loss_head, end_to_end)}
+OPS = {module.NAME: module for module in (logprobs, outputs, loss_head, end_to_end)}
 ALL = "all"
 INTERRUPTED = 130
 
