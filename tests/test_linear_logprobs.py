@@ -269,3 +269,28 @@ def test_bias_gradient_sums_unrounded_logit_gradients(backend):
     dz[torch.arange(2, device=hidden.device), targets] += 1
     expected = (grad_out.double()[:, None] * dz).sum(dim=0)
     assert relative_error(d_bias, expected.to(torch.bfloat16)) <= 2**-7
+
+
+def test_scratch_budget_is_a_per_call_argument(monkeypatch):
+    """scratch_bytes= sets this call's slab width; the process-wide setter only its default."""
+    budgets = []
+    slab_columns = triton_backend.slab_columns
+
+    def spy(num_rows, vocab, element_bytes, budget, multiple=1):
+        budgets.append(budget)
+        return slab_columns(num_rows, vocab, element_bytes, budget, multiple)
+
+    monkeypatch.setattr(triton_backend, "slab_columns", spy)
+    inputs = make_inputs(23, 40, 301, torch.float32, with_bias=True, ignore_every=5)
+    hidden, weight, bias, targets, grad_out = inputs
+    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
+    narrow = fastpref.linear_logprobs(*leaves[:2], targets, bias=leaves[2], backend="triton", scratch_bytes=1)
+    narrow_grads = torch.autograd.grad((narrow * grad_out).sum(), leaves)
+    wide = fastpref.linear_logprobs(*leaves[:2], targets, bias=leaves[2], backend="triton")
+    wide_grads = torch.autograd.grad((wide * grad_out).sum(), leaves)
+    from fastpref.backends.scratch import scratch_bytes
+
+    assert budgets == [1, scratch_bytes()]
+    assert relative_error(narrow, wide) <= 1e-6
+    for a, b in zip(narrow_grads, wide_grads):
+        assert relative_error(a, b) <= 1e-5
