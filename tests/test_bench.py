@@ -198,8 +198,8 @@ def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
 
 def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
     real = logprobs.method_function
-    monkeypatch.setattr(logprobs, "method_function", lambda name: (
-        lambda h, w, t: real(name)(h, w, t) + 0.5) if name == "fastpref-torch" else real(name))
+    monkeypatch.setattr(logprobs, "method_function", lambda name, *count: (
+        lambda h, w, t: real(name, *count)(h, w, t) + 0.5) if name == "fastpref-torch" else real(name, *count))
 
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
 
@@ -214,7 +214,8 @@ def test_logprobs_broken_method_is_a_row_and_the_others_are_measured(monkeypatch
     def broken(h, w, t):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(logprobs, "method_function", lambda name: broken if name == "materialized" else real(name))
+    monkeypatch.setattr(logprobs, "method_function",
+                        lambda name, *count: broken if name == "materialized" else real(name, *count))
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
 
     out = capsys.readouterr()

@@ -90,12 +90,15 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                   heads=options.heads_from_args(args), warmup=chosen["warmup"], repeat=chosen["repeat"])
 
 
-def method_function(method: str) -> Callable[..., torch.Tensor]:
-    """(hidden, weight, targets) -> [N] log-probs for a method name in the table."""
+def method_function(method: str, num_kept: Optional[int] = None) -> Callable[..., torch.Tensor]:
+    """(hidden, weight, targets) -> [N] log-probs for a method name in the table. num_kept: the
+    targets that count, known on the host as a packed layout knows them (fastpref then computes
+    those rows only)."""
     if method == BASELINE:
         return lambda h, w, t: materialized_logprobs(h, w, t)
     backend = method[len("fastpref-"):]
-    return lambda h, w, t: fastpref.linear_logprobs(h, w, t, ignore_index=IGNORE_INDEX, backend=backend)
+    return lambda h, w, t: fastpref.linear_logprobs(h, w, t, ignore_index=IGNORE_INDEX, num_kept=num_kept,
+                                                    backend=backend)
 
 
 def methods(cfg: Config) -> List[str]:
@@ -153,7 +156,7 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
 
 
 def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -> Candidate:
-    fn = method_function(row.method)
+    fn = method_function(row.method, row.scored)
 
     def step() -> torch.Tensor:
         logp = fn(hidden, weight, targets)
