@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .grouped_tiles import grouped_tile
-from .logits_tile import logits_tile, transform_logits, transform_slope
+from .logits_tile import logits_tile, soft_cap_slope, transform_logits
 
 
 @triton.jit
@@ -62,11 +62,15 @@ def _logit_gradient_kernel(
     if HAS_ENTROPY_GRAD:
         entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
         g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
-        entropy_term = g_entropy[:, None] * p * (log_p + entropy[:, None])
+        # 0 where p is (a logit of -inf), not 0 (-inf)
+        entropy_term = tl.where(p > 0, g_entropy[:, None] * p * (log_p + entropy[:, None]), 0.0)
         dz = tl.where(is_target, g[:, None] * miss[:, None], -g[:, None] * p) - entropy_term
     else:
         dz = g[:, None] * tl.where(is_target, miss[:, None], -p)
-    dz = dz * transform_slope(z, pre, post, HAS_SOFTCAP)
+    if HAS_SOFTCAP:
+        dz = dz * soft_cap_slope(z, pre, post)
+    else:
+        dz = dz * pre
     tl.store(dz_ptr + rows[:, None] * dz_row_stride + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
     if NEED_BIAS_GRAD:

@@ -80,7 +80,8 @@ def _forward_kernel(
         sum_excl = sum_excl * alpha + tl.sum(tl.where(is_target, 0.0, exp_z), axis=1)
         if HAS_ENTROPY:
             shift = (tl.where(sum_all > 0, running_max, new_max) - new_max) * sum_all  # 0 before any column
-            shifted = alpha * (shifted + shift) + tl.sum(exp_z * tl.where(col_mask[None, :], shifted_z, 0.0), axis=1)
+            # a column of logit -inf (masked, or outside the split) adds exp(-inf) (-inf) = 0, not nan
+            shifted = alpha * (shifted + shift) + tl.sum(tl.where(exp_z > 0, exp_z * shifted_z, 0.0), axis=1)
             sum_all = sum_all * alpha + tl.sum(exp_z, axis=1)
         if HAS_SUM_SQ:
             sum_sq = sum_sq * alpha * alpha + tl.sum(exp_z * exp_z, axis=1)

@@ -47,9 +47,7 @@ def transform_logits(x, pre, post, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def transform_slope(z, pre, post, HAS_SOFTCAP: tl.constexpr):
-    """dz/dx at z: pre post (1 - tanh^2), tanh = z / post, under a soft cap; pre without."""
-    if HAS_SOFTCAP:
-        tanh_value = z / post
-        return pre * post * (1.0 - tanh_value * tanh_value)
-    return pre
+def soft_cap_slope(z, pre, post):
+    """dz/dx at z under a soft cap: pre post (1 - tanh^2), tanh = z / post (pre without one)."""
+    tanh_value = z / post
+    return pre * post * (1.0 - tanh_value * tanh_value)

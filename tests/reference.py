@@ -115,7 +115,7 @@ def reference_head_outputs(hidden, weight, targets, bias=None, ignore_index=-100
     top2 = logits.topk(min(2, logits.shape[1]), dim=-1).values
     outputs = {
         "log_probs": log_p.gather(1, safe)[:, 0],
-        "entropy": -(p * log_p).sum(dim=-1),
+        "entropy": -(p * torch.where(torch.isinf(log_p), 0.0, log_p)).sum(dim=-1),  # 0 log 0 = 0
         "log_sum_sq_probs": torch.log((p * p).sum(dim=-1)),
         "mean_logits": logits.mean(dim=-1),
         "is_top1": logits.argmax(dim=-1) == t,

@@ -178,3 +178,30 @@ def test_identity_transform_changes_nothing(backend):
     explicit = fastpref.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend, logit_scale=1,
                                         softcap=None, temperature=1.0)
     assert torch.equal(plain, explicit)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_masked_vocabulary_columns_give_finite_outputs(backend, trainable_head):
+    """A bias of -inf on some columns (a vocabulary masked out): p = 0 there, and every output and
+    gradient, the entropy's included, stays finite and matches float64 (0 log 0 = 0)."""
+    hidden, weight, bias, targets, grad_out = make_inputs(19, 24, 130, torch.float32, with_bias=True, seed=7)
+    bias[:40] = float("-inf")
+    bias[70:75] = float("-inf")
+    targets = 75 + targets % 55  # targets among the columns left
+    targets[::5] = -100
+    leaves = [x.detach().requires_grad_(r) for x, r in ((hidden, True), (weight, trainable_head), (bias, False))]
+    # no soft cap here: it would bend -inf to -softcap, and nothing would be masked
+    got = fastpref.linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], outputs=ALL_OUTPUTS, backend=backend,
+                                   temperature=0.8)
+    wanted = [x for x in leaves if x.requires_grad]
+    grads = torch.autograd.grad((got.log_probs * grad_out).sum() + got.entropy.sum(), wanted)
+    ref_leaves = [x.detach().double().requires_grad_(x.requires_grad) for x in leaves]
+    ref = reference_head_outputs(ref_leaves[0], ref_leaves[1], targets, ref_leaves[2], temperature=0.8)
+    expected = torch.autograd.grad((ref["log_probs"] * grad_out.double()).sum() + ref["entropy"].sum(),
+                                   [x for x in ref_leaves if x.requires_grad])
+    for name in ("log_probs", "entropy", "log_sum_sq_probs"):
+        assert relative_error(getattr(got, name), ref[name]) <= 1e-5, name
+    assert torch.isneginf(got.mean_logits[targets != -100]).all()  # the mean of logits with some -inf
+    for ours, theirs in zip(grads, expected):
+        assert relative_error(ours, theirs) <= 1e-5

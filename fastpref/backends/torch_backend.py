@@ -162,8 +162,10 @@ class _RowStatistics:
             # every column so far: the target's term joins once its block has passed
             sum_all = self.sum_excl + torch.where(targets < v0, torch.exp(self.target - self.row_max), 0.0)
             exp_z = shifted_z.exp()
+            # a column of logit -inf adds exp(-inf) x (the lowest float) = 0, not exp(-inf) (-inf) = nan
+            lowest = torch.finfo(shifted_z.dtype).min
             self.shifted = alpha * (self.shifted + shift_term(self.row_max, new_max, sum_all)) \
-                + torch.linalg.vecdot(exp_z, shifted_z)
+                + torch.linalg.vecdot(exp_z, shifted_z.clamp_(min=lowest))
         else:
             exp_z = shifted_z.exp_()
         if self.sum_sq is not None:
@@ -310,8 +312,10 @@ def _logit_gradient(z, targets, v0, v1, lse, miss, g, g_entropy, entropy) -> tor
         dz = log_p.exp_().mul_(-g[:, None])
         _set_target_entries(dz, hit, column, g * miss)
         return dz
-    log_p_target = _target_entries(log_p, column)
-    coefficient = (log_p + entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None])
+    # log p of a logit of -inf taken as the lowest float: its term p (log p + H) is then 0, not nan
+    lowest = torch.finfo(log_p.dtype).min
+    log_p_target = _target_entries(log_p, column).clamp(min=lowest)
+    coefficient = log_p.clamp(min=lowest).add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None])
     dz = log_p.exp_().mul_(coefficient).neg_()
     at_target = g * miss - g_entropy * torch.exp(log_p_target) * (log_p_target + entropy)
     _set_target_entries(dz, hit, column, at_target)

@@ -10,7 +10,7 @@ written once); no atomics.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -40,6 +40,17 @@ class KernelConfig:
     num_stages: int
     programs_wanted: int  # the forward splits V until about this many programs run
     group_n: int = 8  # row blocks rasterised together in the backward (L2 reuse of the weight tile)
+    # rows per tile when the forward's epilogue also carries the per-token outputs' sums, and when
+    # the backward's carries the entropy's gradient term: more live values per row than a full tile
+    # leaves registers for (the compile gate finds the spills)
+    outputs_block_n: int = 0
+    entropy_block_n: int = 0
+
+    def for_outputs(self, outputs) -> "KernelConfig":
+        return replace(self, block_n=self.outputs_block_n) if outputs and self.outputs_block_n else self
+
+    def for_entropy_gradient(self, wanted: bool) -> "KernelConfig":
+        return replace(self, block_n=self.entropy_block_n) if wanted and self.entropy_block_n else self
 
 
 # Tiles for Triton's CPU interpreter: tiny, since it runs every program in Python.
@@ -55,15 +66,20 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     Half precision takes 128 x 128 tiles (64 FLOP per byte of operands; 64 x 128 gives 43, too
     little to feed the tensor cores from L2); K-steps of 64 on sm_90 (254 registers in the forward,
     no spill; 128 x 256 spills) and 32 on sm_80 (mma.sync keeps its accumulators in registers).
+    With the per-token outputs' sums the forward's 128-row tiles spill (56 B on sm_90, 1.2 KB on
+    sm_80): 64 rows (212 / 194 registers, no spill); so does the backward's with the entropy's
+    gradient term on sm_80 (496 B): 64 rows there, 128 on sm_90 (no spill).
     """
     if capability is None:
         return INTERPRETER_CONFIG
     programs = 2 * multiprocessors
     if dtype == torch.float32:
-        return KernelConfig(32, 64, 32, num_warps=8, num_stages=2, programs_wanted=programs)
+        return KernelConfig(32, 64, 32, num_warps=8, num_stages=2, programs_wanted=programs,
+                            outputs_block_n=16, entropy_block_n=16)
     if capability < 90:
-        return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs)
-    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs)
+        return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs,
+                            outputs_block_n=64, entropy_block_n=64)
+    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs, outputs_block_n=64)
 
 
 def config_for(hidden: torch.Tensor) -> KernelConfig:
@@ -84,9 +100,9 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
 
     if fold_hidden_gradient:
         return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
-    cfg = config or config_for(hidden)
-    row_blocks = -(-hidden.shape[0] // cfg.block_n)
     transform, outputs = options.transform, options.outputs
+    cfg = (config or config_for(hidden)).for_outputs(outputs)
+    row_blocks = -(-hidden.shape[0] // cfg.block_n)
     sums = linear_logprobs_forward(
         hidden, weight, bias, targets, pre=transform.pre, post=transform.post,
         softcap=transform.softcap is not None, entropy="entropy" in outputs,
@@ -114,7 +130,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     if saved.hidden_grad_direction is not None:
         return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, options,
                                       need_hidden, need_weight, need_bias)
-    cfg = config or config_for(hidden)
+    cfg = (config or config_for(hidden)).for_entropy_gradient(grad_entropy is not None)
     transform = options.transform
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
