@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import fastpref
-from fastpref.backends import cuda_backend, scratch_bytes, torch_backend
+from fastpref.backends import HeadOptions, cuda_backend, torch_backend
+from fastpref.backends.scratch import scratch_bytes
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
 from reference import reference_kto_loss, relative_error
 from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
@@ -288,10 +289,10 @@ def test_many_slabs_match_one_slab(dtype, with_bias):
     rows, columns, vocab = 70, 37, 600
     inputs = make_inputs(rows, 64, vocab, dtype, with_bias=with_bias)
     with scratch_budget(1 << 30):
-        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == vocab
+        assert cuda_backend._Slabs(inputs[0], inputs[1], scratch_bytes()).columns == vocab
         logp_one, grads_one = run_and_compare("cuda", *inputs)
     with scratch_budget(slab_budget(rows, columns, dtype)):
-        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == columns
+        assert cuda_backend._Slabs(inputs[0], inputs[1], scratch_bytes()).columns == columns
         logp_many, grads_many = run_and_compare("cuda", *inputs)
     assert relative_error(logp_many, logp_one) <= 1e-6
     for many, one in zip(grads_many, grads_one):
@@ -311,7 +312,7 @@ def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
     bias[-7:] = float("-inf")
     targets = torch.randint(50, 293, (rows,), device=targets.device)
     with scratch_budget(slab_budget(rows, columns, dtype)):
-        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
         run_and_compare("cuda", hidden, weight, bias, targets, grad_out)
 
 
@@ -324,7 +325,7 @@ def test_compensated_hidden_gradient_rounds_about_once():
     rows, width, vocab, columns = 40, 64, 1000, 20
     hidden, weight, _, targets, grad_out = make_inputs(rows, width, vocab, torch.bfloat16)
     with scratch_budget(slab_budget(rows, columns, torch.bfloat16)):
-        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
         leaf = hidden.detach().requires_grad_()
         trainable = weight.detach().requires_grad_()  # a frozen head would take the torch backend
         logp = fastpref.linear_logprobs(leaf, trainable, targets, backend="cuda")
@@ -370,22 +371,21 @@ def test_bias_gradient_sums_unrounded_logit_gradients():
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_frozen_head_takes_the_torch_backends_one_pass(dtype):
-    """Weight and bias without gradients, hidden gradient wanted: the forward is the torch
-    backend's slab pass that also returns u = W_t - sum_v p_v W_v, the backward its scale g u
-    (4NHV in all). A trainable bias makes the head trainable: the slab kernels run, no u."""
+    """The op folds the hidden gradient into the forward (a frozen head, no entropy): the forward
+    is the torch backend's slab pass that also returns u = W_t - sum_v p_v W_v, the backward its
+    scale g u (4NHV in all)."""
     hidden, weight, bias, targets, grad_out = make_inputs(37, 48, 501, dtype, with_bias=True)
-    ours = cuda_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
-    theirs = torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    options = HeadOptions()
+    ours = cuda_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
+    theirs = torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     assert ours.hidden_grad_direction is not None
     for field in ("logp", "lse", "miss", "hidden_grad_direction"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
-    d_hidden, d_weight, d_bias = cuda_backend.backward(hidden, weight, bias, targets, ours, grad_out,
-                                                       True, False, False)
-    expected = torch_backend.backward(hidden, weight, bias, targets, theirs, grad_out, True, False, False)
+    d_hidden, d_weight, d_bias = cuda_backend.backward(hidden, weight, bias, targets, ours, grad_out, None,
+                                                       options, True, False, False)
+    expected = torch_backend.backward(hidden, weight, bias, targets, theirs, grad_out, None, options,
+                                      True, False, False)
     assert torch.equal(d_hidden, expected[0]) and d_weight is None and d_bias is None
-    trainable_bias = bias.detach().requires_grad_()
-    assert cuda_backend.forward(hidden, weight, trainable_bias, targets,
-                                want_hidden_grad=True).hidden_grad_direction is None
 
 
 @pytest.mark.gpu
