@@ -117,20 +117,36 @@ def _prepared(hidden, weight, bias, targets):
             _index(targets))
 
 
+# The rows' online-softmax state slab_softmax_update carries (backends.online_softmax), with the
+# values it starts from: the first three always, the others for the outputs that need them.
+_ROW_STATE = {"row_max": float("-inf"), "sum_excl": 0.0, "target_logit": 0.0, "sum_all": 0.0, "shifted": 0.0,
+              "sum_sq": 0.0, "logit_sum": 0.0, "max_before": float("-inf")}
+_STATE_OF_OUTPUT = {"entropy": ("sum_all", "shifted"), "log_sum_sq_probs": ("sum_sq",),
+                    "mean_logits": ("logit_sum",), "is_top1": ("max_before",)}
+
+
+def _transform_arguments(options: HeadOptions) -> dict:
+    transform = options.transform
+    return dict(pre=transform.pre, post=transform.post, softcap=transform.softcap is not None)
+
+
 def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
     if fold_hidden_gradient:
         return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows = hidden.shape[0]
-    running_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
-    sum_excl = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    names = ["row_max", "sum_excl", "target_logit"]
+    names += [name for output in sorted(options.outputs) for name in _STATE_OF_OUTPUT[output]]
+    state = {name: torch.full((num_rows,), _ROW_STATE[name], dtype=torch.float32, device=hidden.device)
+             for name in names}
     slabs = _Slabs(hidden, weight, options.scratch_bytes)
     for start, stop, logits in slabs:
-        _C.slab_softmax_update(row_max=running_max.data_ptr(), sum_excl=sum_excl.data_ptr(),
-                               target_logit=target_logit.data_ptr(),
+        _C.slab_softmax_update(**{name: _pointer(state.get(name)) for name in _ROW_STATE},
+                               **_transform_arguments(options),
                                **_slab_arguments(slabs, bias, targets, start, stop, logits))
-    return merge_vocabulary_parts(running_max[None], sum_excl[None], target_logit[None], vocab=weight.shape[0])
+    parts = {name: values[None] for name, values in state.items()}
+    return merge_vocabulary_parts(parts.pop("row_max"), parts.pop("sum_excl"), parts.pop("target_logit"),
+                                  vocab=weight.shape[0], **parts)
 
 
 class _HiddenGradient:
@@ -178,6 +194,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     lse, miss, grad = _float32(saved.lse), _float32(saved.miss), _float32(grad_logp)
+    entropy = None if grad_entropy is None else _float32(saved.entropy)
+    grad_entropy = None if grad_entropy is None else _float32(grad_entropy)
     slabs = _Slabs(hidden, weight, options.scratch_bytes)
     d_hidden = _HiddenGradient(hidden, slabs.scratch) if need_hidden else None
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
@@ -186,7 +204,9 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     for start, stop, logits in slabs:
         dz = dz_scratch[:num_rows * (stop - start)].view(num_rows, stop - start)
         _C.slab_logit_gradient(lse=lse.data_ptr(), miss=miss.data_ptr(), grad_logp=grad.data_ptr(),
+                               entropy=_pointer(entropy), grad_entropy=_pointer(grad_entropy),
                                dz=dz.data_ptr(), float32_dz_into_logits=need_bias,
+                               **_transform_arguments(options),
                                **_slab_arguments(slabs, bias, targets, start, stop, logits))
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
