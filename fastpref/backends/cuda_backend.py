@@ -5,25 +5,28 @@ speed from cuBLAS: the matmuls are torch's own (cuBLAS, float32 output), and the
 
 The linear log-probs run over vocabulary slabs of S columns spanning all N rows, S the widest
 whose float32 logits plus a logit gradient in the inputs' dtype fit the scratch budget
-(fastpref.set_scratch_bytes): S = budget / (N (4 + element bytes)). Per slab W_s:
+(fastpref.set_scratch_bytes): S = budget / (N (4 + element bytes)). Per slab W_s, with z = s(x + b)
+the transformed logits (fastpref.logit_transform: the kernels take its pre, post and soft-cap flag)
+and J = dz/dx:
 
 - forward: x = h W_s^T (cuBLAS, 2NHS FLOPs), then slab_softmax_update (csrc/slab_epilogues.cu)
-  adds the bias and carries each row's online softmax across slabs,
-      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),  z_t;
-  after the last slab, lse = m + log(s + exp(z_t - m)) and miss = s / (s + exp(z_t - m)) = 1 - p_t
-  (merge_vocabulary_splits of the one state) and logp (target_logprob).
+  adds the bias, transforms, and carries each row's online softmax across slabs,
+      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),  z_t,
+  and the sums of the per-token outputs asked for (backends.online_softmax); after the last slab
+  merge_vocabulary_parts of the one state gives lse, miss = 1 - p_t, logp and the outputs.
 - backward: x recomputed (2NHS); slab_logit_gradient writes, in the inputs' dtype,
-      dz = -g exp(z - lse) off the target, g miss on it;
-  then d_weight[slab] = dz^T h (cuBLAS, written once in the weight's dtype, 2NHS),
-  d_bias[slab] = sum_n dz (over the unrounded float32 dz the kernel leaves in the logits' place)
-  and d_hidden += dz W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
+      dx = J dz,  dz = -g p off the target, g miss on it, - g_H p (log p + H) with the entropy's gradient;
+  then d_weight[slab] = dx^T h (cuBLAS, written once in the weight's dtype, 2NHS),
+  d_bias[slab] = sum_n dx (over the unrounded float32 dx the kernel leaves in the logits' place)
+  and d_hidden += dx W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
   d_hidden = hi in its own dtype plus a bfloat16 compensation buffer lo, the product taken in
   float32 row chunks and folded in by compensated_accumulate (csrc/compensated_accumulate.cu):
   s = hi + lo + p, hi = round(s), lo = round_bf16(s - hi), so d_hidden is rounded about once
   however many slabs there are, without a float32 [N, H].
-- a frozen head whose hidden gradient is wanted takes the torch backend's slab forward that also
-  accumulates u = W_t - sum_v p_v W_v (cuBLAS and element-wise ops), after which the backward is a
-  scale: 4NHV FLOPs in all instead of 6NHV.
+- a frozen head whose hidden gradient the op folds into the forward (no entropy asked for)
+  takes the torch backend's slab forward that also accumulates u = J_t W_t - sum_v p_v J_v W_v
+  (cuBLAS and element-wise ops), after which the backward is a scale: 4NHV FLOPs in all instead of
+  6NHV.
 
 Trainable head: 8NHV FLOPs, all of them in cuBLAS GEMMs. Extra memory: the budget, plus for half
 precision the bfloat16 lo [N, H] (the float32 product chunks reuse the logits slab). No kernel here
