@@ -55,16 +55,35 @@ DType dtype_of(int code) {
   }
 }
 
+// Numbers reach the kernels as float32: checked after the conversion, so that a finite double
+// past float32's range (1e39) is rejected rather than turned into inf.
 float positive(const char* name, double value) {
-  if (!(value > 0.0) || !std::isfinite(value)) {
-    invalid(std::string(name) + " must be a finite number > 0, got " + std::to_string(value));
+  const float converted = static_cast<float>(value);
+  if (!(converted > 0.0f) || !std::isfinite(converted)) {
+    invalid(std::string(name) + " must be a finite float32 number > 0, got " + std::to_string(value));
   }
-  return static_cast<float>(value);
+  return converted;
 }
 
 float finite(const char* name, double value) {
-  if (!std::isfinite(value)) invalid(std::string(name) + " must be finite, got " + std::to_string(value));
-  return static_cast<float>(value);
+  const float converted = static_cast<float>(value);
+  if (!std::isfinite(converted)) {
+    invalid(std::string(name) + " must be a finite float32 number, got " + std::to_string(value));
+  }
+  return converted;
+}
+
+// Optional pointers that come together: both given or both null.
+void check_pair(const char* name, std::uintptr_t address, const char* partner, std::uintptr_t partner_address) {
+  if ((address == 0) != (partner_address == 0)) {
+    const bool missing = address == 0;
+    invalid(std::string(missing ? name : partner) + " must be given with " + (missing ? partner : name) +
+            " (both device pointers or both null), got null (0)");
+  }
+}
+
+LogitTransformArgs logit_transform(double pre, double post, bool softcap) {
+  return {finite("pre", pre), positive("post", post), softcap};
 }
 
 LaunchContext context(int64_t device, std::uintptr_t stream) {
@@ -87,16 +106,25 @@ void check_slab(int64_t num_rows, int64_t columns, int64_t slab_start, int64_t v
 
 void slab_softmax_update(std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t targets,
                          std::uintptr_t row_max, std::uintptr_t sum_excl,
-                         std::uintptr_t target_logit, int64_t num_rows, int64_t columns,
+                         std::uintptr_t target_logit, std::uintptr_t sum_all, std::uintptr_t shifted,
+                         std::uintptr_t sum_sq, std::uintptr_t logit_sum, std::uintptr_t max_before,
+                         double pre, double post, bool softcap, int64_t num_rows, int64_t columns,
                          int64_t slab_start, int64_t vocab, int dtype, int64_t device,
                          std::uintptr_t stream) {
   SlabSoftmaxArgs args{};
   args.logits = pointer<const float*>("logits", logits);
   args.bias = optional_pointer<const void*>(bias);
   args.targets = pointer<const int64_t*>("targets", targets);
-  args.row_max = pointer<float*>("row_max", row_max);
-  args.sum_excl = pointer<float*>("sum_excl", sum_excl);
-  args.target_logit = pointer<float*>("target_logit", target_logit);
+  args.state.row_max = pointer<float*>("row_max", row_max);
+  args.state.sum_excl = pointer<float*>("sum_excl", sum_excl);
+  args.state.target_logit = pointer<float*>("target_logit", target_logit);
+  check_pair("sum_all", sum_all, "shifted", shifted);
+  args.state.sum_all = optional_pointer<float*>(sum_all);
+  args.state.shifted = optional_pointer<float*>(shifted);
+  args.state.sum_sq = optional_pointer<float*>(sum_sq);
+  args.state.logit_sum = optional_pointer<float*>(logit_sum);
+  args.state.max_before = optional_pointer<float*>(max_before);
+  args.transform = logit_transform(pre, post, softcap);
   check_slab(num_rows, columns, slab_start, vocab);
   args.num_rows = num_rows;
   args.columns = columns;
@@ -108,9 +136,10 @@ void slab_softmax_update(std::uintptr_t logits, std::uintptr_t bias, std::uintpt
 
 void slab_logit_gradient(std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t targets,
                          std::uintptr_t lse, std::uintptr_t miss, std::uintptr_t grad_logp,
-                         std::uintptr_t dz, bool float32_dz_into_logits, int64_t num_rows,
-                         int64_t columns, int64_t slab_start, int64_t vocab, int dtype,
-                         int64_t device, std::uintptr_t stream) {
+                         std::uintptr_t entropy, std::uintptr_t grad_entropy, std::uintptr_t dz,
+                         bool float32_dz_into_logits, double pre, double post, bool softcap,
+                         int64_t num_rows, int64_t columns, int64_t slab_start, int64_t vocab,
+                         int dtype, int64_t device, std::uintptr_t stream) {
   SlabGradientArgs args{};
   args.logits = pointer<float*>("logits", logits);
   args.bias = optional_pointer<const void*>(bias);
@@ -118,8 +147,12 @@ void slab_logit_gradient(std::uintptr_t logits, std::uintptr_t bias, std::uintpt
   args.lse = pointer<const float*>("lse", lse);
   args.miss = pointer<const float*>("miss", miss);
   args.grad_logp = pointer<const float*>("grad_logp", grad_logp);
+  check_pair("entropy", entropy, "grad_entropy", grad_entropy);
+  args.entropy = optional_pointer<const float*>(entropy);
+  args.grad_entropy = optional_pointer<const float*>(grad_entropy);
   args.dz = pointer<void*>("dz", dz);
   args.float32_dz_into_logits = float32_dz_into_logits;
+  args.transform = logit_transform(pre, post, softcap);
   check_slab(num_rows, columns, slab_start, vocab);
   args.num_rows = num_rows;
   args.columns = columns;
@@ -217,20 +250,24 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("slab_softmax_update", &slab_softmax_update, py::kw_only(),
         py::arg("logits"), py::arg("bias"), py::arg("targets"), py::arg("row_max"),
-        py::arg("sum_excl"), py::arg("target_logit"), py::arg("num_rows"), py::arg("columns"),
+        py::arg("sum_excl"), py::arg("target_logit"), py::arg("sum_all"), py::arg("shifted"),
+        py::arg("sum_sq"), py::arg("logit_sum"), py::arg("max_before"), py::arg("pre"),
+        py::arg("post"), py::arg("softcap"), py::arg("num_rows"), py::arg("columns"),
         py::arg("slab_start"), py::arg("vocab"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"), release,
-        "Updates the rows' online-softmax state [num_rows] (float32) with one vocabulary slab's "
-        "logits [num_rows, columns] (float32, bias not yet added).");
+        "Updates the rows' online-softmax state [num_rows] (float32; the output sums where not 0) "
+        "with one vocabulary slab's logits [num_rows, columns] (float32, bias not yet added), "
+        "transformed by (pre, post, softcap).");
 
   m.def("slab_logit_gradient", &slab_logit_gradient, py::kw_only(),
         py::arg("logits"), py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("miss"),
-        py::arg("grad_logp"), py::arg("dz"), py::arg("float32_dz_into_logits"), py::arg("num_rows"),
-        py::arg("columns"),
-        py::arg("slab_start"), py::arg("vocab"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"), release,
+        py::arg("grad_logp"), py::arg("entropy"), py::arg("grad_entropy"), py::arg("dz"),
+        py::arg("float32_dz_into_logits"), py::arg("pre"), py::arg("post"), py::arg("softcap"),
+        py::arg("num_rows"), py::arg("columns"), py::arg("slab_start"), py::arg("vocab"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), release,
         "Writes one vocabulary slab's logit gradient dz [num_rows, columns] in dtype (and in "
-        "float32 over the logits when float32_dz_into_logits is true).");
+        "float32 over the logits when float32_dz_into_logits is true), with the entropy's term "
+        "when entropy and grad_entropy are given.");
 
   m.def("compensated_accumulate", &compensated_accumulate, py::kw_only(),
         py::arg("product"), py::arg("hi"), py::arg("lo"), py::arg("count"), py::arg("dtype"),

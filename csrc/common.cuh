@@ -1,5 +1,5 @@
 // Shared host and device helpers of the CUDA kernels: error checking, the device guard, dtype
-// dispatch and conversions, and warp reductions.
+// and flag dispatch, conversions, and warp reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +8,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fastpref_ops.h"
 
@@ -79,6 +80,17 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
       return;
   }
   throw std::invalid_argument("dtype: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a template argument, so
+// that every variant a launcher can pick is instantiated (and compiled by the gate).
+template <typename Fn>
+void dispatch_flag(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 // ---- Device: conversions --------------------------------------------------------------------

@@ -8,7 +8,8 @@ RuntimeError, and the registry explains why "cuda" cannot run on CPU tensors.
 On a GPU (marked gpu): the kernels against the float64 reference and against the Triton backend,
 on odd shapes, every dtype, ignore patterns, frozen and trainable heads, many vocabulary slabs,
 the compensated half-precision hidden gradient, misaligned rows, 64-bit offsets, side streams,
-and every loss type.
+every logit transform and per-token output (each alone and all together, across slabs, with
+masked columns, the entropy's gradient), and every loss type.
 """
 import contextlib
 import os
@@ -19,10 +20,13 @@ import pytest
 import torch
 
 import fastpref
-from fastpref.backends import cuda_backend, scratch_bytes, torch_backend
+from fastpref.backends import HeadOptions, cuda_backend, torch_backend
+from fastpref.backends.scratch import scratch_bytes
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
-from reference import reference_kto_loss, relative_error
-from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
+import test_head_outputs as head_tests
+from reference import reference_head_outputs, reference_kto_loss, relative_error
+from test_head_outputs import ALL_OUTPUTS, TRANSFORMS, run_and_compare_outputs
+from test_linear_logprobs import DEVICE, TOLERANCE, make_inputs, run_and_compare
 from test_losses import check, check_paired_loss, make_packed_batch
 
 try:
@@ -62,12 +66,14 @@ FAKE = 1 << 20  # a non-null stand-in pointer: validation never dereferences poi
 
 def slab_softmax_arguments():
     return dict(logits=FAKE, bias=0, targets=FAKE, row_max=FAKE, sum_excl=FAKE, target_logit=FAKE,
-                num_rows=5, columns=100, slab_start=200, vocab=300, dtype=0, device=0, stream=0)
+                sum_all=FAKE, shifted=FAKE, sum_sq=0, logit_sum=FAKE, max_before=0, pre=0.8, post=2.5,
+                softcap=True, num_rows=5, columns=100, slab_start=200, vocab=300, dtype=0, device=0, stream=0)
 
 
 def slab_gradient_arguments():
-    return dict(logits=FAKE, bias=FAKE, targets=FAKE, lse=FAKE, miss=FAKE, grad_logp=FAKE, dz=FAKE,
-                float32_dz_into_logits=True, num_rows=5, columns=300, slab_start=0, vocab=300, dtype=1, device=0, stream=0)
+    return dict(logits=FAKE, bias=FAKE, targets=FAKE, lse=FAKE, miss=FAKE, grad_logp=FAKE, entropy=FAKE,
+                grad_entropy=FAKE, dz=FAKE, float32_dz_into_logits=True, pre=-1.5, post=1.0, softcap=False,
+                num_rows=5, columns=300, slab_start=0, vocab=300, dtype=1, device=0, stream=0)
 
 
 def accumulate_arguments():
@@ -120,6 +126,20 @@ OTHER_BAD_ARGUMENTS = [
     ("slab_softmax_update", {"columns": 301}, "columns"),  # wider than the vocabulary
     ("slab_softmax_update", {"slab_start": 201}, "slab_start"),  # past the vocabulary's end
     ("slab_softmax_update", {"slab_start": -1}, "slab_start"),
+    # the logit transform: pre any finite float32 (a negative logit scale too), post > 0
+    ("slab_softmax_update", {"pre": float("nan")}, "pre"),
+    ("slab_softmax_update", {"pre": 1e39}, "pre"),  # finite as a double, inf as the kernel's float
+    ("slab_softmax_update", {"post": 0.0}, "post"),
+    ("slab_softmax_update", {"post": -2.5}, "post"),
+    ("slab_softmax_update", {"post": float("inf")}, "post"),
+    # the entropy's two sums come together
+    ("slab_softmax_update", {"sum_all": 0}, "sum_all"),
+    ("slab_softmax_update", {"shifted": 0}, "shifted"),
+    ("slab_logit_gradient", {"pre": float("-inf")}, "pre"),
+    ("slab_logit_gradient", {"post": float("nan")}, "post"),
+    ("slab_logit_gradient", {"post": 1e-50}, "post"),  # 0 as the kernel's float
+    ("slab_logit_gradient", {"entropy": 0}, "entropy"),
+    ("slab_logit_gradient", {"grad_entropy": 0}, "grad_entropy"),
     ("slab_logit_gradient", {"dtype": 9}, "dtype"),
     ("slab_logit_gradient", {"device": -2}, "device"),
     ("slab_logit_gradient", {"slab_start": 1}, "slab_start"),
@@ -133,6 +153,7 @@ OTHER_BAD_ARGUMENTS = [
     ("preference_pair_loss", {"label_smoothing": 0.5}, "label_smoothing"),
     ("preference_pair_loss", {"label_smoothing": -0.1}, "label_smoothing"),
     ("preference_pair_loss", {"simpo_gamma": float("inf")}, "simpo_gamma"),
+    ("preference_pair_loss", {"beta": 1e39}, "beta"),
     ("preference_pair_loss", {"device": -1}, "device"),
     ("kto_loss", {"beta": -1.0}, "beta"),
     ("kto_loss", {"desirable_weight": 0.0}, "desirable_weight"),
@@ -288,10 +309,10 @@ def test_many_slabs_match_one_slab(dtype, with_bias):
     rows, columns, vocab = 70, 37, 600
     inputs = make_inputs(rows, 64, vocab, dtype, with_bias=with_bias)
     with scratch_budget(1 << 30):
-        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == vocab
+        assert cuda_backend._Slabs(inputs[0], inputs[1], scratch_bytes()).columns == vocab
         logp_one, grads_one = run_and_compare("cuda", *inputs)
     with scratch_budget(slab_budget(rows, columns, dtype)):
-        assert cuda_backend._Slabs(inputs[0], inputs[1]).columns == columns
+        assert cuda_backend._Slabs(inputs[0], inputs[1], scratch_bytes()).columns == columns
         logp_many, grads_many = run_and_compare("cuda", *inputs)
     assert relative_error(logp_many, logp_one) <= 1e-6
     for many, one in zip(grads_many, grads_one):
@@ -311,7 +332,7 @@ def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
     bias[-7:] = float("-inf")
     targets = torch.randint(50, 293, (rows,), device=targets.device)
     with scratch_budget(slab_budget(rows, columns, dtype)):
-        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
         run_and_compare("cuda", hidden, weight, bias, targets, grad_out)
 
 
@@ -324,7 +345,7 @@ def test_compensated_hidden_gradient_rounds_about_once():
     rows, width, vocab, columns = 40, 64, 1000, 20
     hidden, weight, _, targets, grad_out = make_inputs(rows, width, vocab, torch.bfloat16)
     with scratch_budget(slab_budget(rows, columns, torch.bfloat16)):
-        assert cuda_backend._Slabs(hidden, weight).columns == columns
+        assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
         leaf = hidden.detach().requires_grad_()
         trainable = weight.detach().requires_grad_()  # a frozen head would take the torch backend
         logp = fastpref.linear_logprobs(leaf, trainable, targets, backend="cuda")
@@ -370,22 +391,21 @@ def test_bias_gradient_sums_unrounded_logit_gradients():
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_frozen_head_takes_the_torch_backends_one_pass(dtype):
-    """Weight and bias without gradients, hidden gradient wanted: the forward is the torch
-    backend's slab pass that also returns u = W_t - sum_v p_v W_v, the backward its scale g u
-    (4NHV in all). A trainable bias makes the head trainable: the slab kernels run, no u."""
+    """The op folds the hidden gradient into the forward (a frozen head, no entropy): the forward
+    is the torch backend's slab pass that also returns u = W_t - sum_v p_v W_v, the backward its
+    scale g u (4NHV in all)."""
     hidden, weight, bias, targets, grad_out = make_inputs(37, 48, 501, dtype, with_bias=True)
-    ours = cuda_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
-    theirs = torch_backend.forward(hidden, weight, bias, targets, want_hidden_grad=True)
+    options = HeadOptions()
+    ours = cuda_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
+    theirs = torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     assert ours.hidden_grad_direction is not None
     for field in ("logp", "lse", "miss", "hidden_grad_direction"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
-    d_hidden, d_weight, d_bias = cuda_backend.backward(hidden, weight, bias, targets, ours, grad_out,
-                                                       True, False, False)
-    expected = torch_backend.backward(hidden, weight, bias, targets, theirs, grad_out, True, False, False)
+    d_hidden, d_weight, d_bias = cuda_backend.backward(hidden, weight, bias, targets, ours, grad_out, None,
+                                                       options, True, False, False)
+    expected = torch_backend.backward(hidden, weight, bias, targets, theirs, grad_out, None, options,
+                                      True, False, False)
     assert torch.equal(d_hidden, expected[0]) and d_weight is None and d_bias is None
-    trainable_bias = bias.detach().requires_grad_()
-    assert cuda_backend.forward(hidden, weight, trainable_bias, targets,
-                                want_hidden_grad=True).hidden_grad_direction is None
 
 
 @pytest.mark.gpu
@@ -403,6 +423,155 @@ def test_misaligned_rows_take_the_element_load_path(dtype):
 
     assert shifted(hidden).data_ptr() % 16 != 0
     run_and_compare("cuda", shifted(hidden), shifted(weight), bias, targets, grad_out)
+
+
+# ---- logit transforms and per-token outputs (tests/test_head_outputs.py's checks) ------------
+
+TRANSFORMS_AND_NONE = {"none": {}, **TRANSFORMS}
+# A one-column vocabulary (every output exact: p = 1), then odd shapes. No tiny vocabularies of a
+# few columns: near-certain rows there have entropies and log sum p^2 near 0 that float32 sums
+# cannot give to 1e-5 relative, whatever the backend (the torch backend misses too).
+OUTPUT_SHAPES = [(2, 16, 1), (37, 70, 301), (65, 33, 129), (257, 200, 4099)]
+EACH_OUTPUT = [("log_probs",), ("entropy",), ("log_sum_sq_probs",), ("mean_logits",), ("is_top1",)]
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("transform", TRANSFORMS_AND_NONE.values(), ids=TRANSFORMS_AND_NONE.keys())
+@pytest.mark.parametrize("shape", OUTPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, shape):
+    """Every output at once, log_probs and entropy differentiated: the kernels' output and
+    entropy-gradient variants, under each transform (a frozen head with the entropy runs the slab
+    backward for d_hidden alone)."""
+    inputs = make_inputs(*shape, dtype, with_bias=trainable_head, ignore_every=5)
+    run_and_compare_outputs("cuda", *inputs, transform=transform, trainable_head=trainable_head)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("outputs", EACH_OUTPUT, ids=lambda o: o[0])
+def test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head):
+    """Each output's sums alone (the others' pointers null), carried over 9 slabs of 37 columns, the
+    soft cap on. A frozen head without the entropy takes the torch backend's one pass."""
+    rows, columns = 23, 37
+    inputs = make_inputs(rows, 40, 301, dtype, with_bias=True, ignore_every=4)
+    with scratch_budget(slab_budget(rows, columns, dtype)):
+        assert cuda_backend._Slabs(inputs[0], inputs[1], scratch_bytes()).columns == columns
+        run_and_compare_outputs("cuda", *inputs, transform=TRANSFORMS["all"], outputs=outputs,
+                                trainable_head=trainable_head)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_outputs_over_many_slabs_match_one_slab(dtype):
+    """All outputs over 17 slabs of 37 columns (the last ragged) equal the one-slab result up to
+    float32 rounding: the sums relative to the running maximum, the entropy's shift term, the
+    first maximum before the target, merged slab after slab."""
+    rows, columns, vocab = 70, 37, 600
+    inputs = make_inputs(rows, 64, vocab, dtype, with_bias=True, ignore_every=6)
+    results = []
+    for budget in (1 << 30, slab_budget(rows, columns, dtype)):
+        with scratch_budget(budget):
+            results.append(run_and_compare_outputs("cuda", *inputs, transform=TRANSFORMS["all"]))
+    (one, grads_one), (many, grads_many) = results
+    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert relative_error(getattr(many, name), getattr(one, name)) <= 1e-5, name
+    for ours, theirs in zip(grads_many, grads_one):
+        assert relative_error(ours, theirs) <= (1e-5 if dtype == torch.float32 else 2**-8)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_soft_cap_bends_large_logits():
+    head_tests.test_soft_cap_bends_large_logits("cuda")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_entropy_gradient_alone():
+    head_tests.test_entropy_gradient_alone("cuda")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_entropy_used_as_a_metric_only():
+    head_tests.test_entropy_used_as_a_metric_only("cuda")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_is_top1_takes_the_first_maximum():
+    """argmax's rule, in one slab (ties in one lane's columns and across lanes) and across slabs of
+    7 columns: a tie with an earlier column is not top-1, with a later one it is."""
+    head_tests.test_is_top1_takes_the_first_maximum("cuda")
+    # row r's logits are the column of weight that hidden[r] picks: 1 at two tied columns, else 0
+    ties = [(3, 20), (10, 11), (6, 45), (1, 33)]  # (1, 33): one lane's columns in a single slab
+    picks = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0])
+    targets = torch.tensor([3, 20, 11, 10, 45, 6, 33, 1, 0], device=DEVICE)
+    weight = torch.zeros(50, len(ties))
+    for feature, columns in enumerate(ties):
+        weight[list(columns), feature] = 1.0
+    hidden, weight = torch.eye(len(ties))[picks].to(DEVICE), weight.to(DEVICE)
+    for columns in (50, 7):
+        with scratch_budget(slab_budget(len(picks), columns, torch.float32)):
+            assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
+            got = fastpref.linear_logprobs(hidden, weight, targets, outputs=("is_top1",), backend="cuda")
+        assert got.is_top1.tolist() == [True, False, False, True, False, True, False, True, False], columns
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transform", [{}, dict(logit_scale=1.7, temperature=1.3)], ids=["none", "scale"])
+def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
+    """test_masked_columns_whole_slabs_of_minus_infinity with every output and the entropy's
+    gradient: masked columns (z = -inf, p = 0) add nothing to any sum or gradient (no -inf * 0),
+    so everything equals the float64 reference over the unmasked columns alone, but mean_logits,
+    which is -inf as the mean of the full row."""
+    rows, columns, first, stop = 29, 37, 50, 293
+    hidden, weight, bias, _, grad_out = make_inputs(rows, 40, 300, dtype, with_bias=True)
+    bias[:first] = float("-inf")
+    bias[stop:] = float("-inf")
+    targets = torch.randint(first, stop, (rows,), device=hidden.device)
+    targets[::5] = -100
+    grad_entropy = torch.randn(rows, device=hidden.device)
+    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
+    with scratch_budget(slab_budget(rows, columns, dtype)):
+        assert cuda_backend._Slabs(hidden, weight, scratch_bytes()).columns == columns
+        got = fastpref.linear_logprobs(*leaves[:2], targets, bias=leaves[2], outputs=ALL_OUTPUTS, backend="cuda",
+                                       **transform)
+        grads = torch.autograd.grad((got.log_probs * grad_out + got.entropy * grad_entropy).sum(), leaves)
+
+    unmasked = [hidden, weight[first:stop], bias[first:stop]]
+    ref_leaves = [x.detach().double().cpu().requires_grad_() for x in unmasked]
+    ref = reference_head_outputs(*ref_leaves[:2], torch.where(targets == -100, targets, targets - first),
+                                 ref_leaves[2], **transform)
+    ref_grads = torch.autograd.grad((ref["log_probs"] * grad_out.double().cpu()
+                                     + ref["entropy"] * grad_entropy.double().cpu()).sum(), ref_leaves)
+    kept = (targets != -100).cpu()
+    for name in ("log_probs", "entropy", "log_sum_sq_probs"):
+        assert relative_error(getattr(got, name), ref[name]) <= TOLERANCE[dtype], name
+    decided = ref["top_gap"] > 1e-3
+    assert torch.equal(got.is_top1.cpu()[decided], ref["is_top1"][decided])
+    mean_logits = got.mean_logits.cpu()
+    assert torch.all(mean_logits[kept] == float("-inf")) and torch.all(mean_logits[~kept] == 0)
+    d_hidden, d_weight, d_bias = (grad.cpu() for grad in grads)
+    assert relative_error(d_hidden, ref_grads[0]) <= TOLERANCE[dtype]
+    for grad, ref_grad in ((d_weight, ref_grads[1]), (d_bias, ref_grads[2])):
+        assert relative_error(grad[first:stop], ref_grad) <= TOLERANCE[dtype]
+        assert torch.all(grad[:first] == 0) and torch.all(grad[stop:] == 0)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_realistic_shape_with_soft_cap_and_every_output():
+    inputs = make_inputs(1000, 1024, 32003, torch.bfloat16, with_bias=True, ignore_every=7, logit_scale=30.0)
+    run_and_compare_outputs("cuda", *inputs, transform=dict(softcap=30.0, temperature=0.7))
 
 
 @pytest.mark.gpu
@@ -520,6 +689,9 @@ def test_small_case_for_compute_sanitizer():
     for dtype in DTYPES:
         run_and_compare("cuda", *make_inputs(5, 24, 200, dtype, with_bias=True, ignore_every=2))
         run_and_compare("cuda", *make_inputs(70, 40, 130, dtype), trainable_head=False)
+        for transform in TRANSFORMS.values():
+            run_and_compare_outputs("cuda", *make_inputs(5, 24, 200, dtype, with_bias=True, ignore_every=2),
+                                    transform=transform)
     hidden, weight, targets, layout, reference = make_packed_batch(2, 16, 40, torch.float32, seed=9)
     loss, _ = fastpref.PreferenceLoss(["sigmoid", "sft"], backend="cuda")(
         hidden, weight, targets, layout, reference)

@@ -167,3 +167,52 @@ def test_kto_matches_its_reference(average_logps):
                          ids=["with-reference", "reference-free", "kto"])
 def test_losses_agree_with_triton_on_every_part(types):
     gpu_tests.test_losses_agree_with_triton_on_every_part(types)
+
+
+# ---- logit transforms and per-token outputs -------------------------------------------------
+
+# test_cuda_backend.OUTPUT_SHAPES but the largest: one column, then ten and seventeen blocks of
+# rows (a partial last one) over slabs wider than a warp.
+OUTPUT_SHAPES = gpu_tests.OUTPUT_SHAPES[:-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("transform", gpu_tests.TRANSFORMS_AND_NONE.values(), ids=gpu_tests.TRANSFORMS_AND_NONE.keys())
+@pytest.mark.parametrize("shape", OUTPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, shape):
+    gpu_tests.test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("outputs", gpu_tests.EACH_OUTPUT, ids=lambda o: o[0])
+def test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head):
+    gpu_tests.test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_outputs_over_many_slabs_match_one_slab(dtype):
+    gpu_tests.test_outputs_over_many_slabs_match_one_slab(dtype)
+
+
+def test_soft_cap_bends_large_logits():
+    gpu_tests.test_soft_cap_bends_large_logits()
+
+
+def test_entropy_gradient_alone():
+    gpu_tests.test_entropy_gradient_alone()
+
+
+def test_entropy_used_as_a_metric_only():
+    gpu_tests.test_entropy_used_as_a_metric_only()
+
+
+def test_is_top1_takes_the_first_maximum():
+    gpu_tests.test_is_top1_takes_the_first_maximum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transform", [{}, dict(logit_scale=1.7, temperature=1.3)], ids=["none", "scale"])
+def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
+    gpu_tests.test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform)

@@ -22,7 +22,7 @@ from .report import AuditRow
 
 # The device-code flags of setup.py's NVCC_FLAGS (a test keeps the two in step).
 NVCC_DEVICE_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
-# A kernel template's element type, as the audit names dtypes.
+# A kernel template's element type (its first argument; flags may follow), as the audit names dtypes.
 TEMPLATE_DTYPES = {"__nv_bfloat16": "bfloat16", "__half": "float16", "float": "float32"}
 
 
@@ -146,7 +146,7 @@ def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]
         code = functions.get(mangled)
         rows.append(AuditRow(
             language="cuda", kernel=f"{source.name}:{name}", config=template, arch=arch.name,
-            dtype=TEMPLATE_DTYPES.get(template),
+            dtype=TEMPLATE_DTYPES.get(template.split(",")[0].strip()),
             registers=figures.get("registers"), spill_bytes=figures.get("spill_bytes"),
             shared_bytes=figures.get("shared_bytes"),
             tensor_cores=sass_tensor_cores(code) if code is not None else "n/a",

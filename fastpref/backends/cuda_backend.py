@@ -5,25 +5,28 @@ speed from cuBLAS: the matmuls are torch's own (cuBLAS, float32 output), and the
 
 The linear log-probs run over vocabulary slabs of S columns spanning all N rows, S the widest
 whose float32 logits plus a logit gradient in the inputs' dtype fit the scratch budget
-(fastpref.set_scratch_bytes): S = budget / (N (4 + element bytes)). Per slab W_s:
+(fastpref.set_scratch_bytes): S = budget / (N (4 + element bytes)). Per slab W_s, with z = s(x + b)
+the transformed logits (fastpref.logit_transform: the kernels take its pre, post and soft-cap flag)
+and J = dz/dx:
 
 - forward: x = h W_s^T (cuBLAS, 2NHS FLOPs), then slab_softmax_update (csrc/slab_epilogues.cu)
-  adds the bias and carries each row's online softmax across slabs,
-      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),  z_t;
-  after the last slab, lse = m + log(s + exp(z_t - m)) and miss = s / (s + exp(z_t - m)) = 1 - p_t
-  (merge_vocabulary_splits of the one state) and logp (target_logprob).
+  adds the bias, transforms, and carries each row's online softmax across slabs,
+      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_{v != t} exp(z_v - m'),  z_t,
+  and the sums of the per-token outputs asked for (backends.online_softmax); after the last slab
+  merge_vocabulary_parts of the one state gives lse, miss = 1 - p_t, logp and the outputs.
 - backward: x recomputed (2NHS); slab_logit_gradient writes, in the inputs' dtype,
-      dz = -g exp(z - lse) off the target, g miss on it;
-  then d_weight[slab] = dz^T h (cuBLAS, written once in the weight's dtype, 2NHS),
-  d_bias[slab] = sum_n dz (over the unrounded float32 dz the kernel leaves in the logits' place)
-  and d_hidden += dz W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
+      dx = J dz,  dz = -g p off the target, g miss on it, - g_H p (log p + H) with the entropy's gradient;
+  then d_weight[slab] = dx^T h (cuBLAS, written once in the weight's dtype, 2NHS),
+  d_bias[slab] = sum_n dx (over the unrounded float32 dx the kernel leaves in the logits' place)
+  and d_hidden += dx W_s (2NHS). Float32 inputs add into a float32 d_hidden; half precision keeps
   d_hidden = hi in its own dtype plus a bfloat16 compensation buffer lo, the product taken in
   float32 row chunks and folded in by compensated_accumulate (csrc/compensated_accumulate.cu):
   s = hi + lo + p, hi = round(s), lo = round_bf16(s - hi), so d_hidden is rounded about once
   however many slabs there are, without a float32 [N, H].
-- a frozen head whose hidden gradient is wanted takes the torch backend's slab forward that also
-  accumulates u = W_t - sum_v p_v W_v (cuBLAS and element-wise ops), after which the backward is a
-  scale: 4NHV FLOPs in all instead of 6NHV.
+- a frozen head whose hidden gradient the op folds into the forward (no entropy asked for)
+  takes the torch backend's slab forward that also accumulates u = J_t W_t - sum_v p_v J_v W_v
+  (cuBLAS and element-wise ops), after which the backward is a scale: 4NHV FLOPs in all instead of
+  6NHV.
 
 Trainable head: 8NHV FLOPs, all of them in cuBLAS GEMMs. Extra memory: the budget, plus for half
 precision the bfloat16 lo [N, H] (the float32 product chunks reuse the logits slab). No kernel here
@@ -117,20 +120,36 @@ def _prepared(hidden, weight, bias, targets):
             _index(targets))
 
 
+# The rows' online-softmax state slab_softmax_update carries (backends.online_softmax), with the
+# values it starts from: the first three always, the others for the outputs that need them.
+_ROW_STATE = {"row_max": float("-inf"), "sum_excl": 0.0, "target_logit": 0.0, "sum_all": 0.0, "shifted": 0.0,
+              "sum_sq": 0.0, "logit_sum": 0.0, "max_before": float("-inf")}
+_STATE_OF_OUTPUT = {"entropy": ("sum_all", "shifted"), "log_sum_sq_probs": ("sum_sq",),
+                    "mean_logits": ("logit_sum",), "is_top1": ("max_before",)}
+
+
+def _transform_arguments(options: HeadOptions) -> dict:
+    transform = options.transform
+    return dict(pre=transform.pre, post=transform.post, softcap=transform.softcap is not None)
+
+
 def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
     if fold_hidden_gradient:
         return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows = hidden.shape[0]
-    running_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
-    sum_excl = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    names = ["row_max", "sum_excl", "target_logit"]
+    names += [name for output in sorted(options.outputs) for name in _STATE_OF_OUTPUT[output]]
+    state = {name: torch.full((num_rows,), _ROW_STATE[name], dtype=torch.float32, device=hidden.device)
+             for name in names}
     slabs = _Slabs(hidden, weight, options.scratch_bytes)
     for start, stop, logits in slabs:
-        _C.slab_softmax_update(row_max=running_max.data_ptr(), sum_excl=sum_excl.data_ptr(),
-                               target_logit=target_logit.data_ptr(),
+        _C.slab_softmax_update(**{name: _pointer(state.get(name)) for name in _ROW_STATE},
+                               **_transform_arguments(options),
                                **_slab_arguments(slabs, bias, targets, start, stop, logits))
-    return merge_vocabulary_parts(running_max[None], sum_excl[None], target_logit[None], vocab=weight.shape[0])
+    parts = {name: values[None] for name, values in state.items()}
+    return merge_vocabulary_parts(parts.pop("row_max"), parts.pop("sum_excl"), parts.pop("target_logit"),
+                                  vocab=weight.shape[0], **parts)
 
 
 class _HiddenGradient:
@@ -178,6 +197,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     lse, miss, grad = _float32(saved.lse), _float32(saved.miss), _float32(grad_logp)
+    entropy = None if grad_entropy is None else _float32(saved.entropy)
+    grad_entropy = None if grad_entropy is None else _float32(grad_entropy)
     slabs = _Slabs(hidden, weight, options.scratch_bytes)
     d_hidden = _HiddenGradient(hidden, slabs.scratch) if need_hidden else None
     d_weight = new_output(weight.shape, weight.dtype, weight.device) if need_weight else None
@@ -186,7 +207,9 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     for start, stop, logits in slabs:
         dz = dz_scratch[:num_rows * (stop - start)].view(num_rows, stop - start)
         _C.slab_logit_gradient(lse=lse.data_ptr(), miss=miss.data_ptr(), grad_logp=grad.data_ptr(),
+                               entropy=_pointer(entropy), grad_entropy=_pointer(grad_entropy),
                                dz=dz.data_ptr(), float32_dz_into_logits=need_bias,
+                               **_transform_arguments(options),
                                **_slab_arguments(slabs, bias, targets, start, stop, logits))
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
