@@ -6,10 +6,13 @@
     z = y / temperature
 
 Every backend applies it tile by tile to the logits it computes and multiplies the logit gradient
-by its derivative, which depends only on z:
+by its slope at the head's output x:
 
-    dz/dx = (logit_scale / temperature) (1 - tanh^2(y / softcap)),  tanh(y / softcap) = z temperature / softcap
-    dz/dx = logit_scale / temperature                                 without a soft cap
+    dz/dx = (logit_scale / temperature) (1 - tanh^2(y / softcap))     under a soft cap
+    dz/dx = logit_scale / temperature                                 without one
+
+where 1 - tanh^2(u) is taken as 4e / (1 + e)^2 with e = exp(-2|u|): it keeps its digits where the
+cap is flat, which 1 - tanh^2 rounded to 0 would not.
 
 Kernels take two numbers: ``pre`` and ``post`` with z = post * tanh(pre * x) under a soft cap
 (pre = logit_scale / softcap, post = softcap / temperature) and z = pre * x without
@@ -72,20 +75,15 @@ class LogitTransform:
         """softcap / temperature, the tanh's output scale (1 without a soft cap, unused there)."""
         return 1.0 if self.softcap is None else self.softcap / self.temperature
 
-    @property
-    def slope(self) -> float:
-        """dz/dx where the soft cap is flat (at z = 0), and everywhere without one."""
-        return self.logit_scale / self.temperature
-
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
         """z from x, in place."""
         if self.softcap is None:
             return x if self.pre == 1.0 else x.mul_(self.pre)
         return x.mul_(self.pre).tanh_().mul_(self.post)
 
-    def derivative(self, z: torch.Tensor) -> Union[torch.Tensor, float]:
-        """dz/dx at logits z (already transformed): a tensor like z under a soft cap, else a number."""
+    def slope(self, x: torch.Tensor) -> Union[torch.Tensor, float]:
+        """dz/dx at the head's outputs x: a tensor like x under a soft cap, a number without one."""
         if self.softcap is None:
-            return self.slope
-        tanh = z / self.post
-        return (1.0 - tanh * tanh).mul_(self.slope)
+            return self.pre
+        e = (x * self.pre).abs_().mul_(-2.0).exp_()
+        return e.div_((1.0 + e).square_()).mul_(4.0 * self.pre * self.post)

@@ -102,12 +102,12 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return a @ b if out_dtype == torch.float64 else matmul_float32(a, b)
 
 
-def _logits(h, w, b, options: HeadOptions, out_dtype) -> torch.Tensor:
-    """One block of transformed logits z = s(h w^T + b)."""
-    z = _matmul(h, w.t(), out_dtype)
+def _head_outputs(h, w, b, out_dtype) -> torch.Tensor:
+    """One block of the head's outputs x = h w^T + b (the logits before the transform)."""
+    x = _matmul(h, w.t(), out_dtype)
     if b is not None:
-        z += b.to(out_dtype)
-    return options.transform.apply_(z)
+        x += b.to(out_dtype)
+    return x
 
 
 def _target_columns(targets: torch.Tensor, v0: int, v1: int):
@@ -211,13 +211,17 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
         statistics = _RowStatistics(r1 - r0, options, adt, hidden.device)
         if fold_hidden_gradient:
             acc = torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
+            target_slope = torch.zeros(r1 - r0, dtype=adt, device=hidden.device)
 
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            z = _logits(h, w, None if bias is None else bias[v0:v1], options, adt)
-            slope = transform.derivative(z) if fold_hidden_gradient and softcapped else None
-            exp_z, alpha = statistics.update(z, t, v0, v1)
+            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt)
+            slope = transform.slope(x) if fold_hidden_gradient and softcapped else None
+            if slope is not None:
+                hit, column = _target_columns(t, v0, v1)
+                target_slope = torch.where(hit, _target_entries(slope, column), target_slope)
+            exp_z, alpha = statistics.update(transform.apply_(x), t, v0, v1)
             if fold_hidden_gradient:
                 if slope is not None:
                     exp_z = exp_z.mul_(slope)
@@ -232,10 +236,10 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
             row_sum = statistics.sum_excl + torch.exp(statistics.target - statistics.row_max)
             w_t = weight[t].to(adt)
             if softcapped:  # J_t W_t; the J_v of the other columns are in acc already
-                w_t.mul_(transform.derivative(statistics.target)[:, None])
+                w_t.mul_(target_slope[:, None])
             direction = acc.div_(row_sum[:, None]).neg_().addcmul_(rows.miss[:, None], w_t)
-            if not softcapped and transform.slope != 1.0:
-                direction.mul_(transform.slope)
+            if not softcapped and transform.pre != 1.0:
+                direction.mul_(transform.pre)
             result.hidden_grad_direction[r0:r1] = direction
 
     return result
@@ -279,9 +283,9 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            z = _logits(h, w, None if bias is None else bias[v0:v1], options, adt)
-            slope = options.transform.derivative(z)
-            dz = _logit_gradient(z, t, v0, v1, lse_rows, miss_rows, g_rows,
+            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt)
+            slope = options.transform.slope(x)
+            dz = _logit_gradient(options.transform.apply_(x), t, v0, v1, lse_rows, miss_rows, g_rows,
                                  None if g_entropy is None else g_entropy[r0:r1],
                                  None if g_entropy is None else saved.entropy[r0:r1].to(adt))
             if isinstance(slope, torch.Tensor) or slope != 1.0:
