@@ -1,6 +1,7 @@
 """`fastpref plan --calibrate`: the peers' designs at the shapes of their published figures."""
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from fastpref.bench.calibration import (DESIGNS, FIGURES, FILTERED_FIGURES, HEAD
                                         implied_kept_share, predicted_ms, torch_native_chunk_rows, within_tolerance,
                                         worst)
 from fastpref.bench.plan import DEVICE_KINDS, Shape
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cost-model.md"
 
 
 def nhv(shape: Shape) -> int:
@@ -100,3 +104,11 @@ def test_figure_prediction_uses_the_figures_own_device_and_shape():
     figure = Figure("cublas-gemms", "h200", Shape(4096, 1024, 32768), 1.0, "test")
     expected = 3 * 2 * 4096 * 1024 * 32768 / (DEVICE_KINDS["h200"].matmul_tflops * 1e12) * 1e3
     assert figure.predicted_ms() == pytest.approx(expected, rel=0.01)
+
+
+def test_the_documentation_quotes_the_current_calibration(capsys):
+    """docs/cost-model.md quotes the command's table: every row and the last line, as printed now."""
+    assert cli.main(["plan", "--calibrate"]) == 0
+    doc = DOC.read_text()
+    quoted = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("|", "- ", "calibration:"))]
+    assert quoted and all(line in doc for line in quoted)

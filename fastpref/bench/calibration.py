@@ -346,7 +346,7 @@ FILTERED_FIGURES: List[Figure] = [
 # Designs no figure checks: predicted at the headline shape beside the calibrated ones.
 UNPUBLISHED = [("trl", "TRL 1.16 ChunkedLogProbFunction (DPOTrainer tiles)"),
                ("torch-native", "PyTorch 2.13 F.linear_cross_entropy, reduction='none', chunked")]
-# Where the targets are set: a trainable head <= 100 ms, a frozen one <= 50 ms, on an H100.
+# The shape fastpref's GPU head is aimed at: a trainable head <= 100 ms, a frozen one <= 50 ms, on an H100.
 HEADLINE = Shape(16384, **LLAMA_HEAD)
 HEADLINE_DEVICE = "h100"
 # The peers that give per-token log-probs with per-token upstream gradients (what DPO needs):

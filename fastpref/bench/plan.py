@@ -71,9 +71,11 @@ Designs:
               consecutive slabs: a B (D) tile waits only on a counter of the A (C) tiles it reads,
               and p~ and dz are double-buffered, so no SM idles at a slab boundary (the model gives
               these launches no wave tail).
-              8NHV trainable, 4NHV frozen; the peers pay instead a float32 or bf16 accumulation of
-              d_hidden or d_weight (Liger's per-wave bf16 reduce-add of d_weight, the slab
-              designs' d_hidden pair) and, in Liger's case, a second pass for d_hidden.
+              8NHV trainable, 4NHV frozen. The peers pay instead a wave tail at every grid-wide
+              barrier (Liger's three phases per 1,024-token wave), an accumulation of d_weight
+              across chunks (Liger's per-wave bf16 reduce-add, PyTorch's and TRL's per-chunk
+              read-modify-write) or of d_hidden across slabs (the slab designs' pair), or memory
+              passes between their GEMMs.
               Memory: u [N, H] in the operands' dtype plus the larger of the forward block
               (u_R float32, two p~ buffers, per-tile statistics) and the backward's two dz
               buffers, both sized from the scratch budget.
