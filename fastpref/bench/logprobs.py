@@ -25,7 +25,7 @@ from .report import header, markdown_table, number
 
 NAME = "logprobs"
 TITLE = "fastpref.linear_logprobs: forward+backward benchmark"
-HELP = "fastpref.linear_logprobs alone vs the materialized baseline"
+HELP = "fastpref.linear_logprobs alone vs the materialized baseline and the peers' per-token heads"
 BASELINE = "materialized"
 # Not a method: the head's FLOP floor run as plain matmuls, timed in the same rounds, so that each
 # method's time reads as a multiple of what the hardware does with the same FLOPs.
