@@ -55,6 +55,7 @@ TOLERANCE = 0.20
 
 LIGER_WAVE_TOKENS = 1024
 QUACK_CHUNK_TOKENS = 4096
+# CCE autotunes its tiles; the model takes the first of its configurations, 128 x 128.
 CCE_TILE = (128, 128)
 VERL_SPLIT_COLUMNS = 9504
 VERL_TILE = (128, 256)
@@ -63,7 +64,7 @@ TRL_TOKEN_TILE = 4096
 TRL_VOCABULARY_TILE = 32768  # what TRL's DPOTrainer passes
 
 
-def tiles(rows: int, columns: int, tile: Sequence[int]) -> int:
+def tile_count(rows: int, columns: int, tile: Sequence[int]) -> int:
     return math.ceil(rows / tile[0]) * math.ceil(columns / tile[1])
 
 
@@ -83,12 +84,12 @@ def liger_cute_backward(shape: Shape) -> List[Launch]:
     weight = v * h * e
     return [
         Launch("backward, per wave: dZ phase, logits recomputed, bf16 dZ stored", waves, waves * wave_flops,
-               waves * weight + rows * h * e + rows * v * BF16, tiles=tiles(LIGER_WAVE_TOKENS, v, (128, 256))),
+               waves * weight + rows * h * e + rows * v * BF16, tiles=tile_count(LIGER_WAVE_TOKENS, v, (128, 256))),
         Launch("backward, per wave: dX phase, dX = dZ W", waves, waves * wave_flops,
-               rows * v * BF16 + waves * weight + rows * h * e, tiles=tiles(LIGER_WAVE_TOKENS, h, (128, 256))),
+               rows * v * BF16 + waves * weight + rows * h * e, tiles=tile_count(LIGER_WAVE_TOKENS, h, (128, 256))),
         # the first wave stores dW, every later one reads and writes it (bf16 TMA reduce-add)
         Launch("backward, per wave: dW phase, dW += dZ^T X", waves, waves * wave_flops,
-               rows * v * BF16 + rows * h * e + (2 * waves - 1) * v * h * BF16, tiles=tiles(v, h, (128, 256))),
+               rows * v * BF16 + rows * h * e + (2 * waves - 1) * v * h * BF16, tiles=tile_count(v, h, (128, 256))),
     ]
 
 
@@ -126,7 +127,7 @@ def quack_chunked(shape: Shape) -> List[Launch]:
 def cce_forward(shape: Shape) -> List[Launch]:
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
     return [Launch("forward: fused GEMM + log-sum-exp (Triton)", 1, 2 * n * h * v, n * h * e + v * h * e,
-                   tile=CCE_TILE, tiles=tiles(n, v, CCE_TILE), epilogue_logits=n * v)]
+                   tile=CCE_TILE, tiles=tile_count(n, v, CCE_TILE), epilogue_logits=n * v)]
 
 
 def cce_backward(shape: Shape, kept_share: float = 1.0) -> List[Launch]:
@@ -137,7 +138,7 @@ def cce_backward(shape: Shape, kept_share: float = 1.0) -> List[Launch]:
     locked_adds = 2 * BF16 * (n * h * math.ceil(v / CCE_TILE[1]) + v * h * math.ceil(n / CCE_TILE[0]))
     return [Launch("backward: recompute + dZ, and for kept tiles dE, dC products with locked bf16 adds (Triton)",
                    1, 2 * n * h * v * (1 + 2 * kept_share), n * h * e + v * h * e, kept_share * locked_adds,
-                   tile=CCE_TILE, tiles=tiles(n, v, CCE_TILE), epilogue_logits=n * v)]
+                   tile=CCE_TILE, tiles=tile_count(n, v, CCE_TILE), epilogue_logits=n * v)]
 
 
 def cce(shape: Shape, kept_share: float = 1.0) -> List[Launch]:
@@ -152,7 +153,7 @@ def verl_backward(shape: Shape) -> List[Launch]:
         launches += [
             Launch("per split: logits recomputed, bf16 d_logits stored (Triton)", 1, 2 * n * h * columns,
                    n * h * e + columns * h * e + n * columns * BF16, tile=VERL_TILE,
-                   tiles=tiles(n, columns, VERL_TILE), epilogue_logits=n * columns),
+                   tiles=tile_count(n, columns, VERL_TILE), epilogue_logits=n * columns),
             Launch("per split: d_logits W_s (cuBLAS)", 1, 2 * n * h * columns,
                    n * columns * BF16 + columns * h * e + n * h * e),
             Launch("per split: d_weight_s = d_logits^T h (cuBLAS)", 1, 2 * n * h * columns,
