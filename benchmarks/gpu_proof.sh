@@ -35,5 +35,10 @@ else
   echo "[proof] no wheels in .whl/: the peers that need them (Liger-Kernel, Cut Cross-Entropy, TRL) will be rows that say so"
 fi
 install "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+# Peers the wheel set cannot bring (benchmarks/gpu-wheels.txt says why): their rows say "n/a (...)".
+"$python" -c "import cutlass" 2> /dev/null ||
+  echo "[proof] no CuTe DSL (nvidia-cutlass-dsl, an 84 MiB wheel, over the 64 MiB carried): Liger's CuTe head and QuACK will be rows that say so"
+"$python" -c "import torch.nn.functional as F; F.linear_cross_entropy" 2> /dev/null ||
+  echo "[proof] this torch has no F.linear_cross_entropy (torch >= 2.13): PyTorch's native head will be rows that say so"
 
 exec "$python" -m fastpref.bench.proof --started "$started" "$@"

@@ -11,8 +11,9 @@ import torch
 
 import fastpref
 from fastpref import bench, cli
-from fastpref.bench import end_to_end, logprobs, loss_head, outputs
+from fastpref.bench import end_to_end, logprobs, loss_head, outputs, peers
 from fastpref.bench.measure import Candidate, PeakMemory, measure_interleaved
+from fastpref.bench.reference import IGNORE_INDEX, materialized_logprobs
 from fastpref.bench.report import header
 
 CPU = torch.device("cpu")
@@ -107,7 +108,8 @@ def test_shared_machine_is_noted_in_the_report():
 
 
 def tiny_logprobs(**overrides) -> logprobs.Config:
-    fields = dict(device=CPU, n=48, hidden=16, vocab=500, dtype=torch.float32, backends=["torch"], repeat=2)
+    fields = dict(device=CPU, n=48, hidden=16, vocab=500, dtype=torch.float32, backends=["torch"], peers=[],
+                  repeat=2)
     fields.update(overrides)
     return logprobs.Config(**fields)
 
@@ -177,10 +179,98 @@ def test_gemm_floor_does_the_heads_flops(monkeypatch):
     assert 2 * sum(calls) == 4 * 7 * 5 * 500
 
 
+HAS_TORCH_NATIVE = hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def test_logprobs_peers_are_measured_or_say_why_not():
+    """On a CPU PyTorch's head runs (torch >= 2.13) and is checked like every method; Liger's CuTe
+    head and QuACK are rows that give the reason."""
+    rows = []
+    logprobs.run(tiny_logprobs(peers=list(logprobs.PEERS), heads=("trainable",)), rows)
+
+    assert [r.method for r in rows] == ["materialized", *logprobs.PEERS, "fastpref-torch", "gemm-floor"]
+    by_method = {r.method: r for r in rows}
+    native = by_method["torch-native"]
+    if HAS_TORCH_NATIVE:
+        assert native.status == "ok" and native.logp_err < 1e-4 and native.grad_err < 1e-4
+        assert native.tflops == pytest.approx(8 * native.scored * 16 * 500 / (native.time_ms * 1e-3) / 1e12)
+    else:
+        assert native.status.startswith("n/a (needs torch >= 2.13")
+    assert by_method["liger-cute"].status == (
+        "n/a (Liger's CuTe head needs an sm_90 GPU; elsewhere Liger runs a torch fallback)")
+    for method in ("quack", "quack-chunked"):
+        assert by_method[method].status == "n/a (QuACK's kernels need a CUDA GPU, sm_90 or newer)"
+        assert by_method[method].time_ms is None
+    table = logprobs.format_table(rows)
+    assert "| quack-chunked | trainable | 48 | 16 | 500 | float32 | n/a (QuACK's kernels need a CUDA GPU" in table
+    assert not logprobs.failures(rows)
+
+
+def test_logprobs_summed_loss_peer_is_checked_against_the_uniform_gradient(monkeypatch):
+    """quack-chunked's row: a head returning the summed log-prob of the scored tokens, backpropagated
+    with 1, against the reference for that gradient (here a torch stand-in for QuACK; a wrong one is
+    caught)."""
+    def summed(device, dtype, vocab):
+        return lambda h, w, t: materialized_logprobs(h, w, t).sum()
+
+    monkeypatch.setattr(peers, "quack_chunked_sum", summed)
+    rows = []
+    logprobs.run(tiny_logprobs(peers=["quack-chunked"]), rows)
+    for row in (r for r in rows if r.method == "quack-chunked"):
+        assert row.status == "ok" and row.logp_err < 1e-5 and row.grad_err < 1e-5
+
+    monkeypatch.setattr(peers, "quack_chunked_sum",
+                        lambda device, dtype, vocab: lambda h, w, t: 1.01 * materialized_logprobs(h, w, t).sum())
+    rows = []
+    logprobs.run(tiny_logprobs(peers=["quack-chunked"], heads=("frozen",)), rows)
+    assert next(r for r in rows if r.method == "quack-chunked").status == "WRONG"
+
+
+def test_peers_say_what_they_are_missing(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(peers, "capability", lambda device: (8, 0))
+    assert peers.liger_cute(cuda, torch.bfloat16) == "n/a (Liger's CuTe head needs sm_90, this GPU is sm_80)"
+    assert peers.quack(cuda, torch.bfloat16) == "n/a (QuACK's kernels need sm_90 or newer, this GPU is sm_80)"
+    monkeypatch.setattr(peers, "capability", lambda device: (9, 0))
+    assert peers.liger_cute(cuda, torch.float32) == "n/a (Liger's CuTe head takes bfloat16 only, not torch.float32)"
+    assert peers.quack(cuda, torch.float32) == "n/a (QuACK's head takes bfloat16 or float16, not torch.float32)"
+    assert peers.quack_chunked_sum(cuda, torch.bfloat16, 1001) == (
+        "n/a (QuACK's chunked head needs a vocabulary that is a multiple of 8)")
+    for reason in (peers.liger_cute(cuda, torch.bfloat16), peers.quack(cuda, torch.bfloat16),
+                   peers.quack_chunked_sum(cuda, torch.bfloat16, 1000)):
+        assert isinstance(reason, str) and reason.startswith("n/a (") and "CuTe DSL" in reason
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    assert peers.torch_native(CPU, torch.float32).startswith(
+        f"n/a (needs torch >= 2.13 for F.linear_cross_entropy, this is torch {torch.__version__})")
+
+
+def test_peers_get_the_scored_rows():
+    hidden = torch.randn(3, 5, 4, requires_grad=True)
+    weight = torch.randn(7, 4)
+    targets = torch.randint(0, 7, (3, 5))
+    targets[:, :2] = IGNORE_INDEX
+    seen = []
+
+    def head(h, w, t):
+        seen.append((h.shape, t.clone()))
+        return materialized_logprobs(h, w, t)
+
+    logp = peers.on_scored_rows(head)(hidden, weight, targets)
+    assert seen[0][0] == (9, 4) and (seen[0][1] != IGNORE_INDEX).all()
+    assert torch.allclose(logp, materialized_logprobs(hidden, weight, targets))
+    logp.sum().backward()
+    assert (hidden.grad[:, :2] == 0).all() and hidden.grad[:, 2:].abs().sum() > 0
+
+    rows, row_targets = peers.scored_rows_padded(hidden.detach().reshape(15, 4), targets.reshape(15), 8)
+    assert rows.shape == (16, 4) and (row_targets[:9] != IGNORE_INDEX).all()
+    assert (row_targets[9:] == IGNORE_INDEX).all()
+    assert (rows[9:] == 0).all()
+
+
 def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
     stem = tmp_path / "results" / "lp"
     argv = ["bench", "logprobs", "--device", "cpu", "--n", "48", "--hidden", "16", "--vocab", "500",
-            "--backends", "torch", "--head", "frozen", "--repeat", "1", "--out", str(stem)]
+            "--backends", "torch", "--head", "frozen", "--repeat", "1", "--peers", "--out", str(stem)]
 
     assert cli.main(argv) == 0
 
@@ -198,8 +288,11 @@ def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
 
 def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
     real = logprobs.method_function
-    monkeypatch.setattr(logprobs, "method_function", lambda name, *count: (
-        lambda h, w, t: real(name, *count)(h, w, t) + 0.5) if name == "fastpref-torch" else real(name, *count))
+    def shifted(name, device, dtype, *count):
+        fn = real(name, device, dtype, *count)
+        return (lambda h, w, t: fn(h, w, t) + 0.5) if name == "fastpref-torch" else fn
+
+    monkeypatch.setattr(logprobs, "method_function", shifted)
 
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
 
@@ -215,7 +308,8 @@ def test_logprobs_broken_method_is_a_row_and_the_others_are_measured(monkeypatch
         raise TypeError("unsupported operand")
 
     monkeypatch.setattr(logprobs, "method_function",
-                        lambda name, *count: broken if name == "materialized" else real(name, *count))
+                        lambda name, device, dtype, *count: broken if name == "materialized"
+                        else real(name, device, dtype, *count))
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False) == 1
 
     out = capsys.readouterr()
@@ -240,13 +334,19 @@ def test_loss_head_has_right_answers_for_every_method_and_loss():
     rows = []
     loss_head.run(tiny_loss_head(heads=("trainable",)), rows)
 
-    methods = ["materialized", "trl", "liger", "cce", "fastpref-torch"]
+    methods = ["materialized", "trl", "liger", "cce", "torch-native", "liger-cute", "quack", "fastpref-torch"]
     assert [(r.loss, r.method) for r in rows] == [(loss, m) for loss in loss_head.LOSSES for m in methods]
+    unavailable = {"liger-cute": peers.liger_cute(CPU, torch.float32), "quack": peers.quack(CPU, torch.float32)}
+    if not HAS_TORCH_NATIVE:
+        unavailable["torch-native"] = peers.torch_native(CPU, torch.float32)
     for row in rows:
         assert (row.model, row.n, row.hidden, row.vocab, row.head) == ("tiny", 96, 16, 300, "trainable")
         assert 96 - 4 * 24 // 4 <= row.scored < 96
         if (row.method, row.loss) == ("liger", "ipo"):
             assert row.status == "n/a (no IPO in liger-kernel)"
+            continue
+        if row.method in unavailable:
+            assert row.status == unavailable[row.method]
             continue
         assert row.status == "ok", row
         assert row.loss_err < 1e-4 and row.grad_err < 1e-4
@@ -275,10 +375,10 @@ def test_loss_head_reference_is_trl_loss_on_the_padded_batch():
 def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys):
     real = loss_head.loss_function
 
-    def patched(method, loss_type, device):
+    def patched(method, loss_type, device, dtype):
         if method == "materialized":
             return fake_oom
-        fn = real(method, loss_type, device)
+        fn = real(method, loss_type, device, dtype)
         return (lambda *args: 2 * fn(*args)) if method == "fastpref-torch" else fn
 
     monkeypatch.setattr(loss_head, "loss_function", patched)
@@ -293,10 +393,10 @@ def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys)
 def test_loss_head_method_that_cannot_be_set_up_is_a_row(monkeypatch, capsys):
     real = loss_head.loss_function
 
-    def patched(method, loss_type, device):
+    def patched(method, loss_type, device, dtype):
         if method == "materialized":
             raise ImportError("liger_kernel.chunked_loss is missing")
-        return real(method, loss_type, device)
+        return real(method, loss_type, device, dtype)
 
     monkeypatch.setattr(loss_head, "loss_function", patched)
     cfg = tiny_loss_head(losses=["sigmoid"], heads=("trainable",), peers=["materialized"])
@@ -357,7 +457,10 @@ def test_loss_head_on_a_models_real_hidden_states(tiny_model_folder):
     rows = []
     loss_head.run(tiny_loss_head(models=[tiny_model_folder], hidden_from=tiny_model_folder, tokens=[192],
                                  seq_len=48, losses=["sigmoid"], heads=("trainable",), shapes=None), rows)
-    assert [r.status for r in rows] == ["ok"] * 5
+    available = [r for r in rows if not r.status.startswith("n/a (")]
+    assert [r.method for r in available] == ["materialized", "trl", "liger", "cce"] + (
+        ["torch-native"] if HAS_TORCH_NATIVE else []) + ["fastpref-torch"]
+    assert [r.status for r in available] == ["ok"] * len(available)
     assert {(r.hidden, r.vocab) for r in rows} == {(model.config.hidden_size, model.config.vocab_size)}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastpref.bench import proof
+from fastpref.bench.calibration import DESIGNS, predicted_ms
 from fastpref.bench.plan import Shape, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +83,24 @@ def test_gpu_steps_measure_the_headline_shape(tmp_path):
     assert sum(step.limit_s for step in proof.gpu_steps(tmp_path)[:4]) <= 540 - 60  # room for the install
 
 
-def test_headline_rows_put_the_cost_model_beside_the_gpu_backends_rows(tmp_path):
+def test_headline_rows_put_the_cost_model_beside_the_rows_whose_design_it_counts(tmp_path):
     row = dict(method="fastpref-triton", head="trainable", status="ok", time_ms=410.0, tflops=168.0, peak_mib=900.0,
-               n=16384, scored=16384, hidden=4096, vocab=128256, dtype="bfloat16")
-    cuda = dict(row, method="fastpref-cuda")
-    peer = dict(row, method="materialized", tflops=300.0)
-    (tmp_path / "logprobs.json").write_text(json.dumps([row, cuda, peer]))
+               n=16384, scored=15000, hidden=4096, vocab=128256, dtype="bfloat16")
+    cuda = dict(row, method="fastpref-cuda", head="frozen")
+    materialized = dict(row, method="materialized", tflops=300.0)
+    liger = dict(row, method="liger-cute")
+    liger_frozen = dict(liger, head="frozen")
+    absent = dict(row, method="quack", status="n/a (quack-kernels not installed)", time_ms=None, tflops=None)
+    (tmp_path / "logprobs.json").write_text(json.dumps([row, cuda, materialized, liger, liger_frozen, absent]))
     assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
     assert proof.device_kind("AMD EPYC (2 torch threads)") is None
-    triton_row, cuda_row, peer_row = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
-    for measured, design in ((triton_row, "slab"), (cuda_row, "cuda")):
-        fast, slow = plan(Shape(16384, 4096, 128256), "trainable", design, "h100").predicted_ms
-        assert measured[2:6] == ["trainable", "ok", "410.0", f"{fast:.0f}-{slow:.0f}"]
-    assert triton_row[7] == "21%"
-    assert peer_row[5] == "-"
+    cells = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")
+    shape = Shape(15000, 4096, 128256)
+    for measured, head, design in ((cells[0], "trainable", "slab"), (cells[1], "frozen", "cuda")):
+        assert measured[2:6] == [head, "ok", "410.0", f"{plan(shape, head, design, 'h100').predicted_ms:.0f}"]
+    assert cells[0][7] == "21%"
+    assert cells[2][5] == "-"  # the materialized logits: no design in the model
+    assert cells[3][5] == f"{predicted_ms(DESIGNS['liger-cute'](shape), 'h100'):.0f}"
+    assert cells[4][5] == "-"  # a peer's frozen head: no published design to count
+    assert cells[5][3:7] == ["n/a (quack-kernels not installed)", "-", "-", "-"]
+    assert proof.headline_rows(tmp_path, peak_tflops=790.0, kind=None)[0][5] == "-"

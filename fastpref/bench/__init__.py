@@ -3,10 +3,12 @@
 Forward+backward time and peak memory, every method in the same process on the same inputs.
 
 Ops (``fastpref bench OP``):
-  logprobs     fastpref.linear_logprobs alone vs the materialized [N, V] logits.
+  logprobs     fastpref.linear_logprobs alone vs the materialized [N, V] logits and the peers'
+               per-token heads (PyTorch's F.linear_cross_entropy, Liger's CuTe head, QuACK).
   outputs      what each per-token output (outputs=) and the soft cap add to the op's time.
-  loss-head    DPO / IPO / SimPO from hidden states: materialized (TRL), Liger-Kernel,
-               Cut Cross-Entropy and fastpref, over head shapes and batch sizes.
+  loss-head    DPO / IPO / SimPO from hidden states: materialized (TRL), TRL 1.16's head,
+               Liger-Kernel, Cut Cross-Entropy, PyTorch's, Liger's CuTe and QuACK's heads and
+               fastpref, over head shapes and batch sizes.
   end-to-end   one DPO step of a causal LM: TRL-style padded forward with full logits, the same
                with Liger-Kernel's loss, fastpref packed, fastpref packed with prefix sharing.
   all          each of them with its defaults for the device (the default).
@@ -14,6 +16,8 @@ Ops (``fastpref bench OP``):
 Every method's first run is checked against a reference before anything is timed, so a fast
 wrong answer never makes it into a table; running out of memory is a result ("OOM"), and so is
 any other failure of one method ("ERROR: <type>: <message>"): the other methods' rows survive.
+A method that cannot run here (a package, a GPU or a dtype it needs) is a row that says why,
+"n/a (...)".
 """
 from __future__ import annotations
 

@@ -1,19 +1,23 @@
-"""Op "logprobs": fastpref.linear_logprobs alone against the materialized baseline.
+"""Op "logprobs": fastpref.linear_logprobs alone against the materialized baseline and the peers' heads.
 
 Each method computes per-token log-probs of the targets from hidden [N, H] and the head
 [V, H], then backpropagates a random upstream gradient, with the LM head trainable or frozen.
+The peers (fastpref.bench.peers) get the scored rows, as a caller drops prompt and padding
+before a fused head; a peer that cannot run here is a row that says why. quack-chunked is QuACK's
+summed-loss head: it backpropagates an upstream gradient of 1 on every scored token instead
+(no per-token log-probs), checked against the reference for that gradient.
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 import fastpref
 
-from . import options
+from . import options, peers
 from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, head_flop_floor,
                         materialized_logprobs, random_head, relative_error, tflops, token_reference)
@@ -21,13 +25,14 @@ from .report import header, markdown_table, number
 
 NAME = "logprobs"
 TITLE = "fastpref.linear_logprobs: forward+backward benchmark"
-HELP = "fastpref.linear_logprobs alone vs the materialized baseline"
+HELP = "fastpref.linear_logprobs alone vs the materialized baseline and the peers' per-token heads"
 BASELINE = "materialized"
 # Not a method: the head's FLOP floor run as plain matmuls, timed in the same rounds, so that each
 # method's time reads as a multiple of what the hardware does with the same FLOPs.
 GEMM_FLOOR = "gemm-floor"
 GEMM_FLOOR_COLUMNS = 8192
 IGNORED_FRACTION = 0.1
+PEERS = (peers.TORCH_NATIVE, peers.LIGER_CUTE, peers.QUACK, peers.QUACK_CHUNKED)
 
 
 def defaults(device: torch.device) -> dict:
@@ -46,6 +51,7 @@ class Config:
     vocab: int
     dtype: torch.dtype
     backends: Sequence[str]
+    peers: Sequence[str] = PEERS
     heads: Sequence[str] = options.HEADS
     warmup: int = 1  # untimed runs; the first one is checked against the reference
     repeat: int = 3
@@ -54,8 +60,8 @@ class Config:
 
 @dataclass
 class Row:
-    """status: "ok", "OOM", "WRONG" or "ERROR: <type>: <message>"; the measurements are None when
-    it is not "ok" (peak_mib also where memory cannot be measured on this platform)."""
+    """status: "ok", "OOM", "WRONG", "ERROR: <type>: <message>" or "n/a (why)"; the measurements
+    are None when it is not "ok" (peak_mib also where memory cannot be measured on this platform)."""
 
     method: str
     head: str
@@ -76,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=options.positive_int, help="tokens N (rows of hidden)")
     parser.add_argument("--hidden", type=options.positive_int, help="hidden size H")
     parser.add_argument("--vocab", type=options.positive_int, help="vocabulary size V")
+    parser.add_argument("--peers", nargs="*", choices=PEERS,
+                        help=f"other projects' heads to measure (default: all of {', '.join(PEERS)})")
     options.add_common_arguments(parser)
 
 
@@ -87,22 +95,27 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             chosen[name] = getattr(args, name)
     return Config(device=device, n=chosen["n"], hidden=chosen["hidden"], vocab=chosen["vocab"],
                   dtype=DTYPES[chosen["dtype"]], backends=options.backends_from_args(args, parser, device),
+                  peers=PEERS if args.peers is None else list(dict.fromkeys(args.peers)),
                   heads=options.heads_from_args(args), warmup=chosen["warmup"], repeat=chosen["repeat"])
 
 
-def method_function(method: str, num_kept: Optional[int] = None) -> Callable[..., torch.Tensor]:
-    """(hidden, weight, targets) -> [N] log-probs for a method name in the table. num_kept: the
-    targets that count, known on the host as a packed layout knows them (fastpref then computes
-    those rows only)."""
+def method_function(method: str, device: torch.device, dtype: torch.dtype,
+                    num_kept: Optional[int] = None) -> Union[Callable[..., torch.Tensor], str]:
+    """(hidden, weight, targets) -> [N] log-probs for a per-token method of the table, or why it
+    cannot run here. num_kept: the targets that count, known on the host as a packed layout knows
+    them (fastpref then computes those rows only)."""
     if method == BASELINE:
         return lambda h, w, t: materialized_logprobs(h, w, t)
+    if method in peers.PER_TOKEN:
+        fn = peers.PER_TOKEN[method](device, dtype)
+        return fn if isinstance(fn, str) else peers.on_scored_rows(fn)
     backend = method[len("fastpref-"):]
     return lambda h, w, t: fastpref.linear_logprobs(h, w, t, ignore_index=IGNORE_INDEX, num_kept=num_kept,
                                                     backend=backend)
 
 
 def methods(cfg: Config) -> List[str]:
-    return [BASELINE] + [f"fastpref-{name}" for name in cfg.backends] + [GEMM_FLOOR]
+    return [BASELINE] + list(cfg.peers) + [f"fastpref-{name}" for name in cfg.backends] + [GEMM_FLOOR]
 
 
 def gemm_floor_step(hidden: torch.Tensor, weight: torch.Tensor, head: str) -> None:
@@ -134,12 +147,24 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         hidden.grad = weight.grad = None
 
     scored_hidden = hidden.detach()[targets != IGNORE_INDEX]
+    uniform_ref = []  # the reference for an upstream gradient of 1, built for quack-chunked only
 
-    def build(row: Row) -> Candidate:
+    def build(row: Row) -> Union[Candidate, str]:
         if row.method == GEMM_FLOOR:
             return Candidate(row.method, lambda: gemm_floor_step(scored_hidden, weight.detach(), row.head),
                              lambda output: True)
-        return _candidate(row, hidden, weight, targets, grad_out, ref, cfg.dtype, reset)
+        if row.method == peers.QUACK_CHUNKED:
+            fn = peers.quack_chunked_sum(cfg.device, cfg.dtype, cfg.vocab)
+            if isinstance(fn, str):
+                return fn
+            if not uniform_ref:
+                on_step("reference for an upstream gradient of 1")
+                uniform_ref.append(token_reference(hidden, weight, targets, torch.ones_like(grad_out)))
+            return _summed_candidate(row, fn, hidden, weight, targets, uniform_ref[0], cfg.dtype, reset)
+        fn = method_function(row.method, cfg.device, cfg.dtype, scored)
+        if isinstance(fn, str):
+            return fn
+        return _candidate(row, fn, hidden, weight, targets, grad_out, ref, cfg.dtype, reset)
 
     scored = scored_hidden.shape[0]
     for head in cfg.heads:
@@ -155,9 +180,14 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         rows.extend(head_rows)
 
 
-def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -> Candidate:
-    fn = method_function(row.method, row.scored)
+def _gradient_error(row: Row, hidden, weight, ref) -> float:
+    error = relative_error(hidden.grad, ref.d_hidden)
+    if row.head == "trainable":
+        error = max(error, relative_error(weight.grad, ref.d_weight))
+    return error
 
+
+def _candidate(row: Row, fn, hidden, weight, targets, grad_out, ref, dtype, reset) -> Candidate:
     def step() -> torch.Tensor:
         logp = fn(hidden, weight, targets)
         logp.backward(grad_out)
@@ -165,9 +195,26 @@ def _candidate(row: Row, hidden, weight, targets, grad_out, ref, dtype, reset) -
 
     def check(logp: torch.Tensor) -> bool:
         row.logp_err = (logp.detach() - ref.logp).abs().max().item()
-        row.grad_err = relative_error(hidden.grad, ref.d_hidden)
-        if row.head == "trainable":
-            row.grad_err = max(row.grad_err, relative_error(weight.grad, ref.d_weight))
+        row.grad_err = _gradient_error(row, hidden, weight, ref)
+        logp_tol, grad_tol = TOLERANCES[dtype]
+        return row.logp_err <= logp_tol and row.grad_err <= grad_tol
+
+    return Candidate(row.method, step, check, reset)
+
+
+def _summed_candidate(row: Row, fn, hidden, weight, targets, uniform_ref, dtype, reset) -> Candidate:
+    """A head that returns the summed log-prob of the scored tokens; its logp_err is that sum's
+    error per scored token."""
+    scored = int((targets != IGNORE_INDEX).sum())
+
+    def step() -> torch.Tensor:
+        total = fn(hidden, weight, targets)
+        total.backward()
+        return total
+
+    def check(total: torch.Tensor) -> bool:
+        row.logp_err = abs(total.item() - uniform_ref.logp.sum().item()) / max(1, scored)
+        row.grad_err = _gradient_error(row, hidden, weight, uniform_ref)
         logp_tol, grad_tol = TOLERANCES[dtype]
         return row.logp_err <= logp_tol and row.grad_err <= grad_tol
 
@@ -195,7 +242,7 @@ def format_table(rows: Sequence[Row]) -> str:
     cells = []
     for r in rows:
         if r.status != "ok":
-            time_ms = times_floor = rate = peak = extra = ratio = r.status
+            time_ms, times_floor, rate, peak, extra, ratio = r.status, "-", "-", "-", "-", "-"
         else:
             time_ms, rate = number(r.time_ms), number(r.tflops, 2)
             times_floor = f"{r.time_ms / floor[r.head]:.2f}x" if floor.get(r.head) else "-"
@@ -214,7 +261,14 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f"inputs: hidden ~ N(0, 1), weight ~ N(0, {LOGIT_STD}^2 / H), {IGNORED_FRACTION:.0%} of targets ="
         f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1)",
         f"methods: {BASELINE} = full [N, V] logits, float32 log-softmax, gather (as in TRL);"
-        " fastpref-<backend> = fastpref.linear_logprobs",
+        f" {peers.TORCH_NATIVE} = torch.nn.functional.linear_cross_entropy(reduction='none',"
+        " options=torch.nn.LinearCrossEntropyOptions()); "
+        f"{peers.LIGER_CUTE} = Liger-Kernel's LigerFusedLinearScaledCrossEntropyFunction on its sm_90 CuTe head;"
+        f" {peers.QUACK} = QuACK's linear_cross_entropy_func(reduction='none') (cuBLAS logits, QuACK's"
+        f" cross-entropy kernels); {peers.QUACK_CHUNKED} = QuACK's chunked_linear_cross_entropy(reduction='sum'):"
+        " its gradient is computed in the forward for the summed loss, so its row backpropagates 1 on every scored"
+        " token and its max abs dlogp is the summed log-prob's error per scored token; the peers get the scored"
+        " rows; fastpref-<backend> = fastpref.linear_logprobs",
         f"{GEMM_FLOOR}: not a method, the FLOP floor as plain matmuls ([N_scored, H] x [H, {GEMM_FLOOR_COLUMNS}]"
         " vocabulary chunks: 4 per chunk for a trainable head, 2 for a frozen one), timed in the same rounds;"
         " x GEMM floor = a row's time over it",

@@ -15,6 +15,16 @@ Methods:
   liger          Liger-Kernel's LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (no IPO there).
   cce            Cut Cross-Entropy's linear_cross_entropy(reduction="none") for per-token log-probs
                  (its Triton kernel on CUDA, its torch.compile version elsewhere), the loss in torch.
+  torch-native   PyTorch's chunked head, F.linear_cross_entropy(reduction="none",
+                 options=LinearCrossEntropyOptions()) (torch >= 2.13), on the response tokens, the
+                 loss in torch.
+  liger-cute     Liger-Kernel's Hopper CuTe DSL per-token head (sm_90, bf16), on the response
+                 tokens, the loss in torch.
+  quack          QuACK's per-token path (cuBLAS logits, QuACK's cross-entropy kernels; sm_90+), on
+                 the response tokens, the loss in torch. (QuACK's chunked head returns one summed
+                 loss, its gradient taken in the forward: it cannot weight tokens by sequence, so it
+                 has no DPO row; `fastpref bench logprobs` measures it.)
+  A peer that cannot run here (its package, GPU or dtype) is a row that says why.
   fastpref-<b>   fastpref.pack_padded + fastpref.PreferenceLoss on backend b.
 
 The FLOP floor of a step is 8 N_scored H V with a trainable head (logits, their recomputation in
@@ -33,7 +43,7 @@ import torch.nn.functional as F
 
 import fastpref
 
-from . import options
+from . import options, peers
 from .measure import MIB, Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs, head_flop_floor,
                         materialized_logprobs, random_head, relative_error, tflops, token_reference)
@@ -41,9 +51,10 @@ from .report import header, markdown_table, number
 
 NAME = "loss-head"
 TITLE = "Preference loss from hidden states: forward+backward benchmark"
-HELP = "DPO/IPO/SimPO from hidden states: materialized vs Liger-Kernel vs Cut Cross-Entropy vs fastpref"
+HELP = ("DPO/IPO/SimPO from hidden states: materialized vs TRL, Liger-Kernel, Cut Cross-Entropy, PyTorch's and "
+        "QuACK's heads vs fastpref")
 MATERIALIZED, TRL, LIGER, CCE = "materialized", "trl", "liger", "cce"
-PEERS = (MATERIALIZED, TRL, LIGER, CCE)
+PEERS = (MATERIALIZED, TRL, LIGER, CCE, peers.TORCH_NATIVE, peers.LIGER_CUTE, peers.QUACK)
 # The vocabulary tile TRL's DPOTrainer hands its kernel.
 TRL_CHUNK_SIZE = 32768
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -265,9 +276,11 @@ def loss_reference(inputs: Inputs, loss_type: str) -> LossReference:
 LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def loss_function(method: str, loss_type: str, device: torch.device) -> Union[LossFunction, str]:
+def loss_function(method: str, loss_type: str, device: torch.device, dtype: torch.dtype) -> Union[LossFunction, str]:
     """(hidden [2B, T, H], weight, targets [2B, T], reference_logps) -> scalar loss, or the reason
     the method cannot compute this loss here."""
+    if method in peers.PER_TOKEN:
+        return _per_token_peer_loss(peers.PER_TOKEN[method](device, dtype), loss_type)
     if method == MATERIALIZED:
         return lambda h, w, t, r: materialized_loss(h, w, t, r, loss_type)
     if method == TRL:
@@ -300,6 +313,18 @@ def _trl_loss(loss_type: str) -> Union[LossFunction, str]:
         return trl_pair_loss(per_token.float().sum(-1), (t != IGNORE_INDEX).sum(-1), r, loss_type)
 
     return trl_loss
+
+
+def _per_token_peer_loss(logprobs: Union[peers.LogprobFunction, str], loss_type: str) -> Union[LossFunction, str]:
+    """A per-token head on the response tokens, TRL's loss in torch."""
+    if isinstance(logprobs, str):
+        return logprobs
+    scored_logprobs = peers.on_scored_rows(logprobs)
+
+    def peer_loss(h, w, t, r):
+        return trl_pair_loss(scored_logprobs(h, w, t).sum(-1), (t != IGNORE_INDEX).sum(-1), r, loss_type)
+
+    return peer_loss
 
 
 def liger_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
@@ -372,7 +397,7 @@ def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: L
                  inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
 
     def build(row: Row):
-        fn = loss_function(row.method, loss_type, cfg.device)
+        fn = loss_function(row.method, loss_type, cfg.device, cfg.dtype)
         return fn if isinstance(fn, str) else _candidate(row, fn, inputs, ref, cfg.dtype)
 
     measured, candidates = build_candidates(group, build)
@@ -455,7 +480,12 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         " as TRL's DPOTrainer) + the loss in torch;"
         f" {LIGER} = LigerFusedLinearDPOLoss / LigerFusedLinearSimPOLoss (compiled={cfg.device.type == 'cuda'});"
         f" {CCE} = cut_cross_entropy.linear_cross_entropy(reduction='none', impl='{cce_impl(cfg.device)}')"
-        " + the loss in torch; fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
+        " + the loss in torch;"
+        f" {peers.TORCH_NATIVE} = torch.nn.functional.linear_cross_entropy(reduction='none',"
+        f" options=torch.nn.LinearCrossEntropyOptions()), {peers.LIGER_CUTE} = Liger-Kernel's"
+        f" LigerFusedLinearScaledCrossEntropyFunction on its sm_90 CuTe head, {peers.QUACK} = QuACK's"
+        " linear_cross_entropy_func(reduction='none'): each on the response tokens + the loss in torch;"
+        " fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
         " time, N_scored = response tokens",
         timing_note(cfg.warmup, cfg.repeat),

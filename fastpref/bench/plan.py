@@ -1,73 +1,129 @@
 """Cost model of the LM-head step: every kernel and GEMM a design launches, and its predicted time.
 
 For a shape (N scored tokens, H, V), a dtype width, a head (trainable or frozen) and a GPU kind,
-each launch is counted in FLOPs, HBM bytes and float32 atomic bytes, and its time predicted as the
-largest of three:
+each launch is counted in FLOPs, HBM bytes, atomic bytes and the logits its epilogue handles,
+and its time is predicted as
 
-    compute   FLOPs / rate,  rate = min(matmul peak, operand intensity of its tile x L2 bandwidth)
-              (a cuBLAS GEMM runs at the matmul peak: it picks tiles that reach it)
-    memory    HBM bytes / HBM bandwidth
-    atomics   atomic bytes / the L2's float32 read-modify-write throughput
+    max(compute, HBM traffic, atomic traffic) + serialised epilogue
 
-A tile of BM x BN outputs that walks K loads (BM + BN) K elements for 2 BM BN K FLOPs: its operand
-intensity is 2 BM BN / ((BM + BN) * element bytes) FLOP per byte of L2 -> SM traffic (64 x 128
-bf16: 43; 128 x 128: 64; 128 x 256: 85). The L2 bandwidth and atomic throughput are uncertain,
-so every prediction is a range (the fast end of both, the slow end of both). These are model
-estimates, not measurements: ``fastpref plan`` says so, and the GPU proof run prints the
-measured rows beside it.
+    compute      FLOPs / (rate x wave efficiency). rate is the matmul rate (what cuBLAS GEMMs and
+                 persistent warp-specialised TMA kernels sustain), except for a tile kernel that
+                 loads its own operands (no TMA multicast across a cluster), which is also capped
+                 by its operand intensity x the L2 -> SM bandwidth: a BM x BN tile walking K loads
+                 (BM + BN) K elements for 2 BM BN K FLOPs (128 x 128 bf16: 64 FLOP/byte,
+                 128 x 256: 85). Wave efficiency: a launch of T tiles on S SMs runs ceil(T / S)
+                 rounds, the last one partly idle (persistent kernels that keep every SM busy
+                 until the end count as 1).
+    HBM          bytes / HBM bandwidth (memory traffic overlaps the compute within a launch).
+    atomics      bytes of float32 atomics or lock-guarded adds / their read-modify-write rate.
+    epilogue     a fused tile kernel that is not warp-specialised runs its softmax epilogue (max,
+                 exp, sums, a logit-gradient store) between its tensor-core steps, so the tensor
+                 cores wait for it: logits / the device's serialised-epilogue rate. A
+                 warp-specialised kernel runs it on other warps, overlapped (no term).
+
+Launches run one after the other: a design's time is the sum. One set of per-device rates serves
+every design; ``fastpref plan --calibrate`` checks them against published measurements of the
+peers' designs (fastpref.bench.calibration), and docs/cost-model.md explains each rate. These
+are model estimates, not measurements: ``fastpref plan`` says so, and the GPU proof run prints
+the measured rows beside them.
 
 Designs:
-  atomic  the Triton backend today: a fused forward (GEMM + online log-sum-exp, 64 x 128 tiles);
-          a backward of one tile per program that recomputes its logits and adds its share of
-          d_hidden and d_weight with float32 atomics (frozen head: 6NHV in all, trainable: 8NHV).
-  slab    the Triton backend now. Trainable head: the fused forward (128 x 128 tiles), then per
-          vocabulary slab of all N rows (width Vs from the scratch budget) a fused recompute + dz
-          epilogue into a bf16 scratch, d_weight_s = dz^T h (cuBLAS, written once) and
-          d_hidden += dz W_s (a Triton GEMM whose epilogue keeps the sum as a bf16 pair): 8NHV,
-          no atomics. Frozen head: the torch backend's pass, in blocks of R rows x S columns that
-          fit the scratch budget: the logits z = h W_s^T in float32 and u <- u alpha + p~ W_s
-          (cuBLAS) with the running max and sum taken between them, so the backward is
-          d_hidden = g u: 4NHV. Its blocks are many small launches from Python (about a dozen
-          per block): the host must issue them faster than the GPU runs them.
-  cuda    the CUDA backend (no Triton): the slab algorithm with every matmul a cuBLAS GEMM and
-          the csrc/ epilogues between them, slabs of float32 logits plus a dz scratch. Trainable
-          head: per slab x_s = h W_s^T (float32 out), the online-softmax epilogue; in the backward
-          x_s again, the dz epilogue, d_weight_s = dz^T h, and d_hidden from float32 products in
-          row chunks (over the dead logits slab) folded into hi + lo (half precision) by the
-          compensated accumulation: 8NHV, no atomics. Frozen head: the torch backend's slab pass,
-          as in the slab design.
+  slab        the Triton backend. Trainable head: the fused forward (GEMM + online log-sum-exp,
+              128 x 128 tiles, row blocks x vocabulary splits as programs), then per vocabulary
+              slab of all N rows (width Vs from the scratch budget) a fused recompute + dz
+              epilogue into a bf16 scratch, d_weight_s = dz^T h (cuBLAS, written once) and
+              d_hidden += dz W_s (a Triton GEMM whose epilogue adds into a bf16 pair): 8NHV, no
+              atomics. Its fused kernels are not warp-specialised: they pay the serialised
+              epilogue and their 128 x 128 tiles' L2 cap. Frozen head: the torch backend's pass,
+              in blocks of R rows x S columns that fit the scratch budget: z = h W_s^T in float32
+              and u <- u alpha + p~ W_s (cuBLAS) with the running max and sum taken between them,
+              so the backward is d_hidden = g u: 4NHV, but many small launches from Python (about
+              a dozen per block) and float32 round trips through memory.
+  cuda        the CUDA backend (no Triton): the slab algorithm with every matmul a cuBLAS GEMM and
+              the csrc/ epilogues between them, slabs of float32 logits plus a dz scratch.
+              Trainable head: per slab x_s = h W_s^T (float32 out), the online-softmax epilogue;
+              in the backward x_s again, the dz epilogue, d_weight_s = dz^T h, and d_hidden from
+              float32 products in row chunks (over the dead logits slab) folded into hi + lo (half
+              precision) by the compensated accumulation: 8NHV, no atomics. Frozen head: the
+              torch backend's slab pass, as in the slab design.
+  persistent  a design on paper (no kernel yet), argued from what the calibrated model charges:
+              every FLOP in persistent, warp-specialised, TMA-fed GEMMs whose epilogues overlap
+              the next tile's mainloop (no serialised epilogue, no L2 cap: 128 x 256 tiles in
+              2-CTA clusters that multicast the shared operand), and no accumulation of d_hidden
+              or d_weight across slabs at all.
+              Forward (both heads), per block of R rows and per forward slab of Vf columns:
+                A. z = h_R W_s^T; the epilogue keeps, per row and 256-column tile, the tile's max
+                   m_tile and sum of exp and the target logit, and stores p~ = exp(z - m_tile)
+                   (at most 1) in the operands' dtype into a [R, Vf] scratch.
+                B. u_R = u_R exp(m_old - m_new) + p W_s with p = p~ exp(m_tile - m_new): the
+                   producer reads the slab's tile maxima of its rows (m_new, and the running sum
+                   l), the consumer warp groups scale each 256-column block of p~ in registers and
+                   issue wgmma with that operand from registers (as CUTLASS's mixed-input GEMMs
+                   do), and the epilogue rescales and adds u_R, float32 [R, H], through TMA.
+                After the last slab u = W_t - u_R / l is saved in the operands' dtype: the torch
+                backend's u_n = W_{t_n} - sum_v p_{n,v} W_v, in two persistent GEMMs (4NHV).
+                p~ never needs a pass of its own: A writes it, B reads it as its operand.
+              Frozen backward: d_hidden = g u. Trainable backward, per backward slab of Vb columns
+              and all N rows: C. z_s recomputed with the dz = g (onehot - p) epilogue into a
+              [N, Vb] scratch, D. d_weight_s = dz^T h (K = N: written once, no reduce-add).
+              d_hidden = g u again: the backward never accumulates d_hidden over slabs.
+              Each pass is one persistent kernel whose tile stream interleaves A and B (C and D) of
+              consecutive slabs: a B (D) tile waits only on a counter of the A (C) tiles it reads,
+              and p~ and dz are double-buffered, so no SM idles at a slab boundary (the model gives
+              these launches no wave tail).
+              8NHV trainable, 4NHV frozen. The peers pay instead a wave tail at every grid-wide
+              barrier (Liger's three phases per 1,024-token wave), an accumulation of d_weight
+              across chunks (Liger's per-wave bf16 reduce-add, PyTorch's and TRL's per-chunk
+              read-modify-write) or of d_hidden across slabs (the slab designs' pair), or memory
+              passes between their GEMMs.
+              Memory: u [N, H] in the operands' dtype plus the larger of the forward block
+              (u_R float32, two p~ buffers, per-tile statistics) and the backward's two dz
+              buffers, both sized from the scratch budget.
 """
 from __future__ import annotations
 
 import argparse
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..backends.scratch import DEFAULT_SCRATCH_BYTES, slab_columns
 from ..backends.torch_backend import gpu_block_sizes
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
-DESIGNS = ("atomic", "slab", "cuda")
+DESIGNS = ("slab", "cuda", "persistent")
 FP32 = 4
+# The persistent design's GEMM tile: 128 x 256 per CTA, the shared operand multicast to a 2-CTA
+# cluster. Its forward keeps a float32 max and sum per row and 256-column tile of logits.
+PERSISTENT_TILE_COLUMNS = 256
+PERSISTENT_TILE_STATISTICS = 2 * 4
+# The Triton backend's half-precision tile on sm_80/sm_90 (fastpref.backends.triton_backend).
+TRITON_TILE = (128, 128)
 
 
 @dataclass(frozen=True)
 class DeviceKind:
-    """matmul_tflops: what a large dense cuBLAS GEMM reaches (not the datasheet figure)."""
+    """Per-device rates, one set for every design (see docs/cost-model.md for where each comes from).
+
+    matmul_tflops: what large cuBLAS GEMMs and persistent warp-specialised kernels sustain (not the
+    datasheet peak). serial_epilogue_glogits_s: logits per second a non-warp-specialised fused
+    kernel's softmax epilogue costs while the tensor cores wait; None where no published figure
+    shows such a cost (on Ampere, CCE's Triton forward runs within 20% of the matmul rate)."""
 
     name: str
+    sms: int
     matmul_tflops: float
     hbm_tb_s: float
-    l2_tb_s: Tuple[float, float]
-    atomic_tb_s: Tuple[float, float]
+    l2_tb_s: float
+    atomic_tb_s: float
+    serial_epilogue_glogits_s: Optional[float]
 
 
 DEVICE_KINDS = {
-    "h100": DeviceKind("H100 SXM", 790.0, 3.35, (5.5, 8.0), (1.8, 3.2)),
-    "h200": DeviceKind("H200", 790.0, 4.8, (5.5, 8.0), (1.8, 3.2)),
-    "a100": DeviceKind("A100 SXM", 280.0, 2.0, (3.5, 5.0), (1.0, 1.8)),
+    "h100": DeviceKind("H100 SXM", 132, 750.0, 3.35, 7.5, 1.8, 70.0),
+    "h200": DeviceKind("H200", 132, 750.0, 4.8, 7.5, 1.8, 70.0),
+    "a100": DeviceKind("A100 SXM", 108, 270.0, 2.0, 4.5, 1.0, None),
 }
 
 
@@ -78,34 +134,68 @@ class Shape:
     vocab: int
     element_bytes: int = 2  # bf16
 
+    def __post_init__(self):
+        for name in ("n", "hidden", "vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.element_bytes not in (2, 4):
+            raise ValueError(f"element_bytes must be 2 or 4, got {self.element_bytes}")
+
+    def describe(self) -> str:
+        return f"N={self.n:,} H={self.hidden:,} V={self.vocab:,}"
+
+
+def operand_intensity(tile: Tuple[int, int], element_bytes: int) -> float:
+    """FLOPs per byte of operands a BM x BN tile loads from L2."""
+    bm, bn = tile
+    return 2 * bm * bn / ((bm + bn) * element_bytes)
+
+
+def wave_efficiency(tiles: int, sms: int) -> float:
+    """Share of the SM-rounds a launch of `tiles` output tiles keeps busy, one tile per SM at a time."""
+    return tiles / (math.ceil(tiles / sms) * sms)
+
 
 @dataclass
 class Launch:
-    """One kind of launch of a design, `count` times; figures are for all of them together."""
+    """One kind of launch of a design, `count` times; figures are for all of them together.
+
+    tile: (BM, BN) of a kernel that loads its own operands from L2 (caps its rate); None for
+    cuBLAS GEMMs, persistent multicast kernels and memory passes. tiles: output tiles of one
+    launch, for its wave efficiency; None when the launch keeps every SM busy to its end.
+    epilogue_logits: logits whose softmax epilogue runs serialised with the tensor cores."""
 
     name: str
     count: int
     flops: float
     hbm_bytes: float
     atomic_bytes: float = 0.0
-    tile: Optional[Tuple[int, int]] = None  # (BM, BN) of a fused kernel; None: a cuBLAS GEMM or elementwise
+    tile: Optional[Tuple[int, int]] = None
+    tiles: Optional[int] = None
+    epilogue_logits: float = 0.0
 
-    def predicted_ms(self, device: DeviceKind, element_bytes: int) -> Tuple[float, float]:
-        """(fast, slow) predicted time in ms."""
-        times = []
-        for l2, atomics in ((device.l2_tb_s[1], device.atomic_tb_s[1]), (device.l2_tb_s[0], device.atomic_tb_s[0])):
-            rate = device.matmul_tflops * 1e12
-            if self.tile is not None:
-                rate = min(rate, operand_intensity(self.tile, element_bytes) * l2 * 1e12)
-            seconds = max(self.flops / rate, self.hbm_bytes / (device.hbm_tb_s * 1e12),
-                          self.atomic_bytes / (atomics * 1e12))
-            times.append(seconds * 1e3)
-        return times[0], times[1]
+    def terms_ms(self, device: DeviceKind, element_bytes: int) -> Dict[str, float]:
+        """The compute, HBM, atomic and serialised-epilogue times in ms."""
+        rate = device.matmul_tflops * 1e12
+        if self.tile is not None:
+            rate = min(rate, operand_intensity(self.tile, element_bytes) * device.l2_tb_s * 1e12)
+        if self.tiles is not None:
+            rate *= wave_efficiency(self.tiles, device.sms)
+        epilogue = 0.0
+        if self.epilogue_logits and device.serial_epilogue_glogits_s is not None:
+            epilogue = self.epilogue_logits / (device.serial_epilogue_glogits_s * 1e9)
+        return {"compute": self.flops / rate * 1e3, "HBM": self.hbm_bytes / (device.hbm_tb_s * 1e12) * 1e3,
+                "atomics": self.atomic_bytes / (device.atomic_tb_s * 1e12) * 1e3, "epilogue": epilogue * 1e3}
 
+    def predicted_ms(self, device: DeviceKind, element_bytes: int) -> float:
+        terms = self.terms_ms(device, element_bytes)
+        return max(terms["compute"], terms["HBM"], terms["atomics"]) + terms["epilogue"]
 
-def operand_intensity(tile: Tuple[int, int], element_bytes: int) -> float:
-    bm, bn = tile
-    return 2 * bm * bn / ((bm + bn) * element_bytes)
+    def bound(self, device: DeviceKind, element_bytes: int) -> str:
+        """What limits the launch: compute, HBM or atomics, '+ epilogue' when one is serialised."""
+        terms = self.terms_ms(device, element_bytes)
+        limit = max(("compute", "HBM", "atomics"), key=lambda name: terms[name])
+        return limit + (" + epilogue" if terms["epilogue"] else "")
 
 
 def flop_floor(shape: Shape, head: str) -> float:
@@ -115,7 +205,7 @@ def flop_floor(shape: Shape, head: str) -> float:
 def slab_width(shape: Shape, scratch_bytes: int) -> int:
     """The Triton backward's slab: the widest multiple of its 128-column tile whose [N, Vs]
     scratch fits the budget."""
-    return slab_columns(shape.n, shape.vocab, shape.element_bytes, scratch_bytes, 128)
+    return slab_columns(shape.n, shape.vocab, shape.element_bytes, scratch_bytes, TRITON_TILE[1])
 
 
 def frozen_blocks(shape: Shape, scratch_bytes: int) -> Tuple[int, int]:
@@ -123,52 +213,48 @@ def frozen_blocks(shape: Shape, scratch_bytes: int) -> Tuple[int, int]:
     return gpu_block_sizes(shape.n, shape.vocab, scratch_bytes, shape.hidden)
 
 
-def atomic_design(shape: Shape, head: str, tile: Tuple[int, int] = (64, 128)) -> List[Launch]:
+def torch_frozen_pass(shape: Shape, scratch_bytes: int) -> List[Launch]:
+    """The torch backend's GPU pass for a frozen head (both GPU backends take it)."""
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
-    bm, bn = tile
-    programs = math.ceil(n / bm) * math.ceil(v / bn)
-    operands = n * h * e + v * h * e
-    backward_flops = (6 if head == "trainable" else 4) * n * h * v
-    atomic_bytes = FP32 * n * h * math.ceil(v / bn)  # d_hidden: every vocabulary tile adds its share
-    if head == "trainable":
-        atomic_bytes += FP32 * v * h * math.ceil(n / bm)  # d_weight: every row tile adds its share
+    rows, columns = frozen_blocks(shape, scratch_bytes)
+    row_blocks, slabs = math.ceil(n / rows), math.ceil(v / columns)
+    blocks = row_blocks * slabs
+    weight_reads = row_blocks * v * h * e  # every row block streams the whole weight
     return [
-        Launch("forward: GEMM + online log-sum-exp", math.ceil(n / bm), 2 * n * h * v, operands, tile=tile),
-        Launch("backward: recompute + dz + atomic d_hidden" + (", d_weight" if head == "trainable" else ""),
-               programs, backward_flops, operands, atomic_bytes, tile=tile),
+        Launch("forward, per block: z = h W_s^T, float32 out (cuBLAS)", blocks, 2 * n * h * v,
+               slabs * n * h * e + weight_reads + n * v * FP32),
+        # max, subtract + exp in place, the target's entry, sum, the cast to bf16
+        Launch("forward, per block: running max and sum, p~ = exp(z - m) (elementwise)", 5 * blocks, 0.0,
+               n * v * (6 * FP32 + e)),
+        Launch("forward, per block: u = u alpha + p~ W_s (cuBLAS, float32 out)", blocks, 2 * n * h * v,
+               n * v * e + weight_reads + slabs * 4 * n * h * FP32),
+        Launch("forward, per row block: u saved in the inputs' dtype", row_blocks, 0.0, n * h * (3 * FP32 + e)),
+        Launch("backward: d_hidden = g u", row_blocks, n * h, 2 * n * h * e),
     ]
 
 
-def slab_design(shape: Shape, head: str, scratch_bytes: int, tile: Tuple[int, int] = (128, 128)) -> List[Launch]:
-    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+def slab_design(shape: Shape, head: str, scratch_bytes: int, device: DeviceKind) -> List[Launch]:
     if head == "frozen":
-        rows, columns = frozen_blocks(shape, scratch_bytes)
-        row_blocks, slabs = math.ceil(n / rows), math.ceil(v / columns)
-        blocks = row_blocks * slabs
-        weight_reads = row_blocks * v * h * e  # every row block streams the whole weight
-        return [
-            Launch("forward, per block: z = h W_s^T, float32 out (cuBLAS)", blocks, 2 * n * h * v,
-                   slabs * n * h * e + weight_reads + n * v * FP32),
-            # max, subtract + exp in place, the target's entry, sum, the cast to bf16
-            Launch("forward, per block: running max and sum, p~ = exp(z - m) (elementwise)", 5 * blocks, 0.0,
-                   n * v * (6 * FP32 + e)),
-            Launch("forward, per block: u = u alpha + p~ W_s (cuBLAS, float32 out)", blocks, 2 * n * h * v,
-                   n * v * e + weight_reads + slabs * 4 * n * h * FP32),
-            Launch("forward, per row block: u saved in the inputs' dtype", row_blocks, 0.0, n * h * (3 * FP32 + e)),
-            Launch("backward: d_hidden = g u", row_blocks, n * h, 2 * n * h * e),
-        ]
+        return torch_frozen_pass(shape, scratch_bytes)
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    bm, bn = TRITON_TILE
     width = slab_width(shape, scratch_bytes)
     slabs = math.ceil(v / width)
+    row_blocks = math.ceil(n / bm)
+    # The forward splits V until about two programs per SM run (triton_backend.kernel_config).
+    forward_programs = row_blocks * max(1, 2 * device.sms // row_blocks)
     pair_bytes = e + (2 if e < FP32 else 0)  # d_hidden, and its bf16 remainder for half precision
     return [
-        Launch("forward: GEMM + online log-sum-exp (fused)", math.ceil(n / tile[0]), 2 * n * h * v,
-               n * h * e + v * h * e, tile=tile),
+        Launch("forward: GEMM + online log-sum-exp (fused)", 1, 2 * n * h * v, n * h * e + v * h * e,
+               tile=TRITON_TILE, tiles=forward_programs, epilogue_logits=n * v),
         Launch("backward, per slab: recompute z_s + dz epilogue into bf16 scratch (fused)", slabs, 2 * n * h * v,
-               slabs * n * h * e + v * h * e + n * v * e, tile=tile),
+               slabs * n * h * e + v * h * e + n * v * e, tile=TRITON_TILE,
+               tiles=row_blocks * math.ceil(width / bn), epilogue_logits=n * v),
         Launch("backward, per slab: d_weight_s = dz^T h (cuBLAS, K = N, written once)", slabs, 2 * n * h * v,
                n * v * e + slabs * n * h * e + v * h * e),
         Launch("backward, per slab: d_hidden += dz W_s (Triton GEMM, epilogue adds into the bf16 pair)", slabs,
-               2 * n * h * v, n * v * e + v * h * e + slabs * 2 * n * h * pair_bytes, tile=tile),
+               2 * n * h * v, n * v * e + v * h * e + slabs * 2 * n * h * pair_bytes, tile=TRITON_TILE,
+               tiles=row_blocks * math.ceil(h / bn)),
     ]
 
 
@@ -177,9 +263,9 @@ def cuda_slab_width(shape: Shape, scratch_bytes: int) -> int:
     return slab_columns(shape.n, shape.vocab, FP32 + shape.element_bytes, scratch_bytes)
 
 
-def cuda_design(shape: Shape, head: str, scratch_bytes: int) -> List[Launch]:
+def cuda_design(shape: Shape, head: str, scratch_bytes: int, device: DeviceKind) -> List[Launch]:
     if head == "frozen":
-        return slab_design(shape, head, scratch_bytes)
+        return torch_frozen_pass(shape, scratch_bytes)
     n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
     width = cuda_slab_width(shape, scratch_bytes)
     slabs = math.ceil(v / width)
@@ -205,6 +291,61 @@ def cuda_design(shape: Shape, head: str, scratch_bytes: int) -> List[Launch]:
     ]
 
 
+@dataclass(frozen=True)
+class PersistentLayout:
+    """The persistent design's blocks: R rows per forward block, Vf forward slab columns, Vb
+    backward slab columns, all sized from the scratch budget."""
+
+    rows: int
+    forward_columns: int
+    backward_columns: int
+
+
+def persistent_layout(shape: Shape, scratch_bytes: int) -> PersistentLayout:
+    """A quarter of the budget holds u_R (float32 [R, H]), the rest two p~ buffers ([R, Vf]) with
+    their per-tile statistics; the backward's two dz buffers ([N, Vb]) take the whole budget. R
+    is a multiple of the 128-row tile, Vf and Vb of the 256-column tile (at least one tile, at
+    most V)."""
+    n, h, e = shape.n, shape.hidden, shape.element_bytes
+    rows = (scratch_bytes // 4) // (h * FP32) // 128 * 128
+    rows = max(128, min(rows, math.ceil(n / 128) * 128))
+    tile_bytes = rows * (PERSISTENT_TILE_COLUMNS * e + PERSISTENT_TILE_STATISTICS)
+    forward_tiles = max(1, (scratch_bytes - rows * h * FP32) // (2 * tile_bytes))
+    forward_columns = min(forward_tiles * PERSISTENT_TILE_COLUMNS, shape.vocab)
+    backward_columns = slab_columns(n, shape.vocab, e, scratch_bytes // 2, PERSISTENT_TILE_COLUMNS)
+    return PersistentLayout(rows, forward_columns, backward_columns)
+
+
+def persistent_design(shape: Shape, head: str, scratch_bytes: int, device: DeviceKind) -> List[Launch]:
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    layout = persistent_layout(shape, scratch_bytes)
+    row_blocks = math.ceil(n / layout.rows)
+    forward_slabs = math.ceil(v / layout.forward_columns)
+    blocks = row_blocks * forward_slabs
+    tile_statistics = n * math.ceil(v / PERSISTENT_TILE_COLUMNS) * PERSISTENT_TILE_STATISTICS
+    launches = [
+        Launch("forward, per block and slab: z = h_R W_s^T, epilogue: tile max and sum, target logit, "
+               "p~ = exp(z - m_tile) into the scratch (persistent warp-specialised GEMM)", blocks, 2 * n * h * v,
+               forward_slabs * n * h * e + row_blocks * v * h * e + n * v * e + tile_statistics),
+        Launch("forward, per block and slab: u_R = u_R exp(m_old - m_new) + p W_s, p~ rescaled per tile in "
+               "registers, u_R float32 through TMA (persistent warp-specialised GEMM)", blocks, 2 * n * h * v,
+               n * v * e + tile_statistics + row_blocks * v * h * e + forward_slabs * 2 * n * h * FP32),
+        # reads u_R (float32) and the target rows W_t, writes u in the operands' dtype
+        Launch("forward, per block: u = W_t - u_R / l saved in the operands' dtype", row_blocks, 2 * n * h,
+               n * h * (FP32 + 2 * e)),
+    ]
+    if head == "trainable":
+        backward_slabs = math.ceil(v / layout.backward_columns)
+        launches += [
+            Launch("backward, per slab: z_s recomputed, dz = g (onehot - p) into the scratch "
+                   "(persistent warp-specialised GEMM)", backward_slabs, 2 * n * h * v,
+                   backward_slabs * n * h * e + v * h * e + n * v * e),
+            Launch("backward, per slab: d_weight_s = dz^T h (persistent GEMM, K = N, written once)", backward_slabs,
+                   2 * n * h * v, n * v * e + backward_slabs * n * h * e + v * h * e),
+        ]
+    return launches + [Launch("backward: d_hidden = g u", 1, n * h, 2 * n * h * e)]
+
+
 def cuda_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     """Memory the CUDA design holds beyond its inputs and the gradients it returns: its slab
     scratch and, for half-precision operands, the bfloat16 compensation lo [N, H]."""
@@ -228,9 +369,29 @@ def slab_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     return n * slab_width(shape, scratch_bytes) * e + (2 * n * h if e < FP32 else 0)
 
 
+def persistent_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
+    """Memory the persistent design holds beyond its inputs and the gradients it returns: u [N, H]
+    in the operands' dtype from the forward to the backward, plus the larger of the forward block
+    (u_R float32, two p~ buffers with their per-tile statistics) and, for a trainable head, the
+    two dz buffers."""
+    n, h, e = shape.n, shape.hidden, shape.element_bytes
+    layout = persistent_layout(shape, scratch_bytes)
+    forward_block = layout.rows * (h * FP32 + 2 * layout.forward_columns * e
+                                   + 2 * math.ceil(layout.forward_columns / PERSISTENT_TILE_COLUMNS)
+                                   * PERSISTENT_TILE_STATISTICS)
+    backward_scratch = 2 * n * layout.backward_columns * e if head == "trainable" else 0
+    return n * h * e + max(forward_block, backward_scratch)
+
+
 def materialized_extra_bytes(shape: Shape) -> int:
     """The materialized baseline's logits (bf16), their float32 log-softmax, and its gradient."""
     return shape.n * shape.vocab * (shape.element_bytes + FP32 + FP32)
+
+
+DesignFunction = Callable[[Shape, str, int, DeviceKind], List[Launch]]
+DESIGN_FUNCTIONS: Dict[str, DesignFunction] = {"slab": slab_design, "cuda": cuda_design,
+                                               "persistent": persistent_design}
+EXTRA_BYTES = {"slab": slab_extra_bytes, "cuda": cuda_extra_bytes, "persistent": persistent_extra_bytes}
 
 
 @dataclass
@@ -242,62 +403,69 @@ class Plan:
     launches: List[Launch]
 
     @property
-    def predicted_ms(self) -> Tuple[float, float]:
-        times = [launch.predicted_ms(self.device, self.shape.element_bytes) for launch in self.launches]
-        return sum(t[0] for t in times), sum(t[1] for t in times)
+    def predicted_ms(self) -> float:
+        return sum(launch.predicted_ms(self.device, self.shape.element_bytes) for launch in self.launches)
 
     @property
     def floor_ms(self) -> float:
         return flop_floor(self.shape, self.head) / (self.device.matmul_tflops * 1e12) * 1e3
 
     @property
-    def share_of_peak(self) -> Tuple[float, float]:
-        """(at the fast end, at the slow end) of the floor over the predicted time."""
-        fast, slow = self.predicted_ms
-        return self.floor_ms / fast, self.floor_ms / slow
+    def share_of_peak(self) -> float:
+        """The FLOP floor at the matmul rate over the predicted time."""
+        return self.floor_ms / self.predicted_ms
 
 
-def plan(shape: Shape, head: str, design: str, device_kind: str, scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Plan:
+def device_kind(name: str) -> DeviceKind:
+    if name not in DEVICE_KINDS:
+        raise ValueError(f"device kind must be one of {sorted(DEVICE_KINDS)}, got {name!r}")
+    return DEVICE_KINDS[name]
+
+
+def plan(shape: Shape, head: str, design: str, device_kind_name: str,
+         scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Plan:
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if device_kind not in DEVICE_KINDS:
-        raise ValueError(f"device kind must be one of {sorted(DEVICE_KINDS)}, got {device_kind!r}")
-    if design == "atomic":
-        launches = atomic_design(shape, head)
-    elif design == "slab":
-        launches = slab_design(shape, head, scratch_bytes)
-    elif design == "cuda":
-        launches = cuda_design(shape, head, scratch_bytes)
-    else:
+    device = device_kind(device_kind_name)
+    if design not in DESIGN_FUNCTIONS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
-    return Plan(shape, head, design, DEVICE_KINDS[device_kind], launches)
+    if scratch_bytes < 1:
+        raise ValueError(f"scratch_bytes must be >= 1, got {scratch_bytes}")
+    return Plan(shape, head, design, device, DESIGN_FUNCTIONS[design](shape, head, scratch_bytes, device))
 
 
 def _gb(value: float) -> str:
     return f"{value / 1e9:,.1f}"
 
 
+def launch_table(launches: List[Launch], device: DeviceKind, element_bytes: int) -> str:
+    rows = [[launch.name, f"{launch.count:,}", f"{launch.flops / 1e12:,.1f}", _gb(launch.hbm_bytes),
+             _gb(launch.atomic_bytes), launch.bound(device, element_bytes),
+             f"{launch.predicted_ms(device, element_bytes):,.1f}"] for launch in launches]
+    rows.append(["total", "", f"{sum(l.flops for l in launches) / 1e12:,.1f}",
+                 _gb(sum(l.hbm_bytes for l in launches)), _gb(sum(l.atomic_bytes for l in launches)), "",
+                 f"{sum(l.predicted_ms(device, element_bytes) for l in launches):,.1f}"])
+    return markdown_table(["launch", "count", "TFLOP", "HBM GB", "atomic GB", "bound by", "predicted ms"], rows)
+
+
 def format_plan(result: Plan) -> str:
-    e = result.shape.element_bytes
-    rows = []
-    for launch in result.launches:
-        fast, slow = launch.predicted_ms(result.device, e)
-        rows.append([launch.name, f"{launch.count:,}", f"{launch.flops / 1e12:,.1f}", _gb(launch.hbm_bytes),
-                     _gb(launch.atomic_bytes), f"{fast:,.1f}-{slow:,.1f}"])
-    fast, slow = result.predicted_ms
-    share_fast, share_slow = result.share_of_peak
-    floor = "8NHV" if result.head == "trainable" else "4NHV"
-    rows.append(["total", "", f"{sum(l.flops for l in result.launches) / 1e12:,.1f}",
-                 _gb(sum(l.hbm_bytes for l in result.launches)), _gb(sum(l.atomic_bytes for l in result.launches)),
-                 f"{fast:,.1f}-{slow:,.1f}"])
     shape = result.shape
+    floor = "8NHV" if result.head == "trainable" else "4NHV"
     return "\n".join([
         f"## {result.design} design, {result.head} head, {result.device.name} (model estimate)", "",
-        f"N={shape.n:,} H={shape.hidden:,} V={shape.vocab:,}, {e}-byte operands; {floor} floor "
+        f"{shape.describe()}, {shape.element_bytes}-byte operands; {floor} floor "
         f"{flop_floor(shape, result.head) / 1e12:,.1f} TFLOP = {result.floor_ms:.1f} ms at "
-        f"{result.device.matmul_tflops:.0f} TFLOP/s; predicted {fast:.0f}-{slow:.0f} ms = "
-        f"{100 * share_slow:.0f}-{100 * share_fast:.0f}% of the matmul peak", "",
-        markdown_table(["launch", "count", "TFLOP", "HBM GB", "atomic GB", "predicted ms"], rows), ""])
+        f"{result.device.matmul_tflops:.0f} TFLOP/s; predicted {result.predicted_ms:.1f} ms = "
+        f"{100 * result.share_of_peak:.0f}% of the matmul rate", "",
+        launch_table(result.launches, result.device, shape.element_bytes), ""])
+
+
+def rates_line(device: DeviceKind) -> str:
+    epilogue = ("none" if device.serial_epilogue_glogits_s is None
+                else f"{device.serial_epilogue_glogits_s:.0f} G logits/s")
+    return (f"{device.name}: matmul {device.matmul_tflops:.0f} TFLOP/s, HBM {device.hbm_tb_s} TB/s, L2 -> SM "
+            f"{device.l2_tb_s} TB/s, atomics {device.atomic_tb_s} TB/s, serialised epilogue {epilogue}, "
+            f"{device.sms} SMs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,30 +478,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU kind whose rates the model uses (default: h100)")
     parser.add_argument("--head", nargs="+", choices=HEADS, default=list(HEADS), help="heads (default: both)")
     parser.add_argument("--design", nargs="+", choices=DESIGNS, default=list(DESIGNS),
-                        help="designs (default: both)")
+                        help="designs (default: all)")
     parser.add_argument("--scratch-mib", type=int, default=DEFAULT_SCRATCH_BYTES >> 20,
-                        help="the slab design's scratch budget in MiB (default: fastpref's, "
+                        help="the designs' scratch budget in MiB (default: fastpref's, "
                              f"{DEFAULT_SCRATCH_BYTES >> 20})")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="instead, the model against published measurements of the peers' designs "
+                             "(every rate, every figure, predicted / published)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        from .calibration import format_calibration
+
+        print(format_calibration())
+        return 0
     for name in ("tokens", "hidden", "vocab", "scratch_mib"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     shape = Shape(args.tokens, args.hidden, args.vocab, args.element_bytes)
     device = DEVICE_KINDS[args.device_kind]
-    print(f"# LM-head cost model on {device.name}: predictions from FLOPs, bytes and atomics, not measurements\n")
-    print(f"- rates assumed: matmul {device.matmul_tflops:.0f} TFLOP/s, HBM {device.hbm_tb_s} TB/s, L2 -> SM "
-          f"{device.l2_tb_s[0]}-{device.l2_tb_s[1]} TB/s, float32 atomics {device.atomic_tb_s[0]}-"
-          f"{device.atomic_tb_s[1]} TB/s\n")
+    print(f"# LM-head cost model on {device.name}: predictions from FLOPs, bytes, tiles and atomics, "
+          "not measurements\n")
+    print(f"- rates assumed (calibrated: `fastpref plan --calibrate`): {rates_line(device)}\n")
     for design in args.design:
         for head in args.head:
             print(format_plan(plan(shape, head, design, args.device_kind, args.scratch_mib << 20)))
     baseline = materialized_extra_bytes(shape)
-    extra_bytes = {"slab": slab_extra_bytes, "cuda": cuda_extra_bytes}
-    for design in (d for d in args.design if d in extra_bytes):
+    for design in args.design:
         for head in args.head:
-            extra = extra_bytes[design](shape, head, args.scratch_mib << 20)
+            extra = EXTRA_BYTES[design](shape, head, args.scratch_mib << 20)
             print(f"{design} design, {head} head: extra memory {extra / 2**20:,.0f} MiB = "
                   f"{100 * extra / baseline:.2f}% of the materialized baseline's {baseline / 2**30:,.1f} GiB "
                   "of logits, log-softmax and logit gradient")

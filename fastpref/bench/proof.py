@@ -8,16 +8,21 @@ time limit, each writing its files before the next starts:
                 references
   device-peaks  this device's bf16 matmul rate and copy bandwidth, the ceilings the rest is read against
   logprobs      fastpref.linear_logprobs at N=16,384 H=4,096 V=128,256 bf16, trainable and frozen head,
-                every backend against the materialized logits: time, TFLOP/s against 8NHV/4NHV, peak memory
+                every backend against the materialized logits and the peers' per-token heads (PyTorch's
+                F.linear_cross_entropy, Liger's CuTe head, QuACK, QuACK's chunked head): time, TFLOP/s
+                against 8NHV/4NHV, peak memory
   loss-head     the DPO loss from hidden states at the same head shape against materialized, TRL 1.16's
-                chunked head, Liger-Kernel and Cut Cross-Entropy
+                chunked head, Liger-Kernel, Cut Cross-Entropy, PyTorch's, Liger's CuTe and QuACK's heads
   end-to-end    one DPO step of a 1B-class Llama, if time is left
 
 A step that runs past its limit is interrupted (SIGINT: the benchmarks write the rows measured so
 far) and the next one starts; the whole run keeps to --budget-s seconds from --started (the
 install counts). ``--dry-run`` runs the same plumbing on a CPU with tiny shapes and the torch
 backend, so CI tests it. The summary, proof.md, quotes each step's status and the headline rows
-against the measured matmul peak.
+against the measured matmul peak, each beside the cost model's prediction for its design. A peer
+that cannot run there is a row that says why (the machine's torch 2.11 has no
+F.linear_cross_entropy; the CuTe DSL that Liger's CuTe head and QuACK need is not carried, see
+benchmarks/gpu-wheels.txt).
 """
 from __future__ import annotations
 
@@ -120,19 +125,27 @@ def device_kind(device: str) -> Optional[str]:
     return next((kind for kind in DEVICE_KINDS if kind in device.lower()), None)
 
 
-# The cost model's design of each GPU backend.
+# The cost model's design of each GPU backend (both heads) and of each peer whose design
+# `fastpref plan --calibrate` counts (trainable head: the one their figures are published for).
 DESIGN_OF_METHOD = {"fastpref-triton": "slab", "fastpref-cuda": "cuda"}
+PEER_DESIGN_OF_METHOD = {"liger-cute": "liger-cute", "quack-chunked": "quack", "torch-native": "torch-native",
+                         "trl": "trl"}
 
 
 def predicted(row: dict, kind: Optional[str]) -> str:
-    """The cost model's range for a GPU backend's row (its design), else "-"."""
+    """The cost model's estimate in ms for a row whose design it counts, else "-"."""
+    from .calibration import DESIGNS, predicted_ms
     from .plan import Shape, plan
 
-    design = DESIGN_OF_METHOD.get(row["method"])
-    if kind is None or design is None or row.get("dtype") not in ("bfloat16", "float16"):
+    if kind is None or row.get("dtype") not in ("bfloat16", "float16"):
         return "-"
-    fast, slow = plan(Shape(row["scored"], row["hidden"], row["vocab"]), row["head"], design, kind).predicted_ms
-    return f"{fast:.0f}-{slow:.0f}"
+    shape = Shape(row["scored"], row["hidden"], row["vocab"])
+    if row["method"] in DESIGN_OF_METHOD:
+        return f"{plan(shape, row['head'], DESIGN_OF_METHOD[row['method']], kind).predicted_ms:.0f}"
+    design = PEER_DESIGN_OF_METHOD.get(row["method"])
+    if design is None or row["head"] != "trainable":
+        return "-"
+    return f"{predicted_ms(DESIGNS[design](shape), kind):.0f}"
 
 
 def headline_rows(results: Path, peak_tflops: Optional[float], kind: Optional[str] = None) -> List[List[str]]:
@@ -165,8 +178,9 @@ def summary(steps: Sequence[Step], results: Path, command: str, device: str, dry
     if cells:
         lines += ["## Headline rows", "",
                   "TFLOP/s against the FLOP floor (8 N_scored H V trainable, 4 N_scored H V frozen); "
-                  "share = TFLOP/s over this run's measured matmul rate; predicted = `fastpref plan`'s range "
-                  "for the Triton backend's design on this kind of GPU (a model estimate).", "",
+                  "share = TFLOP/s over this run's measured matmul rate; predicted = the cost model's estimate "
+                  "for the row's design on this kind of GPU (`fastpref plan`, `fastpref plan --calibrate`; a model "
+                  "estimate, not a measurement).", "",
                   markdown_table(["op", "method", "head", "status", "time (ms)", "predicted (ms)", "TFLOP/s",
                                   "of matmul peak", "peak memory (MiB)"], cells), ""]
     return "\n".join(lines)
