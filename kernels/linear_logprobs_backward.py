@@ -49,9 +49,9 @@ def _logit_gradient_kernel(
     row_mask = rows < num_rows
     col_mask = local_cols < slab_columns
     cols = slab_start + local_cols
-    x = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
+    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-    z = transform_logits(x, pre, post, HAS_SOFTCAP)
+    z = transform_logits(z, pre, post, HAS_SOFTCAP)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     miss = tl.load(miss_ptr + rows, mask=row_mask, other=0.0)
@@ -68,7 +68,7 @@ def _logit_gradient_kernel(
     else:
         dz = g[:, None] * tl.where(is_target, miss[:, None], -p)
     if HAS_SOFTCAP:
-        dz = dz * soft_cap_slope(x, pre, post)
+        dz = dz * soft_cap_slope(z, pre, post)
     else:
         dz = dz * pre
     tl.store(dz_ptr + rows[:, None] * dz_row_stride + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),

@@ -45,9 +45,12 @@ class KernelConfig:
     # leaves registers for (the compile gate finds the spills)
     outputs_block_n: int = 0
     entropy_block_n: int = 0
+    outputs_num_warps: int = 0  # warps of the forward with the outputs' sums (0: num_warps)
 
     def for_outputs(self, outputs) -> "KernelConfig":
-        return replace(self, block_n=self.outputs_block_n) if outputs and self.outputs_block_n else self
+        if not outputs or not self.outputs_block_n:
+            return self
+        return replace(self, block_n=self.outputs_block_n, num_warps=self.outputs_num_warps or self.num_warps)
 
     def for_entropy_gradient(self, wanted: bool) -> "KernelConfig":
         return replace(self, block_n=self.entropy_block_n) if wanted and self.entropy_block_n else self
@@ -68,18 +71,20 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     no spill; 128 x 256 spills) and 32 on sm_80 (mma.sync keeps its accumulators in registers).
     With the per-token outputs' sums the forward's 128-row tiles spill (56 B on sm_90, 1.2 KB on
     sm_80): 64 rows (212 / 194 registers, no spill); so does the backward's with the entropy's
-    gradient term on sm_80 (496 B): 64 rows there, 128 on sm_90 (no spill).
+    gradient term and the soft cap (496 B on sm_80, 32 B on sm_90): 64 rows. Float32's 32 x 64 tiles
+    with the outputs' sums and the soft cap spill 8 B: 16 rows of 4 warps (100-108 registers).
     """
     if capability is None:
         return INTERPRETER_CONFIG
     programs = 2 * multiprocessors
     if dtype == torch.float32:
         return KernelConfig(32, 64, 32, num_warps=8, num_stages=2, programs_wanted=programs,
-                            outputs_block_n=16, entropy_block_n=16)
+                            outputs_block_n=16, outputs_num_warps=4)
     if capability < 90:
         return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs,
                             outputs_block_n=64, entropy_block_n=64)
-    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs, outputs_block_n=64)
+    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs,
+                        outputs_block_n=64, entropy_block_n=64)
 
 
 def config_for(hidden: torch.Tensor) -> KernelConfig:
