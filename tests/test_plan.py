@@ -180,3 +180,31 @@ def test_plan_rejects_unknown_names_and_bad_shapes():
         Shape(16, 16, 0)
     with pytest.raises(ValueError, match="element_bytes must be 2 or 4"):
         Shape(16, 16, 16, 3)
+
+
+def test_head_options_cost_what_their_kernels_add():
+    """Outputs and the soft cap lengthen the Triton kernels' serialised epilogues (and narrow the
+    forward's tiles), cost the CUDA epilogues nothing (bound by their float32 reads), and add
+    elementwise passes to the torch pass of a frozen head."""
+    from fastpref.bench.plan import TRITON_WIDE_EPILOGUE_TILE, with_head_options
+
+    for design in ("slab", "cuda"):
+        for head in ("trainable", "frozen"):
+            plain = plan(HEADLINE, head, design, "h100")
+            assert plan(HEADLINE, head, design, "h100", options=()).predicted_ms == plain.predicted_ms
+    slab = plan(HEADLINE, "trainable", "slab", "h100", options=("entropy",))
+    forward = next(launch for launch in slab.launches if launch.name.startswith("forward: GEMM"))
+    assert forward.tile == TRITON_WIDE_EPILOGUE_TILE
+    assert slab.predicted_ms > plan(HEADLINE, "trainable", "slab", "h100").predicted_ms
+    softcapped = plan(HEADLINE, "trainable", "cuda", "h100", options=("softcap", "entropy", "is_top1"))
+    assert softcapped.predicted_ms == plan(HEADLINE, "trainable", "cuda", "h100").predicted_ms
+    for design in ("slab", "cuda"):
+        frozen = plan(HEADLINE, "frozen", design, "h100")
+        assert plan(HEADLINE, "frozen", design, "h100", options=("mean_logits",)).predicted_ms > frozen.predicted_ms
+        unfolded = plan(HEADLINE, "frozen", design, "h100", options=("entropy_gradient",))
+        assert not any("d_weight" in launch.name for launch in unfolded.launches)
+        assert any("recompute" in launch.name or "recomputed" in launch.name for launch in unfolded.launches)
+    with pytest.raises(ValueError, match="head options must be among"):
+        with_head_options([], "slab", HEADLINE, "trainable", ["logits"])
+    with pytest.raises(ValueError, match="persistent design is modelled for the log-probs alone"):
+        plan(HEADLINE, "trainable", "persistent", "h100", options=("entropy",))

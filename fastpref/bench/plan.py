@@ -85,7 +85,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..backends.scratch import DEFAULT_SCRATCH_BYTES, slab_columns
 from ..backends.torch_backend import gpu_block_sizes
@@ -346,6 +346,56 @@ def persistent_design(shape: Shape, head: str, scratch_bytes: int, device: Devic
     return launches + [Launch("backward: d_hidden = g u", 1, n * h, 2 * n * h * e)]
 
 
+# What the per-token outputs (outputs=), the soft cap and the entropy's gradient add, per design.
+# Fused Triton kernels pay their serialised epilogue per operation: the extra per-logit operations
+# of each option, counted from kernels/ (not calibrated: no peer publishes a figure with them),
+# scale it against the plain epilogue's own count. The CUDA epilogues read float32 logits from
+# memory and stay bound by that read however many operations they add. The torch pass (the
+# frozen head of both GPU backends) pays each option as elementwise passes over its float32
+# blocks, counted in bytes per logit.
+FORWARD_EPILOGUE_OPS = 6  # max, subtract, exp, the target's compare and select, add
+BACKWARD_EPILOGUE_OPS = 5  # subtract, exp, the target's compare and select, multiply
+OPTION_FORWARD_OPS = {"entropy": 5, "log_sum_sq_probs": 2, "mean_logits": 2, "is_top1": 3, "softcap": 10}
+OPTION_BACKWARD_OPS = {"entropy_gradient": 6, "softcap": 14}
+OPTION_TORCH_PASS_BYTES = {"entropy": 24, "log_sum_sq_probs": 8, "mean_logits": 4, "is_top1": 14, "softcap": 24}
+HEAD_OPTIONS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "softcap", "entropy_gradient")
+# Rows per tile of the Triton kernels whose epilogue carries the outputs' sums (forward) or the
+# entropy's gradient term (backward): the full 128-row tile spills (triton_backend.kernel_config).
+TRITON_WIDE_EPILOGUE_TILE = (64, 128)
+
+
+def with_head_options(launches: List[Launch], design: str, shape: Shape, head: str,
+                      options: Sequence[str]) -> List[Launch]:
+    """`launches` of `design` with the head options applied: the per-token outputs among `options`,
+    "softcap" and "entropy_gradient" (the entropy in the loss). A frozen head with the entropy's
+    gradient is not folded: it takes the trainable head's passes less d_weight (see plan)."""
+    options = set(options)
+    unknown = options - set(HEAD_OPTIONS)
+    if unknown:
+        raise ValueError(f"head options must be among {HEAD_OPTIONS}, got {sorted(unknown)}")
+    n, v = shape.n, shape.vocab
+    outputs = options - {"softcap", "entropy_gradient"}
+    changed = []
+    for launch in launches:
+        launch = Launch(**vars(launch))
+        if launch.name.startswith("forward, per block: running max and sum"):  # the torch pass
+            launch.hbm_bytes += n * v * sum(OPTION_TORCH_PASS_BYTES[o] for o in options if o in OPTION_TORCH_PASS_BYTES)
+        elif design == "slab" and launch.name.startswith("forward: GEMM"):
+            ops = sum(OPTION_FORWARD_OPS[o] for o in options if o in OPTION_FORWARD_OPS)
+            launch.epilogue_logits *= (FORWARD_EPILOGUE_OPS + ops) / FORWARD_EPILOGUE_OPS
+            if outputs:
+                launch.tile = TRITON_WIDE_EPILOGUE_TILE
+                launch.tiles = launch.tiles * 2
+        elif design == "slab" and launch.name.startswith("backward, per slab: recompute"):
+            ops = sum(OPTION_BACKWARD_OPS[o] for o in options if o in OPTION_BACKWARD_OPS)
+            launch.epilogue_logits *= (BACKWARD_EPILOGUE_OPS + ops) / BACKWARD_EPILOGUE_OPS
+            if "entropy_gradient" in options:
+                launch.tile = TRITON_WIDE_EPILOGUE_TILE
+                launch.tiles = launch.tiles * 2
+        changed.append(launch)
+    return changed
+
+
 def cuda_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     """Memory the CUDA design holds beyond its inputs and the gradients it returns: its slab
     scratch and, for half-precision operands, the bfloat16 compensation lo [N, H]."""
@@ -423,7 +473,9 @@ def device_kind(name: str) -> DeviceKind:
 
 
 def plan(shape: Shape, head: str, design: str, device_kind_name: str,
-         scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Plan:
+         scratch_bytes: int = DEFAULT_SCRATCH_BYTES, options: Sequence[str] = ()) -> Plan:
+    """The launches of `design` for `head`, with the head options (with_head_options) applied. The
+    persistent design is on paper for the log-probs alone: no options there."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     device = device_kind(device_kind_name)
@@ -431,7 +483,15 @@ def plan(shape: Shape, head: str, design: str, device_kind_name: str,
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if scratch_bytes < 1:
         raise ValueError(f"scratch_bytes must be >= 1, got {scratch_bytes}")
-    return Plan(shape, head, design, device, DESIGN_FUNCTIONS[design](shape, head, scratch_bytes, device))
+    if options and design == "persistent":
+        raise ValueError("the persistent design is modelled for the log-probs alone: no head options")
+    if head == "frozen" and "entropy_gradient" in options and design != "persistent":
+        # not folded: the trainable head's passes, less d_weight
+        launches = [launch for launch in DESIGN_FUNCTIONS[design](shape, "trainable", scratch_bytes, device)
+                    if "d_weight" not in launch.name]
+    else:
+        launches = DESIGN_FUNCTIONS[design](shape, head, scratch_bytes, device)
+    return Plan(shape, head, design, device, with_head_options(launches, design, shape, head, options))
 
 
 def _gb(value: float) -> str:
@@ -460,6 +520,22 @@ def format_plan(result: Plan) -> str:
         launch_table(result.launches, result.device, shape.element_bytes), ""])
 
 
+def options_table(shape: Shape, designs: Sequence[str], heads: Sequence[str], device_kind_name: str,
+                  scratch_bytes: int, options: Sequence[str]) -> str:
+    """Each head option's predicted cost alone, and all of them together, over the plain op."""
+    rows = []
+    for design in designs:
+        for head in heads:
+            plain = plan(shape, head, design, device_kind_name, scratch_bytes).predicted_ms
+            for chosen in [(option,) for option in options] + ([tuple(options)] if len(options) > 1 else []):
+                ms = plan(shape, head, design, device_kind_name, scratch_bytes, chosen).predicted_ms
+                rows.append([design, head, " + ".join(chosen), f"{plain:,.1f}", f"{ms:,.1f}", f"{ms - plain:+,.1f}",
+                             f"{100 * (ms / plain - 1):+.0f}%"])
+    return "\n".join(["## The head options' predicted cost (model estimate)", "",
+                      markdown_table(["design", "head", "options", "plain ms", "with them ms", "added ms", "added"],
+                                     rows), ""])
+
+
 def rates_line(device: DeviceKind) -> str:
     epilogue = ("none" if device.serial_epilogue_glogits_s is None
                 else f"{device.serial_epilogue_glogits_s:.0f} G logits/s")
@@ -482,6 +558,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scratch-mib", type=int, default=DEFAULT_SCRATCH_BYTES >> 20,
                         help="the designs' scratch budget in MiB (default: fastpref's, "
                              f"{DEFAULT_SCRATCH_BYTES >> 20})")
+    parser.add_argument("--options", nargs="+", choices=HEAD_OPTIONS, default=[], metavar="OPTION",
+                        help="head options to model: per-token outputs (entropy, log_sum_sq_probs, mean_logits, "
+                             "is_top1), softcap, entropy_gradient (the entropy in the loss); with them the report "
+                             "ends with each option's predicted cost alone (slab and cuda designs)")
     parser.add_argument("--calibrate", action="store_true",
                         help="instead, the model against published measurements of the peers' designs "
                              "(every rate, every figure, predicted / published)")
@@ -501,9 +581,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"# LM-head cost model on {device.name}: predictions from FLOPs, bytes, tiles and atomics, "
           "not measurements\n")
     print(f"- rates assumed (calibrated: `fastpref plan --calibrate`): {rates_line(device)}\n")
-    for design in args.design:
+    budget = args.scratch_mib << 20
+    designs = [d for d in args.design if not (args.options and d == "persistent")]
+    for design in designs:
         for head in args.head:
-            print(format_plan(plan(shape, head, design, args.device_kind, args.scratch_mib << 20)))
+            print(format_plan(plan(shape, head, design, args.device_kind, budget, args.options)))
+    if args.options:
+        print(options_table(shape, designs, args.head, args.device_kind, budget, args.options))
     baseline = materialized_extra_bytes(shape)
     for design in args.design:
         for head in args.head:
