@@ -8,8 +8,10 @@ import pytest
 import fastpref
 from fastpref.cli import main
 from fastpref.train import data as data_module
-from fastpref.train.commands import add_eval_arguments, add_train_arguments, config_from_args
-from fastpref.train.loop import TrainConfig, TrainingInterrupted, train
+from fastpref.train.commands import add_eval_arguments, add_train_arguments
+from fastpref.train.config import config_from_args
+from fastpref.train.config import TrainConfig
+from fastpref.train.loop import TrainingInterrupted, train
 from fastpref.train.monitor import DisplacementMonitor
 
 SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", "4", "--eval-fraction", "0.2",
@@ -18,7 +20,7 @@ SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", 
 
 def small_config(tmp_path, data, **overrides) -> TrainConfig:
     options = dict(data=data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=4, eval_every=2,
+                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=4, eval_steps=2,
                    eval_fraction=0.2, learning_rate=3e-3, progress=False)
     options.update(overrides)
     return TrainConfig(**options)
@@ -71,11 +73,9 @@ def test_trl_flag_names_are_accepted(monkeypatch):
         "--resume-from-checkpoint", "never"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = config_from_args(args)
-    assert (cfg.pairs_per_step, cfg.grad_accum, cfg.epochs, cfg.lr_schedule) == (4, 3, 2.0, "linear")
-    assert (cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, cfg.resume) == (5, 7, 1, "never")
-    both = parser_with(add_train_arguments).parse_args(["--per-device-train-batch-size", "2", "--pairs-per-step", "4"])
-    with pytest.raises(ValueError, match="--pairs-per-step or --per-device-train-batch-size, not both"):
-        config_from_args(both)
+    assert (cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.lr_scheduler_type) == (3, 2.0, "linear")
+    assert (cfg.eval_steps, cfg.save_steps, cfg.save_total_limit, cfg.resume_from_checkpoint) == (5, 7, 1, "never")
+    assert cfg.resolved(world_size=2).pairs_per_step == 4
 
 
 def test_errors_name_the_flag_not_the_python_argument(tmp_path, small_data, capsys):
@@ -135,7 +135,7 @@ def test_no_progress_still_shows_the_data_report_and_resume(tmp_path, small_data
 def test_the_console_leads_with_held_out_accuracy_and_a_finished_run_is_not_retrained(
         tmp_path, small_data, capsys, monkeypatch):
     command = ["train", "--data", small_data, "--output-dir", str(tmp_path / "run"), "--cache-dir",
-               str(tmp_path / "cache"), "--max-steps", "4", "--eval-every", "2", *SMALL]
+               str(tmp_path / "cache"), "--max-steps", "4", "--eval-steps", "2", *SMALL]
     assert main(command) == 0
     out = capsys.readouterr().out
     held_out, training = out.index("5 held-out pairs (never trained on): reward accuracy"), out.index(

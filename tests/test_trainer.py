@@ -13,8 +13,8 @@ from fastpref.train.monitor import read_metrics
 
 def config(tmp_path, data, **overrides) -> TrainConfig:
     options = dict(data=data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=6, eval_every=3,
-                   save_every=100, eval_fraction=0.2, learning_rate=3e-3, progress=False)
+                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=6, eval_steps=3,
+                   save_steps=100, eval_fraction=0.2, learning_rate=3e-3, progress=False)
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -54,7 +54,7 @@ def test_two_runs_give_identical_metrics(tmp_path, small_data):
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, prefix_sharing):
-    uninterrupted = train(config(tmp_path / "a", small_data, prefix_sharing=prefix_sharing, grad_accum=2,
+    uninterrupted = train(config(tmp_path / "a", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2,
                                  max_steps=5))
 
     def interrupt(step):
@@ -62,9 +62,9 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, 
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 2: checkpoint saved to .*checkpoint-2"):
-        train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, grad_accum=2, max_steps=5),
+        train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5),
               on_step=interrupt)
-    resumed = train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, grad_accum=2, max_steps=5))
+    resumed = train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5))
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
     records = [r for r in read_metrics(resumed.metrics_path) if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
@@ -73,7 +73,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, 
 
 
 def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
-    train(config(tmp_path, small_data, save_every=2, max_steps=4))
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert checkpoint.name == "checkpoint-2"
     optimizer = checkpoint / "optimizer.pt"
@@ -81,22 +81,22 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
     data[len(data) // 2] ^= 0xFF
     optimizer.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: optimizer.pt does not match its checksum"):
-        train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
+        train(config(tmp_path, small_data, max_steps=4, resume_from_checkpoint=str(checkpoint)))
     (checkpoint / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"no manifest.json: the checkpoint is incomplete"):
-        train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
+        train(config(tmp_path, small_data, max_steps=4, resume_from_checkpoint=str(checkpoint)))
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path, small_data):
-    train(config(tmp_path, small_data, save_every=2, max_steps=4))
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     with pytest.raises(CheckpointError, match=r"belongs to a different run: beta differ"):
         train(config(tmp_path, small_data, max_steps=4, beta=0.5))
 
 
 def test_cached_reference_equals_online_reference(tmp_path, small_data):
     cached = Trainer(config(tmp_path, small_data))
-    assert Path(cached.reference_cache.path).is_file()
-    online = Trainer(config(tmp_path, small_data, reference="online"))
+    assert any(Path(cached.reference_cache.directory).glob("piece-*.pt"))
+    online = Trainer(config(tmp_path, small_data, precompute_ref_log_probs=False))
     pairs = cached.train_pairs[:6]
     a, b = cached._reference_for(pairs), online._reference_for(pairs)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-5)
@@ -114,7 +114,7 @@ def test_reference_cache_is_reused_across_runs(tmp_path, small_data, monkeypatch
 
 
 def test_lora_uses_the_disabled_adapter_as_reference(tmp_path, small_data):
-    result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, reference="online"))
+    result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, precompute_ref_log_probs=False))
     first = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"][0]
     # at the start the adapter is zero: policy == reference, so every reward is 0
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
@@ -142,11 +142,13 @@ def test_evaluate_scores_pairs_against_the_reference(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"reference": "both"}, r"reference must be 'cache' or 'online'"),
-    ({"lr_schedule": "step"}, r"lr_schedule must be one of"),
+    ({"lr_scheduler_type": "step"}, r"lr_scheduler_type must be one of cosine, linear, constant, got 'step'"),
     ({"pairs_per_step": 0}, r"pairs_per_step must be >= 1"),
     ({"eval_fraction": 1.0}, r"eval_fraction must lie in \[0, 1\)"),
-    ({"resume": "no-such-dir"}, r"resume must be 'auto', 'never' or an existing checkpoint directory"),
+    ({"resume_from_checkpoint": "no-such-dir"},
+     r"resume_from_checkpoint must be 'auto', 'never' or an existing checkpoint directory"),
+    ({"per_device_train_batch_size": 2, "pairs_per_step": 4}, "give pairs_per_step or per_device_train_batch_size"),
+    ({"bf16": True, "dtype": "float32"}, r"bf16 asks for bfloat16, which contradicts dtype='float32'"),
 ])
 def test_bad_configuration_fails_at_start(tmp_path, small_data, options, message):
     with pytest.raises(ValueError, match=message):

@@ -76,12 +76,28 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def weighted_mean(self, values: Dict[str, float], weight: float, device) -> Dict[str, float]:
-        """The mean over all ranks of `values`, each rank counting `weight` (its pairs)."""
-        if not self.enabled:
-            return dict(values)
-        keys = sorted(values)
-        packed = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64, device=device)
-        dist.all_reduce(packed)
+    def weighted_mean(self, records: Sequence[Dict[str, float]], weights: Sequence[float], device) -> Dict[str, float]:
+        """The mean of `records` over all ranks, each record counting its weight (its pairs; 0 for a
+        placeholder batch a rank ran only to join a collective).
+
+        Every rank must pass records with the same keys, and at least one: the keys size the
+        all-reduce, and ranks reducing tensors of different sizes abort (gloo) or hang (NCCL). The
+        callers ensure it by recording every batch they run, placeholders included, with weight 0.
+        """
+        keys = sorted(records[0])
+        if any(sorted(record) != keys for record in records):
+            raise ValueError(f"every record must have the keys {keys}")
+        sums = [sum(record[k] * w for record, w in zip(records, weights) if w) for k in keys]
+        packed = torch.tensor(sums + [float(sum(weights))], dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(packed)
         total = float(packed[-1])
-        return {k: float(v) / total for k, v in zip(keys, packed[:-1])}
+        return {k: float(v) / total if total else float("nan") for k, v in zip(keys, packed[:-1])}
+
+    def max_over_ranks(self, value: int, device) -> int:
+        """The largest `value` any rank holds, on every rank (e.g. a stop request)."""
+        if not self.enabled:
+            return value
+        packed = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return int(packed[0])
