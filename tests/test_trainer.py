@@ -162,3 +162,100 @@ def test_learning_rates_follow_trl_warmup_and_cosine(tmp_path, small_data):
     # TRL: ceil(0.1 * 6) = 1 warmup step starting at 0, then cosine over the remaining 5
     expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
     assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_and_the_rerun_resumes_to_the_same_weights(tmp_path, small_data, signal_name):
+    """SLURM, Kubernetes and `timeout` stop a job with SIGTERM (SLURM may send SIGUSR1 first): the
+    step at hand finishes, a checkpoint is saved, and the rerun ends where an uninterrupted run does."""
+    import os
+    import signal
+
+    from transformers import AutoModelForCausalLM
+
+    options = dict(gradient_accumulation_steps=2, max_steps=5)
+    uninterrupted = train(config(tmp_path / "a", small_data, **options))
+
+    def send(step):
+        if step == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+
+    with pytest.raises(TrainingInterrupted, match=rf"stopped by {signal_name} at step 2 of 5: checkpoint saved to "
+                                                  r".*checkpoint-2; run the same command again") as stopped:
+        train(config(tmp_path / "b", small_data, **options), on_step=send)
+    assert stopped.value.exit_code == 128 + getattr(signal, signal_name)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handlers are put back"
+    records = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    resumed = train(config(tmp_path / "b", small_data, **options))
+    assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(run / "run" / "final", local_files_only=True)
+            for run in (tmp_path / "a", tmp_path / "b"))
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_the_reference_pass_covers_only_the_pairs_the_run_uses(tmp_path, small_data):
+    trainer = Trainer(config(tmp_path, small_data, max_steps=2, score_train_pairs=3))
+    used = {p.row for p in trainer.trained_pairs + trainer.eval_pairs}
+    assert len(trainer.trained_pairs) == 8 and len(trainer.train_pairs) == 19
+    assert set(trainer.reference_cache.values) == used
+    assert trainer.scored_train_pairs == trainer.trained_pairs[:3]
+    result = trainer.run()
+    assert result.final_metrics["pairs"] == 3
+
+
+def test_a_stopped_reference_pass_keeps_its_pieces_and_the_rerun_computes_the_rest(
+        tmp_path, small_data, monkeypatch):
+    import os
+    import signal
+
+    from fastpref.train import reference
+
+    monkeypatch.setattr(reference, "PIECE_SECONDS", 0.0)  # a piece after every batch
+    computed, sent = [], []
+    compute = Trainer._reference_logps_now
+
+    def counting(self, pairs):
+        computed.extend(p.row for p in pairs)
+        if len(computed) == 8 and not sent:  # during the second batch of the first run
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return compute(self, pairs)
+
+    monkeypatch.setattr(Trainer, "_reference_logps_now", counting)
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM during the reference pass: the log-probs of "
+                                                  r"8 of 24 pairs are saved in .*reference-logps-") as stopped:
+        Trainer(config(tmp_path, small_data, max_steps=100))
+    assert stopped.value.exit_code == 143
+    assert not (tmp_path / "run").exists(), "a start that did not proceed leaves no output directory"
+    first = list(computed)
+    computed.clear()
+    trainer = Trainer(config(tmp_path, small_data, max_steps=100))
+    assert len(computed) == 16 and not set(computed) & set(first)
+    assert len(trainer.reference_cache.values) == 24
+
+
+def test_a_refused_rerun_writes_nothing(tmp_path, small_data):
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4, num_train_epochs=1))
+    (tmp_path / "run" / "summary.json").unlink()  # unfinished: the rerun would resume from checkpoint-2
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(CheckpointError, match="belongs to a different run: seed differ"):
+        train(config(tmp_path, small_data, save_steps=2, max_steps=4, seed=1))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_logging_steps_average_the_metrics_of_their_steps(tmp_path, small_data):
+    every = read_metrics(train(config(tmp_path / "a", small_data, max_steps=5)).metrics_path)
+    third = read_metrics(train(config(tmp_path / "b", small_data, max_steps=5, logging_steps=3)).metrics_path)
+    every, third = ([r for r in records if r["split"] == "train"] for records in (every, third))
+    assert [r["step"] for r in third] == [3, 5]
+    assert third[0]["loss"] == pytest.approx(sum(r["loss"] for r in every[:3]) / 3, rel=1e-6)
+    assert third[1]["tokens"] == every[3]["tokens"] + every[4]["tokens"]
+    assert third[1]["lr"] == every[4]["lr"]
+
+
+def test_warmup_steps_override_the_warmup_ratio(tmp_path, small_data):
+    result = train(config(tmp_path, small_data, max_steps=6, warmup_ratio=0.1, warmup_steps=3,
+                          lr_scheduler_type="constant"))
+    rates = [r["lr"] for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert rates == pytest.approx([0.0, 1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
