@@ -171,3 +171,97 @@ def test_python_names_in_messages_become_flags_but_paths_stay():
 
     assert _in_flag_names("eval_fraction=0.2 of 3 pairs; lora_r > 0; in /data/max_length.jsonl") == \
         "--eval-fraction 0.2 of 3 pairs; --lora-r > 0; in /data/max_length.jsonl"
+
+
+def test_trl_flag_names_with_underscores_as_hf_argument_parser_takes_them(tmp_path):
+    args = parser_with(add_train_arguments).parse_args([
+        "--per_device_train_batch_size", "3", "--logging_steps", "5", "--warmup_steps", "2", "--bf16",
+        "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-4", "--lr_scheduler_type", "linear",
+        "--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--save_total_limit", "3",
+        "--precompute_ref_log_probs", "false", "--max_prompt_length", "50", "--max_length", "100"])
+    cfg = config_from_args(args)
+    assert (cfg.per_device_train_batch_size, cfg.logging_steps, cfg.warmup_steps, cfg.bf16) == (3, 5, 2, True)
+    assert (cfg.output_dir, cfg.learning_rate, cfg.lr_scheduler_type) == (str(tmp_path / "out"), 1e-4, "linear")
+    assert (cfg.num_train_epochs, cfg.gradient_accumulation_steps, cfg.save_total_limit) == (2, 2, 3)
+    assert (cfg.precompute_ref_log_probs, cfg.max_prompt_length, cfg.max_length) == (False, 50, 100)
+    resolved = cfg.resolved(world_size=1)
+    assert (resolved.pairs_per_step, resolved.dtype) == (3, "bfloat16")
+    # the older names still work
+    old = config_from_args(parser_with(add_train_arguments).parse_args(
+        ["--epochs", "3", "--grad-accum", "4", "--eval-every", "9", "--lr-schedule", "constant", "--lr", "0.1"]))
+    assert (old.num_train_epochs, old.gradient_accumulation_steps, old.eval_steps) == (3, 4, 9)
+    assert (old.lr_scheduler_type, old.learning_rate) == ("constant", 0.1)
+
+
+def test_every_config_field_is_a_flag_with_its_help_and_default():
+    import dataclasses
+
+    parser = parser_with(add_train_arguments)
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings and not isinstance(a, argparse._StoreFalseAction)}
+    for f in dataclasses.fields(TrainConfig):
+        action = by_dest[f.name]
+        assert action.help == f.metadata["help"] or action.help.startswith(f.metadata["help"]), f.name
+        assert f"--{f.name}" in action.option_strings and f"--{f.name.replace('_', '-')}" in action.option_strings
+        assert action.default == f.default, f.name
+    assert "--learning-rate LEARNING_RATE, --learning_rate LEARNING_RATE, --lr LEARNING_RATE peak learning rate " \
+           "(default: 0.002 for the embedded model, 5e-07 for a real one)" in " ".join(parser.format_help().split())
+
+
+def test_a_config_file_sets_what_the_command_line_leaves_unsaid(tmp_path, small_data, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(f"data: {small_data}\noutput_dir: {tmp_path / 'from-file'}\nmax-steps: 2\n"
+                        "per_device_train_batch_size: 4\nlearning_rate: 3e-3\nloss_type: [sigmoid, sft]\n"
+                        "max_length: 64\nmax_prompt_length: 32\nprogress: false\n")
+    code = main(["train", "--config", str(settings), "--output-dir", str(tmp_path / "from-flag"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    summary = json.loads((tmp_path / "from-flag" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["run"]["loss_type"] == ["sigmoid", "sft"]
+    assert summary["run"]["learning_rate"] == 3e-3 and summary["run"]["pairs_per_step"] == 4
+    assert not (tmp_path / "from-file").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochz: 3\n", "unknown setting 'epochz'"),
+    ("max_steps: 2.5\n", "max_steps: expected int, got 2.5"),
+    ("lr_scheduler_type: step\n", "lr_scheduler_type must be one of cosine, linear, constant, got 'step'"),
+    ("- a list\n", "expected a mapping of setting: value, got a list"),
+])
+def test_a_bad_config_file_is_one_error_naming_the_setting(tmp_path, capsys, text, message):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(settings)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--config {settings}: {message}" in err
+
+
+def test_sigterm_from_outside_saves_exits_143_and_the_rerun_resumes(tmp_path, small_data):
+    """As `timeout`, SLURM or Kubernetes would stop it: a real signal to a real `fastpref train`."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "fastpref.cli", "train", "--data", small_data, "--output-dir",
+               str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "400", *SMALL]
+    env = dict(os.environ, PYTHONWARNINGS="error::FutureWarning,error::DeprecationWarning:fastpref")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count('"split": "train"') >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err
+    assert "stopped by SIGTERM at step" in err and "run the same command again to resume" in err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split(" ")[0])
+    assert (tmp_path / "run" / f"checkpoint-{step}" / "manifest.json").is_file()
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"train"' in line] == list(range(1, step + 1))
+    # the header came first, and line by line although the output is a pipe
+    assert out.startswith("fastpref train: sigmoid loss (beta 0.1) of the embedded tiny Llama")
+    rerun = subprocess.run(command[:-len(SMALL)] + SMALL + ["--max-steps", str(step + 2)], capture_output=True,
+                           text=True, env=env)
+    assert rerun.returncode == 2 and "belongs to a different run: total_steps differ" in rerun.stderr

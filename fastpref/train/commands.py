@@ -73,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config_from_args(args))
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
-        return 130
+        return stop.exit_code
     except (ValueError, OSError, CheckpointError) as error:
         print(f"fastpref train: error: {_in_flag_names(str(error))}", file=sys.stderr)
         return 2
