@@ -259,3 +259,23 @@ def test_warmup_steps_override_the_warmup_ratio(tmp_path, small_data):
                           lr_scheduler_type="constant"))
     rates = [r["lr"] for r in read_metrics(result.metrics_path) if r["split"] == "train"]
     assert rates == pytest.approx([0.0, 1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
+
+
+def test_conversational_data_trains_the_embedded_model(tmp_path, small_data):
+    """The embedded tokenizer has a chat template (HH-RLHF's dialogue form), so message lists run
+    with the default model."""
+    from fastpref.train import data as data_module
+
+    rows = []
+    for index, row in enumerate(data_module.load_rows(small_data).to_list()):
+        question = row["chosen"].split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
+        rows.append({"prompt": [{"role": "user", "content": question}],
+                     "chosen": [{"role": "assistant", "content": f"answer {index}, the good one"}],
+                     "rejected": [{"role": "assistant", "content": f"answer {index}, the bad one"}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = Trainer(config(tmp_path, str(path), max_steps=2))
+    assert trainer.data_report.format == "conversational" and trainer.data_report.pairs_kept == 24
+    prompt = trainer.tokenizer.decode(trainer.train_pairs[0].prompt_ids[1:])
+    assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:")
+    assert trainer.run().steps == 2
