@@ -468,7 +468,7 @@ def test_default_tokenizer_is_deterministic_and_round_trips_text():
         ids = first(text, add_special_tokens=False)["input_ids"]
         assert first.decode(ids) == text
     second.chat_template = CHAT_TEMPLATE
-    assert default_tokenizer().chat_template is None  # each call gets its own wrapper
+    assert default_tokenizer().chat_template == default_assets.CHAT_TEMPLATE  # each call gets its own wrapper
 
 
 def test_default_model_is_a_seeded_tiny_llama(tokenizer):
