@@ -19,6 +19,7 @@ def config(tmp_path, data, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_default_config_trains_and_writes_its_outputs(tmp_path, small_data):
     result = train(config(tmp_path, small_data))
     assert result.steps == 6 and len(result.losses) == 6
@@ -113,6 +114,7 @@ def test_reference_cache_is_reused_across_runs(tmp_path, small_data, monkeypatch
     assert again.reference_cache.values
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_lora_uses_the_disabled_adapter_as_reference(tmp_path, small_data):
     result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, precompute_ref_log_probs=False))
     first = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"][0]
@@ -126,6 +128,7 @@ def test_reference_free_loss_needs_no_reference(tmp_path, small_data):
     assert trainer.reference_cache is None and trainer._reference_for(trainer.train_pairs[:2]) is None
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_evaluate_scores_pairs_against_the_reference(tmp_path, small_data):
     from fastpref.train.evaluate import evaluate_pairs
 

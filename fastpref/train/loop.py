@@ -33,6 +33,7 @@ from .model import FusedHeadForward, adapters_disabled, model_fingerprint, unwra
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .named_models import resolve_model
 from .packing import pack_pairs
+from .quiet import peft_internals_quiet
 from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 from .signals import StopRequests, TrainingInterrupted, signal_name
@@ -157,8 +158,9 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                   lora_dropout=cfg.lora_dropout, target_modules=targets))
+        with peft_internals_quiet():
+            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                       lora_dropout=cfg.lora_dropout, target_modules=targets))
     return policy, reference, initial
 
 
@@ -719,7 +721,8 @@ class Trainer:
                 from transformers import AutoModelForCausalLM
 
                 base = AutoModelForCausalLM.from_pretrained(unwrap(model).name_or_path, local_files_only=True)
-                model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+                with peft_internals_quiet():
+                    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             state = None
         model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)
