@@ -207,7 +207,6 @@ class Trainer:
         created = not self.output_dir.exists()
         _make_writable_dir(self.output_dir)
         try:
-            self.cfg = _with_local_models(self.cfg)
             self._start()
         except BaseException:
             if created:  # a failed start leaves nothing behind
@@ -227,6 +226,7 @@ class Trainer:
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
         self._say(self._header())
+        self.cfg = cfg = _with_local_models(cfg)
         self.tokenizer = _load_tokenizer(cfg)
         self._load_data()
         self.policy, self.reference_model, self.initial_model = _load_models(
