@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-# Optional on a bare GPU machine: without them this module is skipped, not a collection error.
-datasets = pytest.importorskip("datasets")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fastpref.train import default_assets  # noqa: E402
 from fastpref.train.data import (

@@ -23,7 +23,6 @@ from fastpref.audit.launches import Launch, uncovered_kernels
 from fastpref.audit.triton_compile import read_ptxas_report, tensor_core_kind
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("triton")
 
 
 def _compiler_env():

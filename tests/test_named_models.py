@@ -10,7 +10,6 @@ from fastpref.train import named_models
 from fastpref.train.named_models import NAMED_MODELS, SOURCE_FILE, NamedModel, materialize, resolve_model
 from tiny_gguf import assert_same_weights, write_tiny_llama_gguf
 
-pytest.importorskip("gguf")
 
 
 @pytest.fixture
