@@ -282,3 +282,11 @@ def test_conversational_data_trains_the_embedded_model(tmp_path, small_data):
     prompt = trainer.tokenizer.decode(trainer.train_pairs[0].prompt_ids[1:])
     assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:")
     assert trainer.run().steps == 2
+
+
+def test_the_memory_estimate_comes_from_the_data_not_the_length_limit(tmp_path, small_data):
+    trainer = Trainer(config(tmp_path, small_data, max_length=1000, max_prompt_length=500, max_steps=3))
+    lengths = sorted(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.trained_pairs)
+    line = next(line for line in trainer.memory_lines if "activations" in line)
+    assert f"the data's 4 longest pairs: {sum(lengths[-4:])} tokens" in line
+    assert sum(lengths[-4:]) < 4 * 1000
