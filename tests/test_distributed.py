@@ -43,7 +43,8 @@ def exit_without_teardown():
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_two_processes_equal_one_process(tmp_path, small_data, prefix_sharing):
-    options = dict(pairs_per_step=3, gradient_accumulation_steps=2, max_steps=3, save_steps=2, prefix_sharing=prefix_sharing)
+    options = dict(pairs_per_step=3, gradient_accumulation_steps=2, max_steps=3, save_steps=2,
+                   prefix_sharing=prefix_sharing)
     single = train(config(tmp_path / "one", small_data, **options))
 
     two = config(tmp_path / "two", small_data, **options)

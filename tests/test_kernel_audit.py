@@ -15,7 +15,6 @@ import textwrap
 import types
 from pathlib import Path
 
-import pytest
 
 from fastpref.audit import AuditRow, violations
 from fastpref.audit.cuda_compile import NVCC_DEVICE_FLAGS, find_nvcc, parse_ptxas_verbose, split_kernel_name

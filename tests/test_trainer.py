@@ -55,17 +55,16 @@ def test_two_runs_give_identical_metrics(tmp_path, small_data):
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, prefix_sharing):
-    uninterrupted = train(config(tmp_path / "a", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2,
-                                 max_steps=5))
+    options = dict(prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5)
+    uninterrupted = train(config(tmp_path / "a", small_data, **options))
 
     def interrupt(step):
         if step == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 2: checkpoint saved to .*checkpoint-2"):
-        train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5),
-              on_step=interrupt)
-    resumed = train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5))
+        train(config(tmp_path / "b", small_data, **options), on_step=interrupt)
+    resumed = train(config(tmp_path / "b", small_data, **options))
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
     records = [r for r in read_metrics(resumed.metrics_path) if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]

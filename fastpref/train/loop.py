@@ -157,7 +157,8 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = cfg.lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        targets = cfg.lora_target_modules or [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         with peft_internals_quiet():
             policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                        lora_dropout=cfg.lora_dropout, target_modules=targets))
