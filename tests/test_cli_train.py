@@ -237,31 +237,44 @@ def test_a_bad_config_file_is_one_error_naming_the_setting(tmp_path, capsys, tex
 
 
 def test_sigterm_from_outside_saves_exits_143_and_the_rerun_resumes(tmp_path, small_data):
-    """As `timeout`, SLURM or Kubernetes would stop it: a real signal to a real `fastpref train`."""
+    """As `timeout`, SLURM or Kubernetes would stop it: a real signal to a real `fastpref train`,
+    twice: the rerun resumes from the first stop's checkpoint."""
     import os
+    import select
     import signal
     import subprocess
     import time
 
     command = [sys.executable, "-m", "fastpref.cli", "train", "--data", small_data, "--output-dir",
-               str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "400", *SMALL]
+               str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1000", *SMALL]
     env = dict(os.environ, PYTHONWARNINGS="error::FutureWarning,error::DeprecationWarning:fastpref")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().count('"split": "train"') >= 2):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 143, err
-    assert "stopped by SIGTERM at step" in err and "run the same command again to resume" in err
-    step = int(err.split("stopped by SIGTERM at step ")[1].split(" ")[0])
-    assert (tmp_path / "run" / f"checkpoint-{step}" / "manifest.json").is_file()
-    lines = metrics.read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines if '"train"' in line] == list(range(1, step + 1))
-    # the header came first, and line by line although the output is a pipe
+
+    def train_steps():
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return [json.loads(line)["step"] for line in lines if '"split": "train"' in line]
+
+    def run_until(more_steps):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wanted, deadline = len(train_steps()) + more_steps, time.monotonic() + 300
+        while len(train_steps()) < wanted:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        # printed line by line although stdout is a pipe: the header is readable while it runs
+        assert select.select([process.stdout], [], [], 60)[0], "nothing printed yet"
+        printed = os.read(process.stdout.fileno(), 1 << 16).decode()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+        out = printed + out
+        assert process.returncode == 143, err
+        assert "stopped by SIGTERM at step" in err and "run the same command again to resume" in err
+        step = int(err.split("stopped by SIGTERM at step ")[1].split(" ")[0])
+        assert (tmp_path / "run" / f"checkpoint-{step}" / "manifest.json").is_file()
+        assert train_steps() == list(range(1, step + 1)), "the metrics end at the saved step, whole"
+        return step, out
+
+    first, out = run_until(2)
     assert out.startswith("fastpref train: sigmoid loss (beta 0.1) of the embedded tiny Llama")
-    rerun = subprocess.run(command[:-len(SMALL)] + SMALL + ["--max-steps", str(step + 2)], capture_output=True,
-                           text=True, env=env)
-    assert rerun.returncode == 2 and "belongs to a different run: total_steps differ" in rerun.stderr
+    second, out = run_until(1)
+    assert f"resuming from {tmp_path / 'run' / f'checkpoint-{first}'} (step {first} of 1000)" in out
+    assert second > first
