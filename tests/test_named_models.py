@@ -119,7 +119,8 @@ def test_a_two_step_smollm2_run_scores_only_its_pairs_and_ends_in_minutes(smollm
     (directory,) = smollm2_cache.glob("reference-logps-*")
     key = torch.load(next(directory.glob("piece-*.pt")), weights_only=True)["key"]
     assert len(ReferenceCache.stored(directory, key)) == 16 + 52
-    assert elapsed < 900, f"took {elapsed:.0f} s"
+    # about 9 minutes on 2 quiet CPU cores; the reference pass over all 515 pairs alone took 25
+    assert elapsed < 1200, f"took {elapsed:.0f} s"
 
 
 def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data):
