@@ -289,3 +289,9 @@ def test_the_memory_estimate_comes_from_the_data_not_the_length_limit(tmp_path, 
     line = next(line for line in trainer.memory_lines if "activations" in line)
     assert f"the data's 4 longest pairs: {sum(lengths[-4:])} tokens" in line
     assert sum(lengths[-4:]) < 4 * 1000
+
+
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+def test_gradient_checkpointing_trains_without_deprecation_warnings(tmp_path, small_data):
+    result = train(config(tmp_path, small_data, gradient_checkpointing=True, lora_r=4, max_steps=2))
+    assert result.steps == 2

@@ -153,7 +153,10 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
         if reference.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
             raise ValueError("the reference model's LM head does not match the policy's vocabulary")
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # the older name warns in recent transformers
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
