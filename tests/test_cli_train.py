@@ -278,3 +278,13 @@ def test_sigterm_from_outside_saves_exits_143_and_the_rerun_resumes(tmp_path, sm
     second, out = run_until(1)
     assert f"resuming from {tmp_path / 'run' / f'checkpoint-{first}'} (step {first} of 1000)" in out
     assert second > first
+
+
+def test_eval_takes_its_model_from_a_config_file_or_says_it_is_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval"])
+    assert exit_.value.code == 2 and "--model is required" in capsys.readouterr().err
+    settings = tmp_path / "eval.yaml"
+    settings.write_text(f"model: {tmp_path / 'nowhere'}\nmax_length: 64\n")
+    assert main(["eval", "--config", str(settings)]) == 2
+    assert f"--model: no model at {tmp_path / 'nowhere'}" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def with_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
             subparser.error(str(error))
         subparser.set_defaults(**values)
         args = parser.parse_args(argv)
+    if args.command == "eval" and args.model is None:
+        subparser.error("--model is required (on the command line or in the --config file)")
     return args
 
 
@@ -92,7 +94,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _short_errors(parser)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="settings from a YAML file (the flags' names); flags given on the command line win")
-    add_config_arguments(parser, EVAL_FIELDS, defaults=EVAL_DEFAULTS, helps=EVAL_HELP, required=("model",))
+    # --model is required, but may come from the --config file: checked once that is read
+    add_config_arguments(parser, EVAL_FIELDS, defaults=EVAL_DEFAULTS, helps=EVAL_HELP)
     parser.add_argument("--output", help="write one JSON line per pair here (and the summary beside it)")
 
 

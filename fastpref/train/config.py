@@ -239,10 +239,9 @@ def _argument(name: str, hint: Any, metadata: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, names: Optional[Sequence[str]] = None,
-                         defaults: Optional[Dict[str, Any]] = None, helps: Optional[Dict[str, str]] = None,
-                         required: Sequence[str] = ()) -> None:
+                         defaults: Optional[Dict[str, Any]] = None, helps: Optional[Dict[str, str]] = None) -> None:
     """One flag per TrainConfig field (only `names`, when given), with its help, choices and default;
-    `defaults` and `helps` override a field's, `required` fields must be given. A boolean flag alone
+    `defaults` and `helps` override a field's. A boolean flag alone
     means true (``--bf16``), or takes a value (``--bf16 false``); one that is on by default also has
     ``--no-NAME``."""
     hints = typing.get_type_hints(TrainConfig)
@@ -261,8 +260,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Optional[Sequen
             keywords.update(nargs="?", const=True)
         if keywords.get("metavar") and f.metadata["choices"]:
             text += f"; one of {', '.join(f.metadata['choices'])}"
-        parser.add_argument(*options, *f.metadata["aliases"], dest=f.name, default=default, help=text,
-                            required=f.name in required, **keywords)
+        parser.add_argument(*options, *f.metadata["aliases"], dest=f.name, default=default, help=text, **keywords)
         if hints[f.name] is bool and default is True:
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", dest=f.name,
                                 action="store_false", help=f"the opposite of {options[0]}")
