@@ -3,8 +3,11 @@
 Every rank holds the whole (tokenized) data set and walks the same global order; each global
 micro-batch is split across ranks, and each rank scales its local loss so that DDP's gradient
 average equals the gradient of the global batch's mean loss — the run matches a one-process run
-with the same global batch, whatever the split. Rank 0 alone writes the reference cache,
-checkpoints, logs and the final model; the others wait at barriers and read what it wrote.
+with the same global batch, whatever the split. A rank without a pair of a micro-batch (the
+epoch's last can hold fewer pairs than there are ranks) runs a placeholder with weight 0, so that
+every rank joins every collective with tensors of the same size. The reference log-probs are
+computed the same way, each rank its share of every batch, and gathered on all. Rank 0 alone
+writes the reference cache, checkpoints, logs and the final model; the others wait at barriers.
 """
 from __future__ import annotations
 
