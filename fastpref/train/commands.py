@@ -10,6 +10,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import (EVAL_DEFAULTS, EVAL_FIELDS, EVAL_HELP, TrainConfig, add_config_arguments, config_from_args,
                      flag, read_config_file)
+from .distributed import Distributed
 from .loop import TrainingInterrupted, train
 
 
@@ -74,11 +75,14 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(config_from_args(args))
     except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr)
+        if Distributed.environment_rank() == 0:  # every process stopped the same way
+            print(stop, file=sys.stderr)
         return stop.exit_code
     except (ValueError, OSError, CheckpointError) as error:
         print(f"fastpref train: error: {_in_flag_names(str(error))}", file=sys.stderr)
         return 2
+    if Distributed.environment_rank() != 0:  # the main process reports the run
+        return 0
     print(f"done: {result.steps} steps")
     for split, metrics in (("held-out pairs (never trained on)", result.eval_metrics),
                            ("training pairs", result.final_metrics)):

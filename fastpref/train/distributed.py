@@ -29,13 +29,17 @@ class Distributed:
     def environment_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
 
+    @staticmethod
+    def environment_rank() -> int:
+        return int(os.environ.get("RANK", "0"))
+
     @classmethod
     def from_environment(cls, device_preference: str) -> "Distributed":
         """Join the process group torchrun/accelerate describe in the environment (if any)."""
         world_size = cls.environment_world_size()
         if world_size <= 1:
             return cls()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        rank, local_rank = cls.environment_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             use_cuda = device_preference != "cpu" and torch.cuda.is_available()
             if use_cuda:
