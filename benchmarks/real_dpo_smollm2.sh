@@ -14,8 +14,8 @@ open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
 lengths=(--max-length 64 --max-prompt-length 32)
 fastpref train --model smollm2-135m --data "$work/pairs.jsonl" --eval-fraction 0.25 "${lengths[@]}" \
-    --prefix-sharing --lora-r 16 --lora-alpha 32 --learning-rate 5e-4 --pairs-per-step 8 --epochs 1 \
-    --eval-every 25 --save-every 1000 --output-dir "$work/run" --cache-dir "$work/cache"
+    --prefix-sharing --lora-r 16 --lora-alpha 32 --learning-rate 5e-4 --pairs-per-step 8 --num-train-epochs 1 \
+    --eval-steps 25 --save-steps 1000 --output-dir "$work/run" --cache-dir "$work/cache"
 # the held-out pairs once more, pair by pair: the base model's own ranking (reference log-probs)
 # is the "before", the trained policy's implicit rewards the "after"
 fastpref eval --model "$work/run/final-adapter" --data "$work/run/heldout.jsonl" "${lengths[@]}" \

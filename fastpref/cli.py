@@ -50,6 +50,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = parser.parse_args(argv)
+    if args.command in ("train", "eval"):
+        args = train_commands.with_config_file(
+            args, parser, train_parser if args.command == "train" else eval_parser, argv)
+        # a run's console, redirected to a file, shows each line as it happens, not in blocks
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)
     if args.command == "train":
         return train_commands.run_train(args)
     if args.command == "eval":

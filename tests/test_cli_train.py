@@ -8,8 +8,10 @@ import pytest
 import fastpref
 from fastpref.cli import main
 from fastpref.train import data as data_module
-from fastpref.train.commands import add_eval_arguments, add_train_arguments, config_from_args
-from fastpref.train.loop import TrainConfig, TrainingInterrupted, train
+from fastpref.train.commands import add_eval_arguments, add_train_arguments
+from fastpref.train.config import config_from_args
+from fastpref.train.config import TrainConfig
+from fastpref.train.loop import TrainingInterrupted, train
 from fastpref.train.monitor import DisplacementMonitor
 
 SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", "4", "--eval-fraction", "0.2",
@@ -18,7 +20,7 @@ SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", 
 
 def small_config(tmp_path, data, **overrides) -> TrainConfig:
     options = dict(data=data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=4, eval_every=2,
+                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=4, eval_steps=2,
                    eval_fraction=0.2, learning_rate=3e-3, progress=False)
     options.update(overrides)
     return TrainConfig(**options)
@@ -41,7 +43,7 @@ def test_a_bad_flag_value_is_one_short_error(capsys):
         main(["train", "--loss-type", "dpo"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert "argument --loss-type: invalid choice: 'dpo'" in err and "fastpref train --help" in err
+    assert "argument --loss-type/--loss_type: invalid choice: 'dpo'" in err and "fastpref train --help" in err
     assert len(err.strip().splitlines()) == 2
 
 
@@ -51,8 +53,8 @@ def test_every_flag_has_help_and_shows_its_default(add):
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     text = " ".join(parser.format_help().split())
-    assert "--truncation-mode {keep_end,keep_start} which end of an over-long prompt to keep (default: keep_end)" \
-        in text
+    assert ("--truncation-mode {keep_end,keep_start}, --truncation_mode {keep_end,keep_start} which end of an "
+            "over-long prompt to keep (default: keep_end)") in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
@@ -71,11 +73,9 @@ def test_trl_flag_names_are_accepted(monkeypatch):
         "--resume-from-checkpoint", "never"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = config_from_args(args)
-    assert (cfg.pairs_per_step, cfg.grad_accum, cfg.epochs, cfg.lr_schedule) == (4, 3, 2.0, "linear")
-    assert (cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, cfg.resume) == (5, 7, 1, "never")
-    both = parser_with(add_train_arguments).parse_args(["--per-device-train-batch-size", "2", "--pairs-per-step", "4"])
-    with pytest.raises(ValueError, match="--pairs-per-step or --per-device-train-batch-size, not both"):
-        config_from_args(both)
+    assert (cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.lr_scheduler_type) == (3, 2.0, "linear")
+    assert (cfg.eval_steps, cfg.save_steps, cfg.save_total_limit, cfg.resume_from_checkpoint) == (5, 7, 1, "never")
+    assert cfg.resolved(world_size=2).pairs_per_step == 4
 
 
 def test_errors_name_the_flag_not_the_python_argument(tmp_path, small_data, capsys):
@@ -135,11 +135,11 @@ def test_no_progress_still_shows_the_data_report_and_resume(tmp_path, small_data
 def test_the_console_leads_with_held_out_accuracy_and_a_finished_run_is_not_retrained(
         tmp_path, small_data, capsys, monkeypatch):
     command = ["train", "--data", small_data, "--output-dir", str(tmp_path / "run"), "--cache-dir",
-               str(tmp_path / "cache"), "--max-steps", "4", "--eval-every", "2", *SMALL]
+               str(tmp_path / "cache"), "--max-steps", "4", "--eval-steps", "2", *SMALL]
     assert main(command) == 0
     out = capsys.readouterr().out
     held_out, training = out.index("5 held-out pairs (never trained on): reward accuracy"), out.index(
-        "19 training pairs: reward accuracy")
+        "16 training pairs: reward accuracy")  # the 4 steps' pairs
     assert held_out < training
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_eval"]["pairs"] == 5 and summary["final_eval"]["step"] == 4
@@ -171,3 +171,120 @@ def test_python_names_in_messages_become_flags_but_paths_stay():
 
     assert _in_flag_names("eval_fraction=0.2 of 3 pairs; lora_r > 0; in /data/max_length.jsonl") == \
         "--eval-fraction 0.2 of 3 pairs; --lora-r > 0; in /data/max_length.jsonl"
+
+
+def test_trl_flag_names_with_underscores_as_hf_argument_parser_takes_them(tmp_path):
+    args = parser_with(add_train_arguments).parse_args([
+        "--per_device_train_batch_size", "3", "--logging_steps", "5", "--warmup_steps", "2", "--bf16",
+        "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-4", "--lr_scheduler_type", "linear",
+        "--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--save_total_limit", "3",
+        "--precompute_ref_log_probs", "false", "--max_prompt_length", "50", "--max_length", "100"])
+    cfg = config_from_args(args)
+    assert (cfg.per_device_train_batch_size, cfg.logging_steps, cfg.warmup_steps, cfg.bf16) == (3, 5, 2, True)
+    assert (cfg.output_dir, cfg.learning_rate, cfg.lr_scheduler_type) == (str(tmp_path / "out"), 1e-4, "linear")
+    assert (cfg.num_train_epochs, cfg.gradient_accumulation_steps, cfg.save_total_limit) == (2, 2, 3)
+    assert (cfg.precompute_ref_log_probs, cfg.max_prompt_length, cfg.max_length) == (False, 50, 100)
+    resolved = cfg.resolved(world_size=1)
+    assert (resolved.pairs_per_step, resolved.dtype) == (3, "bfloat16")
+    # the older names still work
+    old = config_from_args(parser_with(add_train_arguments).parse_args(
+        ["--epochs", "3", "--grad-accum", "4", "--eval-every", "9", "--lr-schedule", "constant", "--lr", "0.1"]))
+    assert (old.num_train_epochs, old.gradient_accumulation_steps, old.eval_steps) == (3, 4, 9)
+    assert (old.lr_scheduler_type, old.learning_rate) == ("constant", 0.1)
+
+
+def test_every_config_field_is_a_flag_with_its_help_and_default():
+    import dataclasses
+
+    parser = parser_with(add_train_arguments)
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings and not isinstance(a, argparse._StoreFalseAction)}
+    for f in dataclasses.fields(TrainConfig):
+        action = by_dest[f.name]
+        assert action.help == f.metadata["help"] or action.help.startswith(f.metadata["help"]), f.name
+        assert f"--{f.name}" in action.option_strings and f"--{f.name.replace('_', '-')}" in action.option_strings
+        assert action.default == f.default, f.name
+    assert "--learning-rate LEARNING_RATE, --learning_rate LEARNING_RATE, --lr LEARNING_RATE peak learning rate " \
+           "(default: 0.002 for the embedded model, 5e-07 for a real one)" in " ".join(parser.format_help().split())
+
+
+def test_a_config_file_sets_what_the_command_line_leaves_unsaid(tmp_path, small_data, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(f"data: {small_data}\noutput_dir: {tmp_path / 'from-file'}\nmax-steps: 2\n"
+                        "per_device_train_batch_size: 4\nlearning_rate: 3e-3\nloss_type: [sigmoid, sft]\n"
+                        "max_length: 64\nmax_prompt_length: 32\nprogress: false\n")
+    code = main(["train", "--config", str(settings), "--output-dir", str(tmp_path / "from-flag"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    summary = json.loads((tmp_path / "from-flag" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["run"]["loss_type"] == ["sigmoid", "sft"]
+    assert summary["run"]["learning_rate"] == 3e-3 and summary["run"]["pairs_per_step"] == 4
+    assert not (tmp_path / "from-file").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochz: 3\n", "unknown setting 'epochz'"),
+    ("max_steps: 2.5\n", "max_steps: expected int, got 2.5"),
+    ("lr_scheduler_type: step\n", "lr_scheduler_type must be one of cosine, linear, constant, got 'step'"),
+    ("- a list\n", "expected a mapping of setting: value, got a list"),
+])
+def test_a_bad_config_file_is_one_error_naming_the_setting(tmp_path, capsys, text, message):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(settings)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--config {settings}: {message}" in err
+
+
+def test_sigterm_from_outside_saves_exits_143_and_the_rerun_resumes(tmp_path, small_data):
+    """As `timeout`, SLURM or Kubernetes would stop it: a real signal to a real `fastpref train`,
+    twice: the rerun resumes from the first stop's checkpoint."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "fastpref.cli", "train", "--data", small_data, "--output-dir",
+               str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1000", *SMALL]
+    env = dict(os.environ, PYTHONWARNINGS="error::FutureWarning,error::DeprecationWarning:fastpref")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def train_steps():
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return [json.loads(line)["step"] for line in lines if '"split": "train"' in line]
+
+    def run_until(more_steps):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wanted, deadline = len(train_steps()) + more_steps, time.monotonic() + 300
+        while len(train_steps()) < wanted:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        # printed line by line although stdout is a pipe: the header is readable while it runs
+        assert select.select([process.stdout], [], [], 60)[0], "nothing printed yet"
+        printed = os.read(process.stdout.fileno(), 1 << 16).decode()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+        out = printed + out
+        assert process.returncode == 143, err
+        assert "stopped by SIGTERM at step" in err and "run the same command again to resume" in err
+        step = int(err.split("stopped by SIGTERM at step ")[1].split(" ")[0])
+        assert (tmp_path / "run" / f"checkpoint-{step}" / "manifest.json").is_file()
+        assert train_steps() == list(range(1, step + 1)), "the metrics end at the saved step, whole"
+        return step, out
+
+    first, out = run_until(2)
+    assert out.startswith("fastpref train: sigmoid loss (beta 0.1) of the embedded tiny Llama")
+    second, out = run_until(1)
+    assert f"resuming from {tmp_path / 'run' / f'checkpoint-{first}'} (step {first} of 1000)" in out
+    assert second > first
+
+
+def test_eval_takes_its_model_from_a_config_file_or_says_it_is_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval"])
+    assert exit_.value.code == 2 and "--model is required" in capsys.readouterr().err
+    settings = tmp_path / "eval.yaml"
+    settings.write_text(f"model: {tmp_path / 'nowhere'}\nmax_length: 64\n")
+    assert main(["eval", "--config", str(settings)]) == 2
+    assert f"--model: no model at {tmp_path / 'nowhere'}" in capsys.readouterr().err

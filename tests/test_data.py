@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-# Optional on a bare GPU machine: without them this module is skipped, not a collection error.
-datasets = pytest.importorskip("datasets")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fastpref.train import default_assets  # noqa: E402
 from fastpref.train.data import (
@@ -38,9 +37,8 @@ NON_EXTENDING_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-# The sample's malformed rows: two with an empty chosen response, three whose chosen and rejected
-# dialogues do not share the prompt up to their last "\n\nAssistant:" marker.
-SAMPLE_MALFORMED = {"empty chosen response": [69, 406], "implicit prompt mismatch": [514, 515, 516]}
+# The sample's malformed rows: two whose chosen dialogue is the rejected one's beginning.
+SAMPLE_MALFORMED = {"empty chosen response": [69, 406]}
 NO_TRUNCATION = dict(max_length=10**6, max_prompt_length=10**6)
 
 
@@ -162,33 +160,38 @@ def test_implicit_split_of_the_bundled_sample_reconstructs_each_dialogue(tokeniz
     examples, report = tokenize_pairs(rows, tokenizer, **NO_TRUNCATION)
     assert report.format == "implicit"
     assert report.skipped == SAMPLE_MALFORMED
-    assert report.rows_read == 517 and report.pairs_kept == 512 == len(examples)
+    assert report.rows_read == 517 and report.pairs_kept == 515 == len(examples)
+    at_the_last_turn = 0
     for example in examples:
         prompt, chosen, rejected = texts(tokenizer, example)
-        assert prompt.endswith("\n\nAssistant:") and chosen.startswith(" ") and rejected.startswith(" ")
         assert prompt + chosen == rows[example.row]["chosen"]
         assert prompt + rejected == rows[example.row]["rejected"]
+        assert chosen[0] != rejected[0] or chosen[0] == " " and chosen[1] != rejected[1]
+        at_the_last_turn += prompt.endswith("\n\nAssistant:")
+    assert at_the_last_turn > 0.8 * len(examples)
 
 
-def test_implicit_rows_that_cannot_be_split_are_reported(tokenizer):
+def test_implicit_prompts_are_the_longest_common_prefix_as_trl_extracts_them(tokenizer):
     dialogue = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How are you?\n\nAssistant:"
     rows = [
         {"chosen": dialogue + " Fine.", "rejected": dialogue + " Go away."},
-        {"chosen": "\n\nHuman: Hi\n\nHuman: Hello", "rejected": dialogue + " Fine."},
-        # The extra turn inside chosen's response moves its last marker: the prompts differ.
-        {"chosen": dialogue + " Fine.\n\nAssistant: Really.", "rejected": dialogue + " Bad."},
-        {"chosen": dialogue.replace("Hello", "Hey") + " Fine.", "rejected": dialogue + " Bad."},
+        # no HH markers: a plain shared prefix is the prompt
+        {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Lyon."},
+        # the cut may fall inside a word, as TRL's does; a space just before the difference is a response's
+        {"chosen": "Q: 2+2? A: it is four", "rejected": "Q: 2+2? A: it is five"},
         {"chosen": dialogue + " Same.", "rejected": dialogue + " Same."},
         {"chosen": dialogue + " Fine.", "rejected": dialogue + " "},
+        {"chosen": dialogue, "rejected": dialogue + " More."},
     ]
     examples, report = tokenize_pairs(rows, tokenizer)
-    assert [example.row for example in examples] == [0]
-    assert report.skipped == {
-        "chosen has no '\\n\\nAssistant:' marker": [1],
-        "implicit prompt mismatch": [2, 3],
-        "chosen == rejected": [4],
-        "empty rejected response": [5],
-    }
+    assert [example.row for example in examples] == [0, 1, 2]
+    assert [texts(tokenizer, example) for example in examples] == [
+        (dialogue, " Fine.", " Go away."),
+        ("The capital of France is", " Paris.", " Lyon."),
+        ("Q: 2+2? A: it is f", "our", "ive"),
+    ]
+    assert report.skipped == {"chosen == rejected": [3], "empty rejected response": [4],
+                              "empty chosen response": [5]}
 
 
 def test_conversational_prompt_plus_responses_and_full_conversations_agree(chat_tokenizer):
@@ -252,6 +255,7 @@ def test_chat_template_problems_are_malformed_rows():
     rows = [{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
              "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}]}]
     tokenizer = default_tokenizer()
+    tokenizer.chat_template = None
     with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
         tokenize_pairs(rows, tokenizer)
     tokenizer.chat_template = NON_EXTENDING_TEMPLATE
@@ -463,7 +467,7 @@ def test_default_tokenizer_is_deterministic_and_round_trips_text():
         ids = first(text, add_special_tokens=False)["input_ids"]
         assert first.decode(ids) == text
     second.chat_template = CHAT_TEMPLATE
-    assert default_tokenizer().chat_template is None  # each call gets its own wrapper
+    assert default_tokenizer().chat_template == default_assets.CHAT_TEMPLATE  # each call gets its own wrapper
 
 
 def test_default_model_is_a_seeded_tiny_llama(tokenizer):

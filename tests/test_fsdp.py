@@ -90,11 +90,11 @@ def tied_model(tmp_path_factory):
     return str(path)
 
 
-COMMON = dict(pairs_per_step=4, grad_accum=2, max_steps=3, eval_every=100, eval_fraction=0.15, save_every=2)
+COMMON = dict(pairs_per_step=4, gradient_accumulation_steps=2, max_steps=3, eval_steps=100, eval_fraction=0.15, save_steps=2)
 CASES = {
     "untied-full": dict(COMMON),
-    "tied-full-online-checkpointing": dict(COMMON, reference="online", gradient_checkpointing=True),
-    "untied-lora-online": dict(COMMON, lora_r=4, reference="online"),
+    "tied-full-online-checkpointing": dict(COMMON, precompute_ref_log_probs=False, gradient_checkpointing=True),
+    "untied-lora-online": dict(COMMON, lora_r=4, precompute_ref_log_probs=False),
     "tied-lora": dict(COMMON, lora_r=4),
 }
 # stopped after step 2 (checkpoint-2 saved), then resumed
@@ -182,7 +182,7 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, 
     """Another world size: torch.distributed.checkpoint reshards the two processes' checkpoint."""
     root, single, _, _ = runs
     checkpoint = root / "two" / "untied-full-killed" / "run" / "checkpoint-2"
-    resumed = train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume=str(checkpoint)))
+    resumed = train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume_from_checkpoint=str(checkpoint)))
     assert resumed.losses == pytest.approx(single["untied-full"][2:], rel=1e-5, abs=1e-6)
     _assert_same_weights(_final(root, "one", "untied-full"), resumed.model_path)
 
@@ -196,10 +196,10 @@ def test_corrupt_sharded_checkpoint_is_refused(runs, tiny_data, tied_model, tmp_
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"corrupt: model-optimizer/{shard.name} does not match its checksum"):
-        train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume=str(checkpoint)))
+        train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume_from_checkpoint=str(checkpoint)))
     (checkpoint / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no manifest.json: the checkpoint is incomplete"):
-        train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume=str(checkpoint)))
+        train(_config(tmp_path, "untied-full", tiny_data, tied_model, resume_from_checkpoint=str(checkpoint)))
 
 
 def _memory_lines(text):
@@ -219,7 +219,8 @@ def test_memory_report_at_start(runs):
         for item in ("parameters", "gradients", "optimizer"):
             size = float(two[item].split(" MiB")[0].split(" ")[-1])
             assert size == pytest.approx(float(one[item].split(" MiB")[0].split(" ")[-1]) / 2, rel=0.05), item
-        assert "2 pairs" in two["activations"] and "4 pairs" in one["activations"]
+        assert "the data's 2 longest pairs" in two["activations"]
+        assert "the data's 4 longest pairs" in one["activations"]
 
 
 def test_fsdp_without_a_process_group_fails_at_start(tmp_path, tiny_data, monkeypatch, capsys):

@@ -15,7 +15,6 @@ import textwrap
 import types
 from pathlib import Path
 
-import pytest
 
 from fastpref.audit import AuditRow, violations
 from fastpref.audit.cuda_compile import NVCC_DEVICE_FLAGS, find_nvcc, parse_ptxas_verbose, split_kernel_name
@@ -23,7 +22,6 @@ from fastpref.audit.launches import Launch, uncovered_kernels
 from fastpref.audit.triton_compile import read_ptxas_report, tensor_core_kind
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("triton")
 
 
 def _compiler_env():

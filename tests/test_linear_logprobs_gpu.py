@@ -100,7 +100,7 @@ def test_training_micro_batch_never_synchronises(tmp_path, small_data):
     from fastpref.train.packing import pack_pairs
     from test_trainer import config
 
-    trainer = Trainer(config(tmp_path, small_data, device="cuda", attention="sdpa"))
+    trainer = Trainer(config(tmp_path, small_data, device="cuda", attn_implementation="sdpa"))
     pairs = trainer._micro_batches(0)[0]
     packed = pack_pairs(pairs, prefix_sharing=False)
     reference = trainer._reference_for(pairs)

@@ -204,7 +204,7 @@ def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, at
     from fastpref.train.packing import pack_pairs
     from test_trainer import config
 
-    trainer = Trainer(config(tmp_path, small_data, attention=attention))
+    trainer = Trainer(config(tmp_path, small_data, attn_implementation=attention))
     pairs = trainer._micro_batches(0)[0]
     packed = pack_pairs(pairs, prefix_sharing=False)
     reference = trainer._reference_for(pairs)

@@ -5,8 +5,7 @@ from typing import List
 import pytest
 import torch
 
-# Optional on a bare GPU machine: without it this module is skipped, not a collection error.
-transformers = pytest.importorskip("transformers")
+import transformers
 LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 import fastpref  # noqa: E402

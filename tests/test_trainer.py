@@ -13,12 +13,13 @@ from fastpref.train.monitor import read_metrics
 
 def config(tmp_path, data, **overrides) -> TrainConfig:
     options = dict(data=data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=6, eval_every=3,
-                   save_every=100, eval_fraction=0.2, learning_rate=3e-3, progress=False)
+                   max_length=64, max_prompt_length=32, pairs_per_step=4, max_steps=6, eval_steps=3,
+                   save_steps=100, eval_fraction=0.2, learning_rate=3e-3, progress=False)
     options.update(overrides)
     return TrainConfig(**options)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_default_config_trains_and_writes_its_outputs(tmp_path, small_data):
     result = train(config(tmp_path, small_data))
     assert result.steps == 6 and len(result.losses) == 6
@@ -54,17 +55,16 @@ def test_two_runs_give_identical_metrics(tmp_path, small_data):
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, prefix_sharing):
-    uninterrupted = train(config(tmp_path / "a", small_data, prefix_sharing=prefix_sharing, grad_accum=2,
-                                 max_steps=5))
+    options = dict(prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5)
+    uninterrupted = train(config(tmp_path / "a", small_data, **options))
 
     def interrupt(step):
         if step == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 2: checkpoint saved to .*checkpoint-2"):
-        train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, grad_accum=2, max_steps=5),
-              on_step=interrupt)
-    resumed = train(config(tmp_path / "b", small_data, prefix_sharing=prefix_sharing, grad_accum=2, max_steps=5))
+        train(config(tmp_path / "b", small_data, **options), on_step=interrupt)
+    resumed = train(config(tmp_path / "b", small_data, **options))
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
     records = [r for r in read_metrics(resumed.metrics_path) if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
@@ -73,7 +73,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, 
 
 
 def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
-    train(config(tmp_path, small_data, save_every=2, max_steps=4))
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert checkpoint.name == "checkpoint-2"
     optimizer = checkpoint / "optimizer.pt"
@@ -81,22 +81,22 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
     data[len(data) // 2] ^= 0xFF
     optimizer.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: optimizer.pt does not match its checksum"):
-        train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
+        train(config(tmp_path, small_data, max_steps=4, resume_from_checkpoint=str(checkpoint)))
     (checkpoint / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"no manifest.json: the checkpoint is incomplete"):
-        train(config(tmp_path, small_data, max_steps=4, resume=str(checkpoint)))
+        train(config(tmp_path, small_data, max_steps=4, resume_from_checkpoint=str(checkpoint)))
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path, small_data):
-    train(config(tmp_path, small_data, save_every=2, max_steps=4))
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     with pytest.raises(CheckpointError, match=r"belongs to a different run: beta differ"):
         train(config(tmp_path, small_data, max_steps=4, beta=0.5))
 
 
 def test_cached_reference_equals_online_reference(tmp_path, small_data):
     cached = Trainer(config(tmp_path, small_data))
-    assert Path(cached.reference_cache.path).is_file()
-    online = Trainer(config(tmp_path, small_data, reference="online"))
+    assert any(Path(cached.reference_cache.directory).glob("piece-*.pt"))
+    online = Trainer(config(tmp_path, small_data, precompute_ref_log_probs=False))
     pairs = cached.train_pairs[:6]
     a, b = cached._reference_for(pairs), online._reference_for(pairs)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-5)
@@ -113,8 +113,9 @@ def test_reference_cache_is_reused_across_runs(tmp_path, small_data, monkeypatch
     assert again.reference_cache.values
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_lora_uses_the_disabled_adapter_as_reference(tmp_path, small_data):
-    result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, reference="online"))
+    result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, precompute_ref_log_probs=False))
     first = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"][0]
     # at the start the adapter is zero: policy == reference, so every reward is 0
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
@@ -126,6 +127,7 @@ def test_reference_free_loss_needs_no_reference(tmp_path, small_data):
     assert trainer.reference_cache is None and trainer._reference_for(trainer.train_pairs[:2]) is None
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_evaluate_scores_pairs_against_the_reference(tmp_path, small_data):
     from fastpref.train.evaluate import evaluate_pairs
 
@@ -142,11 +144,13 @@ def test_evaluate_scores_pairs_against_the_reference(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"reference": "both"}, r"reference must be 'cache' or 'online'"),
-    ({"lr_schedule": "step"}, r"lr_schedule must be one of"),
+    ({"lr_scheduler_type": "step"}, r"lr_scheduler_type must be one of cosine, linear, constant, got 'step'"),
     ({"pairs_per_step": 0}, r"pairs_per_step must be >= 1"),
     ({"eval_fraction": 1.0}, r"eval_fraction must lie in \[0, 1\)"),
-    ({"resume": "no-such-dir"}, r"resume must be 'auto', 'never' or an existing checkpoint directory"),
+    ({"resume_from_checkpoint": "no-such-dir"},
+     r"resume_from_checkpoint must be 'auto', 'never' or an existing checkpoint directory"),
+    ({"per_device_train_batch_size": 2, "pairs_per_step": 4}, "give pairs_per_step or per_device_train_batch_size"),
+    ({"bf16": True, "dtype": "float32"}, r"bf16 asks for bfloat16, which contradicts dtype='float32'"),
 ])
 def test_bad_configuration_fails_at_start(tmp_path, small_data, options, message):
     with pytest.raises(ValueError, match=message):
@@ -160,3 +164,134 @@ def test_learning_rates_follow_trl_warmup_and_cosine(tmp_path, small_data):
     # TRL: ceil(0.1 * 6) = 1 warmup step starting at 0, then cosine over the remaining 5
     expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
     assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_and_the_rerun_resumes_to_the_same_weights(tmp_path, small_data, signal_name):
+    """SLURM, Kubernetes and `timeout` stop a job with SIGTERM (SLURM may send SIGUSR1 first): the
+    step at hand finishes, a checkpoint is saved, and the rerun ends where an uninterrupted run does."""
+    import os
+    import signal
+
+    from transformers import AutoModelForCausalLM
+
+    options = dict(gradient_accumulation_steps=2, max_steps=5)
+    uninterrupted = train(config(tmp_path / "a", small_data, **options))
+
+    def send(step):
+        if step == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+
+    with pytest.raises(TrainingInterrupted, match=rf"stopped by {signal_name} at step 2 of 5: checkpoint saved to "
+                                                  r".*checkpoint-2; run the same command again") as stopped:
+        train(config(tmp_path / "b", small_data, **options), on_step=send)
+    assert stopped.value.exit_code == 128 + getattr(signal, signal_name)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handlers are put back"
+    records = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    resumed = train(config(tmp_path / "b", small_data, **options))
+    assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(run / "run" / "final", local_files_only=True)
+            for run in (tmp_path / "a", tmp_path / "b"))
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_the_reference_pass_covers_only_the_pairs_the_run_uses(tmp_path, small_data):
+    trainer = Trainer(config(tmp_path, small_data, max_steps=2, score_train_pairs=3))
+    used = {p.row for p in trainer.trained_pairs + trainer.eval_pairs}
+    assert len(trainer.trained_pairs) == 8 and len(trainer.train_pairs) == 19
+    assert set(trainer.reference_cache.values) == used
+    assert trainer.scored_train_pairs == trainer.trained_pairs[:3]
+    result = trainer.run()
+    assert result.final_metrics["pairs"] == 3
+
+
+def test_a_stopped_reference_pass_keeps_its_pieces_and_the_rerun_computes_the_rest(
+        tmp_path, small_data, monkeypatch):
+    import os
+    import signal
+
+    from fastpref.train import reference
+
+    monkeypatch.setattr(reference, "PIECE_SECONDS", 0.0)  # a piece after every batch
+    computed, sent = [], []
+    compute = Trainer._reference_logps_now
+
+    def counting(self, pairs):
+        computed.extend(p.row for p in pairs)
+        if len(computed) == 8 and not sent:  # during the second batch of the first run
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return compute(self, pairs)
+
+    monkeypatch.setattr(Trainer, "_reference_logps_now", counting)
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM during the reference pass: the log-probs of "
+                                                  r"8 of 24 pairs are saved in .*reference-logps-") as stopped:
+        Trainer(config(tmp_path, small_data, max_steps=100))
+    assert stopped.value.exit_code == 143
+    assert not (tmp_path / "run").exists(), "a start that did not proceed leaves no output directory"
+    first = list(computed)
+    computed.clear()
+    trainer = Trainer(config(tmp_path, small_data, max_steps=100))
+    assert len(computed) == 16 and not set(computed) & set(first)
+    assert len(trainer.reference_cache.values) == 24
+
+
+def test_a_refused_rerun_writes_nothing(tmp_path, small_data):
+    train(config(tmp_path, small_data, save_steps=2, max_steps=4, num_train_epochs=1))
+    (tmp_path / "run" / "summary.json").unlink()  # unfinished: the rerun would resume from checkpoint-2
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(CheckpointError, match="belongs to a different run: seed differ"):
+        train(config(tmp_path, small_data, save_steps=2, max_steps=4, seed=1))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_logging_steps_average_the_metrics_of_their_steps(tmp_path, small_data):
+    every = read_metrics(train(config(tmp_path / "a", small_data, max_steps=5)).metrics_path)
+    third = read_metrics(train(config(tmp_path / "b", small_data, max_steps=5, logging_steps=3)).metrics_path)
+    every, third = ([r for r in records if r["split"] == "train"] for records in (every, third))
+    assert [r["step"] for r in third] == [3, 5]
+    assert third[0]["loss"] == pytest.approx(sum(r["loss"] for r in every[:3]) / 3, rel=1e-6)
+    assert third[1]["tokens"] == every[3]["tokens"] + every[4]["tokens"]
+    assert third[1]["lr"] == every[4]["lr"]
+
+
+def test_warmup_steps_override_the_warmup_ratio(tmp_path, small_data):
+    result = train(config(tmp_path, small_data, max_steps=6, warmup_ratio=0.1, warmup_steps=3,
+                          lr_scheduler_type="constant"))
+    rates = [r["lr"] for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert rates == pytest.approx([0.0, 1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
+
+
+def test_conversational_data_trains_the_embedded_model(tmp_path, small_data):
+    """The embedded tokenizer has a chat template (HH-RLHF's dialogue form), so message lists run
+    with the default model."""
+    from fastpref.train import data as data_module
+
+    rows = []
+    for index, row in enumerate(data_module.load_rows(small_data).to_list()):
+        question = row["chosen"].split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
+        rows.append({"prompt": [{"role": "user", "content": question}],
+                     "chosen": [{"role": "assistant", "content": f"answer {index}, the good one"}],
+                     "rejected": [{"role": "assistant", "content": f"answer {index}, the bad one"}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = Trainer(config(tmp_path, str(path), max_steps=2))
+    assert trainer.data_report.format == "conversational" and trainer.data_report.pairs_kept == 24
+    prompt = trainer.tokenizer.decode(trainer.train_pairs[0].prompt_ids[1:])
+    assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:")
+    assert trainer.run().steps == 2
+
+
+def test_the_memory_estimate_comes_from_the_data_not_the_length_limit(tmp_path, small_data):
+    trainer = Trainer(config(tmp_path, small_data, max_length=1000, max_prompt_length=500, max_steps=3))
+    lengths = sorted(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.trained_pairs)
+    line = next(line for line in trainer.memory_lines if "activations" in line)
+    assert f"the data's 4 longest pairs: {sum(lengths[-4:])} tokens" in line
+    assert sum(lengths[-4:]) < 4 * 1000
+
+
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+def test_gradient_checkpointing_trains_without_deprecation_warnings(tmp_path, small_data):
+    result = train(config(tmp_path, small_data, gradient_checkpointing=True, lora_r=4, max_steps=2))
+    assert result.steps == 2

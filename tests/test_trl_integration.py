@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-trl = pytest.importorskip("trl")
-peft = pytest.importorskip("peft")
+import peft
+import trl
 
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402

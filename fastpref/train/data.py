@@ -3,9 +3,9 @@
 Three input formats, told apart by a data set's columns (or forced with ``format=``):
 
 * ``explicit``: text columns ``prompt``, ``chosen``, ``rejected``; the responses follow the prompt.
-* ``implicit`` (HH-RLHF): text columns ``chosen`` and ``rejected`` hold whole dialogues that share
-  everything up to the last ``"\\n\\nAssistant:"`` marker; the prompt is that shared prefix (marker
-  included) and each response is the text after it (with HH's leading space, e.g. ``" I'm sorry"``).
+* ``implicit`` (e.g. HH-RLHF): text columns ``chosen`` and ``rejected`` hold whole texts that begin
+  with the same prompt; as in TRL, the prompt is their longest common prefix, and each response is
+  the rest (a space before the first difference goes with the responses: HH's ``" I'm sorry"``).
 * ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages, either
   the responses to a ``prompt`` list of messages, or whole conversations sharing every message but
   the final assistant one. They are rendered with the tokenizer's chat template.
@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 FORMATS = ("explicit", "implicit", "conversational")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 MALFORMED_POLICIES = ("skip", "error")
-ASSISTANT_MARKER = "\n\nAssistant:"
 BUNDLED_SAMPLE = "hh_rlhf_sample.jsonl.gz"
 # A JSON file's rows that could not be read carry the reason here; they are malformed rows.
 UNREADABLE_COLUMN = "__unreadable__"
@@ -262,27 +261,19 @@ def _split_explicit(row: Mapping[str, Any]) -> Tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
-def _split_at_last_assistant_turn(dialogue: str, key: str) -> Tuple[str, str]:
-    cut = dialogue.rfind(ASSISTANT_MARKER)
-    if cut < 0:
-        raise _Malformed(f"{key} has no {ASSISTANT_MARKER!r} marker")
-    cut += len(ASSISTANT_MARKER)
-    return dialogue[:cut], dialogue[cut:]
-
-
 def _split_implicit(row: Mapping[str, Any]) -> Tuple[str, str, str]:
-    """Each dialogue is cut at its own last marker, and the two prompts must then agree exactly.
-
-    Cutting both at the end of their common prefix instead would hide the rows where one response
-    holds an extra ``"\\n\\nAssistant:"`` turn or the dialogues diverge earlier: those would train on a
-    response that starts mid-dialogue.
-    """
-    chosen_prompt, chosen = _split_at_last_assistant_turn(_text_field(row, "chosen"), "chosen")
-    rejected_prompt, rejected = _split_at_last_assistant_turn(_text_field(row, "rejected"), "rejected")
-    if chosen_prompt != rejected_prompt:
-        raise _Malformed("implicit prompt mismatch")
+    """The prompt is the longest common prefix of the two texts, as TRL's ``extract_prompt`` cuts
+    it: a space just before the first difference stays with the responses (HH-RLHF's
+    ``"...\n\nAssistant:"`` prompt, responses ``" I'm sorry"`` and ``" Sure"``)."""
+    chosen, rejected = _text_field(row, "chosen"), _text_field(row, "rejected")
+    if chosen == rejected:
+        raise _Malformed("chosen == rejected")
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if cut and chosen[cut - 1] == " ":
+        cut -= 1
+    prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
     _check_responses(chosen, rejected, chosen_empty=not chosen.strip(), rejected_empty=not rejected.strip())
-    return chosen_prompt, chosen, rejected
+    return prompt, chosen, rejected
 
 
 def _is_message(message: Any) -> bool:
@@ -484,8 +475,8 @@ def tokenize_pairs(
     response, and a leading BOS) or its start (``"keep_start"``); then each response to the room left,
     keeping its start.
 
-    Malformed rows (missing or mistyped fields, an empty response, chosen equal to rejected, an
-    implicit prompt mismatch, a chat template that does not extend the prompt, a prompt of no tokens,
+    Malformed rows (missing or mistyped fields, an empty response, chosen equal to rejected, a
+    conversation whose earlier messages differ, a chat template that does not extend the prompt, a prompt of no tokens,
     a response truncated away) are skipped and reported with ``on_malformed="skip"``, or make this
     raise ``ValueError`` naming the first few with ``on_malformed="error"``.
     """

@@ -20,6 +20,16 @@ DEFAULT_VOCAB_SIZE = 2048
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 PAD_TOKEN = "<|pad|>"
+# Conversations rendered as the bundled HH-RLHF dialogues are written ("\n\nHuman: ...\n\nAssistant:
+# ..."), the text the tokenizer was trained on and the embedded model learns from, so that the
+# conversational format runs with the default model too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set speaker = {'user': 'Human', 'assistant': 'Assistant'}.get(message['role'], message['role'] | capitalize) %}"
+    "{{ '\n\n' + speaker + ': ' + message['content'] }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,7 +52,8 @@ def _trained_tokenizer_json() -> str:
 
 
 def default_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (vocab 2048, BOS/EOS/PAD set) trained on the bundled sample.
+    """A byte-level BPE tokenizer (vocab 2048, BOS/EOS/PAD set, an HH-style chat template) trained on
+    the bundled sample.
 
     The training runs once per process; each call returns a fresh wrapper around it, so a caller that
     sets, say, a chat template does not change the tokenizer every other caller gets.
@@ -53,6 +64,7 @@ def default_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -3,8 +3,11 @@
 Every rank holds the whole (tokenized) data set and walks the same global order; each global
 micro-batch is split across ranks, and each rank scales its local loss so that DDP's gradient
 average equals the gradient of the global batch's mean loss — the run matches a one-process run
-with the same global batch, whatever the split. Rank 0 alone writes the reference cache,
-checkpoints, logs and the final model; the others wait at barriers and read what it wrote.
+with the same global batch, whatever the split. A rank without a pair of a micro-batch (the
+epoch's last can hold fewer pairs than there are ranks) runs a placeholder with weight 0, so that
+every rank joins every collective with tensors of the same size. The reference log-probs are
+computed the same way, each rank its share of every batch, and gathered on all. Rank 0 alone
+writes the reference cache, checkpoints, logs and the final model; the others wait at barriers.
 """
 from __future__ import annotations
 
@@ -26,13 +29,17 @@ class Distributed:
     def environment_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
 
+    @staticmethod
+    def environment_rank() -> int:
+        return int(os.environ.get("RANK", "0"))
+
     @classmethod
     def from_environment(cls, device_preference: str) -> "Distributed":
         """Join the process group torchrun/accelerate describe in the environment (if any)."""
         world_size = cls.environment_world_size()
         if world_size <= 1:
             return cls()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        rank, local_rank = cls.environment_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             use_cuda = device_preference != "cpu" and torch.cuda.is_available()
             if use_cuda:
@@ -76,12 +83,28 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def weighted_mean(self, values: Dict[str, float], weight: float, device) -> Dict[str, float]:
-        """The mean over all ranks of `values`, each rank counting `weight` (its pairs)."""
-        if not self.enabled:
-            return dict(values)
-        keys = sorted(values)
-        packed = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64, device=device)
-        dist.all_reduce(packed)
+    def weighted_mean(self, records: Sequence[Dict[str, float]], weights: Sequence[float], device) -> Dict[str, float]:
+        """The mean of `records` over all ranks, each record counting its weight (its pairs; 0 for a
+        placeholder batch a rank ran only to join a collective).
+
+        Every rank must pass records with the same keys, and at least one: the keys size the
+        all-reduce, and ranks reducing tensors of different sizes abort (gloo) or hang (NCCL). The
+        callers ensure it by recording every batch they run, placeholders included, with weight 0.
+        """
+        keys = sorted(records[0])
+        if any(sorted(record) != keys for record in records):
+            raise ValueError(f"every record must have the keys {keys}")
+        sums = [sum(record[k] * w for record, w in zip(records, weights) if w) for k in keys]
+        packed = torch.tensor(sums + [float(sum(weights))], dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(packed)
         total = float(packed[-1])
-        return {k: float(v) / total for k, v in zip(keys, packed[:-1])}
+        return {k: float(v) / total if total else float("nan") for k, v in zip(keys, packed[:-1])}
+
+    def max_over_ranks(self, value: int, device) -> int:
+        """The largest `value` any rank holds, on every rank (e.g. a stop request)."""
+        if not self.enabled:
+            return value
+        packed = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return int(packed[0])

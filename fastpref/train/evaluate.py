@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import data as data_module
 from .model import adapters_disabled
 from .named_models import resolve_model
+from .quiet import peft_internals_quiet
 from .reference import default_cache_dir, pair_logps
 
 
@@ -25,7 +26,8 @@ def _load(model_path: Path, reference_path: Optional[Path], device, dtype, atten
     if (model_path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        policy = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+        with peft_internals_quiet():
+            policy = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
     else:
         policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)

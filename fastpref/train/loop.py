@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import random
@@ -13,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from ..losses import PreferenceLoss
 from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
+from .config import TrainConfig
 from .distributed import Distributed
 from .fsdp import check_setup as check_fsdp_setup
 from .fsdp import decoder_layers
@@ -36,104 +36,14 @@ from .model import FusedHeadForward, adapters_disabled, model_fingerprint
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .named_models import resolve_model
 from .packing import pack_pairs
+from .quiet import peft_internals_quiet
 from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
+from .signals import StopRequests, TrainingInterrupted, signal_name
 
-SCHEDULES = ("cosine", "linear", "constant")
-PARALLEL = ("ddp", "fsdp")
 HELDOUT_FILE = "heldout.jsonl"
+INITIAL_DIR = "initial"
 SUMMARY_FILE = "summary.json"
-# The embedded default (no model given) trains a tiny random model: it needs a far larger
-# learning rate than fine-tuning a pretrained one, and several passes over its sample.
-EMBEDDED_PRESET = {"learning_rate": 2e-3, "epochs": 4, "pairs_per_step": 8, "beta": 0.1, "max_length": 160,
-                   "max_prompt_length": 96, "eval_every": 40}
-REAL_MODEL_PRESET = {"learning_rate": 5e-7, "epochs": 1, "pairs_per_step": 8, "beta": 0.1, "max_length": 1024,
-                     "max_prompt_length": 512, "eval_every": 100}
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of `fastpref train`. None means: the preset for the model (embedded or real)."""
-
-    model: Optional[str] = None
-    reference_model: Optional[str] = None
-    reference: str = "cache"
-    data: Optional[str] = None
-    data_format: str = "auto"
-    split: Optional[str] = None
-    output_dir: str = "fastpref-run"
-    loss_type: Union[str, List[str]] = "sigmoid"
-    loss_weights: Optional[List[float]] = None
-    beta: Optional[float] = None
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    average_logps: Optional[bool] = None
-    learning_rate: Optional[float] = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    lr_schedule: str = "cosine"
-    epochs: Optional[float] = None
-    max_steps: Optional[int] = None
-    pairs_per_step: Optional[int] = None
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_fraction: float = 0.1
-    eval_every: Optional[int] = None
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    max_length: Optional[int] = None
-    max_prompt_length: Optional[int] = None
-    truncation_mode: str = "keep_end"
-    on_malformed: str = "skip"
-    prefix_sharing: bool = False
-    gradient_checkpointing: bool = False
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: Optional[List[str]] = None
-    dtype: str = "auto"
-    device: str = "auto"
-    attention: str = "auto"
-    cache_dir: Optional[str] = None
-    tensorboard: bool = False
-    resume: str = "auto"
-    backend: str = "auto"
-    parallel: str = "ddp"
-    progress: bool = True
-
-    def resolved(self) -> "TrainConfig":
-        preset = EMBEDDED_PRESET if self.model is None else REAL_MODEL_PRESET
-        filled = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
-        cfg = dataclasses.replace(self, **filled)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        checks = [
-            (self.reference in ("cache", "online"), "reference must be 'cache' or 'online'"),
-            (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
-            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)"),
-            (self.pairs_per_step >= 1, "pairs_per_step must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.epochs > 0, "epochs must be > 0"),
-            (0 <= self.eval_fraction < 1, "eval_fraction must lie in [0, 1)"),
-            (self.save_every >= 1 and self.eval_every >= 1, "save_every and eval_every must be >= 1"),
-            (self.max_grad_norm > 0, "max_grad_norm must be > 0"),
-            (self.lora_r >= 0, "lora_r must be >= 0"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
-            (self.resume in ("auto", "never") or Path(self.resume).exists(),
-             f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
-            raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
-                             "pip install 'fastpref[lora]' (or pip install peft)")
 
 
 @dataclass
@@ -146,10 +56,6 @@ class TrainResult:
     plot_path: Optional[Path]
     model_path: Path
     losses: List[float] = field(default_factory=list)
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved; the message says where."""
 
 
 def _with_local_models(cfg: TrainConfig) -> TrainConfig:
@@ -194,8 +100,8 @@ def _device_and_dtype(cfg: TrainConfig, distributed: Distributed):
 
 
 def _attention(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.attention != "auto":
-        return cfg.attention
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
     if device.type != "cuda":
         return "sdpa"
     if not cfg.prefix_sharing:
@@ -230,9 +136,10 @@ def _load_tokenizer(cfg: TrainConfig):
     return AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
 
 
-def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main: bool):
-    """(policy, frozen reference model or None). Under FSDP2 the weights stay float32 on the CPU:
-    sharding moves each process's shard to the device, and mixed precision casts them."""
+def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
+    """(policy, frozen reference model or None, the embedded model's starting point or None). Under
+    FSDP2 the weights stay float32 on the CPU: sharding moves each process's shard to the device,
+    and mixed precision casts them."""
     if cfg.parallel == "fsdp":
         device, dtype = torch.device("cpu"), torch.float32
     from transformers import AutoModelForCausalLM
@@ -242,18 +149,16 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main:
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
 
+    initial = None
     if cfg.model is None:
         policy = default_model(tokenizer, cfg.seed).to(dtype)
-        # the embedded model exists nowhere else: keep its starting point as the reference
-        # for `fastpref eval` and as the base of a LoRA adapter
-        initial = Path(cfg.output_dir) / "initial"
-        if is_main:
-            policy.save_pretrained(initial)
-            tokenizer.save_pretrained(initial)
-        policy.name_or_path = str(initial)
+        # the embedded model exists nowhere else: its starting point is saved (once the run is known
+        # to proceed) as the reference for `fastpref eval` and as the base of a LoRA adapter
+        initial = copy.deepcopy(policy)
+        policy.name_or_path = str(Path(cfg.output_dir) / INITIAL_DIR)
     else:
         policy = load(cfg.model)
-    attention = _set_attention(policy, attention, cfg.attention == "auto")
+    attention = _set_attention(policy, attention, cfg.attn_implementation == "auto")
     policy.to(device)
     reference = None
     if cfg.reference_model is not None:
@@ -263,25 +168,30 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention, is_main:
         if reference.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
             raise ValueError("the reference model's LM head does not match the policy's vocabulary")
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # the older name warns in recent transformers
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = cfg.lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                   lora_dropout=cfg.lora_dropout, target_modules=targets))
-    return policy, reference
+        targets = cfg.lora_target_modules or [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        with peft_internals_quiet():
+            policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                       lora_dropout=cfg.lora_dropout, target_modules=targets))
+    return policy, reference, initial
 
 
 def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
-    """transformers' schedulers with TRL's warmup of ceil(warmup_ratio * steps) steps, so that a
+    """transformers' schedulers with TRL's warmup of warmup_steps, else ceil(warmup_ratio * steps) steps, so that a
     run's learning rates are step for step those of the same run under TRL (the first step's is 0
     whenever there is a warmup)."""
     from transformers import get_scheduler
 
-    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransform()) -> PreferenceLoss:
@@ -303,19 +213,31 @@ def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, 
     return read
 
 
-def _average(records: Sequence[Dict[str, float]], weights: Sequence[int]) -> Dict[str, float]:
-    total = sum(weights)
-    return {k: sum(r[k] * w for r, w in zip(records, weights)) / total for k in records[0]}
+def _interval_record(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """The steps since the last log as one record, as TRL logs them: the metrics averaged over
+    the steps, tokens summed, and step, epoch and learning rate those of the last."""
+    last = records[-1]
+    merged = {k: sum(r[k] for r in records) / len(records) for k in last if k not in ("step", "split", "epoch", "lr")}
+    merged.update(step=last["step"], split=last["split"], epoch=last["epoch"], lr=last["lr"],
+                  tokens=sum(r["tokens"] for r in records))
+    merged["tokens_per_s"] = merged["tokens"] / sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    return {"step": merged.pop("step"), "split": merged.pop("split"), **merged}
+
+
+def _pair_tokens(pair, prefix_sharing: bool) -> int:
+    """Tokens a pair puts in a packed forward."""
+    prompt = len(pair.prompt_ids)
+    responses = len(pair.chosen_ids) + len(pair.rejected_ids)
+    return prompt + responses if prefix_sharing else 2 * prompt + responses
 
 
 class Trainer:
     """Holds a run's state; `train()` below is the entry point."""
 
     def __init__(self, cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None):
-        self.cfg = _with_local_models(cfg.resolved())
+        self.cfg = cfg.resolved(Distributed.environment_world_size())
         self.on_step = on_step
-        cfg = self.cfg
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = Path(self.cfg.output_dir)
         created = not self.output_dir.exists()
         _make_writable_dir(self.output_dir)
         try:
@@ -335,10 +257,12 @@ class Trainer:
         self.dist = Distributed.from_environment(cfg.device)
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
+        self._say(self._header())
+        self.cfg = cfg = _with_local_models(cfg)
         self.tokenizer = _load_tokenizer(cfg)
         self._load_data()
-        self.policy, self.reference_model = _load_models(
-            cfg, self.tokenizer, self.device, self.dtype, self.attention, self.dist.is_main)
+        self.policy, self.reference_model, self.initial_model = _load_models(
+            cfg, self.tokenizer, self.device, self.dtype, self.attention)
         _check_max_length(cfg.max_length, self.policy)
         self.attention = self.policy.config._attn_implementation
         # the policy's logit transform (soft cap, logit scale), read off its config as TRL does
@@ -361,19 +285,59 @@ class Trainer:
         self._fill_reference_cache()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
-        self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
+        # the longest micro-batch this process can get, from the lengths of the pairs it will train on
+        local_pairs = -(-cfg.pairs_per_step // self.dist.world_size)
+        longest = sorted(self.trained_pairs, key=lambda p: _pair_tokens(p, cfg.prefix_sharing))[-local_pairs:]
         self.memory_lines = memory_report(
             self.policy, self.reference_model, rank=self.dist.rank, world_size=self.dist.world_size,
             fsdp=self.fsdp, compute_dtype=self.dtype,
-            reference=cfg.reference if self.loss_fn.spec.needs_reference else None,
-            pairs_per_step=cfg.pairs_per_step, max_length=cfg.max_length,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            decoder_layers=self.layers)
+            reference=self._reference_source() if self.loss_fn.spec.needs_reference else None,
+            pairs=len(longest), tokens=sum(_pair_tokens(p, cfg.prefix_sharing) for p in longest),
+            scored_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in longest),
+            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers)
         self.step = 0
         self.displacement = DisplacementMonitor()
+
+    def _header(self) -> str:
+        """What will run, shown before any work starts."""
+        from .. import backends
+
+        cfg = self.cfg
+        try:
+            backend = backends.resolve(cfg.backend, self.device).name
+        except RuntimeError as error:
+            raise ValueError(f"backend={cfg.backend!r}: {error}") from None
+        losses = cfg.loss_type if isinstance(cfg.loss_type, list) else [cfg.loss_type]
+        if not self.loss_fn.spec.needs_reference:
+            reference = "none (reference-free loss)"
+        elif cfg.precompute_ref_log_probs:
+            reference = "log-probs precomputed once and cached"
+        else:
+            reference = "computed every step"
+        length = (f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps is None else f"{cfg.max_steps} steps")
+        processes = (f"{self.dist.world_size} processes ({cfg.parallel})" if self.dist.enabled else "1 process")
+        lines = [
+            f"fastpref train: {' + '.join(losses)} loss (beta {cfg.beta:g}) of "
+            f"{cfg.model or 'the embedded tiny Llama (random weights)'} on "
+            f"{cfg.data or 'the bundled HH-RLHF sample'}"
+            + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune"),
+            f"  {length}, {cfg.pairs_per_step} pairs per micro-batch x {cfg.gradient_accumulation_steps} "
+            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), pairs cut to "
+            f"{cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
+            f"  {self.device} ({str(self.dtype).replace('torch.', '')}), {processes}, backend {backend}, "
+            f"attention {self.attention}; reference: {reference}",
+            f"  output: {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+    def _say(self, text: str) -> None:
+        """A line for the console, from the main process only, shown with or without progress bars."""
+        if self.dist.is_main:
+            tqdm.write(text)
+
+    def _reference_source(self) -> str:
+        return "cache" if self.cfg.precompute_ref_log_probs else "online"
 
     # -- data and reference ------------------------------------------------------------------
     def _load_data(self):
@@ -388,7 +352,32 @@ class Trainer:
         self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
         # the held-out rows as they were read, for `fastpref eval --data OUTPUT_DIR/heldout.jsonl`
         self.heldout_rows = rows.select([p.row for p in self.eval_pairs]).to_list()
+        micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
+        self.steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * self.steps_per_epoch))
+        self.trained_pairs = self._trained_pairs()
+        self.scored_train_pairs = self.trained_pairs[:cfg.score_train_pairs]
+        self._say(self.data_report.summary())
+        per_step = cfg.pairs_per_step * cfg.gradient_accumulation_steps
+        self._say(f"{len(self.train_pairs)} training pairs, {len(self.eval_pairs)} held out: {self.total_steps} steps "
+                  f"of up to {per_step} pairs train on {len(self.trained_pairs)} of the training pairs "
+                  f"({self.total_steps / self.steps_per_epoch:.3g} epochs)")
 
+    def _epoch_order(self, epoch: int) -> List[int]:
+        """The training pairs' order in `epoch`: fixed by the seed, so a resumed run sees the same."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return torch.randperm(len(self.train_pairs), generator=generator).tolist()
+
+    def _trained_pairs(self) -> List:
+        """Every pair the run's steps train on, each once, in the order they are first trained."""
+        per_step = self.cfg.pairs_per_step * self.cfg.gradient_accumulation_steps
+        seen: Dict[int, None] = {}
+        for first_step in range(0, self.total_steps, self.steps_per_epoch):
+            steps = min(self.steps_per_epoch, self.total_steps - first_step)
+            seen.update(dict.fromkeys(self._epoch_order(first_step // self.steps_per_epoch)[:steps * per_step]))
+            if len(seen) == len(self.train_pairs):
+                break
+        return [self.train_pairs[i] for i in seen]
 
     def _parallel(self, head_model: FusedHeadForward) -> FusedHeadForward:
         """`head_model` sharded under FSDP2; as it is otherwise (DDP wraps the policy's alone)."""
@@ -404,40 +393,44 @@ class Trainer:
         self.reference_key = None
         if not self.loss_fn.spec.needs_reference:
             return
-        if cfg.reference == "online":
+        if not cfg.precompute_ref_log_probs:
             if self.reference_model is None and cfg.lora_r == 0:
                 # a full fine-tune moves the policy: the reference is a frozen copy of its start
                 self.reference_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
             return
         source = self.reference_model or self.policy
-        # rank 0's key on every rank: saving the embedded model's starting point (rank 0 alone)
-        # adds fields to its config, which the fingerprint reads
+        # rank 0's key on every rank, so that all read and write the same pieces
         self.reference_key = self.dist.broadcast_object(
             cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype))
 
     def _fill_reference_cache(self):
+        """The reference log-probs of the pairs this run uses (those it trains on and the held-out
+        ones), from the cache where it has them; every process computes its share of each batch
+        of the others, and rank 0 writes them into the cache as they come. SIGTERM or SIGUSR1
+        stops the pass after the batch at hand, keeping what was computed."""
         if self.reference_key is None:
             return
         cfg = self.cfg
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        pairs = self.train_pairs + self.eval_pairs
-
-        def load_or_compute(compute):
-            return ReferenceCache.load_or_compute(
-                self.reference_key, pairs, compute, cache_dir=cache_dir, batch_pairs=cfg.pairs_per_step,
-                progress=cfg.progress and self.dist.is_main, write=self.dist.is_main)
-
-        if self.fsdp:
-            # every process joins every forward of the sharded model, so all compute together
-            # (none can find the file before all are done: rank 0 writes it after the last batch)
-            self.reference_cache = load_or_compute(self._reference_logps_sharded)
+        pairs = self.trained_pairs + self.eval_pairs
+        # rank 0 reads the pieces: every process then computes the same missing pairs, batch by batch
+        stored = self.dist.broadcast_object(
+            ReferenceCache.stored(ReferenceCache.directory_for(cache_dir, self.reference_key), self.reference_key)
+            if self.dist.is_main else None)
+        with StopRequests() as stop:
+            self.reference_cache = ReferenceCache.load_or_compute(
+                self.reference_key, pairs, self._reference_logps_shared, cache_dir=cache_dir,
+                batch_pairs=cfg.pairs_per_step, progress=cfg.progress and self.dist.is_main, stored=stored,
+                write=self.dist.is_main,
+                stop_requested=lambda: bool(self.dist.max_over_ranks(stop.received or 0, self.device)))
             self.dist.barrier()
-            return
-        # rank 0 computes and writes the cache; the others then read the file it wrote
-        for turn in ("main", "others"):
-            if (turn == "main") == self.dist.is_main:
-                self.reference_cache = load_or_compute(self._reference_logps_now)
-            self.dist.barrier()
+            received = self.dist.max_over_ranks(stop.received or 0, self.device)
+        if received:
+            done = sum(pair.row in self.reference_cache.values for pair in pairs)
+            raise TrainingInterrupted(
+                f"stopped by {signal_name(received)} during the reference pass: the log-probs of {done} of "
+                f"{len(pairs)} pairs are saved in {self.reference_cache.directory}; run the same command again "
+                "to compute the rest and train", received)
 
     def _reference_logps_now(self, pairs) -> torch.Tensor:
         """The reference model's, or else the policy's with adapters disabled (LoRA) or before
@@ -451,9 +444,11 @@ class Trainer:
         model.train(was_training)
         return logps
 
-    def _reference_logps_sharded(self, pairs) -> torch.Tensor:
+    def _reference_logps_shared(self, pairs) -> torch.Tensor:
         """`_reference_logps_now` of `pairs`, each process scoring its share (a process without
-        one scores a pair it then drops, to join the forward)."""
+        one scores a pair it then drops: a sharded model needs every process in every forward)."""
+        if not self.dist.enabled:
+            return self._reference_logps_now(pairs)
         local = self.dist.shard(pairs)
         logps = self._reference_logps_now(local or pairs[:1]).cpu().view(-1, 2)
         per_pair = self.dist.gather_shards(list(logps) if local else [], len(pairs))
@@ -486,10 +481,9 @@ class Trainer:
     def _micro_batches(self, step: int) -> List[List]:
         """The pairs of optimizer step `step`: fixed by the seed, so a resumed run sees the same."""
         cfg = self.cfg
-        per_step = cfg.pairs_per_step * cfg.grad_accum
+        per_step = cfg.pairs_per_step * cfg.gradient_accumulation_steps
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        chosen = order[index * per_step:(index + 1) * per_step].tolist()
+        chosen = self._epoch_order(epoch)[index * per_step:(index + 1) * per_step]
         batches = [chosen[i:i + cfg.pairs_per_step] for i in range(0, len(chosen), cfg.pairs_per_step)]
         return [[self.train_pairs[i] for i in batch] for batch in batches]
 
@@ -503,14 +497,13 @@ class Trainer:
             # the same global batches on every process: a sharded model needs all in every forward
             for start in range(0, len(pairs), self.cfg.pairs_per_step):
                 local = self.dist.shard(pairs[start:start + self.cfg.pairs_per_step])
+                # a process without a pair of this batch scores a placeholder, with weight 0
                 loss, metrics, _ = self._batch_loss(local or pairs[:1], self.head_model)
-                if local:
-                    records.append({"loss": loss, **metrics})
-                    weights.append(len(local))
+                records.append({"loss": loss, **metrics})
+                weights.append(len(local))
         self.head_model.train()
         raise_pending_errors()
-        mean = _average(_read_metrics(records), weights) if records else {}
-        mean = self.dist.weighted_mean(mean, sum(weights), self.device)
+        mean = self.dist.weighted_mean(_read_metrics(records), weights, self.device)
         return {"step": self.step, "split": split, "pairs": len(pairs), **mean}
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -522,8 +515,9 @@ class Trainer:
         return self.policy.state_dict()
 
     def _run_identity(self) -> Dict:
-        keys = ("model", "loss_type", "beta", "pairs_per_step", "grad_accum", "seed", "lora_r", "prefix_sharing",
-                "learning_rate", "lr_schedule", "warmup_ratio", "max_length", "max_prompt_length")
+        keys = ("model", "loss_type", "beta", "pairs_per_step", "gradient_accumulation_steps", "seed", "lora_r",
+                "prefix_sharing", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_length",
+                "max_prompt_length")
         identity = {k: getattr(self.cfg, k) for k in keys}
         identity.update(data=self.data_fingerprint, total_steps=self.total_steps)
         return json.loads(json.dumps(identity))
@@ -542,7 +536,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "progress": progress,
             }, meta=meta)
         if self.dist.is_main:
-            for old in list_checkpoints(self.output_dir)[:-self.cfg.keep_checkpoints]:
+            for old in list_checkpoints(self.output_dir)[:-self.cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return directory
@@ -554,7 +548,7 @@ class Trainer:
         if differing:
             raise CheckpointError(
                 f"checkpoint {directory} belongs to a different run: {', '.join(differing)} differ; "
-                "use another --output-dir or --resume never")
+                "use another --output-dir or --resume-from-checkpoint never")
         if is_sharded(manifest):
             # torch.distributed.checkpoint reshards to this run's world size and wrapping
             state = load_sharded(directory, self.policy, self.optimizer, self.dist,
@@ -562,7 +556,7 @@ class Trainer:
         elif self.fsdp:
             raise CheckpointError(
                 f"checkpoint {directory} is a whole-model checkpoint of a run without --parallel fsdp; "
-                "resume it with --parallel ddp (or one process), or start anew with --resume never")
+                "resume it with --parallel ddp (or one process), or start anew with --resume-from-checkpoint never")
         else:
             state = load_checkpoint(directory, manifest=manifest)
             if self.cfg.lora_r > 0:
@@ -581,54 +575,65 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
         resume_from = None
-        if cfg.resume == "auto":
+        if cfg.resume_from_checkpoint == "auto":
             resume_from = latest_checkpoint(self.output_dir)
-        elif cfg.resume != "never":
-            resume_from = Path(cfg.resume)
-        finished = self._finished_run() if cfg.resume == "auto" else None
+        elif cfg.resume_from_checkpoint != "never":
+            resume_from = Path(cfg.resume_from_checkpoint)
+        finished = self._finished_run() if cfg.resume_from_checkpoint == "auto" else None
         if finished is not None:
             return finished
         if resume_from is not None:
-            self.restore(resume_from)
-            if main:
-                tqdm.write(f"resuming from {resume_from} (step {self.step} of {self.total_steps})")
+            self.restore(resume_from)  # refuses another run's checkpoint before anything is written
+            self._say(f"resuming from {resume_from} (step {self.step} of {self.total_steps})")
+        self._write_run_files()
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_from else None,
                          tensorboard_dir=self.output_dir / "tensorboard" if cfg.tensorboard else None,
                          enabled=main)
-        show = cfg.progress and main
-        if main:  # shown with or without progress bars
-            (self.output_dir / HELDOUT_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.heldout_rows))
-            tqdm.write(self.data_report.summary())
         print("\n".join(self.memory_lines), flush=True)  # every process: its own share
         self.policy.train()
         losses: List[float] = []
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not show)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and main))
         started = time.perf_counter()
         last_eval = None
+        unlogged: List[Dict[str, float]] = []
         try:
-            while self.step < self.total_steps:
-                record = self._train_step()
-                losses.append(record["loss"])
-                log.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                margin=f"{record['rewards/margins']:.3f}")
-                warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
-                if warning and main:
-                    tqdm.write("warning: " + warning)
-                if warning:
-                    log.write({"step": self.step, "split": "warning", "message": warning})
-                if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
-                    evaluation = self.evaluate(self.eval_pairs, "eval")
-                    if evaluation:
-                        log.write(evaluation)
-                        last_eval = evaluation
-                if self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                    self.save()
-                if self.on_step is not None:
-                    self.on_step(self.step)
+            with StopRequests() as stop:
+                while self.step < self.total_steps:
+                    record = self._train_step()
+                    losses.append(record["loss"])
+                    unlogged.append(record)
+                    if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                        log.write(_interval_record(unlogged))
+                        unlogged = []
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                    margin=f"{record['rewards/margins']:.3f}")
+                    warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
+                    if warning:
+                        self._say("warning: " + warning)
+                        log.write({"step": self.step, "split": "warning", "message": warning})
+                    if self.step % cfg.eval_steps == 0 or self.step == self.total_steps:
+                        evaluation = self.evaluate(self.eval_pairs, "eval")
+                        if evaluation:
+                            log.write(evaluation)
+                            last_eval = evaluation
+                    saved = self.step % cfg.save_steps == 0 and self.step < self.total_steps
+                    if saved:
+                        self.save()
+                    if self.on_step is not None:
+                        self.on_step(self.step)
+                    # every process asks whether any was signalled, so that all stop (and save) together
+                    received = self.dist.max_over_ranks(stop.received or 0, self.device)
+                    if received and self.step < self.total_steps:
+                        if unlogged:
+                            log.write(_interval_record(unlogged))
+                        path = self.output_dir / f"checkpoint-{self.step}" if saved else self.save()
+                        log.close()
+                        raise TrainingInterrupted(
+                            f"stopped by {signal_name(received)} at step {self.step} of {self.total_steps}: "
+                            f"checkpoint saved to {path}; run the same command again to resume", received)
         except KeyboardInterrupt:
-            bar.close()
             log.close()
             if self.fsdp:
                 # a sharded save needs every process at the same point, which an interrupt
@@ -636,14 +641,17 @@ class Trainer:
                 last = latest_checkpoint(self.output_dir)
                 raise TrainingInterrupted(
                     f"interrupted at step {self.step}: under --parallel fsdp nothing is saved on an "
-                    f"interrupt; the latest checkpoint is {last}; run the same command again to resume "
-                    "from it") from None
+                    f"interrupt (SIGTERM saves); the latest checkpoint is {last}; run the same command "
+                    "again to resume from it") from None
             path = self.save()
             raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path}; "
                                       "run the same command again to resume") from None
-        bar.close()
-        final = self.evaluate(self.train_pairs, "train-final")
-        log.write(final)
+        finally:
+            bar.close()
+        final = None
+        if self.scored_train_pairs:
+            final = self.evaluate(self.scored_train_pairs, "train-final")
+            log.write(final)
         log.close()
         model_path = self.output_dir / "final"
         plot_path = None
@@ -658,6 +666,16 @@ class Trainer:
         self.dist.barrier()
         return TrainResult(self.output_dir, self.step, final, last_eval, log.path, plot_path, model_path, losses)
 
+    def _write_run_files(self) -> None:
+        """What the run keeps beside its checkpoints, written once it is known to proceed: the
+        held-out rows, and the embedded model's starting point."""
+        if not self.dist.is_main:
+            return
+        (self.output_dir / HELDOUT_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.heldout_rows))
+        if self.initial_model is not None:
+            self.initial_model.save_pretrained(self.output_dir / INITIAL_DIR)
+            self.tokenizer.save_pretrained(self.output_dir / INITIAL_DIR)
+
     def _finished_run(self) -> Optional[TrainResult]:
         """The result of this very run when the output directory already holds it complete."""
         path = self.output_dir / SUMMARY_FILE
@@ -668,7 +686,7 @@ class Trainer:
             return None
         if self.dist.is_main:
             tqdm.write(f"{self.output_dir} already holds this run, finished at step {self.total_steps}: nothing "
-                       "to do (--resume never trains it again; another --output-dir keeps this one)")
+                       "to do (--resume-from-checkpoint never trains it again; another --output-dir keeps this one)")
         plot = self.output_dir / "metrics.png"
         return TrainResult(self.output_dir, self.total_steps, summary["final_train"], summary.get("final_eval"),
                            self.output_dir / "metrics.jsonl", plot if plot.is_file() else None,
@@ -688,7 +706,9 @@ class Trainer:
         step_pairs = sum(len(b) for b in micro_batches)
         for index, batch in enumerate(micro_batches):
             local = self.dist.shard(batch)
-            # a rank with no pair of this micro-batch still joins DDP's all-reduce, with weight 0
+            # a rank with no pair of this micro-batch still joins DDP's all-reduce, with weight 0,
+            # and records the placeholder's metrics with weight 0, so that every rank reduces the
+            # same metric keys below
             pairs, share = (local, len(local)) if local else (batch[:1], 0)
             last = index == len(micro_batches) - 1
             # FSDP2 reduce-scatters every micro-batch: skipping it would keep whole gradients
@@ -697,9 +717,9 @@ class Trainer:
             with sync:
                 loss, metrics, length = self._batch_loss(pairs, self.forward_model)
                 (loss * (share / step_pairs * world)).backward()
+            records.append({"loss": loss.detach(), **metrics})  # read on the host once, after the step
+            weights.append(share)
             if share:
-                records.append({"loss": loss.detach(), **metrics})  # read on the host once, after the step
-                weights.append(share)
                 tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -714,9 +734,8 @@ class Trainer:
         raise_pending_errors()
         *records, totals = _read_metrics(records + [{"grad_norm": grad_norm}])
         grad_norm = totals["grad_norm"]
-        local_pairs = sum(weights)
-        mean = self.dist.weighted_mean(_average(records, weights) if records else {}, local_pairs, self.device)
-        tokens = world * self.dist.weighted_mean({"tokens": tokens}, 1, self.device)["tokens"]
+        mean = self.dist.weighted_mean(records, weights, self.device)
+        tokens = world * self.dist.weighted_mean([{"tokens": tokens}], [1], self.device)["tokens"]
         elapsed = time.perf_counter() - tick
         return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,
                 "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, **mean}
@@ -747,7 +766,8 @@ class Trainer:
                 from transformers import AutoModelForCausalLM
 
                 base = AutoModelForCausalLM.from_pretrained(unwrap(model).name_or_path, local_files_only=True)
-                model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+                with peft_internals_quiet():
+                    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             state = None
         model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)

@@ -39,10 +39,11 @@ def _mib(size: float) -> str:
 
 
 def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: bool, compute_dtype: torch.dtype,
-                  reference: Optional[str], pairs_per_step: int, max_length: int, gradient_checkpointing: bool,
-                  decoder_layers: List[torch.nn.Module]) -> List[str]:
+                  reference: Optional[str], pairs: int, tokens: int, scored_tokens: int,
+                  gradient_checkpointing: bool, decoder_layers: List[torch.nn.Module]) -> List[str]:
     """One line per item, each starting with this process's rank. `reference`: "cache", "online",
-    or None (a reference-free loss)."""
+    or None (a reference-free loss). `pairs`, `tokens`, `scored_tokens`: this process's largest
+    micro-batch (its longest pairs), its tokens in the packed forward and its response tokens."""
     config = unwrap(policy).config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     width = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -65,22 +66,20 @@ def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: 
     else:
         held = f"frozen model {_mib(_local_bytes(reference_model.parameters()))}" + (
             " (this process's shards)" if fsdp else "")
-    pairs = -(-pairs_per_step // world_size)
-    tokens = 2 * pairs * max_length  # at most: chosen and rejected of each pair, at full length
     per_layer_token = (8 * hidden + 4 * width) * compute_bytes
     if gradient_checkpointing:
         activations = tokens * (layers * hidden * compute_bytes + per_layer_token)
     else:
         activations = tokens * layers * per_layer_token
-    head = tokens * (hidden * 4 + 16)
+    head = scored_tokens * (hidden * 4 + 16)
     lines = [
         parameters,
         f"gradients {_mib(_local_bytes(trainable))}",
         f"optimizer state (AdamW) {_mib(2 * _local_bytes(trainable))}",
         f"reference: {held}",
-        f"activations per micro-batch (estimate, {pairs} pairs, up to {tokens} tokens"
+        f"activations per micro-batch (estimate, the data's {pairs} longest pairs: {tokens} tokens"
         f"{', gradient checkpointing' if gradient_checkpointing else ''}) {_mib(activations)}",
-        f"loss head per micro-batch (fused) {_mib(head)}; materialised logits would take "
-        f"{_mib(tokens * vocab * 4)}",
+        f"loss head per micro-batch (fused, {scored_tokens} response tokens) {_mib(head)}; materialised "
+        f"logits would take {_mib(scored_tokens * vocab * 4)}",
     ]
     return [f"[rank {rank}] memory: {line}" for line in lines]

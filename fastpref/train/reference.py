@@ -1,14 +1,17 @@
 """Reference log-probs: computed once, cached on disk, reused across runs.
 
 The reference model's summed response log-probs depend only on the reference weights and on
-the tokenized pairs, so they are computed in one no-grad pass over the data (with a progress
-bar) and stored under a key that hashes both: a different model, data set, tokenizer or
-truncation gives a different file, never a stale hit. The file is written atomically.
+the tokenized pairs, so they are computed in one no-grad pass (with a progress bar and an ETA)
+and stored under a key that hashes both: a different model, data set, tokenizer or truncation
+gives a different directory, never a stale hit. Only the pairs a run needs are computed, and the
+directory is written in pieces as the pass goes (each piece atomically), so an interrupted pass,
+or a later run that needs more pairs, computes only the pairs no piece holds yet.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -24,6 +27,8 @@ from .model import FusedHeadForward
 from .packing import pack_pairs
 
 CACHE_VERSION = "1"
+# a piece of the cache is written at least this often while the pass runs (seconds)
+PIECE_SECONDS = 30.0
 
 
 def default_cache_dir() -> Path:
@@ -61,40 +66,77 @@ def pair_logps(model, pairs: Sequence, attention: str, device, *,
 
 
 class ReferenceCache:
-    """Reference log-probs of every pair, by source row: (chosen, rejected)."""
+    """Reference log-probs of pairs, by source row: (chosen, rejected)."""
 
-    def __init__(self, values: Dict[int, torch.Tensor], key: str, path: Optional[Path] = None):
-        self.values, self.key, self.path = values, key, path
+    def __init__(self, values: Dict[int, torch.Tensor], key: str, directory: Optional[Path] = None):
+        self.values, self.key, self.directory = values, key, directory
 
     def lookup(self, rows: Sequence[int], device) -> torch.Tensor:
         """[2P] in layout order, for the pairs of `rows`."""
         return to_device(torch.cat([self.values[row] for row in rows]), device)
 
+    @staticmethod
+    def directory_for(cache_dir: Path, key: str) -> Path:
+        return Path(cache_dir) / f"reference-logps-{key[:24]}"
+
+    @staticmethod
+    def stored(directory: Optional[Path], key: str) -> Dict[int, torch.Tensor]:
+        """Every row the pieces under `directory` hold for `key`."""
+        values: Dict[int, torch.Tensor] = {}
+        if directory is None or not directory.is_dir():
+            return values
+        for piece in sorted(directory.glob("piece-*.pt")):
+            stored = torch.load(piece, weights_only=True)
+            if stored.get("key") == key:
+                values.update((int(r), v) for r, v in zip(stored["rows"], stored["logps"]))
+        return values
+
+    @staticmethod
+    def write_piece(directory: Path, key: str, values: Dict[int, torch.Tensor]) -> None:
+        """`values` as one more piece, renamed into place whole."""
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = sorted(values)
+        name = f"piece-{time.time_ns()}-{os.getpid()}.pt"
+        staging = directory / (name + ".partial")
+        torch.save({"key": key, "rows": torch.tensor(rows), "logps": torch.stack([values[r] for r in rows])},
+                   staging)
+        os.replace(staging, directory / name)
+
     @classmethod
     def load_or_compute(cls, key: str, pairs: Sequence, compute: Callable[[Sequence], torch.Tensor], *,
                         cache_dir: Optional[Path], batch_pairs: int, progress: bool = True,
-                        write: bool = True) -> "ReferenceCache":
-        """The cached values if `cache_dir` holds them for every pair, else `compute`d batch by batch
-        (and stored there when `write`: with several processes, only one writes)."""
-        path = None if cache_dir is None else Path(cache_dir) / f"reference-logps-{key[:24]}.pt"
-        if path is not None and path.is_file():
-            stored = torch.load(path, weights_only=True)
-            rows = {pair.row for pair in pairs}
-            if stored.get("key") == key and rows <= set(stored["rows"].tolist()):
-                values = {int(r): v for r, v in zip(stored["rows"], stored["logps"])}
-                return cls(values, key, path)
-        values: Dict[int, torch.Tensor] = {}
-        batches = range(0, len(pairs), batch_pairs)
-        for start in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress):
-            batch = pairs[start:start + batch_pairs]
-            logps = compute(batch).cpu()
-            for i, pair in enumerate(batch):
-                values[pair.row] = logps[2 * i:2 * i + 2].clone()
-        if path is not None and write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            rows = sorted(values)
-            staging = path.with_suffix(".partial")
-            torch.save({"key": key, "rows": torch.tensor(rows),
-                        "logps": torch.stack([values[r] for r in rows])}, staging)
-            os.replace(staging, path)
-        return cls(values, key, path)
+                        stored: Optional[Dict[int, torch.Tensor]] = None, write: bool = True,
+                        stop_requested: Callable[[], bool] = lambda: False) -> "ReferenceCache":
+        """The values of `pairs`: those `cache_dir` holds (`stored`, when the caller read them already),
+        and the others `compute`d batch by batch, written there in pieces when `write` (with several
+        processes, only one writes). `stop_requested` is asked after every batch; when it says so, what
+        was computed is written and the pass ends early, with the values it has."""
+        directory = None if cache_dir is None else cls.directory_for(cache_dir, key)
+        values = cls.stored(directory, key) if stored is None else dict(stored)
+        missing = [pair for pair in pairs if pair.row not in values]
+        unwritten: Dict[int, torch.Tensor] = {}
+        last_write = time.monotonic()
+
+        def flush():
+            nonlocal last_write
+            if unwritten and directory is not None and write:
+                cls.write_piece(directory, key, unwritten)
+            unwritten.clear()
+            last_write = time.monotonic()
+
+        with tqdm(total=len(missing), desc="reference log-probs", unit="pair", disable=not progress) as bar:
+            for start in range(0, len(missing), batch_pairs):
+                batch = missing[start:start + batch_pairs]
+                logps = compute(batch).cpu()
+                for i, pair in enumerate(batch):
+                    values[pair.row] = unwritten[pair.row] = logps[2 * i:2 * i + 2].clone()
+                bar.update(len(batch))
+                if time.monotonic() - last_write >= PIECE_SECONDS:
+                    flush()
+                if stop_requested():
+                    break
+        flush()
+        return cls(values, key, directory)
+
+    def complete_for(self, pairs: Sequence) -> bool:
+        return all(pair.row in self.values for pair in pairs)
