@@ -581,6 +581,8 @@ def test_max_pairs_with_a_memory_budget_on_cpu():
 def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, bare):
     monkeypatch.setattr(logprobs, "defaults", lambda device: dict(
         n=32, hidden=8, vocab=64, dtype="float32", warmup=1, repeat=1))
+    monkeypatch.setattr(outputs, "defaults", lambda device: dict(
+        n=32, hidden=8, vocab=64, dtype="float32", warmup=1, repeat=1))
     monkeypatch.setattr(loss_head, "defaults", lambda device: dict(
         models=["small"], tokens=[32, 64], seq_len=16, losses=["sigmoid"], dtype="float32", warmup=1, repeat=1))
     monkeypatch.setitem(loss_head.HEAD_SHAPES, "small", (8, 64))
@@ -591,14 +593,15 @@ def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, b
     assert cli.main(["bench"] if bare else ["bench", "all", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
 
     printed = capsys.readouterr().out
-    for title in (logprobs.TITLE, loss_head.TITLE, end_to_end.TITLE):
+    for title in (logprobs.TITLE, outputs.TITLE, loss_head.TITLE, end_to_end.TITLE):
         assert f"# {title}" in printed
     if bare:
         assert not list(tmp_path.iterdir())
         return
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["cpu-end-to-end.json", "cpu-end-to-end.md", "cpu-end-to-end.png", "cpu-logprobs.json",
-                     "cpu-logprobs.md", "cpu-loss-head.json", "cpu-loss-head.md", "cpu-loss-head.png"]
+                     "cpu-logprobs.md", "cpu-loss-head.json", "cpu-loss-head.md", "cpu-loss-head.png",
+                     "cpu-outputs.json", "cpu-outputs.md"]
 
 
 def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch
 
 import fastpref
 
+from .. import backends as _backends
 from . import options
 from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, random_head, relative_error,
@@ -79,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=options.positive_int, help="tokens N (rows of hidden)")
     parser.add_argument("--hidden", type=options.positive_int, help="hidden size H")
     parser.add_argument("--vocab", type=options.positive_int, help="vocabulary size V")
-    parser.add_argument("--backend", help="the fastpref backend to measure (default: the device's best)")
+    parser.add_argument("--backend", help="the fastpref backend to measure (default: the one backend=\"auto\" "
+                                          "picks on the device)")
     options.add_common_arguments(parser, backends=False)
     parser.add_argument("--head", choices=("trainable", "frozen", "both"), default="both",
                         help="LM head requires grad (trainable), not (frozen), or measure both (default)")
@@ -92,7 +94,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         if getattr(args, name, None) is not None:
             chosen[name] = getattr(args, name)
     available = fastpref.available_backends(device)
-    backend = args.backend or available[0]
+    backend = args.backend or _backends.resolve("auto", device).name
     if backend not in available:
         parser.error(f"--backend {backend} cannot run on {device}; available: {', '.join(available)}")
     return Config(device=device, n=chosen["n"], hidden=chosen["hidden"], vocab=chosen["vocab"],
