@@ -79,7 +79,7 @@ def test_trainer_trains_a_soft_capped_model_folder(tmp_path, small_data):
     folder = tmp_path / "gemma2"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    trainer = Trainer(config(tmp_path, small_data, model=str(folder), max_steps=2, eval_every=2))
+    trainer = Trainer(config(tmp_path, small_data, model=str(folder), max_steps=2, eval_steps=2))
     assert trainer.loss_fn.transform == LogitTransform(softcap=0.6)
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
