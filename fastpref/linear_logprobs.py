@@ -304,8 +304,7 @@ def _backward_impl(
     """(d_hidden, d_weight, d_bias), each empty when not needed."""
     impl = _backends.resolve(backend, hidden.device)
     options = _options(logit_scale, softcap, temperature, outputs, scratch_bytes)
-    num_rows, vocab = hidden.shape[0], weight.shape[0]
-    computed = _computed(hidden, vocab, targets, ignore_index, num_kept, rows if rows.numel() else None)
+    computed = _computed(hidden, weight.shape[0], targets, ignore_index, num_kept, rows if rows.numel() else None)
     d_hidden = d_weight = d_bias = None
     if computed.hidden.shape[0]:
         def gathered(values):

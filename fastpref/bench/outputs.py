@@ -18,8 +18,7 @@ import fastpref
 from .. import backends as _backends
 from . import options
 from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
-from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, random_head, relative_error,
-                        token_reference)
+from .reference import DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, token_inputs, token_reference
 from .report import header, markdown_table, number
 
 NAME = "outputs"
@@ -104,13 +103,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
     """Append a row per variant and head mode to `rows` as each head's measurements finish."""
-    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    kw = dict(device=cfg.device, generator=gen)
-    hidden = torch.randn(cfg.n, cfg.hidden, dtype=cfg.dtype, **kw).requires_grad_()
-    weight = random_head(cfg.vocab, cfg.hidden, cfg.dtype, gen, cfg.device)
-    targets = torch.randint(0, cfg.vocab, (cfg.n,), **kw)
-    targets[torch.rand(cfg.n, **kw) < IGNORED_FRACTION] = IGNORE_INDEX
-    grad_out = torch.randn(cfg.n, dtype=torch.float32, **kw)
+    hidden, weight, targets, grad_out = token_inputs(cfg.n, cfg.hidden, cfg.vocab, cfg.dtype, cfg.device, cfg.seed,
+                                                     IGNORED_FRACTION)
     on_step("reference")
     ref = token_reference(hidden, weight, targets, grad_out)
 

@@ -75,6 +75,19 @@ class TokenReference:
     d_weight: torch.Tensor  # [V, H] float32
 
 
+def token_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int,
+                 ignored_fraction: float):
+    """(hidden [N, H] requiring grad, weight [V, H] (random_head), targets [N] with about
+    `ignored_fraction` of them IGNORE_INDEX, upstream gradient [N] float32), fresh from `seed`."""
+    gen = torch.Generator(device).manual_seed(seed)
+    kw = dict(device=device, generator=gen)
+    hidden_states = torch.randn(n, hidden, dtype=dtype, **kw).requires_grad_()
+    weight = random_head(vocab, hidden, dtype, gen, device)
+    targets = torch.randint(0, vocab, (n,), **kw)
+    targets[torch.rand(n, **kw) < ignored_fraction] = IGNORE_INDEX
+    return hidden_states, weight, targets, torch.randn(n, dtype=torch.float32, **kw)
+
+
 def token_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     grad_out: torch.Tensor) -> TokenReference:
     """materialized_logprobs in float32 and its gradients for an upstream gradient `grad_out`
