@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import backends as _backends
 from . import deferred_errors
@@ -424,6 +425,12 @@ def linear_logprobs(
     the host, at :func:`fastpref.raise_pending_errors`, or here with ``check=True``. Until then
     such rows give 0. Non-contiguous inputs are copied to contiguous memory first (for the weight,
     a V x H copy: pass a contiguous weight to avoid it).
+
+    A weight (and bias) that is a DTensor sharded on the vocabulary (``Shard(0)`` on one mesh
+    dimension, Replicate on any other: a tensor-parallel head) is computed vocabulary-parallel:
+    each process streams its own rows, one all_gather merges the per-row statistics, and every
+    process gets the whole vocabulary's outputs; the weight's gradient comes back sharded like it,
+    the hidden one whole (see :mod:`fastpref.vocab_parallel`). This path runs eagerly.
     """
     check_linear_inputs(hidden, weight, targets, bias)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -441,13 +448,28 @@ def linear_logprobs(
         supported = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
         raise TypeError(f"backend {impl.name!r} supports {supported}; hidden is {hidden.dtype}")
 
+    if any(isinstance(value, DTensor) for value in (hidden, weight, bias, targets)):
+        from .vocab_parallel import vocabulary_parallel_logprobs  # it builds on this module's helpers
+
+        flags = [name in extra for name in EXTRA_OUTPUTS]
+        results = vocabulary_parallel_logprobs(
+            hidden, weight, bias, targets, ignore_index=ignore_index,
+            num_kept=_UNKNOWN if num_kept is None else num_kept, impl=impl,
+            options=_options(transform.logit_scale, transform.softcap, transform.temperature, flags, budget),
+            check=check)
+    else:
+        results = _call_op(hidden, weight, bias, targets, ignore_index, num_kept, impl, transform, extra, budget,
+                           check)
+    if outputs is None:
+        return results[0]
+    return LinearLogprobsOutput(results[0], **{name: results[1 + EXTRA_OUTPUTS.index(name)] for name in extra})
+
+
+def _call_op(hidden, weight, bias, targets, ignore_index, num_kept, impl, transform, extra, budget, check):
     fold_hidden_gradient = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                             and (bias is None or not bias.requires_grad) and "entropy" not in extra)
-    results = torch.ops.fastpref.linear_logprobs(
+    return torch.ops.fastpref.linear_logprobs(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         targets.long().contiguous(), ignore_index, _UNKNOWN if num_kept is None else num_kept, impl.name,
         transform.logit_scale, transform.softcap, transform.temperature, [name in extra for name in EXTRA_OUTPUTS], budget,
         fold_hidden_gradient, check)
-    if outputs is None:
-        return results[0]
-    return LinearLogprobsOutput(results[0], **{name: results[1 + EXTRA_OUTPUTS.index(name)] for name in extra})

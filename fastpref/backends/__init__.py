@@ -57,6 +57,8 @@ class ForwardResult:
     hidden_grad_direction: [M, H] or None. When the backend folds the hidden gradient into the
         forward pass (a frozen head) it returns u_n = J_t W_{t_n} - sum_v p_{n,v} J_v W_v, with
         J_v = dz_v/dx_v the transform's slope, so that d_hidden = g * u.
+    row_max: the largest z of each row (the reference of the sums; the vocabulary-parallel head
+        merges the processes' slices relative to it).
     """
 
     logp: torch.Tensor
@@ -67,6 +69,7 @@ class ForwardResult:
     mean_logits: Optional[torch.Tensor] = None
     is_top1: Optional[torch.Tensor] = None
     hidden_grad_direction: Optional[torch.Tensor] = None
+    row_max: Optional[torch.Tensor] = None
 
 
 @dataclass

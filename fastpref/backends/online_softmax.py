@@ -69,7 +69,7 @@ def merge_vocabulary_parts(row_max: torch.Tensor, sum_excl: torch.Tensor, target
     log_sum = row_sum.log()
     lse = top + log_sum
     miss = total_excl / row_sum
-    result = ForwardResult(logp=target_logprob(target_logit, lse, miss), lse=lse, miss=miss)
+    result = ForwardResult(logp=target_logprob(target_logit, lse, miss), lse=lse, miss=miss, row_max=top)
     if shifted is not None:
         if row_max.shape[0] > 1:
             shifted = shifted + shift_term(row_max, top, sum_all)

@@ -184,7 +184,7 @@ class _RowStatistics:
                                       logit_sum=part(self.logit_sum), max_before=part(self.max_before))
 
 
-_OUTPUT_FIELDS = ("logp", "lse", "miss", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_OUTPUT_FIELDS = ("logp", "lse", "miss", "row_max", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gradient: bool) -> ForwardResult:
@@ -196,7 +196,8 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
     row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, options,
                                           width if fold_hidden_gradient else 0)
 
-    result = ForwardResult(*(new_output((num_rows,), adt, hidden.device) for _ in range(3)))
+    result = ForwardResult(*(new_output((num_rows,), adt, hidden.device) for _ in range(3)),
+                           row_max=new_output((num_rows,), adt, hidden.device))
     for name in options.outputs:
         dtype = torch.bool if name == "is_top1" else adt
         setattr(result, name, new_output((num_rows,), dtype, hidden.device))

@@ -1,0 +1,232 @@
+"""A vocabulary-parallel head (a DTensor weight with Shard(0)) on 2 and 3 gloo processes gives every
+process the one-process result on the gathered weight: every output, every gradient.
+
+Each process count is one spawn running every case (starting processes costs more than the cases);
+each process saves what it got, and the tests compare it with the one-process op run here.
+"""
+import faulthandler
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastpref
+from reference import reference_head_outputs
+from test_distributed import _free_port, exit_without_teardown
+
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _ties(hidden, weight, bias, targets, owner_rows):
+    """Make row n's target tie with the largest logit of another process's slice: is_top1 then
+    depends on which slice comes first (argmax takes the first maximum)."""
+    for n, (target, twin) in owner_rows.items():
+        weight[target] = weight[twin] = 4 * hidden[n]
+        bias[target] = bias[twin] = 0
+        targets[n] = target
+
+
+def _inputs(case, vocab, dtype=torch.float64):
+    """(hidden, weight, bias, targets, op options, loss weights) of a case, the same in every process."""
+    generator = torch.Generator().manual_seed(sum(map(ord, case)))
+    rows, width = 13, 6
+    hidden = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, width, generator=generator, dtype=torch.float64) / 2
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64) / 4
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[[2, 7]] = -100
+    grads = torch.randn(2, rows, generator=generator, dtype=torch.float64)
+    options = {}
+    if case == "outputs":
+        # a target tied with an earlier slice's maximum (not top-1), and with a later one's (top-1)
+        _ties(hidden, weight, bias, targets, {0: (vocab - 1, 0), 1: (1, vocab - 2)})
+        options = dict(outputs=OUTPUTS)
+    elif case == "transform":
+        options = dict(outputs=("log_probs", "entropy"), logit_scale=1.3, softcap=2.0, temperature=0.8)
+        bias = None
+    elif case == "num_kept":
+        options = dict(num_kept=rows - 2)
+        bias = None
+    elif case == "frozen":
+        options = dict(outputs=("log_probs", "is_top1"))
+    return (hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), targets, options, grads)
+
+
+CASES = {"outputs": (37, torch.float64), "transform": (37, torch.float64), "num_kept": (101, torch.float32),
+         "frozen": (37, torch.float64)}
+
+
+def _objective(result, grads):
+    """A scalar that weighs every differentiable output (the log-probs and, when asked, the entropy)."""
+    if isinstance(result, torch.Tensor):
+        return (result.double() * grads[0]).sum()
+    total = (result.log_probs.double() * grads[0]).sum()
+    if result.entropy is not None:
+        total = total + (result.entropy.double() * grads[1]).sum()
+    return total
+
+
+def _run(case, hidden, weight, bias, targets, options, grads):
+    """Every output and gradient of one call, as a dict of tensors (DTensor gradients as local shards)."""
+    frozen = case == "frozen"
+    hidden = hidden.clone().requires_grad_(True)
+    weight.requires_grad_(not frozen)
+    if bias is not None:
+        bias.requires_grad_(not frozen)
+    result = fastpref.linear_logprobs(hidden, weight, targets, bias=bias, **options)
+    _objective(result, grads).backward()
+    found = {"log_probs": result} if isinstance(result, torch.Tensor) else \
+        {name: getattr(result, name) for name in OUTPUTS if getattr(result, name) is not None}
+    found["d_hidden"] = hidden.grad
+    for name, value in (("d_weight", weight), ("d_bias", bias)):
+        if value is not None and value.grad is not None:
+            grad = value.grad
+            found[name] = grad.to_local() if hasattr(grad, "to_local") else grad
+            found[name + "_placements"] = str(tuple(getattr(grad, "placements", ())))
+    return {name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in found.items()}
+
+
+def _loss_inputs(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(5)
+    vocab, width = 37, 6
+    cu_seqlens = torch.tensor([0, 4, 9, 12, 17])
+    response_mask = torch.ones(17, dtype=torch.bool)
+    response_mask[[0, 4, 5, 9, 12, 13]] = False
+    layout = fastpref.PackedLayout.paired(cu_seqlens, response_mask, torch.tensor([0, 2]), torch.tensor([1, 3]))
+    hidden = torch.randn(17, width, generator=generator, dtype=dtype)
+    weight = torch.randn(vocab, width, generator=generator, dtype=dtype)
+    targets = torch.randint(0, vocab, (17,), generator=generator)
+    reference = torch.randn(4, generator=generator, dtype=dtype)
+    return hidden, weight, targets, layout, reference
+
+
+def _run_loss(hidden, weight, targets, layout, reference):
+    hidden = hidden.clone().requires_grad_(True)
+    weight.requires_grad_(True)
+    loss, metrics = fastpref.PreferenceLoss("sigmoid", beta=0.3)(hidden, weight, targets, layout, reference)
+    loss.backward()
+    grad = weight.grad
+    return {"loss": loss.detach(), "rewards_margin": metrics["rewards/margins"].detach(), "d_hidden": hidden.grad,
+            "d_weight": grad.to_local() if hasattr(grad, "to_local") else grad}
+
+
+def _errors(mesh):
+    """The message of each placement the op refuses."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    hidden, weight, _, targets, _, _ = _inputs("errors", 37)
+    messages = {}
+    for name, placements in (("shard1", [Shard(1)]), ("replicate", [Replicate()])):
+        with pytest.raises(ValueError) as error:
+            fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, placements), targets)
+        messages[name] = str(error.value)
+    partial = DTensor.from_local(weight.clone(), mesh, [Partial()])
+    with pytest.raises(ValueError) as error:
+        fastpref.linear_logprobs(hidden, partial, targets)
+    messages["partial"] = str(error.value)
+    with pytest.raises(ValueError) as error:
+        fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets,
+                                 bias=torch.zeros(37, dtype=weight.dtype))
+    messages["plain_bias"] = str(error.value)
+    return messages
+
+
+def _worker(rank, world_size, port, folder):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    faulthandler.dump_traceback_later(300, exit=True)  # a missed collective fails, with where
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (world_size,))
+    found = {}
+    for case, (vocab, dtype) in CASES.items():
+        hidden, weight, bias, targets, options, grads = _inputs(case, vocab, dtype)
+        found[case] = _run(case, hidden, distribute_tensor(weight, mesh, [Shard(0)]),
+                           None if bias is None else distribute_tensor(bias, mesh, [Shard(0)]), targets, options, grads)
+    # one dimension of a 2-D mesh: the vocabulary over the second, replicated over the first (of size 1)
+    mesh_2d = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("data", "vocab"))
+    hidden, weight, bias, targets, options, grads = _inputs("outputs", 37)
+    placements = [Replicate(), Shard(0)]
+    found["mesh_2d"] = _run("mesh_2d", hidden, distribute_tensor(weight, mesh_2d, placements),
+                            distribute_tensor(bias, mesh_2d, placements), targets, options, grads)
+    hidden, weight, targets, layout, reference = _loss_inputs()
+    found["loss"] = _run_loss(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets, layout, reference)
+    found["errors"] = _errors(mesh)
+    torch.save(found, os.path.join(folder, f"rank{rank}.pt"))
+    dist.barrier()
+    exit_without_teardown()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
+def sharded(request, tmp_path_factory):
+    """(process count, what each process found)."""
+    world_size = request.param
+    folder = tmp_path_factory.mktemp(f"vocab-parallel-{world_size}")
+    mp.spawn(_worker, args=(world_size, _free_port(), str(folder)), nprocs=world_size, join=True)
+    return world_size, [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def _slices(vocab, processes):
+    chunk = -(-vocab // processes)
+    return [slice(min(rank * chunk, vocab), min((rank + 1) * chunk, vocab)) for rank in range(processes)]
+
+
+def _compare(found, expected, rank, processes, vocab, tolerance):
+    for name, value in expected.items():
+        if name.endswith("_placements"):
+            continue
+        got = found[name]
+        if name in ("d_weight", "d_bias"):
+            value = value[_slices(vocab, processes)[rank]]
+        if value.dtype == torch.bool:
+            assert torch.equal(got, value), f"{name} differs on process {rank}"
+        else:
+            torch.testing.assert_close(got, value, rtol=tolerance, atol=tolerance,
+                                       msg=lambda text: f"{name} on process {rank}: {text}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["mesh_2d"])
+def test_every_output_and_gradient_equals_one_process(sharded, case):
+    processes, found = sharded
+    vocab, dtype = CASES.get(case, (37, torch.float64))
+    expected = _run(case, *_inputs("outputs" if case == "mesh_2d" else case, vocab, dtype))
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for rank, process in enumerate(found):
+        assert set(process[case]) == set(expected), case
+        _compare(process[case], expected, rank, processes, vocab, tolerance)
+        for name in ("d_weight", "d_bias"):
+            if name in expected:
+                assert "Shard(dim=0)" in process[case][name + "_placements"], process[case][name + "_placements"]
+
+
+def test_outputs_match_the_float64_reference_with_ties(sharded):
+    """The tied targets are decided by slice order: row 0 ties an earlier slice (not top-1), row 1
+    a later one (top-1)."""
+    hidden, weight, bias, targets, options, _ = _inputs("outputs", 37)
+    reference = reference_head_outputs(hidden, weight, targets, bias)
+    assert not reference["is_top1"][0] and reference["is_top1"][1]
+    for process in sharded[1]:
+        for name in OUTPUTS:
+            if name == "is_top1":
+                assert torch.equal(process["outputs"][name], reference[name])
+            else:
+                torch.testing.assert_close(process["outputs"][name], reference[name], rtol=1e-10, atol=1e-10)
+
+
+def test_preference_loss_and_gradients_equal_one_process(sharded):
+    processes, found = sharded
+    expected = _run_loss(*_loss_inputs())
+    for rank, process in enumerate(found):
+        _compare(process["loss"], expected, rank, processes, 37, 1e-10)
+
+
+def test_unsupported_placements_are_refused_by_name(sharded):
+    messages = sharded[1][0]["errors"]
+    assert "Shard(dim=1)" in messages["shard1"] and "expected Shard(0)" in messages["shard1"]
+    assert "replicated on every mesh dimension" in messages["replicate"]
+    assert "Partial" in messages["partial"] and "expected Shard(0)" in messages["partial"]
+    assert "bias must be sharded like the weight" in messages["plain_bias"]
