@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import fastpref
 from reference import reference_head_outputs
 from test_distributed import _free_port, exit_without_teardown
+from test_trainer import config
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -132,13 +133,14 @@ def _errors(mesh):
     return messages
 
 
-def _worker(rank, world_size, port, folder):
+def _worker(rank, world_size, port, folder, train_options):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     faulthandler.dump_traceback_later(300, exit=True)  # a missed collective fails, with where
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (world_size,))
@@ -156,18 +158,29 @@ def _worker(rank, world_size, port, folder):
     hidden, weight, targets, layout, reference = _loss_inputs()
     found["loss"] = _run_loss(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets, layout, reference)
     found["errors"] = _errors(mesh)
+    if train_options is not None:
+        from fastpref.train.loop import TrainConfig, train
+
+        found["train_losses"] = train(TrainConfig(**train_options)).losses
     torch.save(found, os.path.join(folder, f"rank{rank}.pt"))
     dist.barrier()
     exit_without_teardown()
 
 
+TRAIN_OPTIONS = dict(pairs_per_step=3, max_steps=3, save_steps=2, eval_steps=3)
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
-def sharded(request, tmp_path_factory):
-    """(process count, what each process found)."""
+def sharded(request, tmp_path_factory, small_data):
+    """(process count, what each process found, the trainer's run folder: two processes only)."""
     world_size = request.param
     folder = tmp_path_factory.mktemp(f"vocab-parallel-{world_size}")
-    mp.spawn(_worker, args=(world_size, _free_port(), str(folder)), nprocs=world_size, join=True)
-    return world_size, [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    train_options = None
+    if world_size == 2:  # the trainer's run too: a spawn costs more than these tiny runs
+        train_options = vars(config(folder, small_data, parallel="tp", **TRAIN_OPTIONS))
+    mp.spawn(_worker, args=(world_size, _free_port(), str(folder), train_options), nprocs=world_size, join=True)
+    found = [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    return world_size, found, folder / "run"
 
 
 def _slices(vocab, processes):
@@ -191,7 +204,7 @@ def _compare(found, expected, rank, processes, vocab, tolerance):
 
 @pytest.mark.parametrize("case", sorted(CASES) + ["mesh_2d"])
 def test_every_output_and_gradient_equals_one_process(sharded, case):
-    processes, found = sharded
+    processes, found, _ = sharded
     vocab, dtype = CASES.get(case, (37, torch.float64))
     expected = _run(case, *_inputs("outputs" if case == "mesh_2d" else case, vocab, dtype))
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
@@ -218,7 +231,7 @@ def test_outputs_match_the_float64_reference_with_ties(sharded):
 
 
 def test_preference_loss_and_gradients_equal_one_process(sharded):
-    processes, found = sharded
+    processes, found, _ = sharded
     expected = _run_loss(*_loss_inputs())
     for rank, process in enumerate(found):
         _compare(process["loss"], expected, rank, processes, 37, 1e-10)
@@ -230,3 +243,36 @@ def test_unsupported_placements_are_refused_by_name(sharded):
     assert "replicated on every mesh dimension" in messages["replicate"]
     assert "Partial" in messages["partial"] and "expected Shard(0)" in messages["partial"]
     assert "bias must be sharded like the weight" in messages["plain_bias"]
+
+
+def test_trainer_with_the_head_sharded_equals_one_process(sharded, tmp_path, small_data):
+    """`--parallel tp` on two processes: the losses and the trained weights of one process with the
+    same global batch (the weights moved: the comparison is not of two starting points)."""
+    processes, found, run = sharded
+    if "train_losses" not in found[0]:
+        pytest.skip("the trainer runs in the two-process spawn only")
+    from transformers import AutoModelForCausalLM
+
+    from fastpref.train.loop import train
+
+    single = train(config(tmp_path, small_data, **TRAIN_OPTIONS))
+    for process in found:
+        assert process["train_losses"] == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
+    assert single.losses[-1] != single.losses[0]
+    models = [AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+              for path in (single.model_path, run / "final", run / "initial")]
+    trained, sharded_run, initial = (dict(model.named_parameters()) for model in models)
+    for name, weight in trained.items():
+        assert (sharded_run[name] - weight).norm() <= 1e-5 * weight.norm(), name
+    assert (trained["lm_head.weight"] - initial["lm_head.weight"]).norm() > 1e-3 * initial["lm_head.weight"].norm()
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_trainer_refuses_what_the_sharded_head_cannot_run():
+    from fastpref.train.tensor_parallel import check_setup
+
+    with pytest.raises(ValueError, match="--parallel tp needs a process group of 2 or more"):
+        check_setup("tp", 1, 0)
+    with pytest.raises(ValueError, match="--parallel tp with --lora-r 8"):
+        check_setup("tp", 2, 8)
+    check_setup("tp", 2, 0)

@@ -22,7 +22,7 @@ from .data import FORMATS, MALFORMED_POLICIES, TRUNCATION_MODES
 from .named_models import NAMED_MODELS
 
 SCHEDULES = ("cosine", "linear", "constant")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "tp")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The embedded default (no model given) trains a tiny random model: it needs a far larger
 # learning rate than fine-tuning a pretrained one, and several passes over its sample.
@@ -121,7 +121,8 @@ class TrainConfig:
     backend: str = _option("auto", "fastpref backend: auto, triton, torch, cuda")
     parallel: str = _option(
         "ddp", "with several processes (torchrun): ddp replicates the model on every process; fsdp shards "
-        "parameters, gradients and optimizer state over them (FSDP2)", choices=PARALLEL)
+        "parameters, gradients and optimizer state over them (FSDP2); tp shards the LM head on the vocabulary "
+        "(every process runs every batch)", choices=PARALLEL)
     progress: bool = _option(True, "progress bars (the run header, data report and warnings are shown either way)")
 
     def resolved(self, world_size: int = 1) -> "TrainConfig":

@@ -24,6 +24,8 @@ class Distributed:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    # False: every process runs every batch (a tensor-parallel model), nothing is split or averaged
+    data_parallel: bool = True
 
     @staticmethod
     def environment_world_size() -> int:
@@ -55,8 +57,15 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_processes(self) -> int:
+        """The processes a global batch is split over."""
+        return self.world_size if self.data_parallel else 1
+
     def shard(self, items: Sequence) -> List:
         """This rank's share of a global batch (round-robin, so shards differ by at most one)."""
+        if not self.data_parallel:
+            return list(items)
         return list(items[self.rank::self.world_size])
 
     def broadcast_object(self, value):
@@ -70,7 +79,7 @@ class Distributed:
     def gather_shards(self, local: Sequence, total: int) -> List:
         """Every rank's `shard` of a `total`-item batch, put back in order: the inverse of `shard`,
         on every rank."""
-        if not self.enabled:
+        if not (self.enabled and self.data_parallel):
             return list(local)
         shards = [None] * self.world_size
         dist.all_gather_object(shards, list(local))
@@ -96,7 +105,7 @@ class Distributed:
             raise ValueError(f"every record must have the keys {keys}")
         sums = [sum(record[k] * w for record, w in zip(records, weights) if w) for k in keys]
         packed = torch.tensor(sums + [float(sum(weights))], dtype=torch.float64, device=device)
-        if self.enabled:
+        if self.enabled and self.data_parallel:
             dist.all_reduce(packed)
         total = float(packed[-1])
         return {k: float(v) / total if total else float("nan") for k, v in zip(keys, packed[:-1])}

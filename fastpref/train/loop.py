@@ -30,6 +30,9 @@ from .distributed import Distributed
 from .fsdp import check_setup as check_fsdp_setup
 from .fsdp import decoder_layers
 from .fsdp import shard as shard_for_fsdp
+from .tensor_parallel import check_setup as check_tp_setup
+from .tensor_parallel import clip_grad_norm_ as clip_grad_norm_for_tp
+from .tensor_parallel import shard_head as shard_head_for_tp
 from .memory import memory_report
 from ..causal_lm import causal_lm_parts, unwrap
 from .model import FusedHeadForward, adapters_disabled, model_fingerprint
@@ -254,7 +257,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.loss_fn = _preference_loss(cfg)  # a bad loss configuration fails before any long work
         check_fsdp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.pairs_per_step)
+        check_tp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.lora_r)
         self.dist = Distributed.from_environment(cfg.device)
+        if cfg.parallel == "tp":  # every process runs every micro-batch, the head's vocabulary split
+            self.dist = dataclasses.replace(self.dist, data_parallel=False)
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
         self._say(self._header())
@@ -268,13 +274,16 @@ class Trainer:
         # the policy's logit transform (soft cap, logit scale), read off its config as TRL does
         self.loss_fn = _preference_loss(cfg, causal_lm_parts(self.policy).transform)
         self.fsdp = cfg.parallel == "fsdp"
+        # the policy's parameters are DTensors (all under fsdp, the head's under tp): checkpoints
+        # go through torch.distributed.checkpoint
+        self.sharded = cfg.parallel in ("fsdp", "tp")
         # under FSDP2 an unsupported model fails here, before any long work
         self.layers = decoder_layers(self.policy) if self.fsdp else []
         self._prepare_reference()
         # the head models run the forward and the fused loss in one module call (model.py)
         self.head_model = self._parallel(FusedHeadForward(self.policy))
         self.forward_model = self.head_model
-        if self.dist.enabled and not self.fsdp:
+        if self.dist.enabled and cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -287,7 +296,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
         # the longest micro-batch this process can get, from the lengths of the pairs it will train on
-        local_pairs = -(-cfg.pairs_per_step // self.dist.world_size)
+        local_pairs = -(-cfg.pairs_per_step // self.dist.data_processes)
         longest = sorted(self.trained_pairs, key=lambda p: _pair_tokens(p, cfg.prefix_sharing))[-local_pairs:]
         self.memory_lines = memory_report(
             self.policy, self.reference_model, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -380,7 +389,11 @@ class Trainer:
         return [self.train_pairs[i] for i in seen]
 
     def _parallel(self, head_model: FusedHeadForward) -> FusedHeadForward:
-        """`head_model` sharded under FSDP2; as it is otherwise (DDP wraps the policy's alone)."""
+        """`head_model` sharded under FSDP2, its LM head sharded under tp; as it is otherwise (DDP
+        wraps the policy's alone)."""
+        if self.cfg.parallel == "tp":
+            shard_head_for_tp(head_model.model, self.device, self.dist.world_size)
+            return head_model
         if not self.fsdp:
             return head_model
         return shard_for_fsdp(head_model, self.device, self.dist.world_size, self.dtype)
@@ -526,7 +539,7 @@ class Trainer:
         directory = self.output_dir / f"checkpoint-{self.step}"
         meta = {"run": self._run_identity(), "step": self.step, "world_size": self.dist.world_size}
         progress = {"step": self.step, "displacement": vars(self.displacement)}
-        if self.fsdp:
+        if self.sharded:
             save_sharded(directory, self.policy, self.optimizer,
                          {"scheduler": self.scheduler.state_dict(), "progress": progress}, meta, self.dist,
                          trainable_only=self.cfg.lora_r > 0)
@@ -553,9 +566,9 @@ class Trainer:
             # torch.distributed.checkpoint reshards to this run's world size and wrapping
             state = load_sharded(directory, self.policy, self.optimizer, self.dist,
                                  trainable_only=self.cfg.lora_r > 0)
-        elif self.fsdp:
+        elif self.sharded:
             raise CheckpointError(
-                f"checkpoint {directory} is a whole-model checkpoint of a run without --parallel fsdp; "
+                f"checkpoint {directory} is a whole-model checkpoint of a run without --parallel {self.cfg.parallel}; "
                 "resume it with --parallel ddp (or one process), or start anew with --resume-from-checkpoint never")
         else:
             state = load_checkpoint(directory, manifest=manifest)
@@ -635,12 +648,12 @@ class Trainer:
                             f"checkpoint saved to {path}; run the same command again to resume", received)
         except KeyboardInterrupt:
             log.close()
-            if self.fsdp:
+            if self.sharded:
                 # a sharded save needs every process at the same point, which an interrupt
                 # arriving mid-step does not give: saving could hang
                 last = latest_checkpoint(self.output_dir)
                 raise TrainingInterrupted(
-                    f"interrupted at step {self.step}: under --parallel fsdp nothing is saved on an "
+                    f"interrupted at step {self.step}: under --parallel {cfg.parallel} nothing is saved on an "
                     f"interrupt (SIGTERM saves); the latest checkpoint is {last}; run the same command "
                     "again to resume from it") from None
             path = self.save()
@@ -655,7 +668,7 @@ class Trainer:
         log.close()
         model_path = self.output_dir / "final"
         plot_path = None
-        final_state = self._gathered_state() if self.fsdp else None
+        final_state = self._gathered_state() if self.sharded else None
         if main:
             plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
             self._save_final(model_path, final_state)
@@ -698,7 +711,7 @@ class Trainer:
         Each local loss is scaled by (local pairs / pairs in the step) * world size, so that the
         average DDP takes over ranks is the gradient of the step's mean loss over all its pairs.
         """
-        cfg, world = self.cfg, self.dist.world_size
+        cfg, world = self.cfg, self.dist.data_processes
         tick = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         records, weights, tokens = [], [], 0
@@ -712,7 +725,7 @@ class Trainer:
             pairs, share = (local, len(local)) if local else (batch[:1], 0)
             last = index == len(micro_batches) - 1
             # FSDP2 reduce-scatters every micro-batch: skipping it would keep whole gradients
-            ddp = self.dist.enabled and not self.fsdp
+            ddp = self.dist.enabled and cfg.parallel == "ddp"
             sync = self.forward_model.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
                 loss, metrics, length = self._batch_loss(pairs, self.forward_model)
@@ -722,7 +735,8 @@ class Trainer:
             if share:
                 tokens += length
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        clip = clip_grad_norm_for_tp if cfg.parallel == "tp" else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, cfg.max_grad_norm)
         if isinstance(grad_norm, DTensor):  # the norm over all shards, reduced by FSDP's mesh
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
