@@ -129,6 +129,16 @@ def _local(name: str, value: Optional[torch.Tensor], weight: DTensor) -> Optiona
     return value.to_local()
 
 
+# The statistics each output adds per row to the all_gather (see the module docstring).
+_STATISTICS_OF_OUTPUT = {"entropy": 2, "log_sum_sq_probs": 1, "mean_logits": 1, "is_top1": 1}
+
+
+def statistics_per_row(outputs) -> int:
+    """F, the numbers per row and process the forward's all_gather carries: row max, sum without
+    the target, target logit, and those of the per-token `outputs` asked for."""
+    return 3 + sum(_STATISTICS_OF_OUTPUT[name] for name in set(outputs) if name in _STATISTICS_OF_OUTPUT)
+
+
 def _statistics(result, owned: torch.Tensor, targets: torch.Tensor, piece: VocabularySlice,
                 options: HeadOptions) -> torch.Tensor:
     """[F, M] the slice's statistics relative to its largest logit (see the module docstring)."""
@@ -253,4 +263,4 @@ def vocabulary_parallel_logprobs(hidden, weight: DTensor, bias, targets, *, igno
         ignore_index, num_kept, impl, options, check)
 
 
-__all__ = ["vocabulary_parallel_logprobs", "vocabulary_slice", "VocabularySlice"]
+__all__ = ["statistics_per_row", "vocabulary_parallel_logprobs", "vocabulary_slice", "VocabularySlice"]

@@ -208,3 +208,38 @@ def test_head_options_cost_what_their_kernels_add():
         with_head_options([], "slab", HEADLINE, "trainable", ["logits"])
     with pytest.raises(ValueError, match="persistent design is modelled for the log-probs alone"):
         plan(HEADLINE, "trainable", "persistent", "h100", options=("entropy",))
+
+
+def test_the_vocabulary_parallel_plan_counts_the_slice_and_each_collective(capsys):
+    """K = 3 processes on H200: each streams ceil(V / 3) rows; the forward's all_gather carries F
+    float32 per row (3, and 2 more for the entropy), (K - 1) of them sent per GPU; the backward's
+    ring all_reduce of d_hidden sends 2 (K - 1) / K of it; each takes 10 us + bytes / 450 GB/s."""
+    from fastpref.bench.plan import COLLECTIVE_LATENCY_MS, vocab_parallel_plan
+
+    n, hidden, vocab = HEADLINE.n, HEADLINE.hidden, HEADLINE.vocab
+    cost = vocab_parallel_plan(HEADLINE, 3, "trainable", "slab", "h200", options=("entropy",))
+    assert cost.head.shape.vocab == 42752 == math.ceil(vocab / 3)
+    assert cost.head.predicted_ms == plan(Shape(n, hidden, 42752), "trainable", "slab", "h200",
+                                          options=("entropy",)).predicted_ms
+    assert cost.one_process.predicted_ms == plan(HEADLINE, "trainable", "slab", "h200", options=("entropy",)).predicted_ms
+    assert cost.statistics == 5 and cost.gather_bytes == 5 * n * 4 and cost.gather_sent_bytes == 2 * 5 * n * 4
+    assert cost.reduce_sent_bytes == pytest.approx(4 / 3 * n * hidden * 2)
+    assert COLLECTIVE_LATENCY_MS == 0.010
+    assert cost.gather_ms == pytest.approx(0.010 + 2 * 5 * n * 4 / 450e9 * 1e3)
+    assert cost.reduce_ms == pytest.approx(0.010 + 4 / 3 * n * hidden * 2 / 450e9 * 1e3)
+    assert cost.predicted_ms == pytest.approx(cost.head.predicted_ms + cost.gather_ms + cost.reduce_ms)
+    # a sharded frozen head is not folded: the trainable passes on its slice, less d_weight
+    frozen = vocab_parallel_plan(HEADLINE, 3, "frozen", "cuda", "h100")
+    trainable = vocab_parallel_plan(HEADLINE, 3, "trainable", "cuda", "h100")
+    assert [launch.name for launch in frozen.head.launches] == \
+        [launch.name for launch in trainable.head.launches if "d_weight" not in launch.name]
+    with pytest.raises(ValueError, match="tensor-parallel processes must be in"):
+        vocab_parallel_plan(HEADLINE, 1, "trainable", "slab", "h100")
+    with pytest.raises(ValueError, match="the sharded head runs the backends' designs"):
+        vocab_parallel_plan(HEADLINE, 2, "trainable", "persistent", "h100")
+
+    assert cli.main(["plan", "--tensor-parallel", "3", "--device-kind", "h200", "--design", "slab"]) == 0
+    out = capsys.readouterr().out
+    assert "over 3 processes, NVLink 450 GB/s" in out and "V / 3 = 42,752 rows" in out
+    plain = vocab_parallel_plan(HEADLINE, 3, "trainable", "slab", "h200")
+    assert f"| slab | trainable | {plain.one_process.predicted_ms:,.1f} | {plain.head.predicted_ms:,.2f} |" in out

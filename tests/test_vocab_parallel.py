@@ -276,3 +276,18 @@ def test_trainer_refuses_what_the_sharded_head_cannot_run():
     with pytest.raises(ValueError, match="--parallel tp with --lora-r 8"):
         check_setup("tp", 2, 8)
     check_setup("tp", 2, 0)
+
+
+@pytest.mark.parametrize("outputs", [(), ("entropy",), OUTPUTS[1:]])
+def test_the_all_gather_carries_the_statistics_the_cost_model_counts(outputs):
+    """The per-row statistics one process gathers number fastpref.vocab_parallel.statistics_per_row."""
+    from fastpref.backends import HeadOptions, torch_backend
+    from fastpref.vocab_parallel import VocabularySlice, _statistics, statistics_per_row
+
+    hidden, weight, _, targets, _, _ = _inputs("statistics", 37)
+    targets = targets.clamp(min=0)
+    options = HeadOptions(outputs=frozenset(outputs))
+    result = torch_backend.forward(hidden, weight[:19], None, targets.clamp(max=18), options, False)
+    piece = VocabularySlice(None, 0, 2, 0, 19, 37)
+    statistics = _statistics(result, targets < 19, targets, piece, options)
+    assert statistics.shape == (statistics_per_row(outputs), 13)

@@ -473,9 +473,10 @@ def device_kind(name: str) -> DeviceKind:
 
 
 def plan(shape: Shape, head: str, design: str, device_kind_name: str,
-         scratch_bytes: int = DEFAULT_SCRATCH_BYTES, options: Sequence[str] = ()) -> Plan:
+         scratch_bytes: int = DEFAULT_SCRATCH_BYTES, options: Sequence[str] = (), folded: bool = True) -> Plan:
     """The launches of `design` for `head`, with the head options (with_head_options) applied. The
-    persistent design is on paper for the log-probs alone: no options there."""
+    persistent design is on paper for the log-probs alone: no options there. folded=False: a frozen
+    head whose hidden gradient is not folded into the forward (a sharded head's)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     device = device_kind(device_kind_name)
@@ -485,7 +486,7 @@ def plan(shape: Shape, head: str, design: str, device_kind_name: str,
         raise ValueError(f"scratch_bytes must be >= 1, got {scratch_bytes}")
     if options and design == "persistent":
         raise ValueError("the persistent design is modelled for the log-probs alone: no head options")
-    if head == "frozen" and "entropy_gradient" in options and design != "persistent":
+    if head == "frozen" and ("entropy_gradient" in options or not folded) and design != "persistent":
         # not folded: the trainable head's passes, less d_weight
         launches = [launch for launch in DESIGN_FUNCTIONS[design](shape, "trainable", scratch_bytes, device)
                     if "d_weight" not in launch.name]
@@ -562,6 +563,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head options to model: per-token outputs (entropy, log_sum_sq_probs, mean_logits, "
                              "is_top1), softcap, entropy_gradient (the entropy in the loss); with them the report "
                              "ends with each option's predicted cost alone (slab and cuda designs)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="K",
+                        help="also the head sharded on the vocabulary over K processes (--parallel tp): each "
+                             "process's compute on V / K, and the collectives' bytes and predicted NVLink time")
     parser.add_argument("--calibrate", action="store_true",
                         help="instead, the model against published measurements of the peers' designs "
                              "(every rate, every figure, predicted / published)")
@@ -573,6 +577,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(format_calibration())
         return 0
+    if not 1 <= args.tensor_parallel <= args.vocab:
+        raise SystemExit(f"--tensor-parallel must be in [1, --vocab {args.vocab}], got {args.tensor_parallel}")
     for name in ("tokens", "hidden", "vocab", "scratch_mib"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -588,6 +594,9 @@ def run(args: argparse.Namespace) -> int:
             print(format_plan(plan(shape, head, design, args.device_kind, budget, args.options)))
     if args.options:
         print(options_table(shape, designs, args.head, args.device_kind, budget, args.options))
+    if args.tensor_parallel > 1 and set(designs) & set(SHARDED_DESIGNS):
+        print(vocab_parallel_table(shape, args.tensor_parallel, designs, args.head, args.device_kind, budget,
+                                   args.options))
     baseline = materialized_extra_bytes(shape)
     for design in args.design:
         for head in args.head:
@@ -596,3 +605,93 @@ def run(args: argparse.Namespace) -> int:
                   f"{100 * extra / baseline:.2f}% of the materialized baseline's {baseline / 2**30:,.1f} GiB "
                   "of logits, log-softmax and logit gradient")
     return 0
+
+
+# Interconnect per GPU and direction, and the fixed cost of one collective (NCCL's ring setup and
+# launch, a few microseconds within one NVLink domain; taken as 10 us, an assumption no
+# measurement here pins). NVLink 4 (H100, H200): 18 links x 25 GB/s = 450 GB/s each way;
+# NVLink 3 (A100): 12 links x 25 GB/s = 300 GB/s.
+NVLINK_GB_S = {"h100": 450.0, "h200": 450.0, "a100": 300.0}
+SHARDED_DESIGNS = ("slab", "cuda")  # the backends a sharded head streams its slice with
+COLLECTIVE_LATENCY_MS = 0.010
+
+
+@dataclass
+class VocabParallelPlan:
+    """The vocabulary-parallel head over K processes (fastpref.vocab_parallel): each process's
+    head on V / K rows (the first processes get ceil(V / K)), one all_gather of F float32 per row
+    in the forward, one all_reduce of d_hidden [N, H] in the backward (ring: 2 (K - 1) / K of it
+    sent per GPU), each at latency + bytes sent per GPU / NVLink bandwidth."""
+
+    processes: int
+    statistics: int
+    head: Plan
+    one_process: Plan
+    gather_bytes: int  # each process's contribution: F N 4; it receives (K - 1) of them
+    reduce_bytes: int  # d_hidden, N H in the operands' dtype
+    nvlink_gb_s: float
+
+    @property
+    def gather_sent_bytes(self) -> float:
+        return (self.processes - 1) * self.gather_bytes
+
+    @property
+    def reduce_sent_bytes(self) -> float:
+        return 2 * (self.processes - 1) / self.processes * self.reduce_bytes
+
+    def _transfer_ms(self, sent: float) -> float:
+        return COLLECTIVE_LATENCY_MS + sent / (self.nvlink_gb_s * 1e9) * 1e3
+
+    @property
+    def gather_ms(self) -> float:
+        return self._transfer_ms(self.gather_sent_bytes)
+
+    @property
+    def reduce_ms(self) -> float:
+        return self._transfer_ms(self.reduce_sent_bytes)
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.head.predicted_ms + self.gather_ms + self.reduce_ms
+
+
+def vocab_parallel_plan(shape: Shape, processes: int, head: str, design: str, device_kind_name: str,
+                        scratch_bytes: int = DEFAULT_SCRATCH_BYTES, options: Sequence[str] = ()) -> VocabParallelPlan:
+    """`plan` of one process's slice, with the collectives. A frozen head is not folded when sharded
+    (its direction would mix the slices' softmaxes): it takes the trainable passes less d_weight."""
+    from ..vocab_parallel import statistics_per_row
+
+    if processes < 2 or processes > shape.vocab:
+        raise ValueError(f"tensor-parallel processes must be in [2, V = {shape.vocab}], got {processes}")
+    if design not in SHARDED_DESIGNS:
+        raise ValueError(f"the sharded head runs the backends' designs {SHARDED_DESIGNS}, got {design!r}")
+    local = Shape(shape.n, shape.hidden, -(-shape.vocab // processes), shape.element_bytes)
+    return VocabParallelPlan(
+        processes, statistics_per_row(options), plan(local, head, design, device_kind_name, scratch_bytes, options, folded=False),
+        plan(shape, head, design, device_kind_name, scratch_bytes, options),
+        statistics_per_row(options) * shape.n * FP32, shape.n * shape.hidden * shape.element_bytes,
+        NVLINK_GB_S[device_kind_name])
+
+
+def vocab_parallel_table(shape: Shape, processes: int, designs: Sequence[str], heads: Sequence[str],
+                         device_kind_name: str, scratch_bytes: int, options: Sequence[str]) -> str:
+    rows = []
+    designs = [design for design in designs if design in SHARDED_DESIGNS]
+    for design in designs:
+        for head in heads:
+            cost = vocab_parallel_plan(shape, processes, head, design, device_kind_name, scratch_bytes, options)
+            rows.append([design, head, f"{cost.one_process.predicted_ms:,.1f}", f"{cost.head.predicted_ms:,.2f}",
+                         f"{cost.gather_sent_bytes / 2**10:,.0f}", f"{cost.gather_ms:.3f}",
+                         f"{cost.reduce_sent_bytes / 2**20:,.0f}", f"{cost.reduce_ms:.3f}",
+                         f"{cost.predicted_ms:,.2f}"])
+    statistics = vocab_parallel_plan(shape, processes, heads[0], designs[0], device_kind_name, scratch_bytes,
+                                     options).statistics
+    return "\n".join([
+        f"## Vocabulary-parallel head over {processes} processes, NVLink {NVLINK_GB_S[device_kind_name]:.0f} GB/s "
+        "per GPU and direction (model estimate)", "",
+        f"Each process: V / {processes} = {-(-shape.vocab // processes):,} rows; forward all_gather of "
+        f"{statistics} float32 per row ({statistics * shape.n * FP32 / 2**10:,.0f} KiB per process), backward "
+        f"all_reduce of d_hidden ({shape.n * shape.hidden * shape.element_bytes / 2**20:,.0f} MiB); each "
+        f"collective {COLLECTIVE_LATENCY_MS * 1e3:.0f} us + bytes sent / bandwidth.", "",
+        markdown_table(["design", "head", "one process ms", "head per process ms", "all_gather KiB sent",
+                        "all_gather ms", "all_reduce MiB sent", "all_reduce ms", "total per process ms"], rows), ""])
