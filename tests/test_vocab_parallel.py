@@ -291,3 +291,21 @@ def test_the_all_gather_carries_the_statistics_the_cost_model_counts(outputs):
     piece = VocabularySlice(None, 0, 2, 0, 19, 37)
     statistics = _statistics(result, targets < 19, targets, piece, options)
     assert statistics.shape == (statistics_per_row(outputs), 13)
+
+
+def test_the_trl_drop_in_refuses_a_tensor_parallel_model(tmp_path):
+    """Refused before TRL reads any data, the setting named."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig
+
+    from fastpref.integrations.trl import FastprefDPOTrainer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    model._tp_size = 2  # what from_pretrained(..., tp_plan="auto") records over two processes
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    with pytest.raises(ValueError, match=r"model.tp_size=2: tensor-parallel models are not supported"):
+        FastprefDPOTrainer(model=model, args=args, train_dataset=None)
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, model_init_kwargs={"tp_plan": "auto"})
+    with pytest.raises(ValueError, match=r"tp_plan='auto': tensor-parallel models are not supported"):
+        FastprefDPOTrainer(model="some/model", args=args, train_dataset=None)

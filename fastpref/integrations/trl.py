@@ -59,7 +59,8 @@ Refused when the trainer is built, with a ``ValueError`` naming the option and i
 ``label_smoothing`` unless ``loss_type`` has ``"robust"`` and no ``"sigmoid"`` (TRL 1.16 applies it
 to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP1 and DeepSpeed ZeRO-3 (the LM-head
 weight is used outside the model's forward, where they hold it sharded); prompt-learning PEFT
-(virtual tokens); vision-language models; models whose forward takes no ``logits_to_keep``; LM
+(virtual tokens); tensor-parallel models (``tp_plan``, ``parallelism_config.tp_size``); vision-language
+models; models whose forward takes no ``logits_to_keep``; LM
 heads that are not a plain ``torch.nn.Linear`` (adapters on ``lm_head``).
 
 Soft-capped and scaled heads (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``,
@@ -176,6 +177,23 @@ def _refuse_prompt_learning(model, peft_config) -> None:
             "mask. Use an adapter on the weights (LoRA)")
 
 
+def _refuse_tensor_parallel(model, args: DPOConfig) -> None:
+    """A model sharded by transformers' tp_plan (or accelerate's tp_size) is refused: the trainer's
+    batches, reference and checkpoints are not set up for it (the op and PreferenceLoss do take its
+    vocabulary-sharded head; ``fastpref train --parallel tp`` trains such a head)."""
+    init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+    parallelism = getattr(args, "parallelism_config", None)
+    settings = (("tp_plan", init_kwargs.get("tp_plan") if isinstance(model, str) else None),
+                ("model.tp_size", None if isinstance(model, str) else getattr(model, "tp_size", None)),
+                ("parallelism_config.tp_size", getattr(parallelism, "tp_size", None)))
+    for name, value in settings:
+        if value not in (None, 1):
+            raise ValueError(
+                f"{name}={value!r}: tensor-parallel models are not supported by FastprefDPOTrainer; "
+                "fastpref.linear_logprobs and fastpref.PreferenceLoss take a vocabulary-sharded LM head, "
+                "and `fastpref train --parallel tp` trains one")
+
+
 def _refuse_vision(processing_class) -> None:
     if isinstance(processing_class, ProcessorMixin):
         raise ValueError(
@@ -238,6 +256,7 @@ class FastprefDPOTrainer(DPOTrainer):
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
         # Settings are checked before TRL tokenizes the data or precomputes reference log-probs.
         _refuse_unsupported_config(args)
+        _refuse_tensor_parallel(model, args)
         _refuse_prompt_learning(model, peft_config)
         _refuse_vision(processing_class)
         weights = args.loss_weights or [1.0] * len(args.loss_type)
