@@ -238,7 +238,8 @@ class Trainer:
     """Holds a run's state; `train()` below is the entry point."""
 
     def __init__(self, cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None):
-        self.cfg = cfg.resolved(Distributed.environment_world_size())
+        # a tensor-parallel run's processes share every batch: one data-parallel process
+        self.cfg = cfg.resolved(1 if cfg.parallel == "tp" else Distributed.environment_world_size())
         self.on_step = on_step
         self.output_dir = Path(self.cfg.output_dir)
         created = not self.output_dir.exists()
