@@ -264,8 +264,7 @@ class FastprefDPOTrainer(DPOTrainer):
         _refuse_unsupported_config(args)
         _refuse_prompt_learning(model, peft_config)
         _refuse_vision(processing_class)
-        self.padding_free = args.padding_free
-        self.fastpref_loss = None
+        padding_free, self.padding_free, self.fastpref_loss = args.padding_free, args.padding_free, None
         # TRL 1.16 turns padding_free off with a warning; here the collator packs the batch instead
         args.padding_free = False
         try:
@@ -275,8 +274,7 @@ class FastprefDPOTrainer(DPOTrainer):
                              callbacks=callbacks, optimizers=optimizers,
                              quantization_config=quantization_config, peft_config=peft_config)
         finally:
-            args.padding_free = self.padding_free
-        self.padding_free = args.padding_free  # TRL's __init__ set it False
+            args.padding_free = self.padding_free = padding_free
         self.data_collator = self._collator(self.data_collator)
         takes_logits_to_keep = self._check_models()
         self.uses_fused_loss = _without_fused_formula(args) is None and takes_logits_to_keep
@@ -285,6 +283,10 @@ class FastprefDPOTrainer(DPOTrainer):
                 f"padding_free=True with model={type(unwrap(self.model)).__name__}: its forward takes no "
                 "logits_to_keep, so the packed batch's fused pair loss would build its full logits. Set "
                 "padding_free=False")
+        if self.padding_free and self.aux_loss_enabled:
+            raise ValueError(
+                f"padding_free=True with router_aux_loss_coef={self.router_aux_loss_coef!r}: the packed forward "
+                "does not compute the MoE load-balancing loss; set padding_free=False or router_aux_loss_coef=0.0")
         if self.uses_fused_loss:
             weights = args.loss_weights or [1.0] * len(args.loss_type)
             types, weights = _fastpref_loss_terms(args.loss_type, weights)
@@ -396,9 +398,6 @@ class FastprefDPOTrainer(DPOTrainer):
                                            bias=parts.head_bias)
 
         if self.aux_loss_enabled:
-            if outputs is None:
-                raise ValueError("padding_free=True does not compute the MoE load-balancing loss "
-                                 "(router_aux_loss_coef): set padding_free=False or router_aux_loss_coef=0")
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
