@@ -369,3 +369,104 @@ def test_trainer_step_equals_trls_head(tmp_path, tokenizer, name):
     for key in HEAD_METRICS[name]:
         assert key in metrics, key
         assert metrics[key] == pytest.approx(their_metrics[key], rel=1e-4, abs=1e-5), key
+
+
+# FSDP2 on two gloo processes against one process.
+
+def _fsdp2_worker(rank, port, tmp_path, grpo_batch, report):
+    """Rank r takes its half of the batch: DPO pair r, GRPO rows 2r and 2r + 1 of a batch generated
+    in one process; the models are wrapped as accelerate's FSDP2 wraps them (a group per decoder
+    layer, the final norm and the LM head in a group kept gathered after forward, the root). Also a
+    head sharded in a group of its own, under fastpref's head (refused) and TRL's. Rank 0 reports
+    the gathered gradients."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tokenizer = default_tokenizer()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+                                            reshard_after_forward=True)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                        device=torch.device("cpu"), is_main_process=rank == 0)
+    policy, reference = (_seeded(lambda: llama(len(tokenizer), tokenizer.pad_token_id), seed) for seed in (0, 1))
+
+    def step(trainer, batch):
+        model = fsdp2_prepare_model(accelerator, trainer.model)
+        if trainer.ref_model is not None:
+            trainer.ref_model = fsdp2_prepare_model(accelerator, trainer.ref_model)
+        model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        losses = [None, None]
+        dist.all_gather_object(losses, loss.item())
+        return sum(losses) / 2, {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+
+    result = {}
+    with use_fastpref_head():
+        dpo = _dpo(tokenizer, tmp_path / "dpo", copy.deepcopy(policy), copy.deepcopy(reference), batch_size=1)
+        grpo = _grpo(tokenizer, tmp_path, copy.deepcopy(policy), None, batch_size=2)
+    result["dpo"] = step(dpo, dpo._prepare_inputs(dpo.data_collator([dpo.train_dataset[rank]])))
+    half = {key: value[2 * rank:2 * rank + 2] if torch.is_tensor(value) and value.dim() else value
+            for key, value in grpo_batch.items()}
+    assert grpo.accelerator.num_processes == 2  # GRPO's token normaliser is per process
+    result["grpo"] = step(grpo, half)
+
+    input_ids, attention_mask, labels = _batch(len(tokenizer))
+    for name, head in (("fastpref", add_fused_lm_head), ("trl", trl_utils.add_fused_lm_head)):
+        model = copy.deepcopy(policy)
+        head(model)
+        fully_shard(model.lm_head)  # a group of its own, resharded after forward and never gathered here
+        fully_shard(model)
+        call = dict(input_ids=input_ids[rank::2], attention_mask=attention_mask[rank::2], labels=labels[rank::2])
+        if name == "fastpref":
+            with pytest.raises(ValueError) as refused:
+                model(**call, fused_lm_head=True)
+            result["sharded_head_refused"] = str(refused.value)
+        else:
+            model(**call, fused_lm_head=True).loss.backward()
+            result["trl_sharded_head_grad"] = model.lm_head.weight.grad.full_tensor()
+    if rank == 0:
+        torch.save(result, report)
+    dist.barrier()
+    exit_without_teardown()
+
+
+def test_fsdp2_gradients_equal_one_process(tmp_path, tokenizer):
+    """The head weight is read where FSDP2 holds it gathered, so its gradient is reduce-scattered
+    like every other: two processes, each on half the batch, give the one-process gradients of
+    DPO and GRPO on fastpref's head. A head FSDP2 still holds sharded is refused; TRL's head
+    gathers it with full_tensor() and its gradient stays each process's own."""
+    policy, reference = (_seeded(lambda: llama(len(tokenizer), tokenizer.pad_token_id), seed) for seed in (0, 1))
+    with use_fastpref_head():
+        dpo = _dpo(tokenizer, tmp_path / "dpo", copy.deepcopy(policy), copy.deepcopy(reference))
+        grpo = _grpo(tokenizer, tmp_path, copy.deepcopy(policy), reference, batch_size=4)
+    one_process = {"dpo": _step(dpo, dpo._prepare_inputs(dpo.data_collator([dpo.train_dataset[i] for i in range(2)])))}
+    grpo_batch = _first_batch(grpo)
+    one_process["grpo"] = _step(grpo, grpo_batch)
+    head_model = copy.deepcopy(policy)
+    add_fused_lm_head(head_model)
+    input_ids, attention_mask, labels = _batch(len(tokenizer))
+    # each process's loss is the mean over its own labels: the one-process gradient averages the two
+    one_process_head = sum(
+        torch.autograd.grad(head_model(input_ids=input_ids[r::2], attention_mask=attention_mask[r::2],
+                                       labels=labels[r::2], fused_lm_head=True).loss,
+                            head_model.lm_head.weight)[0] for r in range(2)) / 2
+
+    report = tmp_path / "fsdp2.pt"
+    mp.spawn(_fsdp2_worker, args=(_free_port(), tmp_path, grpo_batch, str(report)), nprocs=2, join=True)
+    result = torch.load(report)
+    for name in ("dpo", "grpo"):
+        (loss, grads), (expected_loss, expected_grads, _) = result[name], one_process[name]
+        assert loss == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-6), name
+        assert "lm_head.weight" in grads
+        _assert_same_grads(expected_grads, grads)
+    assert "still a sharded DTensor" in result["sharded_head_refused"]
+    assert "reshard_after_forward=False" in result["sharded_head_refused"]
+    trl_grad = result["trl_sharded_head_grad"]
+    assert (trl_grad - one_process_head).norm() > 0.1 * one_process_head.norm()
