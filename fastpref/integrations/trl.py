@@ -102,8 +102,10 @@ from ..losses import PreferenceLoss
 from ..train.model import packed_hidden
 from ..train.packing import PackedPairs, pack_rows
 from ..train.reference import packed_logps
+from .trl_head import add_fused_lm_head, use_fastpref_head
 
-__all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator"]
+__all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add_fused_lm_head",
+           "use_fastpref_head"]
 
 # TRL loss types whose TRL formula fastpref's fused pair loss computes (TRL's "ipo" is
 # length-normalised, fastpref's default for "ipo"); the others run TRL's own loss code.
