@@ -22,7 +22,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, ProcessorMixin)
 
-from fastpref.integrations.trl import FastprefDPOTrainer  # noqa: E402
+from fastpref.integrations import trl_head  # noqa: E402
+from fastpref.integrations.trl import FastprefDPOTrainer, add_fused_lm_head  # noqa: E402
 from fastpref.train.default_assets import default_tokenizer  # noqa: E402
 from test_distributed import _free_port, exit_without_teardown  # noqa: E402
 
@@ -123,9 +124,9 @@ def _build(cls, tmp_path, tokenizer, dataset, model, reference, **options):
 
 
 def _with_fused_head(model):
-    """A copy of `model` with the fused head the trainers give their models."""
+    """A copy of `model` with fastpref's fused head, as FastprefDPOTrainer gives it."""
     model = copy.deepcopy(model)
-    trl.trainer.dpo_trainer.add_fused_lm_head(model)
+    add_fused_lm_head(model)
     return model
 
 
@@ -276,6 +277,21 @@ def _mixtral(tokenizer):
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         output_router_logits=True, router_aux_loss_coef=0.05, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id))
+
+
+def test_models_get_fastpref_head(tmp_path, tokenizer, dataset, policy, other_model, monkeypatch):
+    """TRL's __init__ patches the policy and the reference model with fastpref's head, not TRL's: it is
+    what TRL's loss code, and the reference log-probs on every path, run on."""
+    patched = []
+
+    def counted(model, *args, **kwargs):
+        patched.append(model)
+        return add_fused_lm_head(model, *args, **kwargs)
+
+    monkeypatch.setattr(trl_head, "add_fused_lm_head", counted)
+    trainer = _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, loss_type=["nca_pair"])
+    assert patched == [trainer.model, trainer.ref_model]
+    assert trl.trainer.dpo_trainer.add_fused_lm_head is trl.trainer.utils.add_fused_lm_head  # restored
 
 
 def test_moe_router_aux_loss_matches_trl(tmp_path, tokenizer, dataset):

@@ -270,11 +270,13 @@ class FastprefDPOTrainer(DPOTrainer):
         # TRL 1.16 turns padding_free off with a warning; here the collator packs the batch instead
         args.padding_free = False
         try:
-            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                             train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=processing_class, compute_metrics=compute_metrics,
-                             callbacks=callbacks, optimizers=optimizers,
-                             quantization_config=quantization_config, peft_config=peft_config)
+            # TRL's __init__ gives the policy and the reference model its fused head: fastpref's here
+            with use_fastpref_head():
+                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=processing_class, compute_metrics=compute_metrics,
+                                 callbacks=callbacks, optimizers=optimizers,
+                                 quantization_config=quantization_config, peft_config=peft_config)
         finally:
             args.padding_free = self.padding_free = padding_free
         self.data_collator = self._collator(self.data_collator)
