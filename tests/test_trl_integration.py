@@ -456,6 +456,29 @@ def test_padding_free_matches_trl_padded(tmp_path, tokenizer, dataset, models, f
         torch.testing.assert_close(rejected, batch["ref_rejected_logps"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.gpu
+def test_padding_free_flash_attention_varlen_matches_padded(tmp_path, tokenizer, dataset):
+    """On a GPU with flash-attn: the packed step through flash-attention's varlen path (segments read
+    off the restarting position ids) equals the padded sdpa step, to bfloat16 rounding."""
+    pytest.importorskip("flash_attn")
+    policy, reference = _seeded(lambda: _llama(tokenizer), 0), _seeded(lambda: _llama(tokenizer), 1)
+    steps = []
+    for padding_free, attention in ((False, "sdpa"), (True, "flash_attention_2")):
+        models = [copy.deepcopy(m).to("cuda", torch.bfloat16) for m in (policy, reference)]
+        for model in models:
+            model.set_attn_implementation(attention)
+        args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=True, save_strategy="no", seed=0,
+                             per_device_train_batch_size=2, max_length=32, gradient_checkpointing=False,
+                             padding_free=padding_free)
+        trainer = FastprefDPOTrainer(model=models[0], ref_model=models[1], args=args, train_dataset=dataset,
+                                     processing_class=tokenizer)
+        steps.append(_step(trainer, _first_batch(trainer)))
+    (padded_loss, padded_grads, _), (loss, grads, _) = steps
+    assert loss.item() == pytest.approx(padded_loss.item(), rel=2e-2)
+    for name, expected in padded_grads.items():
+        assert (grads[name].float() - expected.float()).norm() <= 5e-2 * expected.float().norm(), name
+
+
 def test_pack_rows_refuses_left_padding():
     from fastpref.train.packing import pack_rows
 

@@ -1,12 +1,11 @@
-"""TRL's ``DPOTrainer`` with the loss computed by fastpref from hidden states.
+"""TRL's ``DPOTrainer`` on fastpref's fused op; TRL's fused LM head computed by fastpref.
 
-:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` and trains the same
-objective; only the loss computation differs. Each step runs the model once, through whatever
-wraps it (DDP, accelerate), with ``output_hidden_states=True`` and ``logits_to_keep=1``, so the
-model builds logits for the last position only. The final hidden states of the positions that
-predict completion tokens go with the LM-head weight to :class:`fastpref.PreferenceLoss`, which
-computes the log-probs and the pair loss in one fused pass, forward and backward. No logits of the
-completions are ever built.
+:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` 1.16 and trains the same
+objective, with the same loss, gradients and metrics, for every setting ``trl.DPOTrainer`` runs
+(and ``padding_free=True``, which it does not); only the computation differs.
+:func:`add_fused_lm_head` and :func:`use_fastpref_head` (from :mod:`fastpref.integrations.trl_head`)
+put fastpref's op under TRL's own ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer`` and
+``RLOOTrainer``.
 
 Example (offline, a few seconds on a CPU)::
 
@@ -33,48 +32,64 @@ Example (offline, a few seconds on a CPU)::
                                  processing_class=tokenizer)
     trainer.train()
 
-Supported, with TRL 1.16's formulas (see :mod:`fastpref.loss_spec`):
+Two computations, chosen when the trainer is built (``trainer.uses_fused_loss`` says which), both
+on fastpref's op and neither building the [tokens x vocab] logits:
 
-- ``loss_type`` ``sigmoid``, ``hinge``, ``ipo`` (length-normalised, as in TRL), ``robust`` (with
-  ``label_smoothing``), ``apo_zero``, ``apo_down``, ``sft``, and lists of them weighted by
-  ``loss_weights`` (``["sigmoid", "sft"]`` is RPO); ``beta``.
-- The reference: a ``ref_model``; for a PEFT model without one, the model with its adapter
-  disabled (or its ``"ref"`` adapter), as TRL does; or ``precompute_ref_log_probs=True``. The
-  precomputation goes through fastpref's op too, so precomputed and online reference log-probs
-  come from the same computation as the policy's: no systematic offset between policy and
-  reference (with the initial policy as reference, the first step's log-ratios are zero up to
-  rounding).
-- The MoE load-balancing loss (``router_aux_loss_coef``): the model's own ``aux_loss``.
-- DDP through accelerate, gradient accumulation and checkpointing, mixed precision, LoRA.
-- FSDP2 through accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, the Trainer's
-  default, or ``accelerate launch`` with FSDP version 2): the head weight is read after the
-  model's forward, when FSDP2 holds the LM head's group gathered (accelerate's FSDP2 keeps the
-  final norm and the LM head unsharded between forward and backward), so its gradient is
-  reduce-scattered like every other; ``full_tensor()`` is never called.
+- **The fused pair loss** for the settings it has TRL's formula for (see :mod:`fastpref.loss_spec`):
+  ``loss_type`` ``sigmoid``, ``hinge``, ``ipo`` (length-normalised, as in TRL), ``robust``,
+  ``apo_zero``, ``apo_down``, ``sft`` and weighted lists of them (``["sigmoid", "sft"]`` is RPO),
+  with ``f_divergence_type="reverse_kl"``, no ``use_weighting``, no ``ld_alpha``, and no
+  ``label_smoothing`` on ``sigmoid`` (TRL 1.16 ignores it there; fastpref's ``sigmoid`` would
+  apply it). The model runs once with ``output_hidden_states=True, logits_to_keep=1``; the final
+  hidden states of the completion positions go with the LM-head weight to
+  :class:`fastpref.PreferenceLoss`, which computes the log-probs, the pair loss and TRL's token
+  metrics (``entropy``, ``logits/*``, ``mean_token_accuracy``) in one pass over the vocabulary.
+- **TRL's own loss code** (``trl.DPOTrainer._compute_loss``) for everything else: the other loss
+  types (``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
+  ``discopop``, ``sigmoid_norm``), ``f_divergence_type``, WPO (``use_weighting``, from the op's
+  ``log_sum_sq_probs``), LD-DPO (``ld_alpha``), ``label_smoothing`` on ``sigmoid`` (ignored, as
+  TRL does), and models whose forward takes no ``logits_to_keep``. TRL's trainer is built under
+  :func:`use_fastpref_head`, so the model's ``fused_lm_head=True`` forward that this code calls is
+  fastpref's :func:`add_fused_lm_head`.
 
-Refused when the trainer is built, with a ``ValueError`` naming the option and its value:
-``loss_type`` ``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
-``discopop``, ``sigmoid_norm``; ``f_divergence_type`` other than ``"reverse_kl"``;
-``use_weighting=True``; ``ld_alpha``; ``sync_ref_model=True``; ``padding_free=True``; a nonzero
-``label_smoothing`` unless ``loss_type`` has ``"robust"`` and no ``"sigmoid"`` (TRL 1.16 applies it
-to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP1 and DeepSpeed ZeRO-3 (the LM-head
-weight is used outside the model's forward, where they hold it sharded); prompt-learning PEFT
-(virtual tokens); vision-language models; models whose forward takes no ``logits_to_keep``; LM
-heads that are not a plain ``torch.nn.Linear`` (adapters on ``lm_head``).
+Either way the reference log-probs, precomputed (``precompute_ref_log_probs=True``) or online,
+come from TRL's ``compute_ref_log_probs`` on fastpref's head (``ld_alpha``'s reduction included),
+so precomputed and online values are the same computation. The reference is a ``ref_model``;
+for a PEFT model without one, the model with its adapter disabled (or its ``"ref"`` adapter), as
+TRL does; ``sync_ref_model=True`` (TR-DPO) runs TRL's ``SyncRefModelCallback`` on the
+``ref_model``. Also: the MoE load-balancing loss (``router_aux_loss_coef``), DDP through
+accelerate, gradient accumulation and checkpointing, mixed precision, LoRA, and FSDP2 through
+accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, or ``accelerate launch`` with FSDP
+version 2): the head weight is read after the model's forward (fused pair loss) or inside it
+(fastpref's head), where FSDP2 holds the LM head's group gathered, so its gradient is
+reduce-scattered like every other; ``full_tensor()`` is never called. Soft-capped and scaled heads
+(Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``, Granite's ``logits_scaling``,
+``output_multiplier``, ``lm_head_multiplier``) are read off the model's config as TRL's own head
+reads them (:mod:`fastpref.causal_lm`) and computed inside the op.
 
-Soft-capped and scaled heads (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``,
-Granite's ``logits_scaling``, ``output_multiplier``, ``lm_head_multiplier``) are read off the
-model's config as TRL's own fused head reads them (:mod:`fastpref.causal_lm`) and computed inside
-the fused op.
+``padding_free=True``, which TRL 1.16 turns off with a warning, is honoured on the fused pair
+loss: :class:`PaddingFreeCollator` packs TRL's padded batch on the CPU (every chosen and rejected
+row back to back in one row, no padding, position ids restarting per sequence, see
+:func:`fastpref.train.packing.pack_rows`) and the step is one packed forward with block-diagonal
+causal attention (flash-attention's varlen path, read off the position ids, under
+``attn_implementation="flash_attention_2"``; a dense block-diagonal mask under sdpa or eager; a
+BlockMask under flex), the reference log-probs through the same packed forward. It gives TRL's
+padded step up to float32 rounding.
 
-Logged metrics: TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens`` (and ``aux_loss`` for
-MoE models), with TRL's values. ``entropy``, ``logits/chosen``, ``logits/rejected`` and
-``mean_token_accuracy`` need each completion token's distribution over the whole vocabulary,
-which is never built: they are not logged.
+Refused when the trainer is built, with a ``ValueError`` naming the setting: ``padding_free=True``
+with a setting that takes TRL's loss code (which reads the padded batch), with a model whose
+forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the packed forward does
+not compute it); FSDP1 and DeepSpeed ZeRO-3 (the fused pair loss uses the LM-head weight outside
+the model's forward, where they hold it sharded); prompt-learning PEFT (virtual tokens);
+vision-language models; LM heads that are not a plain ``torch.nn.Linear`` (adapters on
+``lm_head``). TRL's own refusals (``sync_ref_model`` with PEFT or with precomputed reference
+log-probs) stand.
 
-``compute_loss(..., return_outputs=True)`` (``evaluate`` with ``compute_metrics``) behaves as in
-TRL: an extra no-grad forward builds the full logits for ``compute_metrics``.
+Logged metrics: TRL's keys with TRL's values (``rewards/*``, ``logps/*``, ``entropy``,
+``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``, ``num_tokens``, and ``aux_loss``
+for MoE models). ``compute_loss(..., return_outputs=True)`` (``evaluate`` with
+``compute_metrics``) behaves as in TRL: an extra no-grad forward builds the full logits for
+``compute_metrics`` (refused with ``padding_free=True``, whose batch has no padded logits).
 
 Every scored sequence needs at least one completion token after the one-token shift (a completion
 that starts at position 0 loses its first token); fastpref's layout refuses empty ones.
