@@ -508,7 +508,7 @@ def _flat(model):
 ])
 def test_train_steps_match_trl(tmp_path, tokenizer, dataset, models, family, options):
     """Real trainer.train() steps (SGD): the weights, the reference's (TR-DPO's syncing: the reference
-    is pulled toward the policy after each step) and the logged metrics are TRL's."""
+    is pulled toward the policy after each step), the logged metrics and evaluate()'s are TRL's."""
     policy, other = models[family]
     trl_options = {key: value for key, value in options.items() if key != "padding_free"}
     trl_trainer = _trained(trl.DPOTrainer, tmp_path, tokenizer, dataset, policy, other, **trl_options)
@@ -526,6 +526,9 @@ def test_train_steps_match_trl(tmp_path, tokenizer, dataset, models, family, opt
         assert entry.keys() == trl_entry.keys()
         for key in set(TRL_METRICS) | {"loss"}:
             assert entry[key] == pytest.approx(trl_entry[key], rel=1e-4, abs=1e-6), key
+    evaluated, trl_evaluated = trainer.evaluate(dataset), trl_trainer.evaluate(dataset)
+    for key in {f"eval_{key}" for key in TRL_METRICS} | {"eval_loss"}:
+        assert evaluated[key] == pytest.approx(trl_evaluated[key], rel=1e-4, abs=1e-6), key
 
 
 def _relative_difference(grads, expected):
