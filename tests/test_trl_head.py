@@ -7,7 +7,6 @@ Tiny random models (hidden 32, 2 layers) on the offline tokenizer, float32 on th
 import contextlib
 import copy
 import inspect
-import json
 import os
 import types
 
