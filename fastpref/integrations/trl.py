@@ -100,8 +100,9 @@ from ..layout import pack_padded
 from ..linear_logprobs import linear_logprobs
 from ..losses import PreferenceLoss, sequence_logps
 from ..causal_lm import CausalLMParts, causal_lm_parts
+from .trl_head import add_fused_lm_head, use_fastpref_head
 
-__all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES"]
+__all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES", "add_fused_lm_head", "use_fastpref_head"]
 
 # TRL loss types whose TRL formula fastpref computes (TRL's "ipo" is length-normalised, fastpref's
 # default for "ipo").
