@@ -80,7 +80,8 @@ def _preference_loss_impl(
                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     layout = _LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
     impl = _backends.resolve(backend, token_logp.device)
-    result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
+    with torch.autocast(token_logp.device.type, enabled=False):  # the loss is computed in float32
+        result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
     return result.loss, result.parts, result.sequence_logps, result.token_grad
 
 

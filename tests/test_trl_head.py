@@ -7,7 +7,6 @@ Tiny random models (hidden 32, 2 layers) on the offline tokenizer, float32 on th
 import contextlib
 import copy
 import inspect
-import json
 import os
 import types
 
@@ -225,6 +224,8 @@ def test_head_and_backbone_are_looked_up_at_each_call():
     head_adapted = peft.get_peft_model(head_adapted, peft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="plain torch.nn.Linear"):
         head_adapted.base_model.model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    with pytest.raises(ValueError, match="fused_lm_head=True needs labels"):
+        ours(input_ids=input_ids, fused_lm_head=True)
 
 
 @pytest.mark.parametrize("options, error, message", [

@@ -37,6 +37,7 @@ A head still sharded there raises a ValueError naming the fix: gathering it with
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 from contextlib import nullcontext
 from typing import Callable, Dict, Tuple
@@ -143,6 +144,9 @@ def add_fused_lm_head(
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return original_forward(*args, **kwargs)
 
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the next-token targets, "
+                             "-100 where a position is not scored")
         kwargs["use_cache"] = False
         # MoE models: request router logits when the config asks for them, as the model's own forward does
         if getattr(text_config, "output_router_logits", False):
@@ -166,9 +170,10 @@ def add_fused_lm_head(
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = hidden_states.dtype
-        # On the CPU the number of kept rows is read without stalling anything: only those are computed.
-        # Elsewhere it would be a device synchronisation, so every row goes in (ignored ones give 0).
-        num_kept = int(mask.sum()) if mask.device.type == "cpu" else None
+        # Only the labelled rows are computed. Their count is read on the host, one synchronisation per
+        # call, as TRL's own head does: the prompt rows it leaves out (often half the tokens or more)
+        # cost far more head FLOPs than the wait for the backbone's queued work.
+        num_kept = int(mask.sum())
         with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
             per_token = linear_logprobs(
                 hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype), weight.to(dtype),
@@ -198,8 +203,6 @@ class HeadSwap:
     (or the end of a ``with`` block); returned by :func:`use_fastpref_head`."""
 
     def __init__(self, head: Callable):
-        import importlib
-
         self._saved: Dict[types.ModuleType, Callable] = {}
         for name in TRAINER_MODULES:
             module = importlib.import_module(name)
