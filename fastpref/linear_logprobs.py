@@ -239,8 +239,10 @@ def _forward_impl(
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     computed = _computed(hidden, vocab, targets, ignore_index, num_kept)
     if computed.hidden.shape[0]:
-        result = impl.forward(computed.hidden, weight, bias, computed.targets, options,
-                              fold_hidden_gradient=fold_hidden_gradient)
+        # autocast would round the backends' float32-accumulated matmuls: the op computes in its inputs' dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            result = impl.forward(computed.hidden, weight, bias, computed.targets, options,
+                                  fold_hidden_gradient=fold_hidden_gradient)
     else:
         result = _empty_result(hidden, options, fold_hidden_gradient)
     spread = [_spread(result.logp, computed, num_rows)]
@@ -316,9 +318,10 @@ def _backward_impl(
         saved = ForwardResult(logp=None, lse=lse, miss=miss,
                               entropy=None if grad_entropy is None else gathered(entropy),
                               hidden_grad_direction=direction if direction.numel() else None)
-        d_hidden, d_weight, d_bias = impl.backward(
-            computed.hidden, weight, bias, computed.targets, saved, gathered(grad_log_probs).contiguous(),
-            grad_entropy, options, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        with torch.autocast(hidden.device.type, enabled=False):
+            d_hidden, d_weight, d_bias = impl.backward(
+                computed.hidden, weight, bias, computed.targets, saved, gathered(grad_log_probs).contiguous(),
+                grad_entropy, options, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
         if d_hidden is not None and computed.rows is not None:
             d_hidden = torch.zeros_like(hidden).index_copy_(0, computed.rows, d_hidden)
     if need_hidden and d_hidden is None:
@@ -424,7 +427,8 @@ def linear_logprobs(
     raise a ValueError naming the first bad position at the next call once the flags have reached
     the host, at :func:`fastpref.raise_pending_errors`, or here with ``check=True``. Until then
     such rows give 0. Non-contiguous inputs are copied to contiguous memory first (for the weight,
-    a V x H copy: pass a contiguous weight to avoid it).
+    a V x H copy: pass a contiguous weight to avoid it). An enclosing autocast does not change
+    the op's precision, forward or backward: it computes in its inputs' dtype (cast them to choose).
 
     A weight (and bias) that is a DTensor sharded on the vocabulary (``Shard(0)`` on one mesh
     dimension, Replicate on any other: a tensor-parallel head) is computed vocabulary-parallel:

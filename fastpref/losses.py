@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import backends as _backends
 from . import deferred_errors
 from .layout import PackedLayout
-from .linear_logprobs import check_linear_inputs, linear_logprobs
+from .linear_logprobs import LinearLogprobsOutput, check_linear_inputs, linear_logprobs
 from .logit_transform import LogitTransform
 from .loss_spec import LOSS_TYPES, NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
 from .numerics import log1m_exp
@@ -80,7 +80,8 @@ def _preference_loss_impl(
                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     layout = _LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
     impl = _backends.resolve(backend, token_logp.device)
-    result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
+    with torch.autocast(token_logp.device.type, enabled=False):  # the loss is computed in float32
+        result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
     return result.loss, result.parts, result.sequence_logps, result.token_grad
 
 
@@ -131,6 +132,34 @@ def sequence_logps(token_logp: torch.Tensor, layout: PackedLayout) -> torch.Tens
     return sums.index_add_(0, layout.sequence_ids, token_logp)
 
 
+# the op's per-token outputs behind TRL's token metrics (PreferenceLoss(token_metrics=True))
+_TOKEN_METRIC_OUTPUTS = ("entropy", "mean_logits", "is_top1")
+
+
+def _token_metrics(outputs: LinearLogprobsOutput, layout: PackedLayout) -> Dict[str, torch.Tensor]:
+    """TRL's token metrics (see :class:`PreferenceLoss`) from the op's per-token outputs: per-sequence
+    sums, then means over the tokens of the chosen and of the rejected sequences."""
+    lengths = layout.lengths.to(outputs.mean_logits.dtype)
+    if layout.is_paired:
+        chosen = torch.zeros_like(lengths).index_fill_(0, layout.chosen_index, 1.0)
+        rejected = torch.zeros_like(lengths).index_fill_(0, layout.rejected_index, 1.0)
+    else:
+        chosen = layout.desirable.to(lengths.dtype)
+        rejected = 1.0 - chosen
+
+    def mean_over(values, sequences):
+        """Mean of a per-token output over the tokens of the sequences weighted 1 in `sequences`."""
+        sums = sequence_logps(values.detach().to(lengths.dtype), layout)
+        return (sums * sequences).sum() / (lengths * sequences).sum().clamp(min=1)
+
+    metrics = {"entropy": outputs.entropy.detach().sum().to(lengths.dtype) / lengths.sum(),
+               "logits/chosen": mean_over(outputs.mean_logits, chosen),
+               "logits/rejected": mean_over(outputs.mean_logits, rejected)}
+    if layout.is_paired:
+        metrics["mean_token_accuracy"] = mean_over(outputs.is_top1, chosen)
+    return metrics
+
+
 class PreferenceLoss(torch.nn.Module):
     """A preference-optimisation loss over a packed batch, fused with the LM head.
 
@@ -154,6 +183,8 @@ class PreferenceLoss(torch.nn.Module):
         scratch_bytes: the op's scratch budget (None: fastpref.set_scratch_bytes's default).
         check: raise bad values (targets, reference log-probs, NaN) at once, with a synchronisation;
             by default they are flagged on the device and raised later (fastpref.raise_pending_errors).
+        token_metrics: also return TRL's metrics of the policy's next-token distributions,
+            computed by the op in the same pass as the log-probs (see below).
 
     Call with (hidden [N, H], weight [V, H], targets [N], layout, reference=None, *, bias=None,
     kto_kl=None) -> (loss, metrics). `reference` is the reference model's summed response
@@ -162,6 +193,15 @@ class PreferenceLoss(torch.nn.Module):
     sft) take none. `metrics` holds detached 0-d tensors under TRL's keys. The call reads no
     tensor value on the host: it can run inside ``torch.compile(fullgraph=True)`` and between a
     forward and a backward without stalling a GPU.
+
+    With ``token_metrics=True`` the metrics also hold TRL's (``DPOTrainer``, ``KTOTrainer``), from
+    the per-token outputs of the same pass over the vocabulary (:class:`LinearLogprobsOutput`),
+    where p_n = softmax(z_n) is token n's next-token distribution and C, R the response tokens of
+    the chosen (desirable) and rejected (undesirable) sequences:
+
+        entropy             = mean over C and R of  -sum_v p_{n,v} log p_{n,v}
+        logits/chosen       = mean over C of  (1/V) sum_v z_{n,v}     (logits/rejected: over R)
+        mean_token_accuracy = mean over C of  1[t_n = argmax_v z_{n,v}]   (paired losses only)
     """
 
     def __init__(self, loss_type: Union[str, Sequence[str]] = "sigmoid", *, beta: float = 0.1,
@@ -170,7 +210,7 @@ class PreferenceLoss(torch.nn.Module):
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  temperature: float = 1.0, backend: str = "auto", scratch_bytes: Optional[int] = None,
-                 check: bool = False):
+                 check: bool = False, token_metrics: bool = False):
         super().__init__()
         self.spec = LossSpec.build(
             loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -180,6 +220,9 @@ class PreferenceLoss(torch.nn.Module):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if not isinstance(check, bool):
             raise TypeError(f"check must be True or False, got {check!r}")
+        if not isinstance(token_metrics, bool):
+            raise TypeError(f"token_metrics must be True or False, got {token_metrics!r}")
+        self.token_metrics = token_metrics
         self.ignore_index = ignore_index
         self.transform = LogitTransform.build(logit_scale, softcap, temperature)
         self.backend = backend
@@ -189,12 +232,12 @@ class PreferenceLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"spec={self.spec}, transform={self.transform}, backend={self.backend!r}"
 
-    def _logprobs(self, hidden, weight, targets, bias, num_kept):
+    def _logprobs(self, hidden, weight, targets, bias, num_kept, outputs=None):
         transform = self.transform
         return linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=self.ignore_index,
                                logit_scale=transform.logit_scale, softcap=transform.softcap,
-                               temperature=transform.temperature, num_kept=num_kept, backend=self.backend,
-                               scratch_bytes=self.scratch_bytes, check=self.check)
+                               temperature=transform.temperature, outputs=outputs, num_kept=num_kept,
+                               backend=self.backend, scratch_bytes=self.scratch_bytes, check=self.check)
 
     def forward(self, hidden, weight, targets, layout: PackedLayout, reference: Reference = None,
                 *, bias=None, kto_kl=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -224,10 +267,15 @@ class PreferenceLoss(torch.nn.Module):
 
         impl = _backends.resolve(self.backend, hidden.device)
         reference_logps = self._reference_logps(reference, layout, hidden, response_targets)
-        token_logp = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens)
+        token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
+                                       _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
+        token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
         kl = self._kl(kto_kl, token_logp)
         loss, parts, seq_logps = _preference_loss(token_logp, layout, reference_logps, spec, kl, impl)
-        return loss, self._metrics(layout, seq_logps.detach(), reference_logps, parts.detach(), kl)
+        metrics = self._metrics(layout, seq_logps.detach(), reference_logps, parts.detach(), kl)
+        if self.token_metrics:
+            metrics.update(_token_metrics(token_outputs, layout))
+        return loss, metrics
 
     def _reference_logps(self, reference, layout, hidden, response_targets):
         spec = self.spec

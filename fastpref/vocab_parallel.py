@@ -192,7 +192,9 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
         computed = _computed(hidden, piece.size, local_targets, _LOCAL_IGNORE, num_kept)
         adt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if computed.hidden.shape[0]:
-            result = impl.forward(computed.hidden, weight, bias, computed.targets, options, fold_hidden_gradient=False)
+            with torch.autocast(hidden.device.type, enabled=False):  # in the inputs' dtype, as the op
+                result = impl.forward(computed.hidden, weight, bias, computed.targets, options,
+                                      fold_hidden_gradient=False)
             slice_targets = targets if computed.rows is None else targets.index_select(0, computed.rows)
             owned = computed.counts & (slice_targets >= piece.offset) & (slice_targets < piece.offset + piece.size)
             merged = _merge(_gather(_statistics(result, owned, slice_targets, piece, options), piece), options,

@@ -237,3 +237,52 @@ def test_backends_agree_on_every_part():
     assert set(metrics_a) == set(metrics_b)
     for key in metrics_a:
         assert float(metrics_a[key]) == pytest.approx(float(metrics_b[key]), rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unpaired", [False, True], ids=["paired", "unpaired"])
+def test_token_metrics_match_full_logits(backend, unpaired):
+    """token_metrics=True: TRL's entropy, logits/* and mean_token_accuracy from the op's outputs of the
+    loss's own pass equal them computed from the float64 logits of a soft-capped, scaled head; the
+    loss and its gradient are those without the metrics (up to rounding: the op's kernels differ
+    once entropy, a differentiable output, is asked for)."""
+    hidden, weight, targets, layout, reference = make_packed_batch(3, 24, 37, torch.float32, seed=4,
+                                                                   unpaired=unpaired)
+    # some targets the argmax, so that the accuracy is neither 0 nor 1
+    transform = dict(logit_scale=0.7, softcap=2.5)
+    logits = 2.5 * torch.tanh(0.7 * (hidden.double() @ weight.double().T).cpu() / 2.5)
+    top1 = logits.argmax(-1).to(targets.device)
+    kept = targets != -100
+    targets = torch.where(kept & (torch.arange(targets.numel(), device=targets.device) % 3 == 0), top1, targets)
+    loss_type = "kto" if unpaired else "sigmoid"
+    results = []
+    for token_metrics in (False, True):
+        h = hidden.clone().requires_grad_()
+        loss, metrics = fastpref.PreferenceLoss(loss_type, backend=backend, token_metrics=token_metrics,
+                                                **transform)(h, weight, targets, layout, reference)
+        loss.backward()
+        results.append((loss.detach(), h.grad, metrics))
+    (plain_loss, plain_grad, plain_metrics), (loss, grad, metrics) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
+    assert metrics.keys() - plain_metrics.keys() == (
+        {"entropy", "logits/chosen", "logits/rejected"} | (set() if unpaired else {"mean_token_accuracy"}))
+
+    kept = kept.cpu()
+    log_p = logits.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    sequence = layout.sequence_ids.cpu()
+    if unpaired:
+        chosen = layout.desirable.cpu()[sequence] & kept
+        rejected = ~layout.desirable.cpu()[sequence] & kept
+    else:
+        chosen = torch.isin(sequence, layout.chosen_index.cpu()) & kept
+        rejected = torch.isin(sequence, layout.rejected_index.cpu()) & kept
+    expected = {"entropy": entropy[kept].mean(), "logits/chosen": logits.mean(-1)[chosen].mean(),
+                "logits/rejected": logits.mean(-1)[rejected].mean()}
+    if not unpaired:
+        accuracy = (top1.cpu() == targets.cpu())[chosen].double().mean()
+        assert 0 < accuracy < 1
+        expected["mean_token_accuracy"] = accuracy
+    for key, value in expected.items():
+        assert metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key

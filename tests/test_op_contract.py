@@ -130,6 +130,31 @@ def test_save_on_cpu_offloads_the_op_and_the_loss():
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+def test_autocast_leaves_the_ops_precision_alone(backend, trainable_head):
+    """Under a bfloat16 autocast, forward and backward included, the op and the loss compute in
+    their inputs' float32, as without it (autocast would round the backends' matmuls)."""
+    from test_losses import make_packed_batch
+
+    hidden, weight, targets, layout, reference = make_packed_batch(3, 16, 70, torch.float32, seed=5)
+    leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_(trainable_head)]
+    loss_fn = fastpref.PreferenceLoss("sigmoid", softcap=4.0, backend=backend)
+
+    def loss_and_grads():
+        loss, _ = loss_fn(*leaves, targets, layout, reference)
+        entropy = fastpref.linear_logprobs(leaves[0], leaves[1], targets, outputs=("entropy",),
+                                           backend=backend).entropy.sum()
+        return loss, torch.autograd.grad(loss + entropy, [x for x in leaves if x.requires_grad])
+
+    expected_loss, expected_grads = loss_and_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads()
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected_loss)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32 and torch.equal(grad, expected)
+
+
 OP_CALLS = {
     "plain": dict(),
     "ignored-rows": dict(ignore=True),

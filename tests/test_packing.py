@@ -104,3 +104,37 @@ def test_packed_gradients_equal_padded():
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     for got in grads:
         assert (got - expected).norm() / expected.norm() < 1e-4
+
+
+def test_pack_rows_scores_the_tokens_of_trls_shifted_completion_mask():
+    """pack_rows of a right-padded [2B, T] batch: rows back to back without padding, positions
+    restarting per row, and exactly the (hidden state, target) pairs that the padded batch's shifted
+    completion mask scores, in the same order (pack_padded of the padded batch), a completion
+    starting at position 0 (its first token has no predictor) included."""
+    from fastpref.layout import pack_padded
+    from fastpref.train.packing import CHOSEN, PROMPT, REJECTED, pack_rows
+
+    generator = torch.Generator().manual_seed(3)
+    lengths, prompts = [7, 4, 5, 6], [3, 0, 2, 4]  # row 1: no prompt (truncated away)
+    width = max(lengths) + 1
+    input_ids = torch.randint(3, 50, (4, width), generator=generator)
+    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    completion_mask = attention_mask * (torch.arange(width) >= torch.tensor(prompts)[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    packed = pack_rows(input_ids, attention_mask, completion_mask)
+
+    assert torch.equal(packed.input_ids[0], input_ids[attention_mask.bool()])
+    assert torch.equal(packed.position_ids[0], torch.cat([torch.arange(n) for n in lengths]))
+    assert packed.roles[:prompts[0]].eq(PROMPT).all() and packed.roles[prompts[0]:lengths[0]].eq(CHOSEN).all()
+    assert packed.roles[sum(lengths[:2]) + prompts[2]:sum(lengths[:3])].eq(REJECTED).all()
+    # stream position -> (row, column) of the padded batch: the same scored pairs in the same order
+    rows = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    columns = packed.position_ids[0]
+    shifted = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+    padded = pack_padded(torch.arange(4 * (width - 1)).view(4, width - 1, 1).float(), shifted)
+    assert torch.equal(rows[packed.loss_positions] * (width - 1) + columns[packed.loss_positions],
+                       padded.positions)
+    assert torch.equal(packed.targets, padded.targets)
+    assert torch.equal(packed.layout.cu_seqlens, padded.layout.cu_seqlens)
+    assert torch.equal(packed.layout.chosen_index, torch.arange(2))
+    assert torch.equal(packed.layout.rejected_index, torch.arange(2, 4))

@@ -1,12 +1,11 @@
-"""TRL's ``DPOTrainer`` with the loss computed by fastpref from hidden states.
+"""TRL's ``DPOTrainer`` on fastpref's fused op; TRL's fused LM head computed by fastpref.
 
-:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` and trains the same
-objective; only the loss computation differs. Each step runs the model once, through whatever
-wraps it (DDP, accelerate), with ``output_hidden_states=True`` and ``logits_to_keep=1``, so the
-model builds logits for the last position only. The final hidden states of the positions that
-predict completion tokens go with the LM-head weight to :class:`fastpref.PreferenceLoss`, which
-computes the log-probs and the pair loss in one fused pass, forward and backward. No logits of the
-completions are ever built.
+:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` 1.16 and trains the same
+objective, with the same loss, gradients and metrics, for every setting ``trl.DPOTrainer`` runs
+(and ``padding_free=True``, which it does not); only the computation differs.
+:func:`add_fused_lm_head` and :func:`use_fastpref_head` (from :mod:`fastpref.integrations.trl_head`)
+put fastpref's op under TRL's own ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer`` and
+``RLOOTrainer``.
 
 Example (offline, a few seconds on a CPU)::
 
@@ -33,49 +32,65 @@ Example (offline, a few seconds on a CPU)::
                                  processing_class=tokenizer)
     trainer.train()
 
-Supported, with TRL 1.16's formulas (see :mod:`fastpref.loss_spec`):
+Two computations, chosen when the trainer is built (``trainer.uses_fused_loss`` says which), both
+on fastpref's op and neither building the [tokens x vocab] logits:
 
-- ``loss_type`` ``sigmoid``, ``hinge``, ``ipo`` (length-normalised, as in TRL), ``robust`` (with
-  ``label_smoothing``), ``apo_zero``, ``apo_down``, ``sft``, and lists of them weighted by
-  ``loss_weights`` (``["sigmoid", "sft"]`` is RPO); ``beta``.
-- The reference: a ``ref_model``; for a PEFT model without one, the model with its adapter
-  disabled (or its ``"ref"`` adapter), as TRL does; or ``precompute_ref_log_probs=True``. The
-  precomputation goes through fastpref's op too, so precomputed and online reference log-probs
-  come from the same computation as the policy's: no systematic offset between policy and
-  reference (with the initial policy as reference, the first step's log-ratios are zero up to
-  rounding).
-- The MoE load-balancing loss (``router_aux_loss_coef``): the model's own ``aux_loss``.
-- DDP through accelerate, gradient accumulation and checkpointing, mixed precision, LoRA.
-- FSDP2 through accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, the Trainer's
-  default, or ``accelerate launch`` with FSDP version 2): the head weight is read after the
-  model's forward, when FSDP2 holds the LM head's group gathered (accelerate's FSDP2 keeps the
-  final norm and the LM head unsharded between forward and backward), so its gradient is
-  reduce-scattered like every other; ``full_tensor()`` is never called.
+- **The fused pair loss** for the settings it has TRL's formula for (see :mod:`fastpref.loss_spec`):
+  ``loss_type`` ``sigmoid``, ``hinge``, ``ipo`` (length-normalised, as in TRL), ``robust``,
+  ``apo_zero``, ``apo_down``, ``sft`` and weighted lists of them (``["sigmoid", "sft"]`` is RPO),
+  with ``f_divergence_type="reverse_kl"``, no ``use_weighting``, no ``ld_alpha``, and no
+  ``label_smoothing`` on ``sigmoid`` (TRL 1.16 ignores it there; fastpref's ``sigmoid`` would
+  apply it). The model runs once with ``output_hidden_states=True, logits_to_keep=1``; the final
+  hidden states of the completion positions go with the LM-head weight to
+  :class:`fastpref.PreferenceLoss`, which computes the log-probs, the pair loss and TRL's token
+  metrics (``entropy``, ``logits/*``, ``mean_token_accuracy``) in one pass over the vocabulary.
+- **TRL's own loss code** (``trl.DPOTrainer._compute_loss``) for everything else: the other loss
+  types (``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
+  ``discopop``, ``sigmoid_norm``), ``f_divergence_type``, WPO (``use_weighting``, from the op's
+  ``log_sum_sq_probs``), LD-DPO (``ld_alpha``), ``label_smoothing`` on ``sigmoid`` (ignored, as
+  TRL does), and models whose forward takes no ``logits_to_keep``. TRL's trainer is built under
+  :func:`use_fastpref_head`, so the model's ``fused_lm_head=True`` forward that this code calls is
+  fastpref's :func:`add_fused_lm_head`.
 
-Refused when the trainer is built, with a ``ValueError`` naming the option and its value:
-``loss_type`` ``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
-``discopop``, ``sigmoid_norm``; ``f_divergence_type`` other than ``"reverse_kl"``;
-``use_weighting=True``; ``ld_alpha``; ``sync_ref_model=True``; ``padding_free=True``; a nonzero
-``label_smoothing`` unless ``loss_type`` has ``"robust"`` and no ``"sigmoid"`` (TRL 1.16 applies it
-to ``robust`` only, fastpref to ``sigmoid`` as well); FSDP1 and DeepSpeed ZeRO-3 (the LM-head
-weight is used outside the model's forward, where they hold it sharded); prompt-learning PEFT
-(virtual tokens); tensor-parallel models (``tp_plan``, ``parallelism_config.tp_size``); vision-language
-models; models whose forward takes no ``logits_to_keep``; LM
-heads that are not a plain ``torch.nn.Linear`` (adapters on ``lm_head``).
+Either way the reference log-probs, precomputed (``precompute_ref_log_probs=True``) or online,
+come from TRL's ``compute_ref_log_probs`` on fastpref's head (``ld_alpha``'s reduction included),
+so precomputed and online values are the same computation. The reference is a ``ref_model``;
+for a PEFT model without one, the model with its adapter disabled (or its ``"ref"`` adapter), as
+TRL does; ``sync_ref_model=True`` (TR-DPO) runs TRL's ``SyncRefModelCallback`` on the
+``ref_model``. Also: the MoE load-balancing loss (``router_aux_loss_coef``), DDP through
+accelerate, gradient accumulation and checkpointing, mixed precision, LoRA, and FSDP2 through
+accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, or ``accelerate launch`` with FSDP
+version 2): the head weight is read after the model's forward (fused pair loss) or inside it
+(fastpref's head), where FSDP2 holds the LM head's group gathered, so its gradient is
+reduce-scattered like every other; ``full_tensor()`` is never called. Soft-capped and scaled heads
+(Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``, Granite's ``logits_scaling``,
+``output_multiplier``, ``lm_head_multiplier``) are read off the model's config as TRL's own head
+reads them (:mod:`fastpref.causal_lm`) and computed inside the op.
 
-Soft-capped and scaled heads (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``,
-Granite's ``logits_scaling``, ``output_multiplier``, ``lm_head_multiplier``) are read off the
-model's config as TRL's own fused head reads them (:mod:`fastpref.causal_lm`) and computed inside
-the fused op.
+``padding_free=True``, which TRL 1.16 turns off with a warning, is honoured on the fused pair
+loss: :class:`PaddingFreeCollator` packs TRL's padded batch on the CPU (every chosen and rejected
+row back to back in one row, no padding, position ids restarting per sequence, see
+:func:`fastpref.train.packing.pack_rows`) and the step is one packed forward with block-diagonal
+causal attention (flash-attention's varlen path, read off the position ids, under
+``attn_implementation="flash_attention_2"``; a dense block-diagonal mask under sdpa or eager; a
+BlockMask under flex), the reference log-probs through the same packed forward. It gives TRL's
+padded step up to float32 rounding.
 
-Logged metrics: TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens`` (and ``aux_loss`` for
-MoE models), with TRL's values. ``entropy``, ``logits/chosen``, ``logits/rejected`` and
-``mean_token_accuracy`` need each completion token's distribution over the whole vocabulary,
-which is never built: they are not logged.
+Refused when the trainer is built, with a ``ValueError`` naming the setting: ``padding_free=True``
+with a setting that takes TRL's loss code (which reads the padded batch), with a model whose
+forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the packed forward does
+not compute it); FSDP1 and DeepSpeed ZeRO-3 (the fused pair loss uses the LM-head weight outside
+the model's forward, where they hold it sharded); prompt-learning PEFT (virtual tokens);
+tensor-parallel models (``tp_plan``, ``model.tp_size``, ``parallelism_config.tp_size``);
+vision-language models; LM heads that are not a plain ``torch.nn.Linear`` (adapters on
+``lm_head``). TRL's own refusals (``sync_ref_model`` with PEFT or with precomputed reference
+log-probs) stand.
 
-``compute_loss(..., return_outputs=True)`` (``evaluate`` with ``compute_metrics``) behaves as in
-TRL: an extra no-grad forward builds the full logits for ``compute_metrics``.
+Logged metrics: TRL's keys with TRL's values (``rewards/*``, ``logps/*``, ``entropy``,
+``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``, ``num_tokens``, and ``aux_loss``
+for MoE models). ``compute_loss(..., return_outputs=True)`` (``evaluate`` with
+``compute_metrics``) behaves as in TRL: an extra no-grad forward builds the full logits for
+``compute_metrics`` (refused with ``padding_free=True``, whose batch has no padded logits).
 
 Every scored sequence needs at least one completion token after the one-token shift (a completion
 that starts at position 0 loses its first token); fastpref's layout refuses empty ones.
@@ -86,8 +101,8 @@ import contextlib
 import inspect
 import os
 import warnings
-from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -97,18 +112,25 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from ..layout import pack_padded
-from ..linear_logprobs import linear_logprobs
-from ..losses import PreferenceLoss, sequence_logps
-from ..causal_lm import CausalLMParts, causal_lm_parts
+from ..causal_lm import CausalLMParts, causal_lm_parts, unwrap
+from ..layout import PackedLayout, pack_padded
+from ..losses import PreferenceLoss
+from ..train.model import packed_hidden
+from ..train.packing import PackedPairs, pack_rows
+from ..train.reference import packed_logps
+from .trl_head import add_fused_lm_head, use_fastpref_head
 
-__all__ = ["FastprefDPOTrainer", "SUPPORTED_LOSS_TYPES"]
+__all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add_fused_lm_head",
+           "use_fastpref_head"]
 
-# TRL loss types whose TRL formula fastpref computes (TRL's "ipo" is length-normalised, fastpref's
-# default for "ipo").
-SUPPORTED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sft")
+# TRL loss types whose TRL formula fastpref's fused pair loss computes (TRL's "ipo" is
+# length-normalised, fastpref's default for "ipo"); the others run TRL's own loss code.
+FUSED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sft")
 _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected")
+# TRL's token metrics, each a mean over the tokens of: all completions, the chosen ones, the rejected ones
+_TOKEN_METRICS = (("entropy", "all"), ("logits/chosen", "chosen"), ("mean_token_accuracy", "chosen"),
+                  ("logits/rejected", "rejected"))
 # Batch entries that are not model inputs (TRL's `_non_model_keys`).
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -123,26 +145,31 @@ def _fsdp_version(args: DPOConfig) -> Optional[int]:
     return None
 
 
+def _without_fused_formula(args: DPOConfig) -> Optional[str]:
+    """The first setting of `args` for which the fused pair loss has no formula with TRL's semantics
+    (None: it has one for all of them); such runs compute TRL's own loss code."""
+    others = [name for name in args.loss_type if name not in FUSED_LOSS_TYPES]
+    if others:
+        return f"loss_type {others[0]!r}"
+    if args.f_divergence_type != "reverse_kl":
+        return f"f_divergence_type={args.f_divergence_type!r}"
+    if args.use_weighting:
+        return "use_weighting=True (WPO)"
+    if args.ld_alpha is not None:
+        return f"ld_alpha={args.ld_alpha!r} (LD-DPO)"
+    if args.label_smoothing != 0.0 and "sigmoid" in args.loss_type:
+        # fastpref's 'sigmoid' is conservative DPO with it; TRL 1.16's 'sigmoid' ignores it
+        return f"label_smoothing={args.label_smoothing!r} with 'sigmoid'"
+    if not 0.0 <= args.label_smoothing < 0.5:
+        return f"label_smoothing={args.label_smoothing!r} outside [0, 0.5)"
+    return None
+
+
 def _refuse_unsupported_config(args: DPOConfig) -> None:
-    """Raise for every DPOConfig setting whose math the fused loss would not reproduce."""
-    for name in args.loss_type:
-        if name not in SUPPORTED_LOSS_TYPES:
-            raise ValueError(
-                f"loss_type={args.loss_type!r}: {name!r} is not supported by FastprefDPOTrainer "
-                f"(supported: {', '.join(SUPPORTED_LOSS_TYPES)}); use trl.DPOTrainer for it")
+    """Raise for every setting the trainer cannot run as TRL's objective."""
     fsdp1 = _fsdp_version(args) == 1
     zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
     refusals = (
-        ("f_divergence_type", args.f_divergence_type, args.f_divergence_type != "reverse_kl",
-         "the fused losses use the plain log-ratios of the reverse KL; use 'reverse_kl'"),
-        ("use_weighting", args.use_weighting, args.use_weighting,
-         "WPO weights need sum_v p_v^2 over the vocabulary for every token, which is never built"),
-        ("ld_alpha", args.ld_alpha, args.ld_alpha is not None,
-         "LD-DPO's down-weighting of the tokens past the shorter completion is not implemented"),
-        ("sync_ref_model", args.sync_ref_model, args.sync_ref_model,
-         "TR-DPO's reference-model syncing is not supported"),
-        ("padding_free", args.padding_free, args.padding_free,
-         "the fused loss reads TRL's padded batch (TRL 1.16 itself falls back to padding)"),
         ("fsdp version", 1, fsdp1,
          "FSDP1 keeps the LM-head weight in a flat sharded buffer outside the model's forward, where the "
          "fused loss multiplies it; use FSDP2 (fsdp_config={'version': 2}, or FSDP_VERSION=2 with "
@@ -154,16 +181,11 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
     for option, value, refused, why in refusals:
         if refused:
             raise ValueError(f"{option}={value!r} is not supported by FastprefDPOTrainer: {why}")
-    if args.label_smoothing != 0.0 and "robust" not in args.loss_type:
+    without = _without_fused_formula(args)
+    if args.padding_free and without is not None:
         raise ValueError(
-            f"label_smoothing={args.label_smoothing!r} with loss_type={args.loss_type!r}: of the "
-            "supported types only 'robust' uses it; TRL 1.16 silently ignores it for 'sigmoid' (and "
-            "the others), and so would this trainer. Set label_smoothing=0.0, or use 'robust'")
-    if args.label_smoothing != 0.0 and "sigmoid" in args.loss_type:
-        raise ValueError(
-            f"label_smoothing={args.label_smoothing!r} with loss_type={args.loss_type!r}: TRL 1.16 "
-            "applies it to 'robust' only and ignores it for 'sigmoid', while fastpref's 'sigmoid' "
-            "applies it (conservative DPO). Drop 'sigmoid' or set label_smoothing=0.0")
+            f"padding_free=True with {without}: the packed batch is scored by fastpref's fused pair loss, "
+            f"which has no formula for it, and TRL's loss code reads the padded batch. Set padding_free=False")
 
 
 def _refuse_prompt_learning(model, peft_config) -> None:
@@ -240,11 +262,30 @@ def _shifted_targets(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
     return inputs["input_ids"][:, 1:].masked_fill(completion == 0, -100)
 
 
-class FastprefDPOTrainer(DPOTrainer):
-    """``trl.DPOTrainer`` whose loss is fastpref's fused op on hidden states; same arguments.
+@dataclass
+class PaddingFreeCollator:
+    """A preference collator whose padded batch is packed (``padding_free=True``).
 
-    See the module documentation for what is supported, what is refused and which metrics are
-    logged. ``self.fastpref_loss`` is the :class:`fastpref.PreferenceLoss` it uses.
+    Calls `padded` (TRL's ``DataCollatorForPreference`` or one like it: input_ids,
+    attention_mask and completion_mask [2B, T], chosen rows first) and packs its rows back to back
+    with :func:`fastpref.train.packing.pack_rows`: ``{"packed": PackedPairs, ...}``, the other
+    entries (precomputed reference log-probs) unchanged. The packing runs here, on the CPU.
+    """
+
+    padded: Callable[[List[Dict[str, Any]]], Dict[str, Any]]
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = dict(self.padded(examples))
+        packed = pack_rows(batch.pop("input_ids"), batch.pop("attention_mask"), batch.pop("completion_mask"))
+        return {"packed": packed, **batch}
+
+
+class FastprefDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` on fastpref's fused op; same arguments, same objective and metrics.
+
+    See the module documentation for which settings take the fused pair loss and which TRL's own
+    loss code. ``self.uses_fused_loss`` says which this run takes; ``self.fastpref_loss`` is the
+    :class:`fastpref.PreferenceLoss` of the former (None for the latter).
     """
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None,
@@ -259,106 +300,146 @@ class FastprefDPOTrainer(DPOTrainer):
         _refuse_tensor_parallel(model, args)
         _refuse_prompt_learning(model, peft_config)
         _refuse_vision(processing_class)
-        weights = args.loss_weights or [1.0] * len(args.loss_type)
-        types, weights = _fastpref_loss_terms(args.loss_type, weights)
-        # Set before TRL's __init__, which precomputes reference log-probs through it.
-        self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
-                                            label_smoothing=args.label_smoothing)
-        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers,
-                         quantization_config=quantization_config, peft_config=peft_config)
-        self._refuse_unsupported_models()
-        # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
-        transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
-        self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
-                                            label_smoothing=args.label_smoothing, **asdict(transform))
+        padding_free, self.padding_free, self.fastpref_loss = args.padding_free, args.padding_free, None
+        # TRL 1.16 turns padding_free off with a warning; here the collator packs the batch instead
+        args.padding_free = False
+        try:
+            # TRL's __init__ gives the policy and the reference model its fused head: fastpref's here
+            with use_fastpref_head():
+                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=processing_class, compute_metrics=compute_metrics,
+                                 callbacks=callbacks, optimizers=optimizers,
+                                 quantization_config=quantization_config, peft_config=peft_config)
+        finally:
+            args.padding_free = self.padding_free = padding_free
+        self.data_collator = self._collator(self.data_collator)
+        takes_logits_to_keep = self._check_models()
+        self.uses_fused_loss = _without_fused_formula(args) is None and takes_logits_to_keep
+        if self.padding_free and not self.uses_fused_loss:
+            raise ValueError(
+                f"padding_free=True with model={type(unwrap(self.model)).__name__}: its forward takes no "
+                "logits_to_keep, so the packed batch's fused pair loss would build its full logits. Set "
+                "padding_free=False")
+        if self.padding_free and self.aux_loss_enabled:
+            raise ValueError(
+                f"padding_free=True with router_aux_loss_coef={self.router_aux_loss_coef!r}: the packed forward "
+                "does not compute the MoE load-balancing loss; set padding_free=False or router_aux_loss_coef=0.0")
+        if self.uses_fused_loss:
+            weights = args.loss_weights or [1.0] * len(args.loss_type)
+            types, weights = _fastpref_loss_terms(args.loss_type, weights)
+            # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
+            transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
+            self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
+                                                label_smoothing=args.label_smoothing, token_metrics=True,
+                                                **asdict(transform))
 
-    def _refuse_unsupported_models(self) -> None:
+    def _collator(self, collator):
+        """`collator`, packing its batches when padding_free=True (idempotent)."""
+        if self.padding_free and not isinstance(collator, PaddingFreeCollator):
+            return PaddingFreeCollator(collator)
+        return collator
+
+    def _check_models(self) -> bool:
+        """Refuse models the trainer cannot run; whether their forwards take logits_to_keep (the fused
+        pair loss needs it to keep the model from building the full logits)."""
         _refuse_vision(self.processing_class)  # TRL loads one when none is given
-        for role, model in (("model", self.model), ("ref_model", self.ref_model)):
+        takes_logits_to_keep = True
+        for model in (self.model, self.ref_model):
             if model is None:
                 continue
             model = self.accelerator.unwrap_model(model)
             causal_lm_parts(model)  # raises for LM heads that are not a plain Linear
             base = model.get_base_model() if is_peft_model(model) else model
-            if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
-                raise ValueError(
-                    f"{role}={type(base).__name__}: its forward takes no logits_to_keep, so it would "
-                    "build the full logits the fused loss exists to avoid; not supported")
+            takes_logits_to_keep &= "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        return takes_logits_to_keep
 
-    def compute_ref_log_probs(self, model, inputs):
-        """Reference log-probs of one padded batch, as (chosen [B], rejected [B]).
-
-        Overrides TRL's so that the precomputed values (``precompute_ref_log_probs=True``) come
-        from the same fused op as the online ones and the policy's.
-        """
-        return self._reference_logps(model, inputs).chunk(2)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's precomputation, cached under a key of its own.
-
-        TRL caches the values by dataset and reference weights; without a key of their own, a
-        TRL run and a fastpref run on the same data would read each other's values.
-        """
-        trl_key = self._precompute_model_hash
-        self._precompute_model_hash = f"{trl_key}-fastpref"
-        try:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        finally:
-            self._precompute_model_hash = trl_key
-
-    def _reference_logps(self, model, inputs) -> torch.Tensor:
-        """[2B] summed completion log-probs under the reference, chosen rows first.
-
-        The setting is TRL's: no grad, gradient checkpointing off, the PEFT model's "ref" adapter
-        or none when there is no ref_model, the accelerator's mixed precision; the forward is the
-        policy's (see :meth:`_compute_loss`).
-        """
+    @contextlib.contextmanager
+    def _reference_setting(self):
+        """TRL's setting of a reference forward: no grad, gradient checkpointing off, the PEFT model's
+        "ref" adapter or none when there is no ref_model, the accelerator's mixed precision."""
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with torch.no_grad(), adapter, \
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            with self.accelerator.autocast():
-                outputs = model(**_model_kwargs(inputs), output_hidden_states=True, logits_to_keep=1)
-            # read after the forward: under FSDP2 the head is then the gathered weight (see _compute_loss)
-            parts = _gathered_head(self.accelerator.unwrap_model(model))
-            packed = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
-            weight = parts.head_weight
-            token_logp = linear_logprobs(packed.hidden.to(weight.dtype), weight, packed.targets,
-                                         bias=parts.head_bias, num_kept=packed.layout.num_response_tokens,
-                                         backend=self.fastpref_loss.backend, **asdict(parts.transform))
-            return sequence_logps(token_logp, packed.layout)
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self.accelerator.autocast():
+            yield
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one batch, as (chosen [B], rejected [B]).
+
+        A padded batch goes through TRL's own code (``ld_alpha``'s reduction included) on the
+        model's fused head; a packed one (``padding_free=True``) through one packed forward and
+        fastpref's op. Precomputed (``precompute_ref_log_probs=True``) and online values come from
+        this same computation.
+        """
+        if "packed" not in inputs:
+            return super().compute_ref_log_probs(model, inputs)
+        packed = inputs["packed"].to(self.accelerator.device)
+        with self._reference_setting():
+            logps = packed_logps(model, packed, self._attention(model), backend="auto")
+        return logps.chunk(2)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precomputation, on the run's own batches, cached under a key of its own.
+
+        TRL caches the values by dataset and reference weights; without a key of their own, a
+        TRL run and a fastpref run on the same data would read each other's values.
+        """
+        trl_key, collator = self._precompute_model_hash, self.data_collator
+        self._precompute_model_hash = f"{trl_key}-fastpref{'-packed' if self.padding_free else ''}"
+        self.data_collator = self._collator(collator)
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash, self.data_collator = trl_key, collator
+
+    def _attention(self, model) -> str:
+        return unwrap(self.accelerator.unwrap_model(model)).config._attn_implementation
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if not self.uses_fused_loss:
+            return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
+        packed: Optional[PackedPairs] = inputs.get("packed")
+        if packed is not None and return_outputs:
+            raise ValueError(
+                "padding_free=True: compute_metrics needs the logits of TRL's padded batch, which a packed "
+                "batch has not; evaluate without compute_metrics, or set padding_free=False")
         if self.precompute_ref_logps:
             reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
-            reference = self._reference_logps(
-                self.ref_model if self.ref_model is not None else self.model, inputs)
+            reference = torch.cat(self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs))
 
-        model_kwargs = _model_kwargs(inputs)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        # The wrapper's own forward keeps DDP's gradient synchronisation; logits_to_keep=1 makes the
-        # model's LM head run on one position per row. hidden_states[-1] is the final, normed state.
-        outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
+        if packed is not None:
+            packed = packed.to(self.accelerator.device)
+            hidden = packed_hidden(model, packed, self._attention(model))
+            targets, layout, num_tokens = packed.targets, packed.layout, packed.input_ids.shape[1]
+            outputs = None
+        else:
+            model_kwargs = _model_kwargs(inputs)
+            if self.aux_loss_enabled:
+                model_kwargs["output_router_logits"] = True
+            # The wrapper's own forward keeps DDP's gradient synchronisation; logits_to_keep=1 makes the
+            # model's LM head run on one position per row. hidden_states[-1] is the final, normed state.
+            outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
+            batch = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
+            hidden, targets, layout = batch.hidden, batch.targets, batch.layout
+            num_tokens = inputs["attention_mask"].sum()
         parts = _gathered_head(self.accelerator.unwrap_model(model))
-        packed = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
         # Mixed precision may hand back float32 hidden states next to a half-precision head.
         weight = parts.head_weight
-        loss, metrics = self.fastpref_loss(packed.hidden.to(weight.dtype), weight, packed.targets,
-                                           packed.layout, reference, bias=parts.head_bias)
+        loss, metrics = self.fastpref_loss(hidden.to(weight.dtype), weight, targets, layout, reference,
+                                           bias=parts.head_bias)
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
-        self._log_pair_metrics(mode, metrics, packed.layout.num_pairs, inputs)
+        self._log_metrics(mode, metrics, layout, num_tokens)
 
         if return_outputs:
             warnings.warn(
@@ -369,15 +450,23 @@ class FastprefDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _log_pair_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], num_pairs: int,
-                          inputs: Dict[str, torch.Tensor]) -> None:
-        """TRL's metric keys with TRL's values: means over every pair of every process."""
-        sums = torch.stack([metrics[key] for key in _PAIR_METRICS]) * num_pairs
-        count = torch.full_like(sums[:1], num_pairs)
-        total = self.accelerator.gather(torch.cat([sums, count])[None]).sum(0)
-        for key, value in zip(_PAIR_METRICS, (total[:-1] / total[-1]).tolist()):
+    def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], layout: PackedLayout,
+                     num_tokens) -> None:
+        """TRL's metric keys with TRL's values: means over every pair, or every token, of every process."""
+        lengths = layout.lengths.to(metrics["entropy"].dtype)
+        tokens = {"all": lengths.sum(), "chosen": lengths[layout.chosen_index].sum(),
+                  "rejected": lengths[layout.rejected_index].sum()}
+        pairs = torch.full_like(tokens["all"], layout.num_pairs)
+        weights = [pairs] * len(_PAIR_METRICS) + [tokens[over] for _, over in _TOKEN_METRICS]
+        keys = list(_PAIR_METRICS) + [key for key, _ in _TOKEN_METRICS]
+        weights = torch.stack(weights)
+        sums = torch.stack([metrics[key].to(weights.dtype) for key in keys]) * weights
+        total = self.accelerator.gather(torch.stack([sums, weights])[None]).sum(0)
+        for key, value in zip(keys, (total[0] / total[1]).tolist()):
             self._metrics[mode][key].append(value)
         if mode == "train":
-            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            if not isinstance(num_tokens, torch.Tensor):
+                num_tokens = torch.tensor(num_tokens, device=lengths.device)
+            num_tokens = self.accelerator.gather_for_metrics(num_tokens).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -134,3 +134,44 @@ def flex_block_mask(packed: PackedPairs):
 
     length = units.numel()
     return create_block_mask(mask_mod, None, None, length, length, device=units.device)
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> PackedPairs:
+    """Pack the right-padded [2B, T] preference batch of TRL's collator (the B chosen rows, then the
+    B rejected rows of the same pairs) plainly: each row's tokens a segment of their own, positions
+    restarting at 0, attention block-diagonal causal (see :func:`may_attend`).
+
+    Token t of a row predicts token t + 1 where completion_mask[t + 1] is 1: TRL's shifted
+    completion mask, so the packed batch scores exactly the tokens the padded one does. The layout
+    lists the rows in order (chosen_index 0..B-1, rejected_index B..2B-1). Host work: build it on
+    the CPU (a data collator) and move it with :meth:`PackedPairs.to`.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids, attention_mask and completion_mask must be [2B, T] alike, got {tuple(input_ids.shape)}, "
+            f"{tuple(attention_mask.shape)} and {tuple(completion_mask.shape)}")
+    rows, width = input_ids.shape
+    if rows == 0 or rows % 2:
+        raise ValueError(f"the paired padded layout needs 2B rows (B chosen, then B rejected), got {rows}")
+    lengths = attention_mask.sum(dim=1)
+    real = torch.arange(width) < lengths[:, None]
+    if not torch.equal(attention_mask.bool(), real):
+        raise ValueError("attention_mask must be right padding: each row's tokens first, then only padding")
+    # (row, t) predicts (row, t + 1) when that token is a real completion token
+    predicts = torch.zeros_like(real)
+    predicts[:, :-1] = completion_mask[:, 1:].bool() & real[:, 1:]
+    offsets = torch.zeros(rows, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)[:-1]
+    row_of, column = predicts.nonzero(as_tuple=True)
+    half = rows // 2
+    row_ids = torch.arange(rows)[:, None].expand(rows, width)
+    response_role = torch.where(row_ids < half, CHOSEN, REJECTED)
+    roles = torch.where(completion_mask.bool(), response_role, PROMPT)
+    cu_seqlens = torch.zeros(rows + 1, dtype=torch.long)
+    cu_seqlens[1:] = predicts.sum(dim=1).cumsum(0)
+    layout = PackedLayout.paired(cu_seqlens, torch.ones(row_of.numel(), dtype=torch.bool),
+                                 torch.arange(half), torch.arange(half, rows))
+    return PackedPairs(
+        input_ids=input_ids[real][None], position_ids=torch.arange(width).expand(rows, width)[real][None],
+        unit_ids=row_ids[real], roles=roles[real], loss_positions=offsets[row_of] + column,
+        targets=input_ids[row_of, column + 1], layout=layout, rows=list(range(half)), prefix_sharing=False)

@@ -24,7 +24,7 @@ from ..linear_logprobs import linear_logprobs
 from ..losses import sequence_logps
 from ..transfer import to_device
 from .model import FusedHeadForward
-from .packing import pack_pairs
+from .packing import PackedPairs, pack_pairs
 
 CACHE_VERSION = "1"
 # a piece of the cache is written at least this often while the pass runs (seconds)
@@ -53,6 +53,13 @@ def pair_logps(model, pairs: Sequence, attention: str, device, *,
     `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
     """
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
+    return packed_logps(model, packed, attention, backend=backend)
+
+
+@torch.no_grad()
+def packed_logps(model, packed: PackedPairs, attention: str, *, backend: str = "auto") -> torch.Tensor:
+    """[S] summed response log-probs of the sequences of a packed batch, in its layout's order, from
+    one packed forward of `model` (a causal LM or a :class:`FusedHeadForward`) and the fused op."""
     if not isinstance(model, FusedHeadForward):
         model = FusedHeadForward(model)
     transform = causal_lm_parts(model.model).transform
