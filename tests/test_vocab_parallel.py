@@ -315,3 +315,78 @@ def test_the_trl_drop_in_refuses_a_tensor_parallel_model(tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, model_init_kwargs={"tp_plan": "auto"})
     with pytest.raises(ValueError, match=r"tp_plan='auto': tensor-parallel models are not supported"):
         FastprefDPOTrainer(model="some/model", args=args, train_dataset=None)
+
+
+class _HeadModule(torch.nn.Module):
+    """An LM head whose forward is the op on its own weight: under FSDP2 the weight is gathered
+    over the data dimension there (as the trainer's FusedHeadForward reads it), still sharded on
+    the vocabulary by tensor parallelism."""
+
+    def __init__(self, vocab, width):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(width, vocab, dtype=torch.float64)
+
+    def forward(self, hidden, targets):
+        return fastpref.linear_logprobs(hidden, self.lm_head.weight, targets, bias=self.lm_head.bias,
+                                        outputs=("log_probs", "entropy"))
+
+
+def _fsdp_tp_inputs(data_rank):
+    hidden, _, _, targets, _, grads = _inputs(f"fsdp-tp-{data_rank}", 37)
+    return hidden, targets, grads
+
+
+def _fsdp_tp_worker(rank, port, folder):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    faulthandler.dump_traceback_later(300, exit=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="4", RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "vocab"))
+    torch.manual_seed(0)
+    model = _HeadModule(37, 6)
+    parallelize_module(model, mesh["vocab"], {"lm_head": ColwiseParallel()})
+    fully_shard(model, mesh=mesh["data"])
+    hidden, targets, grads = _fsdp_tp_inputs(mesh.get_local_rank(0))
+    hidden.requires_grad_(True)
+    result = model(hidden, targets)
+    _objective(result, grads).backward()
+    found = {"log_probs": result.log_probs.detach(), "entropy": result.entropy.detach(), "d_hidden": hidden.grad,
+             "placements": str(tuple(model.lm_head.weight.placements))}
+    # the whole gradients, for the comparison only (FSDP2 averages them over the data dimension)
+    found.update(d_weight=model.lm_head.weight.grad.full_tensor(), d_bias=model.lm_head.bias.grad.full_tensor())
+    torch.save(found, os.path.join(folder, f"rank{rank}.pt"))
+    dist.barrier()
+    exit_without_teardown()
+
+
+def test_fsdp2_by_tensor_parallel_on_four_processes(tmp_path):
+    """A 2 x 2 mesh: FSDP2 over the data dimension (each half its own batch), the head sharded on
+    the vocabulary (V = 37: 19 and 18 rows) over the other. Every process gets its batch's
+    one-process outputs and hidden gradient; the head's gradients are the one-process ones
+    averaged over the two batches, as FSDP2 reduces them."""
+    mp.spawn(_fsdp_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True)
+    found = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(4)]
+    assert "Shard(dim=0)" in found[0]["placements"]
+    torch.manual_seed(0)
+    model = _HeadModule(37, 6)
+    expected = []
+    for data_rank in range(2):
+        hidden, targets, grads = _fsdp_tp_inputs(data_rank)
+        hidden.requires_grad_(True)
+        model.zero_grad()
+        result = model(hidden, targets)
+        _objective(result, grads).backward()
+        expected.append({"log_probs": result.log_probs.detach(), "entropy": result.entropy.detach(),
+                         "d_hidden": hidden.grad, "d_weight": model.lm_head.weight.grad.clone(),
+                         "d_bias": model.lm_head.bias.grad.clone()})
+    for rank, process in enumerate(found):
+        for name in ("log_probs", "entropy", "d_hidden"):
+            torch.testing.assert_close(process[name], expected[rank // 2][name], rtol=1e-10, atol=1e-10)
+        for name in ("d_weight", "d_bias"):
+            torch.testing.assert_close(process[name], (expected[0][name] + expected[1][name]) / 2,
+                                       rtol=1e-10, atol=1e-10)
