@@ -117,7 +117,7 @@ def _run_loss(hidden, weight, targets, layout, reference):
 
 
 def _errors(mesh):
-    """The message of each placement the op refuses."""
+    """The message of each placement the op refuses, and of a target beyond the vocabulary."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     hidden, weight, _, targets, _, _ = _inputs("errors", 37)
@@ -134,35 +134,56 @@ def _errors(mesh):
         fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets,
                                  bias=torch.zeros(37, dtype=weight.dtype))
     messages["plain_bias"] = str(error.value)
+    beyond = targets.clone()
+    beyond[3] = 37  # one past the last slice
+    with pytest.raises(ValueError) as error:
+        fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), beyond, check=True)
+    messages["target"] = str(error.value)
     return messages
 
 
-def _worker(rank, world_size, port, folder, train_options):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _sliced(rank, processes):
+    """Every case on a mesh of the first `processes` ranks (None on the others, which still build
+    the meshes with them: a mesh's groups are created by every process)."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    ranks = torch.arange(processes)
+    mesh = DeviceMesh("cpu", ranks)
+    # one dimension of a 2-D mesh sharding the vocabulary, the other (of size 1) replicating it
+    meshes_2d = {name: DeviceMesh("cpu", ranks.reshape([processes if size is None else size for size in shape]))
+                 for name, shape in MESHES_2D.items()}
+    if rank >= processes:
+        return None
+    found = {}
+    for case, (vocab, dtype) in CASES.items():
+        hidden, weight, bias, targets, options, grads = _inputs(case, vocab, dtype)
+        found[case] = _run(case, hidden, distribute_tensor(weight, mesh, [Shard(0)]),
+                           None if bias is None else distribute_tensor(bias, mesh, [Shard(0)]), targets, options, grads)
+    for name, shape in MESHES_2D.items():
+        placements = [Shard(0) if size is None else Replicate() for size in shape]
+        hidden, weight, bias, targets, options, grads = _inputs("outputs", 37)
+        found[name] = _run(name, hidden, distribute_tensor(weight, meshes_2d[name], placements),
+                           distribute_tensor(bias, meshes_2d[name], placements), targets, options, grads)
+    hidden, weight, targets, layout, reference = _loss_inputs()
+    found["loss"] = _run_loss(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets, layout, reference)
+    found["errors"] = _errors(mesh)
+    return found
+
+
+def _worker(rank, world_size, processes, port, folder, train_options):
+    """The sliced cases on `processes` of the `world_size` ranks; with four, FSDP2 x TP on all; with
+    `train_options`, a `--parallel tp` run on all."""
+    import torch.distributed as dist
 
     faulthandler.dump_traceback_later(300, exit=True)  # a missed collective fails, with where
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (world_size,))
-    found = {}
-    for case, (vocab, dtype) in CASES.items():
-        hidden, weight, bias, targets, options, grads = _inputs(case, vocab, dtype)
-        found[case] = _run(case, hidden, distribute_tensor(weight, mesh, [Shard(0)]),
-                           None if bias is None else distribute_tensor(bias, mesh, [Shard(0)]), targets, options, grads)
-    # one dimension of a 2-D mesh sharding the vocabulary, the other (of size 1) replicating it
-    for name, shape in MESHES_2D.items():
-        mesh_2d = init_device_mesh("cpu", tuple(world_size if size is None else size for size in shape))
-        placements = [Shard(0) if size is None else Replicate() for size in shape]
-        hidden, weight, bias, targets, options, grads = _inputs("outputs", 37)
-        found[name] = _run(name, hidden, distribute_tensor(weight, mesh_2d, placements),
-                           distribute_tensor(bias, mesh_2d, placements), targets, options, grads)
-    hidden, weight, targets, layout, reference = _loss_inputs()
-    found["loss"] = _run_loss(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets, layout, reference)
-    found["errors"] = _errors(mesh)
+    found = {"sliced": _sliced(rank, processes)}
+    if world_size == 4:
+        found["fsdp_tp"] = _fsdp_tp(rank)
     if train_options is not None:
         from fastpref.train.loop import TrainConfig, train
 
@@ -176,17 +197,35 @@ def _worker(rank, world_size, port, folder, train_options):
 TRAIN_OPTIONS = dict(pairs_per_step=3, max_steps=2, save_steps=1, eval_steps=2, warmup_ratio=0.0)
 
 
+def _spawn(folder, world_size, processes, train_options=None):
+    mp.spawn(_worker, args=(world_size, processes, _free_port(), str(folder), train_options), nprocs=world_size,
+             join=True)
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, small_data):
+    """(what each process found, the `--parallel tp` run's folder): the trainer's run shares the
+    spawn (starting processes costs more than these tiny runs)."""
+    folder = tmp_path_factory.mktemp("vocab-parallel-2")
+    train_options = vars(config(folder, small_data, parallel="tp", **TRAIN_OPTIONS))
+    return _spawn(folder, 2, 2, train_options), folder / "run"
+
+
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory):
+    """What each of four processes found: the three-process cases on the first three, FSDP2 x TP on all."""
+    return _spawn(tmp_path_factory.mktemp("vocab-parallel-4"), 4, 3)
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
-def sharded(request, tmp_path_factory, small_data):
-    """(process count, what each process found, the trainer's run folder: two processes only)."""
-    world_size = request.param
-    folder = tmp_path_factory.mktemp(f"vocab-parallel-{world_size}")
-    train_options = None
-    if world_size == 2:  # the trainer's run too: a spawn costs more than these tiny runs
-        train_options = vars(config(folder, small_data, parallel="tp", **TRAIN_OPTIONS))
-    mp.spawn(_worker, args=(world_size, _free_port(), str(folder), train_options), nprocs=world_size, join=True)
-    found = [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
-    return world_size, found, folder / "run"
+def sharded(request):
+    """(process count, what each of them found)."""
+    if request.param == 2:
+        found = request.getfixturevalue("two_processes")[0]
+    else:
+        found = request.getfixturevalue("four_processes")[:3]
+    return request.param, [process["sliced"] for process in found]
 
 
 def _slices(vocab, processes):
@@ -210,7 +249,7 @@ def _compare(found, expected, rank, processes, vocab, tolerance):
 
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(MESHES_2D))
 def test_every_output_and_gradient_equals_one_process(sharded, case):
-    processes, found, _ = sharded
+    processes, found = sharded
     vocab, dtype = CASES.get(case, (37, torch.float64))
     expected = _run(case, *_inputs("outputs" if case in MESHES_2D else case, vocab, dtype))
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
@@ -237,26 +276,25 @@ def test_outputs_match_the_float64_reference_with_ties(sharded):
 
 
 def test_preference_loss_and_gradients_equal_one_process(sharded):
-    processes, found, _ = sharded
+    processes, found = sharded
     expected = _run_loss(*_loss_inputs())
     for rank, process in enumerate(found):
         _compare(process["loss"], expected, rank, processes, 37, 1e-10)
 
 
-def test_unsupported_placements_are_refused_by_name(sharded):
+def test_unsupported_placements_and_bad_targets_are_refused_by_name(sharded):
     messages = sharded[1][0]["errors"]
     assert "Shard(dim=1)" in messages["shard1"] and "expected Shard(0)" in messages["shard1"]
     assert "replicated on every mesh dimension" in messages["replicate"]
     assert "Partial" in messages["partial"] and "expected Shard(0)" in messages["partial"]
     assert "bias must be sharded like the weight" in messages["plain_bias"]
+    assert "targets must lie in [0, V = 37)" in messages["target"] and "position 3 (value 37)" in messages["target"]
 
 
-def test_trainer_with_the_head_sharded_equals_one_process(sharded, tmp_path, small_data):
+def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_path, small_data):
     """`--parallel tp` on two processes: the losses and the trained weights of one process with the
     same global batch (the weights moved: the comparison is not of two starting points)."""
-    processes, found, run = sharded
-    if "train_losses" not in found[0]:
-        pytest.skip("the trainer runs in the two-process spawn only")
+    found, run = two_processes
     from transformers import AutoModelForCausalLM
 
     from fastpref.train.loop import train
@@ -336,16 +374,11 @@ def _fsdp_tp_inputs(data_rank):
     return hidden, targets, grads
 
 
-def _fsdp_tp_worker(rank, port, folder):
-    import torch.distributed as dist
+def _fsdp_tp(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    faulthandler.dump_traceback_later(300, exit=True)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="4", RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "vocab"))
     torch.manual_seed(0)
     model = _HeadModule(37, 6)
@@ -359,18 +392,15 @@ def _fsdp_tp_worker(rank, port, folder):
              "placements": str(tuple(model.lm_head.weight.placements))}
     # the whole gradients, for the comparison only (FSDP2 averages them over the data dimension)
     found.update(d_weight=model.lm_head.weight.grad.full_tensor(), d_bias=model.lm_head.bias.grad.full_tensor())
-    torch.save(found, os.path.join(folder, f"rank{rank}.pt"))
-    dist.barrier()
-    exit_without_teardown()
+    return found
 
 
-def test_fsdp2_by_tensor_parallel_on_four_processes(tmp_path):
+def test_fsdp2_by_tensor_parallel_on_four_processes(four_processes):
     """A 2 x 2 mesh: FSDP2 over the data dimension (each half its own batch), the head sharded on
     the vocabulary (V = 37: 19 and 18 rows) over the other. Every process gets its batch's
     one-process outputs and hidden gradient; the head's gradients are the one-process ones
     averaged over the two batches, as FSDP2 reduces them."""
-    mp.spawn(_fsdp_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True)
-    found = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(4)]
+    found = [process["fsdp_tp"] for process in four_processes]
     assert "Shard(dim=0)" in found[0]["placements"]
     torch.manual_seed(0)
     model = _HeadModule(37, 6)
