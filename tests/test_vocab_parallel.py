@@ -188,9 +188,23 @@ def _worker(rank, world_size, processes, port, folder, train_options):
         from fastpref.train.loop import TrainConfig, train
 
         found["train_losses"] = train(TrainConfig(**train_options)).losses
+        # the same run stopped after its checkpoint at step 1, then run again: it resumes
+        resumed = TrainConfig(**dict(train_options, output_dir=train_options["output_dir"] + "-resumed"))
+        with pytest.raises(_Stopped):
+            train(resumed, on_step=_stop_after_first_step)
+        found["resumed_losses"] = train(resumed).losses
     torch.save(found, os.path.join(folder, f"rank{rank}.pt"))
     dist.barrier()
     exit_without_teardown()
+
+
+class _Stopped(Exception):
+    """Stands for a process killed after a checkpoint."""
+
+
+def _stop_after_first_step(step):
+    if step == 1:
+        raise _Stopped
 
 
 # no warmup: the first step moves the weights, so the second step's loss differs from the first
@@ -293,7 +307,8 @@ def test_unsupported_placements_and_bad_targets_are_refused_by_name(sharded):
 
 def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_path, small_data):
     """`--parallel tp` on two processes: the losses and the trained weights of one process with the
-    same global batch (the weights moved: the comparison is not of two starting points)."""
+    same global batch (the weights moved: the comparison is not of two starting points); stopped
+    after its checkpoint and run again, it resumes to the same."""
     found, run = two_processes
     from transformers import AutoModelForCausalLM
 
@@ -310,6 +325,13 @@ def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_pat
         assert (sharded_run[name] - weight).norm() <= 1e-5 * weight.norm(), name
     assert (trained["lm_head.weight"] - initial["lm_head.weight"]).norm() > 1e-3 * initial["lm_head.weight"].norm()
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    # stopped after step 1 and run again: the sharded checkpoint resumes to the uninterrupted run
+    resumed = run.parent / "run-resumed"
+    for process in found:
+        assert process["resumed_losses"] == pytest.approx(process["train_losses"][1:], rel=1e-6, abs=1e-7)
+    final = dict(AutoModelForCausalLM.from_pretrained(resumed / "final", local_files_only=True).named_parameters())
+    for name, weight in sharded_run.items():
+        assert (final[name] - weight).norm() <= 1e-6 * weight.norm(), name
 
 
 def test_trainer_refuses_what_the_sharded_head_cannot_run():
