@@ -16,12 +16,15 @@ slice's sum of exponentials, p^k its softmax, t the target,
     max_before_k = m_k where the slice lies before t, -inf after it; on the owner -inf when t is
                    its slice's first maximum, +inf when not                    (is_top1)
 
-One all_gather over the mesh dimension brings every process the [K, F, M] statistics (F <= 8
-numbers per row and process, float32; float64 for float64 inputs), and merge_vocabulary_parts
-merges them exactly as it merges the vocabulary blocks of one process: every process gets the
-whole vocabulary's log-probs and outputs. An all_gather rather than a max all-reduce followed by
-sum all-reduces: one collective instead of two dependent ones, the merge already written, and at
-these sizes (K F M 4 bytes: 96 KiB for M = 4096, K = 2, F = 3) latency, not bandwidth, is its cost.
+One all_gather over the mesh dimension brings every process the [K, F, M] statistics (F = 4 to 9
+numbers per row and process, float32; float64 for float64 inputs: the above and the target
+itself), and merge_vocabulary_parts merges them exactly as it merges the vocabulary blocks of one
+process: every process gets the whole vocabulary's log-probs and outputs. An all_gather rather
+than a max all-reduce followed by sum all-reduces: one collective instead of two dependent ones,
+the merge already written, and at these sizes (K F M 4 bytes: 128 KiB for M = 4096, K = 2, F = 4)
+latency, not bandwidth, is its cost. The gathered targets cost one number per row and catch, on
+the device, processes that do not hold the same rows (see _report_differing_targets): every
+process of the mesh dimension must pass the same hidden rows and targets.
 
 A process that does not own row n's target streams its slice with column 0 standing in as the
 target (so the backends' inputs stay valid), and its statistics are rebuilt as above. The backward
@@ -135,13 +138,14 @@ _STATISTICS_OF_OUTPUT = {"entropy": 2, "log_sum_sq_probs": 1, "mean_logits": 1, 
 
 def statistics_per_row(outputs) -> int:
     """F, the numbers per row and process the forward's all_gather carries: row max, sum without
-    the target, target logit, and those of the per-token `outputs` asked for."""
-    return 3 + sum(_STATISTICS_OF_OUTPUT[name] for name in set(outputs) if name in _STATISTICS_OF_OUTPUT)
+    the target, target logit, those of the per-token `outputs` asked for, and the target itself."""
+    return 4 + sum(_STATISTICS_OF_OUTPUT[name] for name in set(outputs) if name in _STATISTICS_OF_OUTPUT)
 
 
 def _statistics(result, owned: torch.Tensor, targets: torch.Tensor, piece: VocabularySlice,
                 options: HeadOptions) -> torch.Tensor:
-    """[F, M] the slice's statistics relative to its largest logit (see the module docstring)."""
+    """[F, M] the slice's statistics relative to its largest logit (see the module docstring), and
+    last the targets (exact in float32 below 2^24), which every process must share."""
     row_max = result.row_max
     log_scale = result.lse - row_max
     scale = log_scale.exp()
@@ -158,11 +162,13 @@ def _statistics(result, owned: torch.Tensor, targets: torch.Tensor, piece: Vocab
         infinity = torch.full_like(scale, float("inf"))
         before = torch.where(targets >= piece.offset + piece.size, row_max, -infinity)
         rows.append(torch.where(owned, torch.where(result.is_top1, -infinity, infinity), before))
+    rows.append(targets.to(scale.dtype))
     return torch.stack(rows)
 
 
 def _merge(parts: torch.Tensor, options: HeadOptions, vocab: int):
-    """The merged ForwardResult from every process's [F, M] statistics, [K, F, M]."""
+    """The merged ForwardResult from every process's [F, M] statistics, [K, F, M] (the targets
+    last, not merged)."""
     names = []
     if "entropy" in options.outputs:
         names += ["sum_all", "shifted"]
@@ -178,6 +184,22 @@ def _gather(statistics: torch.Tensor, piece: VocabularySlice) -> torch.Tensor:
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # its older name
     all_gather(gathered, statistics.contiguous(), group=piece.group)
     return gathered.view(piece.processes, *statistics.shape)
+
+
+def _report_differing_targets(targets: torch.Tensor, piece: VocabularySlice, check: bool) -> None:
+    """Flag (deferred, or at once with `check`) rows whose target is not the same on every process
+    of the mesh dimension, [K, M]: their processes hold different rows (say, data-parallel ones
+    passing a weight FSDP2 shards over them), and the merge would mix them."""
+    differing = (targets != targets[:1]).any(dim=0)
+    processes = piece.processes
+
+    def describe(count: int, first: int) -> str:
+        return (f"the {processes} processes over which the weight is sharded on the vocabulary (Shard(0)) hold "
+                f"different targets at {count} computed rows, the first at row {first}: a vocabulary-parallel head "
+                "needs the same hidden rows and targets on each of them (a weight that FSDP2 shards over "
+                "data-parallel processes is not one: read it inside its module's forward, where it is gathered)")
+
+    deferred_errors.report_any(differing, describe, check)
 
 
 class _VocabularyParallelLogprobs(torch.autograd.Function):
@@ -197,8 +219,9 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
                                       fold_hidden_gradient=False)
             slice_targets = targets if computed.rows is None else targets.index_select(0, computed.rows)
             owned = computed.counts & (slice_targets >= piece.offset) & (slice_targets < piece.offset + piece.size)
-            merged = _merge(_gather(_statistics(result, owned, slice_targets, piece, options), piece), options,
-                            piece.vocab)
+            parts = _gather(_statistics(result, owned, slice_targets, piece, options), piece)
+            _report_differing_targets(parts[:, -1], piece, check)
+            merged = _merge(parts, options, piece.vocab)
             # the stand-in target's entry g miss in the backward must be its -g p_0
             stand_in = -(result.logp + result.lse - merged.lse).exp()
             miss = torch.where(owned, merged.miss, stand_in)

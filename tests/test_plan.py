@@ -212,7 +212,7 @@ def test_head_options_cost_what_their_kernels_add():
 
 def test_the_vocabulary_parallel_plan_counts_the_slice_and_each_collective(capsys):
     """K = 3 processes on H200: each streams ceil(V / 3) rows; the forward's all_gather carries F
-    float32 per row (3, and 2 more for the entropy), (K - 1) of them sent per GPU; the backward's
+    float32 per row (4, and 2 more for the entropy), (K - 1) of them sent per GPU; the backward's
     ring all_reduce of d_hidden sends 2 (K - 1) / K of it; each takes 10 us + bytes / 450 GB/s."""
     from fastpref.bench.plan import COLLECTIVE_LATENCY_MS, vocab_parallel_plan
 
@@ -222,10 +222,10 @@ def test_the_vocabulary_parallel_plan_counts_the_slice_and_each_collective(capsy
     assert cost.head.predicted_ms == plan(Shape(n, hidden, 42752), "trainable", "slab", "h200",
                                           options=("entropy",)).predicted_ms
     assert cost.one_process.predicted_ms == plan(HEADLINE, "trainable", "slab", "h200", options=("entropy",)).predicted_ms
-    assert cost.statistics == 5 and cost.gather_bytes == 5 * n * 4 and cost.gather_sent_bytes == 2 * 5 * n * 4
+    assert cost.statistics == 6 and cost.gather_bytes == 6 * n * 4 and cost.gather_sent_bytes == 2 * 6 * n * 4
     assert cost.reduce_sent_bytes == pytest.approx(4 / 3 * n * hidden * 2)
     assert COLLECTIVE_LATENCY_MS == 0.010
-    assert cost.gather_ms == pytest.approx(0.010 + 2 * 5 * n * 4 / 450e9 * 1e3)
+    assert cost.gather_ms == pytest.approx(0.010 + 2 * 6 * n * 4 / 450e9 * 1e3)
     assert cost.reduce_ms == pytest.approx(0.010 + 4 / 3 * n * hidden * 2 / 450e9 * 1e3)
     assert cost.predicted_ms == pytest.approx(cost.head.predicted_ms + cost.gather_ms + cost.reduce_ms)
     # a sharded frozen head is not folded: the trainable passes on its slice, less d_weight

@@ -117,7 +117,8 @@ def _run_loss(hidden, weight, targets, layout, reference):
 
 
 def _errors(mesh):
-    """The message of each placement the op refuses, and of a target beyond the vocabulary."""
+    """The message of each placement the op refuses, of a target beyond the vocabulary, and of
+    targets that differ between the processes."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     hidden, weight, _, targets, _, _ = _inputs("errors", 37)
@@ -139,6 +140,11 @@ def _errors(mesh):
     with pytest.raises(ValueError) as error:
         fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), beyond, check=True)
     messages["target"] = str(error.value)
+    differing = targets.clone()
+    differing[5] = mesh.get_local_rank()  # data-parallel processes would hold different rows
+    with pytest.raises(ValueError) as error:
+        fastpref.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), differing, check=True)
+    messages["differing"] = str(error.value)
     return messages
 
 
@@ -303,6 +309,7 @@ def test_unsupported_placements_and_bad_targets_are_refused_by_name(sharded):
     assert "Partial" in messages["partial"] and "expected Shard(0)" in messages["partial"]
     assert "bias must be sharded like the weight" in messages["plain_bias"]
     assert "targets must lie in [0, V = 37)" in messages["target"] and "position 3 (value 37)" in messages["target"]
+    assert "hold different targets at 1 computed rows, the first at row 5" in messages["differing"]
 
 
 def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_path, small_data):
