@@ -177,9 +177,26 @@ def _sliced(rank, processes):
     return found
 
 
+def _tp_plan_model(folder):
+    """A transformers model loaded with tp_plan="auto": its LM head as transformers shards it, the
+    op on its hidden states (V = 101: 51 and 50 rows)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "tp-plan-model"), tp_plan="auto",
+                                                 dtype=torch.float32)
+    weight = model.lm_head.weight
+    hidden = model(input_ids=torch.arange(1, 12)[None], output_hidden_states=True, logits_to_keep=1)
+    hidden = hidden.hidden_states[-1][0].detach().requires_grad_(True)
+    targets = torch.arange(2, 13) * 7 % 101
+    log_probs = fastpref.linear_logprobs(hidden, weight, targets)
+    log_probs.sum().backward()
+    return {"hidden": hidden.detach(), "targets": targets, "log_probs": log_probs.detach(), "d_hidden": hidden.grad,
+            "placements": str(tuple(weight.placements)), "tp_size": model.tp_size}
+
+
 def _worker(rank, world_size, processes, port, folder, train_options):
     """The sliced cases on `processes` of the `world_size` ranks; with four, FSDP2 x TP on all; with
-    `train_options`, a `--parallel tp` run on all."""
+    `train_options`, a transformers tp_plan model and a `--parallel tp` run on all."""
     import torch.distributed as dist
 
     faulthandler.dump_traceback_later(300, exit=True)  # a missed collective fails, with where
@@ -193,6 +210,7 @@ def _worker(rank, world_size, processes, port, folder, train_options):
     if train_options is not None:
         from fastpref.train.loop import TrainConfig, train
 
+        found["tp_plan"] = _tp_plan_model(folder)
         found["train_losses"] = train(TrainConfig(**train_options)).losses
         # the same run stopped after its checkpoint at step 1, then run again: it resumes
         resumed = TrainConfig(**dict(train_options, output_dir=train_options["output_dir"] + "-resumed"))
@@ -223,11 +241,20 @@ def _spawn(folder, world_size, processes, train_options=None):
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, small_data):
     """(what each process found, the `--parallel tp` run's folder): the trainer's run shares the
     spawn (starting processes costs more than these tiny runs)."""
     folder = tmp_path_factory.mktemp("vocab-parallel-2")
+    _tiny_llama().save_pretrained(folder / "tp-plan-model")
     train_options = vars(config(folder, small_data, parallel="tp", **TRAIN_OPTIONS))
     return _spawn(folder, 2, 2, train_options), folder / "run"
 
@@ -449,3 +476,20 @@ def test_fsdp2_by_tensor_parallel_on_four_processes(four_processes):
         for name in ("d_weight", "d_bias"):
             torch.testing.assert_close(process[name], (expected[0][name] + expected[1][name]) / 2,
                                        rtol=1e-10, atol=1e-10)
+
+
+def test_a_transformers_tp_plan_head_equals_one_process(two_processes):
+    """from_pretrained(..., tp_plan="auto") on two processes: the LM head a DTensor with Shard(0)
+    over V = 101 (51 and 50 rows); the op on it gives each process the log-probs and the hidden
+    gradient of the whole head."""
+    found, run = two_processes
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run.parent / "tp-plan-model", local_files_only=True)
+    for process in (p["tp_plan"] for p in found):
+        assert process["placements"] == "(Shard(dim=0),)" and process["tp_size"] == 2
+        hidden = process["hidden"].clone().requires_grad_(True)
+        log_probs = fastpref.linear_logprobs(hidden, model.lm_head.weight, process["targets"])
+        log_probs.sum().backward()
+        torch.testing.assert_close(process["log_probs"], log_probs.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(process["d_hidden"], hidden.grad, rtol=1e-5, atol=1e-5)
