@@ -66,7 +66,9 @@ def _unsharded(parameter, name: str):
             "gathered the LM head's group. Leave lm_head in the root's group (fully_shard the decoder layers, "
             "then the model), or shard it with the final norm in a group kept gathered after forward "
             "(fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False), as accelerate's "
-            "FSDP2 does); gathering it with full_tensor() would leave its gradient local to each process")
+            "FSDP2 does); gathering it with full_tensor() would leave its gradient local to each process. "
+            "A head sharded on the vocabulary by tensor parallelism (tp_plan) is not supported through TRL's "
+            "trainers; fastpref.linear_logprobs and fastpref train --parallel tp take one")
     return parameter
 
 
