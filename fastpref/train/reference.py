@@ -1,5 +1,8 @@
 """Reference log-probs: computed once, cached on disk, reused across runs.
 
+For unpaired examples (KTO) the two values cached per example are the log-probs of its completion
+and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its key.
+
 The reference model's summed response log-probs depend only on the reference weights and on
 the tokenized pairs, so they are computed in one no-grad pass (with a progress bar and an ETA)
 and stored under a key that hashes both: a different model, data set, tokenizer or truncation
@@ -24,7 +27,7 @@ from ..linear_logprobs import linear_logprobs
 from ..losses import sequence_logps
 from ..transfer import to_device
 from .model import FusedHeadForward
-from .packing import pack_pairs
+from .packing import PackedPairs, pack_pairs
 
 CACHE_VERSION = "1"
 # a piece of the cache is written at least this often while the pass runs (seconds)
@@ -46,13 +49,12 @@ def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: Sequence, attention: str, device, *,
-               prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
-    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...).
+def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend: str = "auto") -> torch.Tensor:
+    """[S] summed response log-probs of the packed sequences, in layout order.
 
     `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
     """
-    packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
+    packed = packed.to(device)
     if not isinstance(model, FusedHeadForward):
         model = FusedHeadForward(model)
     transform = causal_lm_parts(model.model).transform
@@ -63,6 +65,13 @@ def pair_logps(model, pairs: Sequence, attention: str, device, *,
         return sequence_logps(token_logp, packed.layout).float()
 
     return model(packed, attention, logps)
+
+
+def pair_logps(model, pairs: Sequence, attention: str, device, *,
+               prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
+    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...), as
+    :func:`packed_logps`."""
+    return packed_logps(model, pack_pairs(pairs, prefix_sharing=prefix_sharing), attention, device, backend=backend)
 
 
 class ReferenceCache:
