@@ -214,11 +214,17 @@ def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, 
     return read
 
 
+def _mean_of_numbers(values: Sequence[float]) -> float:
+    numbers = [value for value in values if not math.isnan(value)]
+    return sum(numbers) / len(numbers) if numbers else float("nan")
+
+
 def _interval_record(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
     """The steps since the last log as one record, as TRL logs them: the metrics averaged over
-    the steps, tokens summed, and step, epoch and learning rate those of the last."""
+    the steps that have them (KTO's per-label metrics are NaN for a step without an example of the
+    label), tokens summed, and step, epoch and learning rate those of the last."""
     last = records[-1]
-    merged = {k: sum(r[k] for r in records) / len(records) for k in last if k not in ("step", "split", "epoch", "lr")}
+    merged = {k: _mean_of_numbers([r[k] for r in records]) for k in last if k not in ("step", "split", "epoch", "lr")}
     merged.update(step=last["step"], split=last["split"], epoch=last["epoch"], lr=last["lr"],
                   tokens=sum(r["tokens"] for r in records))
     merged["tokens_per_s"] = merged["tokens"] / sum(r["tokens"] / r["tokens_per_s"] for r in records)
@@ -707,7 +713,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                     margin=f"{record['rewards/margins']:.3f}")
-                    warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
+                    warning = (None if math.isnan(record["rewards/margins"]) else  # a KTO step of one label
+                               self.displacement.update(record["logps/chosen"], record["rewards/margins"]))
                     if warning:
                         self._say("warning: " + warning)
                         log.write({"step": self.step, "split": "warning", "message": warning})
