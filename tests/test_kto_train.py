@@ -170,6 +170,7 @@ def test_kto_trains_from_the_command_line_on_unpaired_data(tmp_path, unpaired_da
     assert main(command) == 0
     out = capsys.readouterr().out
     assert "48 rows read (explicit format): 48 examples kept" in out
+    assert "desirable and" in out and "the KTO paper advises 1 to 4/3: e.g. --desirable-weight" in out
     assert "10 held-out examples (never trained on): reward accuracy" in out
     assert "12 training examples: reward accuracy" in out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

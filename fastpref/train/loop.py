@@ -431,10 +431,24 @@ class Trainer:
                   f"of up to {per_step} {unit}s train on {len(self.trained_pairs)} of the training {unit}s "
                   f"({self.total_steps / self.steps_per_epoch:.3g} epochs)")
         if self.unpaired:
-            desirable = sum(example.label for example in self.train_pairs)
-            self._say(f"{desirable} desirable and {len(self.train_pairs) - desirable} undesirable training examples"
-                      + ("" if 0 < desirable < len(self.train_pairs) else
-                         ": warning, KTO then learns from one kind of example only"))
+            self._say(self._label_balance())
+
+    def _label_balance(self) -> str:
+        """The training examples by label, and a warning where their weighted counts fall outside
+        the KTO paper's advice (its eq. 8, which TRL's KTOTrainer checks too)."""
+        cfg = self.cfg
+        desirable = sum(example.label for example in self.train_pairs)
+        undesirable = len(self.train_pairs) - desirable
+        line = f"{desirable} desirable and {undesirable} undesirable training examples"
+        if not desirable or not undesirable:
+            return line + ": warning, KTO then learns from one kind of example only"
+        ratio = cfg.desirable_weight * desirable / (cfg.undesirable_weight * undesirable)
+        if 1 <= ratio <= 4 / 3:
+            return line
+        low = undesirable * cfg.undesirable_weight / desirable
+        return (line + f": warning, desirable weight x desirable examples / (undesirable weight x undesirable "
+                f"examples) is {ratio:.3g}, where the KTO paper advises 1 to 4/3: e.g. --desirable-weight "
+                f"{low:.3g} to {low * 4 / 3:.3g}")
 
     def _epoch_order(self, epoch: int) -> List[int]:
         """The training pairs' order in `epoch`: fixed by the seed, so a resumed run sees the same."""

@@ -1,14 +1,14 @@
 """Reference log-probs: computed once, cached on disk, reused across runs.
 
-For unpaired examples (KTO) the two values cached per example are the log-probs of its completion
-and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its key.
-
 The reference model's summed response log-probs depend only on the reference weights and on
 the tokenized pairs, so they are computed in one no-grad pass (with a progress bar and an ETA)
 and stored under a key that hashes both: a different model, data set, tokenizer or truncation
 gives a different directory, never a stale hit. Only the pairs a run needs are computed, and the
 directory is written in pieces as the pass goes (each piece atomically), so an interrupted pass,
 or a later run that needs more pairs, computes only the pairs no piece holds yet.
+
+For unpaired examples (KTO) the two values cached per example are the log-probs of its completion
+and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its key.
 """
 from __future__ import annotations
 
