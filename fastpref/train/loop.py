@@ -373,7 +373,7 @@ class Trainer:
             f"{cfg.data or 'the bundled HH-RLHF sample'}"
             + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune"),
             f"  {length}, {cfg.pairs_per_step} {self._unit}s per micro-batch x {cfg.gradient_accumulation_steps} "
-            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), pairs cut to "
+            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {self._unit}s cut to "
             f"{cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
             f"  {self.device} ({str(self.dtype).replace('torch.', '')}), {processes}, backend {backend}, "
             f"attention {self.attention}; reference: {reference}",
