@@ -70,9 +70,11 @@ def test_conversational_completions_take_an_explicit_or_implicit_prompt(tokenize
                                                  {"completion": question, "label": False}], tokenizer)
     assert report.format == "conversational"
     assert implicit == explicit  # the second row has no assistant message to train on: skipped
-    rendered = tokenizer.apply_chat_template(question + answer, tokenize=False)
-    assert tokenizer.decode(explicit[0].prompt_ids + explicit[0].completion_ids).endswith(rendered.strip()) or \
-        rendered in tokenizer.decode(explicit[0].prompt_ids + explicit[0].completion_ids)
+    prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(question + answer, tokenize=False)
+    assert tokenizer.decode(explicit[0].prompt_ids) == tokenizer.bos_token + prompt
+    assert tokenizer.decode(explicit[0].completion_ids) == whole[len(prompt):] + tokenizer.eos_token
+    assert explicit[0].label is True
 
 
 def test_pairs_unpair_as_trl_does(small_data, unpaired_data, tokenizer):
