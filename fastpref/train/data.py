@@ -748,8 +748,8 @@ def with_kl_completions(examples: Sequence[TokenizedCompletion], max_length: int
     completion) pairs. TRL's KTOTrainer rotates the completions by one within each batch of its
     fixed-order data; here the mismatched pairing is fixed by the data, whatever the batches, so
     that the reference log-probs of the mismatched sequences are computed once and cached with the
-    examples' own, and it never pairs a completion with its own prompt (data grouped by prompt, or
-    the two halves of an unpaired pair, would otherwise).
+    examples' own, and it never pairs a completion with its own prompt (a rotation would, in data
+    grouped by prompt, such as a pair's two halves side by side).
     """
     _check_positive_int("max_length", max_length)
     prompts = [tuple(example.prompt_ids) for example in examples]
