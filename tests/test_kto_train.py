@@ -9,6 +9,7 @@ from fastpref.cli import main
 from fastpref.train import data as data_module
 from fastpref.train.default_assets import default_tokenizer
 from fastpref.train.loop import Trainer
+from fastpref.train.monitor import DisplacementMonitor
 from test_trainer import config
 
 SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--pairs-per-step", "4", "--learning-rate", "3e-3",
@@ -149,6 +150,12 @@ def test_a_kto_step_is_trls_loss_on_the_same_batch(tmp_path, small_data):
 
 
 # ------------------------------------------------------------------------------ the command line
+
+
+def test_the_displacement_warning_of_kto_suggests_no_sft_term_kto_cannot_have():
+    monitor = DisplacementMonitor(window=4, min_drop=0.1, suggest_sft=False)
+    warnings = [monitor.update(-10.0 - step, 0.1 * step) for step in range(4)]
+    assert warnings[-1].endswith("consider a lower learning rate or a larger beta")
 
 
 def test_kto_trains_from_the_command_line_on_the_embedded_default(tmp_path, capsys):

@@ -345,7 +345,7 @@ class Trainer:
             scored_tokens=sum(_scored_tokens(p) for p in longest),
             gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers)
         self.step = 0
-        self.displacement = DisplacementMonitor()
+        self.displacement = DisplacementMonitor(suggest_sft=not self.unpaired)
 
     def _header(self) -> str:
         """What will run, shown before any work starts."""
