@@ -343,7 +343,7 @@ class Trainer:
             reference=self._reference_source() if self.loss_fn.spec.needs_reference else None,
             pairs=len(longest), tokens=sum(_pair_tokens(p, cfg.prefix_sharing) for p in longest),
             scored_tokens=sum(_scored_tokens(p) for p in longest),
-            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers)
+            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers, unit=self._unit)
         self.step = 0
         self.displacement = DisplacementMonitor(suggest_sft=not self.unpaired)
 
@@ -427,8 +427,8 @@ class Trainer:
         self.scored_train_pairs = self.trained_pairs[:cfg.score_train_pairs]
         self._say(self.data_report.summary())
         per_step, unit = cfg.pairs_per_step * cfg.gradient_accumulation_steps, self._unit
-        self._say(f"{len(self.train_pairs)} training {unit}s, {len(self.eval_pairs)} held out: {self.total_steps} steps "
-                  f"of up to {per_step} {unit}s train on {len(self.trained_pairs)} of the training {unit}s "
+        self._say(f"{len(self.train_pairs)} training {unit}s, {len(self.eval_pairs)} held out: {self.total_steps} "
+                  f"steps of up to {per_step} {unit}s train on {len(self.trained_pairs)} of the training {unit}s "
                   f"({self.total_steps / self.steps_per_epoch:.3g} epochs)")
         if self.unpaired:
             self._say(self._label_balance())
