@@ -344,6 +344,8 @@ class PreferenceLoss(torch.nn.Module):
             metrics["rewards/chosen"] = mean_over(rewards, good)
             metrics["rewards/rejected"] = mean_over(rewards, bad)
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+            # not one of TRL's KTO metrics: the share of sequences whose reward has their label's sign
+            metrics["rewards/accuracies"] = torch.where(good, rewards > 0, rewards < 0).to(rewards.dtype).mean()
             metrics["logps/chosen"] = mean_over(seq_logps, good)
             metrics["logps/rejected"] = mean_over(seq_logps, bad)
             metrics["kl"] = kl

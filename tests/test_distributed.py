@@ -41,10 +41,12 @@ def exit_without_teardown():
     os._exit(0)
 
 
-@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
-def test_two_processes_equal_one_process(tmp_path, small_data, prefix_sharing):
-    options = dict(pairs_per_step=3, gradient_accumulation_steps=2, max_steps=3, save_steps=2,
-                   prefix_sharing=prefix_sharing)
+@pytest.mark.parametrize("options", [dict(prefix_sharing=False), dict(prefix_sharing=True), dict(loss_type="kto")],
+                         ids=["packed", "prefix-shared", "kto"])
+def test_two_processes_equal_one_process(tmp_path, small_data, options):
+    """(kto: each micro-batch's 3 examples split 2 + 1, so KTO's KL reference point must be the mean
+    over the batch's examples, whatever the split.)"""
+    options = dict(options, pairs_per_step=3, gradient_accumulation_steps=2, max_steps=3, save_steps=2)
     single = train(config(tmp_path / "one", small_data, **options))
 
     two = config(tmp_path / "two", small_data, **options)

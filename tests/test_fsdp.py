@@ -96,6 +96,8 @@ CASES = {
     "tied-full-online-checkpointing": dict(COMMON, precompute_ref_log_probs=False, gradient_checkpointing=True),
     "untied-lora-online": dict(COMMON, lora_r=4, precompute_ref_log_probs=False),
     "tied-lora": dict(COMMON, lora_r=4),
+    # KTO's KL reference point adds a no-grad forward of the sharded policy and a sum over processes
+    "untied-kto": dict(COMMON, loss_type="kto"),
 }
 # stopped after step 2 (checkpoint-2 saved), then resumed
 STOPPED = {"untied-full": "killed", "tied-lora": "interrupted"}

@@ -53,9 +53,10 @@ def test_two_runs_give_identical_metrics(tmp_path, small_data):
     assert any(record["split"] == "eval" for record in first)
 
 
-@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
-def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, prefix_sharing):
-    options = dict(prefix_sharing=prefix_sharing, gradient_accumulation_steps=2, max_steps=5)
+@pytest.mark.parametrize("options", [dict(prefix_sharing=False), dict(prefix_sharing=True), dict(loss_type="kto")],
+                         ids=["packed", "prefix-shared", "kto"])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, options):
+    options = dict(options, gradient_accumulation_steps=2, max_steps=5)
     uninterrupted = train(config(tmp_path / "a", small_data, **options))
 
     def interrupt(step):

@@ -377,9 +377,9 @@ class FastprefDPOTrainer(DPOTrainer):
         """
         if "packed" not in inputs:
             return super().compute_ref_log_probs(model, inputs)
-        packed = inputs["packed"].to(self.accelerator.device)
         with self._reference_setting():
-            logps = packed_logps(model, packed, self._attention(model), backend="auto")
+            logps = packed_logps(model, inputs["packed"], self._attention(model), self.accelerator.device,
+                                 backend="auto")
         return logps.chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

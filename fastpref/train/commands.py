@@ -84,11 +84,19 @@ def run_train(args: argparse.Namespace) -> int:
     if Distributed.environment_rank() != 0:  # the main process reports the run
         return 0
     print(f"done: {result.steps} steps")
-    for split, metrics in (("held-out pairs (never trained on)", result.eval_metrics),
-                           ("training pairs", result.final_metrics)):
-        if metrics:
-            print(f"  {metrics['pairs']} {split}: reward accuracy {metrics['rewards/accuracies']:.3f}, "
-                  f"margin {metrics['rewards/margins']:.3f}, loss {metrics['loss']:.4f}")
+    for split, metrics in (("held-out {} (never trained on)", result.eval_metrics),
+                           ("training {}", result.final_metrics)):
+        if not metrics:
+            continue
+        if "examples" in metrics:  # unpaired (kto): rewards by label, and KTO's KL reference point
+            print(f"  {metrics['examples']} {split.format('examples')}: reward accuracy "
+                  f"{metrics['rewards/accuracies']:.3f} (desirable reward > 0, undesirable < 0), reward "
+                  f"{metrics['rewards/chosen']:.3f} desirable, {metrics['rewards/rejected']:.3f} undesirable, "
+                  f"kl {metrics['kl']:.4f}, loss {metrics['loss']:.4f}")
+        else:
+            print(f"  {metrics['pairs']} {split.format('pairs')}: reward accuracy "
+                  f"{metrics['rewards/accuracies']:.3f}, margin {metrics['rewards/margins']:.3f}, "
+                  f"loss {metrics['loss']:.4f}")
     print(f"model: {result.model_path}\nmetrics: {result.metrics_path}\nplot: {result.plot_path}")
     return 0
 

@@ -55,7 +55,8 @@ class TrainConfig:
         True, "compute the reference log-probs once, before training, and cache them on disk (false: compute "
         "them every step)")
     data: Optional[str] = _option(
-        None, "local JSONL/Parquet file or saved dataset directory (default: the bundled HH-RLHF sample)")
+        None, "local JSONL/Parquet file or saved dataset directory: pairs (prompt/chosen/rejected), or for kto "
+        "also unpaired examples (prompt/completion/label) (default: the bundled HH-RLHF sample)")
     data_format: str = _option("auto", "how rows hold prompt and responses; auto: from the columns",
                                choices=("auto",) + FORMATS)
     split: Optional[str] = _option(None, "split of a saved DatasetDict (default: train)")
@@ -65,6 +66,8 @@ class TrainConfig:
     loss_weights: Optional[List[float]] = _option(None, "one weight per loss type (default: 1 each)")
     beta: Optional[float] = _option(None, "inverse temperature")
     label_smoothing: float = _option(0.0, "assumed fraction of flipped preference labels (robust/sigmoid)")
+    desirable_weight: float = _option(1.0, "kto: weight of the desirable examples' losses (TRL's KTOConfig)")
+    undesirable_weight: float = _option(1.0, "kto: weight of the undesirable examples' losses (TRL's KTOConfig)")
     simpo_gamma: float = _option(0.5, "SimPO's target reward margin")
     average_logps: Optional[bool] = _option(
         None, "true/false: override each loss type's sum/mean reduction of the log-probs (default: the loss "
@@ -79,10 +82,10 @@ class TrainConfig:
     num_train_epochs: Optional[float] = _option(None, "passes over the training pairs", aliases=("--epochs",))
     max_steps: Optional[int] = _option(None, "stop after this many optimizer steps (overrides --num-train-epochs)")
     per_device_train_batch_size: Optional[int] = _option(
-        None, "pairs per micro-batch on each process (TRL's batch size; or give --pairs-per-step)")
+        None, "pairs (kto: examples) per micro-batch on each process (TRL's batch size; or give --pairs-per-step)")
     pairs_per_step: Optional[int] = _option(
-        None, "pairs per micro-batch over all processes, split between them (the same run on any number of "
-        "processes; or give --per-device-train-batch-size)")
+        None, "pairs (kto: examples) per micro-batch over all processes, split between them (the same run on any "
+        "number of processes; or give --per-device-train-batch-size)")
     gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step", aliases=("--grad-accum",))
     max_grad_norm: float = _option(1.0, "gradient clipping norm")
     seed: int = _option(0, "seed of the data order, split and initialisation")
@@ -175,9 +178,24 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_loss_options()
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
                              "pip install 'fastpref[lora]' (or pip install peft)")
+
+    def _check_loss_options(self) -> None:
+        """Options of one loss family given to the other: a mixed configuration is refused."""
+        unpaired = self.loss_type == "kto" or self.loss_type == ["kto"]
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+            if value != 1.0 and not unpaired:
+                raise ValueError(f"{name} weighs the examples of loss_type kto; loss_type {self.loss_type} "
+                                 "has none")
+        if unpaired and self.label_smoothing != 0.0:
+            raise ValueError("label_smoothing applies to the paired losses (sigmoid, robust, simpo), not to "
+                             "loss_type kto")
 
 
 # -------------------------------------------------------------------------------------- the flags

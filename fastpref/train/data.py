@@ -10,12 +10,19 @@ Three input formats, told apart by a data set's columns (or forced with ``format
   the responses to a ``prompt`` list of messages, or whole conversations sharing every message but
   the final assistant one. They are rendered with the tokenizer's chat template.
 
+Unpaired data (KTO) holds one ``completion`` per row and a boolean ``label`` (True: desirable),
+with an explicit text ``prompt``, or as messages: a ``prompt`` list and a ``completion`` list, or
+a whole conversation in ``completion`` whose final assistant message is the completion (implicit
+prompt). Paired data trains KTO too: :func:`unpair` turns each pair into a desirable and an
+undesirable example, as TRL's ``unpair_preference_dataset`` does.
+
 A row that cannot be split without guessing is *malformed*. A mis-split pair trains on the wrong
 tokens with no visible symptom, so every malformed row is reported with its index and a reason and
 is either skipped (counted in the :class:`DataReport`) or raised, never split by a best guess.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -24,7 +31,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -60,6 +67,32 @@ class TokenizedPair:
     row: int
 
 
+@dataclass(frozen=True)
+class TokenizedCompletion:
+    """One unpaired example (KTO) as token ids: the prompt, the completion, and its label.
+
+    ``label`` is True for a desirable completion. ``kl_completion_ids`` is another example's
+    completion, which KTO's KL estimate scores after this prompt (see :func:`with_kl_completions`).
+    ``row`` is the source row; the two examples :func:`unpair` makes of a pair share their pair's.
+    """
+
+    prompt_ids: List[int]
+    completion_ids: List[int]
+    label: bool
+    row: int
+    kl_completion_ids: List[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> int:
+        """Unique among the examples of a data set: the source row and the label."""
+        return 2 * self.row + (0 if self.label else 1)
+
+    def with_kl_completion(self) -> TokenizedPair:
+        """The completion and the KL completion as the two responses to the prompt (row: ``key``),
+        so that one packed forward scores both, as for a pair (the reference pass)."""
+        return TokenizedPair(self.prompt_ids, self.completion_ids, self.kl_completion_ids, self.key)
+
+
 @dataclass
 class DataReport:
     """What :func:`tokenize_pairs` did with the rows: pairs kept, rows skipped and why, tokens cut.
@@ -75,7 +108,8 @@ class DataReport:
     max_length: int
     max_prompt_length: int
     rows_read: int = 0
-    pairs_kept: int = 0
+    pairs_kept: int = 0  # pairs, or examples of unpaired data
+    unit: str = "pair"
     skipped: Dict[str, List[int]] = field(default_factory=dict)
     prompts_truncated: int = 0
     responses_truncated: int = 0
@@ -87,7 +121,7 @@ class DataReport:
     def summary(self, rows_shown: int = 5) -> str:
         """A few lines for a log: counts, and the first ``rows_shown`` skipped rows of each reason."""
         lines = [
-            f"{self.rows_read} rows read ({self.format} format): {self.pairs_kept} pairs kept, "
+            f"{self.rows_read} rows read ({self.format} format): {self.pairs_kept} {self.unit}s kept, "
             f"{self.rows_skipped} rows skipped"
         ]
         for reason, rows in self.skipped.items():
@@ -97,7 +131,7 @@ class DataReport:
         lines.append(
             f"truncation {self.truncation_mode} to {self.max_length} tokens, prompt to "
             f"{self.max_prompt_length}: {self.prompts_truncated} prompts cut, "
-            f"{self.responses_truncated} pairs with a response cut"
+            f"{self.responses_truncated} {self.unit}s with a response cut"
         )
         return "\n".join(lines)
 
@@ -346,6 +380,47 @@ def _split_conversational(
     )
 
 
+def _label_field(row: Mapping[str, Any]) -> bool:
+    """An unpaired row's label: true/false (or 1/0, which TRL reads the same way)."""
+    value = row.get("label")
+    if value is None:
+        raise _Malformed("missing 'label'")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _Malformed("'label' is not true or false")
+
+
+def _split_unpaired_explicit(row: Mapping[str, Any]) -> Tuple[str, str]:
+    prompt, completion = _text_field(row, "prompt"), _text_field(row, "completion")
+    if not completion.strip():
+        raise _Malformed("empty completion")
+    return prompt, completion
+
+
+def _split_unpaired_conversational(row: Mapping[str, Any], *, tokenizer: Any, has_prompt: bool) -> Tuple[str, str]:
+    """As :func:`_split_conversational`, for one completion; without a prompt column the
+    completion is a whole conversation, and its final assistant message the completion."""
+    completion = _messages_field(row, "completion")
+    if has_prompt:
+        prompt = _messages_field(row, "prompt")
+    else:
+        if not completion or completion[-1]["role"] != "assistant":
+            raise _Malformed("completion does not end with an assistant message")
+        prompt, completion = completion[:-1], completion[-1:]
+    if not any(message["content"].strip() for message in completion):
+        raise _Malformed("empty completion")
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    return prompt_text, _rendered_response(tokenizer, prompt, prompt_text, completion)
+
+
+def is_unpaired(rows: Rows) -> bool:
+    """Whether `rows` hold unpaired examples (a ``completion`` column) rather than pairs."""
+    columns = _column_names(rows)
+    return "completion" in columns and not {"chosen", "rejected"} & set(columns)
+
+
 def _column_names(rows: Rows) -> List[str]:
     if isinstance(rows, datasets.Dataset):
         return [name for name in rows.column_names if name != UNREADABLE_COLUMN]
@@ -388,6 +463,27 @@ def _resolve_format(rows: Rows, columns: List[str], requested: str) -> str:
     )
 
 
+def _resolve_unpaired_format(rows: Rows, columns: List[str], requested: str) -> str:
+    missing = [key for key in ("completion", "label") if key not in columns]
+    if missing:
+        raise ValueError(
+            f"rows have no {' or '.join(map(repr, missing))} column (columns: {columns}); unpaired data "
+            "needs 'completion' and 'label' (true: desirable), plus 'prompt' unless the completions are "
+            "whole conversations"
+        )
+    first = next(
+        (row["completion"] for row in rows if isinstance(row, Mapping) and row.get("completion") is not None), None
+    )
+    detected = "conversational" if isinstance(first, list) else "explicit"
+    resolved = detected if requested == "auto" else requested
+    if resolved == "implicit" or (resolved == "explicit" and "prompt" not in columns):
+        raise ValueError(
+            f"unpaired text rows need a 'prompt' column (columns: {columns}): a lone completion does not say "
+            "where its prompt ends; only conversational completions (lists of messages) may hold their prompt"
+        )
+    return resolved
+
+
 # ------------------------------------------------------------------------------------ tokenisation
 
 
@@ -427,17 +523,17 @@ class _Truncation:
     keep_end: bool
     bos_token_id: Optional[int]
 
-    def apply(
-        self, prompt: List[int], chosen: List[int], rejected: List[int]
-    ) -> Tuple[List[int], List[int], List[int], bool, bool]:
-        """Cut a pair longer than ``max_length``: the prompt first, to ``max_prompt_length`` (keeping
-        its end, the part nearest the response, or its start), then each response to what is left,
-        keeping its start. A leading BOS survives a ``keep_end`` cut, since the model expects it.
+    def apply(self, prompt: List[int], responses: List[List[int]]) -> Tuple[List[int], List[List[int]], bool, bool]:
+        """Cut an example longer than ``max_length`` (prompt + its longest response): the prompt
+        first, to ``max_prompt_length`` (keeping its end, the part nearest the response, or its
+        start), then each response to what is left, keeping its start. A leading BOS survives a
+        ``keep_end`` cut, since the model expects it.
 
-        Returns the three id lists and whether the prompt, and whether a response, was cut.
+        Returns the prompt, the responses, and whether the prompt, and whether a response, was cut.
         """
-        if len(prompt) + max(len(chosen), len(rejected)) <= self.max_length:
-            return prompt, chosen, rejected, False, False
+        longest = max(len(response) for response in responses)
+        if len(prompt) + longest <= self.max_length:
+            return prompt, responses, False, False
         prompt_cut = len(prompt) > self.max_prompt_length
         if prompt_cut:
             if self.keep_end:
@@ -450,8 +546,80 @@ class _Truncation:
         room = self.max_length - len(prompt)
         if room <= 0:
             raise _Malformed("response truncated away")
-        response_cut = max(len(chosen), len(rejected)) > room
-        return prompt, chosen[:room], rejected[:room], prompt_cut, response_cut
+        return prompt, [response[:room] for response in responses], prompt_cut, longest > room
+
+
+def _check_tokenize_options(truncation_mode, on_malformed, format, max_length, max_prompt_length) -> None:
+    _check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    _check_choice("on_malformed", on_malformed, MALFORMED_POLICIES)
+    _check_choice("format", format, ("auto",) + FORMATS)
+    _check_positive_int("max_length", max_length)
+    _check_positive_int("max_prompt_length", max_prompt_length)
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the conversational format needs a tokenizer with a chat_template; this one has none")
+
+
+# one split row: (prompt text, response texts...) and what else the row carries (an unpaired label)
+_Split = Callable[[Mapping[str, Any]], Tuple[Tuple[str, ...], Any]]
+
+
+def _tokenize_rows(
+    rows: Rows, tokenizer: Any, split: _Split, report: DataReport, *, on_malformed: str, add_bos: bool
+) -> List[Tuple[int, List[int], List[List[int]], Any]]:
+    """(row index, prompt ids, response ids, the row's extra) of every row `split` and the
+    truncation keep; the others are counted in `report` (see :func:`tokenize_pairs`)."""
+    malformed: List[Tuple[int, str]] = []
+    split_rows: List[Tuple[int, Tuple[str, ...], Any]] = []
+    for index, row in enumerate(rows):
+        try:
+            if not isinstance(row, Mapping):
+                raise _Malformed("row is not a mapping")
+            if row.get(UNREADABLE_COLUMN):
+                raise _Malformed(row[UNREADABLE_COLUMN])
+            split_rows.append((index, *split(row)))
+        except _Malformed as reason:
+            malformed.append((index, str(reason)))
+
+    bos_token_id = tokenizer.bos_token_id if add_bos else None
+    eos_token_id = tokenizer.eos_token_id
+    truncation = _Truncation(
+        report.max_length, report.max_prompt_length, report.truncation_mode == "keep_end", bos_token_id
+    )
+    kept: List[Tuple[int, List[int], List[List[int]], Any]] = []
+    for start in range(0, len(split_rows), _TOKENIZE_CHUNK_ROWS):
+        chunk = split_rows[start : start + _TOKENIZE_CHUNK_ROWS]
+        prompts = _encode(tokenizer, [texts[0] for _, texts, _ in chunk])
+        responses = [_encode(tokenizer, [texts[part] for _, texts, _ in chunk]) for part in range(1, len(chunk[0][1]))]
+        for position, ((index, _, extra), prompt) in enumerate(zip(chunk, prompts)):
+            try:
+                prompt = _with_bos(prompt, bos_token_id)
+                if not prompt:
+                    raise _Malformed("empty prompt")
+                prompt, cut_responses, prompt_cut, response_cut = truncation.apply(
+                    prompt, [_with_eos(part[position], eos_token_id) for part in responses]
+                )
+            except _Malformed as reason:
+                malformed.append((index, str(reason)))
+                continue
+            report.prompts_truncated += prompt_cut
+            report.responses_truncated += response_cut
+            kept.append((index, prompt, cut_responses, extra))
+
+    malformed.sort()
+    for index, reason in malformed:
+        report.skipped.setdefault(reason, []).append(index)
+    report.pairs_kept = len(kept)
+    if malformed and on_malformed == "error":
+        listed = "; ".join(f"row {index}: {reason}" for index, reason in malformed[:_MALFORMED_ROWS_IN_ERROR])
+        more = len(malformed) - _MALFORMED_ROWS_IN_ERROR
+        raise ValueError(
+            f"{len(malformed)} malformed rows ({listed}{f'; and {more} more' if more > 0 else ''}); "
+            "fix them or pass on_malformed='skip' to drop them"
+        )
+    return kept
 
 
 def tokenize_pairs(
@@ -480,11 +648,7 @@ def tokenize_pairs(
     a response truncated away) are skipped and reported with ``on_malformed="skip"``, or make this
     raise ``ValueError`` naming the first few with ``on_malformed="error"``.
     """
-    _check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
-    _check_choice("on_malformed", on_malformed, MALFORMED_POLICIES)
-    _check_choice("format", format, ("auto",) + FORMATS)
-    _check_positive_int("max_length", max_length)
-    _check_positive_int("max_prompt_length", max_prompt_length)
+    _check_tokenize_options(truncation_mode, on_malformed, format, max_length, max_prompt_length)
     columns = _column_names(rows)
     if len(rows) == 0:
         raise ValueError("the data is empty: it holds no rows")
@@ -495,70 +659,56 @@ def tokenize_pairs(
     elif resolved == "implicit":
         split = _split_implicit
     else:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "the conversational format needs a tokenizer with a chat_template; this one has none"
-            )
+        _check_chat_template(tokenizer)
         split = functools.partial(_split_conversational, tokenizer=tokenizer, has_prompt="prompt" in columns)
+    report = DataReport(resolved, truncation_mode, max_length, max_prompt_length, rows_read=len(rows))
+    kept = _tokenize_rows(rows, tokenizer, lambda row: (split(row), None), report,
+                          on_malformed=on_malformed, add_bos=add_bos)
+    return [TokenizedPair(prompt, chosen, rejected, index) for index, prompt, (chosen, rejected), _ in kept], report
 
-    malformed: List[Tuple[int, str]] = []
-    text_pairs: List[Tuple[int, str, str, str]] = []
-    for index, row in enumerate(rows):
-        try:
-            if not isinstance(row, Mapping):
-                raise _Malformed("row is not a mapping")
-            if row.get(UNREADABLE_COLUMN):
-                raise _Malformed(row[UNREADABLE_COLUMN])
-            text_pairs.append((index, *split(row)))
-        except _Malformed as reason:
-            malformed.append((index, str(reason)))
 
-    bos_token_id = tokenizer.bos_token_id if add_bos else None
-    eos_token_id = tokenizer.eos_token_id
-    truncation = _Truncation(max_length, max_prompt_length, truncation_mode == "keep_end", bos_token_id)
-    report = DataReport(
-        format=resolved,
-        truncation_mode=truncation_mode,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        rows_read=len(rows),
-    )
-    examples: List[TokenizedPair] = []
-    for start in range(0, len(text_pairs), _TOKENIZE_CHUNK_ROWS):
-        chunk = text_pairs[start : start + _TOKENIZE_CHUNK_ROWS]
-        prompts, chosens, rejecteds = (
-            _encode(tokenizer, [pair[part] for pair in chunk]) for part in (1, 2, 3)
-        )
-        for (index, *_), prompt, chosen, rejected in zip(chunk, prompts, chosens, rejecteds):
-            try:
-                prompt = _with_bos(prompt, bos_token_id)
-                if not prompt:
-                    raise _Malformed("empty prompt")
-                prompt, chosen, rejected, prompt_cut, response_cut = truncation.apply(
-                    prompt, _with_eos(chosen, eos_token_id), _with_eos(rejected, eos_token_id)
-                )
-            except _Malformed as reason:
-                malformed.append((index, str(reason)))
-                continue
-            report.prompts_truncated += prompt_cut
-            report.responses_truncated += response_cut
-            examples.append(TokenizedPair(prompt, chosen, rejected, index))
-
-    malformed.sort()
-    for index, reason in malformed:
-        report.skipped.setdefault(reason, []).append(index)
-    report.pairs_kept = len(examples)
-    if malformed and on_malformed == "error":
-        listed = "; ".join(f"row {index}: {reason}" for index, reason in malformed[:_MALFORMED_ROWS_IN_ERROR])
-        more = len(malformed) - _MALFORMED_ROWS_IN_ERROR
-        raise ValueError(
-            f"{len(malformed)} malformed rows ({listed}{f'; and {more} more' if more > 0 else ''}); "
-            "fix them or pass on_malformed='skip' to drop them"
-        )
-    return examples, report
+def tokenize_unpaired(
+    rows: Rows,
+    tokenizer: Any,
+    *,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    on_malformed: str = "skip",
+    format: str = "auto",
+    add_bos: bool = True,
+) -> Tuple[List[TokenizedCompletion], DataReport]:
+    """Split and tokenise unpaired rows (``prompt``, ``completion``, ``label``) into
+    :class:`TokenizedCompletion` s, with a :class:`DataReport`: as :func:`tokenize_pairs`, with one
+    response per row. A row whose label is missing or not true/false (1/0) is malformed. The
+    examples carry no KL completion yet (:func:`with_kl_completions` adds them).
+    """
+    _check_tokenize_options(truncation_mode, on_malformed, format, max_length, max_prompt_length)
+    columns = _column_names(rows)
+    if len(rows) == 0:
+        raise ValueError("the data is empty: it holds no rows")
+    resolved = _resolve_unpaired_format(rows, columns, format)
+    split: Callable[[Mapping[str, Any]], Tuple[str, str]] = _split_unpaired_explicit
+    if resolved == "conversational":
+        _check_chat_template(tokenizer)
+        split = functools.partial(_split_unpaired_conversational, tokenizer=tokenizer,
+                                  has_prompt="prompt" in columns)
+    report = DataReport(resolved, truncation_mode, max_length, max_prompt_length, rows_read=len(rows),
+                        unit="example")
+    kept = _tokenize_rows(rows, tokenizer, lambda row: (split(row), _label_field(row)), report,
+                          on_malformed=on_malformed, add_bos=add_bos)
+    return [TokenizedCompletion(prompt, completion, label, index)
+            for index, prompt, (completion,), label in kept], report
 
 
 # ---------------------------------------------------------------------------------- after tokenising
+
+
+def _digest(version: bytes, records: Iterable[List[int]]) -> str:
+    digest = hashlib.sha256(version)
+    for ids in records:
+        digest.update(np.asarray(ids, dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint_pairs(examples: Sequence[TokenizedPair]) -> str:
@@ -568,12 +718,53 @@ def fingerprint_pairs(examples: Sequence[TokenizedPair]) -> str:
     their cache key: any change of data, tokenizer, template or truncation changes it. Lengths are
     hashed too, so moving a token across the prompt/response boundary changes the digest.
     """
-    digest = hashlib.sha256(b"fastpref tokenized pairs v1")
-    for example in examples:
-        header = [example.row, len(example.prompt_ids), len(example.chosen_ids), len(example.rejected_ids)]
-        ids = header + example.prompt_ids + example.chosen_ids + example.rejected_ids
-        digest.update(np.asarray(ids, dtype="<i8").tobytes())
-    return digest.hexdigest()
+    return _digest(b"fastpref tokenized pairs v1", (
+        [e.row, len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)] + e.prompt_ids + e.chosen_ids
+        + e.rejected_ids for e in examples))
+
+
+def fingerprint_completions(examples: Sequence[TokenizedCompletion]) -> str:
+    """As :func:`fingerprint_pairs`, for unpaired examples: row, label, and the token ids of the
+    prompt, the completion and the KL completion."""
+    return _digest(b"fastpref tokenized completions v1", (
+        [e.row, int(e.label), len(e.prompt_ids), len(e.completion_ids), len(e.kl_completion_ids)] + e.prompt_ids
+        + e.completion_ids + list(e.kl_completion_ids) for e in examples))
+
+
+def unpair(pairs: Sequence[TokenizedPair]) -> List[TokenizedCompletion]:
+    """Preference pairs as unpaired examples, as TRL's ``unpair_preference_dataset`` makes them:
+    each pair's chosen response a desirable completion of its prompt and its rejected response an
+    undesirable one, every chosen first, then every rejected, in the pairs' order."""
+    return ([TokenizedCompletion(p.prompt_ids, p.chosen_ids, True, p.row) for p in pairs]
+            + [TokenizedCompletion(p.prompt_ids, p.rejected_ids, False, p.row) for p in pairs])
+
+
+def with_kl_completions(examples: Sequence[TokenizedCompletion], max_length: int) -> List[TokenizedCompletion]:
+    """The examples, each with its KL completion: the completion of the nearest example before it
+    (in data order, wrapping around) whose prompt differs, cut to the room ``max_length`` leaves
+    after the prompt.
+
+    KTO's reference point z0 estimates KL(policy || reference) on such mismatched (prompt,
+    completion) pairs. TRL's KTOTrainer rotates the completions by one within each batch of its
+    fixed-order data; here the mismatched pairing is fixed by the data, whatever the batches, so
+    that the reference log-probs of the mismatched sequences are computed once and cached with the
+    examples' own, and it never pairs a completion with its own prompt (a rotation would, in data
+    grouped by prompt, such as a pair's two halves side by side).
+    """
+    _check_positive_int("max_length", max_length)
+    prompts = [tuple(example.prompt_ids) for example in examples]
+    count = len(examples)
+    # source[i]: the nearest earlier example with another prompt; two passes around the circle so
+    # that the first examples find theirs at the end
+    source: List[Optional[int]] = [None] * count
+    for step in range(2 * count):
+        i, before = step % count, (step - 1) % count
+        source[i] = before if prompts[before] != prompts[i] else source[before]
+    if count and source[0] is None:
+        raise ValueError("KTO's KL estimate needs completions of other prompts, but every example has the same "
+                         "prompt: give examples of at least two prompts")
+    return [dataclasses.replace(example, kl_completion_ids=examples[other].completion_ids[
+        :max_length - len(example.prompt_ids)]) for example, other in zip(examples, source)]
 
 
 def train_eval_split(

@@ -110,6 +110,14 @@ class Distributed:
         total = float(packed[-1])
         return {k: float(v) / total if total else float("nan") for k, v in zip(keys, packed[:-1])}
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of `tensor` over all ranks, on every rank, left on the device (no host read)."""
+        if not self.enabled:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
     def max_over_ranks(self, value: int, device) -> int:
         """The largest `value` any rank holds, on every rank (e.g. a stop request)."""
         if not self.enabled:

@@ -38,9 +38,9 @@ from ..causal_lm import causal_lm_parts, unwrap
 from .model import FusedHeadForward, adapters_disabled, model_fingerprint
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .named_models import resolve_model
-from .packing import pack_pairs
+from .packing import pack_completions, pack_pairs
 from .quiet import peft_internals_quiet
-from .reference import ReferenceCache, cache_key, default_cache_dir, pair_logps
+from .reference import ReferenceCache, cache_key, default_cache_dir, packed_logps, pair_logps
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 from .signals import StopRequests, TrainingInterrupted, signal_name
 
@@ -200,6 +200,7 @@ def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
 def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransform()) -> PreferenceLoss:
     return PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
                           label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                          desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                           average_logps=cfg.average_logps, logit_scale=transform.logit_scale,
                           softcap=transform.softcap, temperature=transform.temperature, backend=cfg.backend)
 
@@ -216,22 +217,65 @@ def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, 
     return read
 
 
+def _mean_of_numbers(values: Sequence[float]) -> float:
+    numbers = [value for value in values if not math.isnan(value)]
+    return sum(numbers) / len(numbers) if numbers else float("nan")
+
+
 def _interval_record(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
     """The steps since the last log as one record, as TRL logs them: the metrics averaged over
-    the steps, tokens summed, and step, epoch and learning rate those of the last."""
+    the steps that have them (KTO's per-label metrics are NaN for a step without an example of the
+    label), tokens summed, and step, epoch and learning rate those of the last."""
     last = records[-1]
-    merged = {k: sum(r[k] for r in records) / len(records) for k in last if k not in ("step", "split", "epoch", "lr")}
+    merged = {k: _mean_of_numbers([r[k] for r in records]) for k in last if k not in ("step", "split", "epoch", "lr")}
     merged.update(step=last["step"], split=last["split"], epoch=last["epoch"], lr=last["lr"],
                   tokens=sum(r["tokens"] for r in records))
     merged["tokens_per_s"] = merged["tokens"] / sum(r["tokens"] / r["tokens_per_s"] for r in records)
     return {"step": merged.pop("step"), "split": merged.pop("split"), **merged}
 
 
-def _pair_tokens(pair, prefix_sharing: bool) -> int:
-    """Tokens a pair puts in a packed forward."""
-    prompt = len(pair.prompt_ids)
-    responses = len(pair.chosen_ids) + len(pair.rejected_ids)
-    return prompt + responses if prefix_sharing else 2 * prompt + responses
+def _scored_tokens(item) -> int:
+    """Response tokens of a pair, or of an unpaired example."""
+    if isinstance(item, data_module.TokenizedCompletion):
+        return len(item.completion_ids)
+    return len(item.chosen_ids) + len(item.rejected_ids)
+
+
+def _pair_tokens(item, prefix_sharing: bool) -> int:
+    """Tokens a pair (or an unpaired example) puts in a packed forward."""
+    prompt = len(item.prompt_ids)
+    if isinstance(item, data_module.TokenizedCompletion):
+        return prompt + len(item.completion_ids)
+    return prompt + _scored_tokens(item) if prefix_sharing else 2 * prompt + _scored_tokens(item)
+
+
+# KTO's per-label metrics: means over the desirable (True) or the undesirable (False) examples
+LABEL_METRICS = {"rewards/chosen": True, "logps/chosen": True, "rewards/rejected": False, "logps/rejected": False}
+LABEL_SHARES = {True: "desirable_share", False: "undesirable_share"}
+
+
+def _per_label(record: Dict, examples: Sequence) -> Dict:
+    """A KTO record ready for the mean over the examples of many (the processes', the steps'):
+    each per-label mean times the label's share of `examples`, beside that share. The mean of
+    the first over examples divided by the mean of the second (:func:`_label_means`) is the mean
+    over all the label's examples, as TRL's KTOTrainer sums and counts them over its processes."""
+    record = dict(record)
+    for label, share in LABEL_SHARES.items():
+        # made on the device by a fill, not copied there: no synchronisation
+        record[share] = record["loss"].new_full((), sum(example.label == label for example in examples) / len(examples))
+    for key, label in LABEL_METRICS.items():
+        record[key] = record[key] * record[LABEL_SHARES[label]]
+    return record
+
+
+def _label_means(mean: Dict[str, float]) -> Dict[str, float]:
+    """The means of :func:`_per_label` records over the examples turned into per-label means (NaN
+    for a label with no example), and TRL's margin between them."""
+    shares = {label: mean.pop(share) for label, share in LABEL_SHARES.items()}
+    for key, label in LABEL_METRICS.items():
+        mean[key] = mean[key] / shares[label] if shares[label] else float("nan")
+    mean["rewards/margins"] = mean["rewards/chosen"] - mean["rewards/rejected"]
+    return mean
 
 
 class Trainer:
@@ -257,6 +301,10 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.loss_fn = _preference_loss(cfg)  # a bad loss configuration fails before any long work
+        # KTO trains on unpaired examples (TokenizedCompletion), the others on pairs (TokenizedPair):
+        # the "pairs" below (train_pairs, ...) are either
+        self.unpaired = not self.loss_fn.spec.is_paired
+        self._unit = "example" if self.unpaired else "pair"
         check_fsdp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.pairs_per_step)
         check_tp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.lora_r)
         self.dist = Distributed.from_environment(cfg.device)
@@ -304,10 +352,10 @@ class Trainer:
             fsdp=self.fsdp, compute_dtype=self.dtype,
             reference=self._reference_source() if self.loss_fn.spec.needs_reference else None,
             pairs=len(longest), tokens=sum(_pair_tokens(p, cfg.prefix_sharing) for p in longest),
-            scored_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in longest),
-            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers)
+            scored_tokens=sum(_scored_tokens(p) for p in longest),
+            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers, unit=self._unit)
         self.step = 0
-        self.displacement = DisplacementMonitor()
+        self.displacement = DisplacementMonitor(suggest_sft=not self.unpaired)
 
     def _header(self) -> str:
         """What will run, shown before any work starts."""
@@ -327,13 +375,15 @@ class Trainer:
             reference = "computed every step"
         length = (f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps is None else f"{cfg.max_steps} steps")
         processes = (f"{self.dist.world_size} processes ({cfg.parallel})" if self.dist.enabled else "1 process")
+        weights = (f", desirable weight {cfg.desirable_weight:g}, undesirable weight {cfg.undesirable_weight:g}"
+                   if not self.loss_fn.spec.is_paired else "")
         lines = [
-            f"fastpref train: {' + '.join(losses)} loss (beta {cfg.beta:g}) of "
+            f"fastpref train: {' + '.join(losses)} loss (beta {cfg.beta:g}{weights}) of "
             f"{cfg.model or 'the embedded tiny Llama (random weights)'} on "
             f"{cfg.data or 'the bundled HH-RLHF sample'}"
             + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune"),
-            f"  {length}, {cfg.pairs_per_step} pairs per micro-batch x {cfg.gradient_accumulation_steps} "
-            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), pairs cut to "
+            f"  {length}, {cfg.pairs_per_step} {self._unit}s per micro-batch x {cfg.gradient_accumulation_steps} "
+            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {self._unit}s cut to "
             f"{cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
             f"  {self.device} ({str(self.dtype).replace('torch.', '')}), {processes}, backend {backend}, "
             f"attention {self.attention}; reference: {reference}",
@@ -353,25 +403,62 @@ class Trainer:
     def _load_data(self):
         cfg = self.cfg
         rows = data_module.load_rows(cfg.data, split=cfg.split)
-        pairs, self.data_report = data_module.tokenize_pairs(
-            rows, self.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode, on_malformed=cfg.on_malformed, format=cfg.data_format)
-        if not pairs:
-            raise ValueError("no usable preference pairs in the data:\n" + self.data_report.summary())
-        self.data_fingerprint = data_module.fingerprint_pairs(pairs)
-        self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
+        options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                       truncation_mode=cfg.truncation_mode, on_malformed=cfg.on_malformed, format=cfg.data_format)
+        if data_module.is_unpaired(rows):
+            if not self.unpaired:
+                raise ValueError(f"the data holds unpaired examples (completion, label); loss types "
+                                 f"{list(self.loss_fn.spec.loss_types)} need pairs (chosen, rejected): train it "
+                                 "with loss_type kto")
+            examples, self.data_report = data_module.tokenize_unpaired(rows, self.tokenizer, **options)
+            if not examples:
+                raise ValueError("no usable examples in the data:\n" + self.data_report.summary())
+            examples = data_module.with_kl_completions(examples, cfg.max_length)
+            self.train_pairs, self.eval_pairs = data_module.train_eval_split(examples, cfg.eval_fraction, cfg.seed)
+        else:
+            pairs, self.data_report = data_module.tokenize_pairs(rows, self.tokenizer, **options)
+            if not pairs:
+                raise ValueError("no usable preference pairs in the data:\n" + self.data_report.summary())
+            self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
+            if self.unpaired:
+                # split as pairs, so that no half of a held-out pair is trained on
+                examples = data_module.with_kl_completions(data_module.unpair(pairs), cfg.max_length)
+                held_out = {pair.row for pair in self.eval_pairs}
+                self.train_pairs = [e for e in examples if e.row not in held_out]
+                self.eval_pairs = [e for e in examples if e.row in held_out]
+        self.data_fingerprint = (data_module.fingerprint_completions(examples) if self.unpaired
+                                 else data_module.fingerprint_pairs(pairs))
         # the held-out rows as they were read, for `fastpref eval --data OUTPUT_DIR/heldout.jsonl`
-        self.heldout_rows = rows.select([p.row for p in self.eval_pairs]).to_list()
+        self.heldout_rows = rows.select(list(dict.fromkeys(p.row for p in self.eval_pairs))).to_list()
         micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * self.steps_per_epoch))
         self.trained_pairs = self._trained_pairs()
         self.scored_train_pairs = self.trained_pairs[:cfg.score_train_pairs]
         self._say(self.data_report.summary())
-        per_step = cfg.pairs_per_step * cfg.gradient_accumulation_steps
-        self._say(f"{len(self.train_pairs)} training pairs, {len(self.eval_pairs)} held out: {self.total_steps} steps "
-                  f"of up to {per_step} pairs train on {len(self.trained_pairs)} of the training pairs "
+        per_step, unit = cfg.pairs_per_step * cfg.gradient_accumulation_steps, self._unit
+        self._say(f"{len(self.train_pairs)} training {unit}s, {len(self.eval_pairs)} held out: {self.total_steps} "
+                  f"steps of up to {per_step} {unit}s train on {len(self.trained_pairs)} of the training {unit}s "
                   f"({self.total_steps / self.steps_per_epoch:.3g} epochs)")
+        if self.unpaired:
+            self._say(self._label_balance())
+
+    def _label_balance(self) -> str:
+        """The training examples by label, and a warning where their weighted counts fall outside
+        the KTO paper's advice (its eq. 8, which TRL's KTOTrainer checks too)."""
+        cfg = self.cfg
+        desirable = sum(example.label for example in self.train_pairs)
+        undesirable = len(self.train_pairs) - desirable
+        line = f"{desirable} desirable and {undesirable} undesirable training examples"
+        if not desirable or not undesirable:
+            return line + ": warning, KTO then learns from one kind of example only"
+        ratio = cfg.desirable_weight * desirable / (cfg.undesirable_weight * undesirable)
+        if 1 <= ratio <= 4 / 3:
+            return line
+        low = undesirable * cfg.undesirable_weight / desirable
+        return (line + f": warning, desirable weight x desirable examples / (undesirable weight x undesirable "
+                f"examples) is {ratio:.3g}, where the KTO paper advises 1 to 4/3: e.g. --desirable-weight "
+                f"{low:.3g} to {low * 4 / 3:.3g}")
 
     def _epoch_order(self, epoch: int) -> List[int]:
         """The training pairs' order in `epoch`: fixed by the seed, so a resumed run sees the same."""
@@ -426,7 +513,7 @@ class Trainer:
             return
         cfg = self.cfg
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        pairs = self.trained_pairs + self.eval_pairs
+        pairs = self._reference_items(self.trained_pairs + self.eval_pairs)
         # rank 0 reads the pieces: every process then computes the same missing pairs, batch by batch
         stored = self.dist.broadcast_object(
             ReferenceCache.stored(ReferenceCache.directory_for(cache_dir, self.reference_key), self.reference_key)
@@ -468,26 +555,51 @@ class Trainer:
         per_pair = self.dist.gather_shards(list(logps) if local else [], len(pairs))
         return torch.cat(per_pair).to(self.device)
 
+    def _reference_items(self, pairs) -> List:
+        """What the reference scores of `pairs`: the pairs, or each unpaired example's completion and
+        KL completion as a pair (under the example's key)."""
+        return [example.with_kl_completion() for example in pairs] if self.unpaired else list(pairs)
+
     def _reference_for(self, pairs) -> Optional[torch.Tensor]:
+        """[2P]: each pair's (chosen, rejected), or each unpaired example's (completion, KL completion)."""
         if not self.loss_fn.spec.needs_reference:
             return None
+        items = self._reference_items(pairs)
         if self.reference_cache is not None:
-            return self.reference_cache.lookup([p.row for p in pairs], self.device)
-        return self._reference_logps_now(pairs)
+            return self.reference_cache.lookup([item.row for item in items], self.device)
+        return self._reference_logps_now(items)
 
     # -- one batch -----------------------------------------------------------------------------
-    def _batch_loss(self, pairs, model):
-        """`model`: the policy's FusedHeadForward, wrapped by DDP or not."""
-        packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing)  # host work, validated on the CPU
-        return self._device_loss(packed, self._reference_for(pairs), model)
+    def _batch_loss(self, pairs, model, counted: bool = True):
+        """`model`: the policy's FusedHeadForward, wrapped by DDP or not. `counted`: False for a
+        placeholder batch (a process without a share of the batch), left out of KTO's KL estimate."""
+        if not self.unpaired:
+            packed = pack_pairs(pairs, prefix_sharing=self.cfg.prefix_sharing)  # host work, validated on the CPU
+            return self._device_loss(packed, self._reference_for(pairs), model)
+        reference = self._reference_for(pairs).view(-1, 2)
+        kl = self._kto_reference_point(pairs, reference[:, 1], counted)
+        return self._device_loss(pack_completions(pairs), reference[:, 0], model, kto_kl=kl)
 
-    def _device_loss(self, packed, reference, model):
+    def _kto_reference_point(self, examples, reference_kl_logps: torch.Tensor, counted: bool) -> torch.Tensor:
+        """KTO's z0, as TRL's KTOTrainer estimates it: the mean, over the micro-batch's examples (every
+        process's share), of log pi(y'|x) - log pi_ref(y'|x) on each example's mismatched KL sequence,
+        the policy's as it is now and without a gradient, clamped at 0. (TRL averages the processes'
+        means; the mean over the examples is the same for equal shares, and the same run on any number
+        of processes otherwise.)"""
+        policy_kl_logps = packed_logps(self.head_model, pack_completions(examples, kl=True), self.attention,
+                                       self.device, backend=self.cfg.backend)
+        difference = policy_kl_logps - reference_kl_logps
+        total = torch.stack([difference.sum(), torch.ones_like(difference).sum()]) * float(counted)
+        total = self.dist.sum_over_ranks(total)
+        return (total[0] / total[1]).clamp(min=0)
+
+    def _device_loss(self, packed, reference, model, kto_kl=None):
         """The loss of a packed batch on the device: nothing in it reads a tensor back on the host (bad
         values are flagged and raised when the step's metrics are read, see _train_step)."""
         packed = packed.to(self.device)
 
         def loss(hidden, weight, bias):
-            return self.loss_fn(hidden, weight, packed.targets, packed.layout, reference, bias=bias)
+            return self.loss_fn(hidden, weight, packed.targets, packed.layout, reference, bias=bias, kto_kl=kto_kl)
 
         loss, metrics = model(packed, self.attention, loss)
         return loss, metrics, packed.input_ids.shape[1]
@@ -512,13 +624,17 @@ class Trainer:
             for start in range(0, len(pairs), self.cfg.pairs_per_step):
                 local = self.dist.shard(pairs[start:start + self.cfg.pairs_per_step])
                 # a process without a pair of this batch scores a placeholder, with weight 0
-                loss, metrics, _ = self._batch_loss(local or pairs[:1], self.head_model)
-                records.append({"loss": loss, **metrics})
+                scored = local or pairs[:1]
+                loss, metrics, _ = self._batch_loss(scored, self.head_model, counted=bool(local))
+                record = {"loss": loss, **metrics}
+                records.append(_per_label(record, scored) if self.unpaired else record)
                 weights.append(len(local))
         self.head_model.train()
         raise_pending_errors()
         mean = self.dist.weighted_mean(_read_metrics(records), weights, self.device)
-        return {"step": self.step, "split": split, "pairs": len(pairs), **mean}
+        if self.unpaired:
+            mean = _label_means(mean)
+        return {"step": self.step, "split": split, f"{self._unit}s": len(pairs), **mean}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _trainable_state(self):
@@ -532,6 +648,8 @@ class Trainer:
         keys = ("model", "loss_type", "beta", "pairs_per_step", "gradient_accumulation_steps", "seed", "lora_r",
                 "prefix_sharing", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_length",
                 "max_prompt_length")
+        if self.unpaired:
+            keys += ("desirable_weight", "undesirable_weight")
         identity = {k: getattr(self.cfg, k) for k in keys}
         identity.update(data=self.data_fingerprint, total_steps=self.total_steps)
         return json.loads(json.dumps(identity))
@@ -623,7 +741,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                     margin=f"{record['rewards/margins']:.3f}")
-                    warning = self.displacement.update(record["logps/chosen"], record["rewards/margins"])
+                    warning = (None if math.isnan(record["rewards/margins"]) else  # a KTO step of one label
+                               self.displacement.update(record["logps/chosen"], record["rewards/margins"]))
                     if warning:
                         self._say("warning: " + warning)
                         log.write({"step": self.step, "split": "warning", "message": warning})
@@ -729,9 +848,10 @@ class Trainer:
             ddp = self.dist.enabled and cfg.parallel == "ddp"
             sync = self.forward_model.no_sync() if (ddp and not last) else contextlib.nullcontext()
             with sync:
-                loss, metrics, length = self._batch_loss(pairs, self.forward_model)
+                loss, metrics, length = self._batch_loss(pairs, self.forward_model, counted=share > 0)
                 (loss * (share / step_pairs * world)).backward()
-            records.append({"loss": loss.detach(), **metrics})  # read on the host once, after the step
+            record = {"loss": loss.detach(), **metrics}  # read on the host once, after the step
+            records.append(_per_label(record, pairs) if self.unpaired else record)
             weights.append(share)
             if share:
                 tokens += length
@@ -750,6 +870,8 @@ class Trainer:
         *records, totals = _read_metrics(records + [{"grad_norm": grad_norm}])
         grad_norm = totals["grad_norm"]
         mean = self.dist.weighted_mean(records, weights, self.device)
+        if self.unpaired:
+            mean = _label_means(mean)
         tokens = world * self.dist.weighted_mean([{"tokens": tokens}], [1], self.device)["tokens"]
         elapsed = time.perf_counter() - tick
         return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,

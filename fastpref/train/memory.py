@@ -40,10 +40,11 @@ def _mib(size: float) -> str:
 
 def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: bool, compute_dtype: torch.dtype,
                   reference: Optional[str], pairs: int, tokens: int, scored_tokens: int,
-                  gradient_checkpointing: bool, decoder_layers: List[torch.nn.Module]) -> List[str]:
+                  gradient_checkpointing: bool, decoder_layers: List[torch.nn.Module], unit: str = "pair") -> List[str]:
     """One line per item, each starting with this process's rank. `reference`: "cache", "online",
     or None (a reference-free loss). `pairs`, `tokens`, `scored_tokens`: this process's largest
-    micro-batch (its longest pairs), its tokens in the packed forward and its response tokens."""
+    micro-batch (its longest pairs, or unpaired examples: `unit`), its tokens in the packed forward
+    and its response tokens."""
     config = unwrap(policy).config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     width = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -77,7 +78,7 @@ def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: 
         f"gradients {_mib(_local_bytes(trainable))}",
         f"optimizer state (AdamW) {_mib(2 * _local_bytes(trainable))}",
         f"reference: {held}",
-        f"activations per micro-batch (estimate, the data's {pairs} longest pairs: {tokens} tokens"
+        f"activations per micro-batch (estimate, the data's {pairs} longest {unit}s: {tokens} tokens"
         f"{', gradient checkpointing' if gradient_checkpointing else ''}) {_mib(activations)}",
         f"loss head per micro-batch (fused, {scored_tokens} response tokens) {_mib(head)}; materialised "
         f"logits would take {_mib(scored_tokens * vocab * 4)}",

@@ -107,8 +107,11 @@ class DisplacementMonitor:
     warning (once).
     """
 
-    def __init__(self, window: int = 20, min_drop: float = 1.0, min_relative_drop: float = 0.02):
+    def __init__(self, window: int = 20, min_drop: float = 1.0, min_relative_drop: float = 0.02,
+                 suggest_sft: bool = True):
+        """`suggest_sft`: whether the warning suggests an SFT term (a paired loss can add one; KTO cannot)."""
         self.window, self.min_drop, self.min_relative_drop = window, min_drop, min_relative_drop
+        self.suggest_sft = suggest_sft
         self.chosen: List[float] = []
         self.margins: List[float] = []
         self.warned = False
@@ -127,6 +130,7 @@ class DisplacementMonitor:
             self.warned = True
             return (f"likelihood displacement: the chosen responses' log-probability fell by "
                     f"{drop:.2f} over the last {self.window} logged steps "
-                    "while the margin grew; consider a lower learning rate, a larger beta, or an "
-                    "SFT term (--loss-type sigmoid sft)")
+                    "while the margin grew; consider a lower learning rate"
+                    + (", a larger beta, or an SFT term (--loss-type sigmoid sft)" if self.suggest_sft
+                       else " or a larger beta"))
         return None

@@ -8,6 +8,8 @@ rejected tokens attend to the prompt and to themselves but never to the chosen o
 positions continue from the prompt's end, so every token sees exactly what it would see in its
 own unshared sequence.
 
+Unpaired examples (KTO) are packed plainly, [prompt | completion] each a segment of its own.
+
 Either way the loss only ever reads the hidden states that predict response tokens: for a
 response r of a prompt of length p those sit at the prompt's last position and at r's own
 positions but its last. In prefix sharing the prompt's last position predicts the first token of
@@ -34,8 +36,8 @@ class PackedPairs:
     roles: torch.Tensor           # [T] PROMPT, CHOSEN or REJECTED
     loss_positions: torch.Tensor  # [N] stream positions whose hidden state predicts a response token
     targets: torch.Tensor         # [N] the response token each of them predicts
-    layout: PackedLayout          # over the N loss tokens: chosen_p, rejected_p, chosen_{p+1}, ...
-    rows: List[int]               # source row of each pair
+    layout: PackedLayout          # over the N loss tokens: chosen_p, rejected_p, chosen_{p+1}, ... (paired)
+    rows: List[int]               # source row of each pair (the key of each unpaired example)
     prefix_sharing: bool
 
     @property
@@ -49,61 +51,97 @@ class PackedPairs:
                            self.layout.to(device), self.rows, self.prefix_sharing)
 
 
+class _Stream:
+    """A packed stream under construction: tokens, position ids, units and roles, and the
+    positions whose hidden states predict response tokens."""
+
+    def __init__(self):
+        self.ids: List[int] = []
+        self.positions: List[int] = []
+        self.units: List[int] = []
+        self.roles: List[int] = []
+        self.loss_positions: List[int] = []
+        self.targets: List[int] = []
+        self.seq_lens: List[int] = []
+
+    def append(self, tokens, role, unit, first_position) -> int:
+        start = len(self.ids)
+        self.ids.extend(tokens)
+        self.positions.extend(range(first_position, first_position + len(tokens)))
+        self.units.extend([unit] * len(tokens))
+        self.roles.extend([role] * len(tokens))
+        return start
+
+    def read_response(self, prompt_last, response_start, response) -> None:
+        """The response's tokens are predicted by the prompt's last token, then by themselves."""
+        self.loss_positions.append(prompt_last)
+        self.loss_positions.extend(range(response_start, response_start + len(response) - 1))
+        self.targets.extend(response)
+        self.seq_lens.append(len(response))
+
+    def append_sequence(self, prompt, response, role, unit) -> None:
+        """[prompt | response] as a segment of its own."""
+        start = self.append(prompt, PROMPT, unit, 0)
+        self.read_response(start + len(prompt) - 1, self.append(response, role, unit, len(prompt)), response)
+
+    def cu_seqlens(self) -> torch.Tensor:
+        cu_seqlens = torch.zeros(len(self.seq_lens) + 1, dtype=torch.long)
+        cu_seqlens[1:] = torch.tensor(self.seq_lens).cumsum(0)
+        return cu_seqlens
+
+    def packed(self, layout: PackedLayout, rows: List[int], prefix_sharing: bool) -> PackedPairs:
+        return PackedPairs(
+            input_ids=torch.tensor(self.ids)[None], position_ids=torch.tensor(self.positions)[None],
+            unit_ids=torch.tensor(self.units), roles=torch.tensor(self.roles),
+            loss_positions=torch.tensor(self.loss_positions), targets=torch.tensor(self.targets),
+            layout=layout, rows=rows, prefix_sharing=prefix_sharing)
+
+
 def pack_pairs(pairs: Sequence, *, prefix_sharing: bool) -> PackedPairs:
     """Pack tokenized pairs (objects with prompt_ids, chosen_ids, rejected_ids, row) for one forward."""
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    ids: List[int] = []
-    positions: List[int] = []
-    units: List[int] = []
-    roles: List[int] = []
-    loss_positions: List[int] = []
-    targets: List[int] = []
-    seq_lens: List[int] = []
-
-    def append(tokens, role, unit, first_position):
-        start = len(ids)
-        ids.extend(tokens)
-        positions.extend(range(first_position, first_position + len(tokens)))
-        units.extend([unit] * len(tokens))
-        roles.extend([role] * len(tokens))
-        return start
-
-    def read_response(prompt_last, response_start, response):
-        """The response's tokens are predicted by the prompt's last token, then by themselves."""
-        loss_positions.append(prompt_last)
-        loss_positions.extend(range(response_start, response_start + len(response) - 1))
-        targets.extend(response)
-        seq_lens.append(len(response))
-
+    stream = _Stream()
     for index, pair in enumerate(pairs):
         prompt, chosen, rejected = list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
         if not prompt or not chosen or not rejected:
             raise ValueError(f"pair {index} (row {pair.row}) has an empty prompt or response")
         p = len(prompt)
         if prefix_sharing:
-            start = append(prompt, PROMPT, index, 0)
-            chosen_start = append(chosen, CHOSEN, index, p)
-            rejected_start = append(rejected, REJECTED, index, p)
-            read_response(start + p - 1, chosen_start, chosen)
-            read_response(start + p - 1, rejected_start, rejected)
+            start = stream.append(prompt, PROMPT, index, 0)
+            chosen_start = stream.append(chosen, CHOSEN, index, p)
+            rejected_start = stream.append(rejected, REJECTED, index, p)
+            stream.read_response(start + p - 1, chosen_start, chosen)
+            stream.read_response(start + p - 1, rejected_start, rejected)
         else:
-            for offset, response, role in ((0, chosen, CHOSEN), (1, rejected, REJECTED)):
-                start = append(prompt, PROMPT, 2 * index + offset, 0)
-                response_start = append(response, role, 2 * index + offset, p)
-                read_response(start + p - 1, response_start, response)
+            stream.append_sequence(prompt, chosen, CHOSEN, 2 * index)
+            stream.append_sequence(prompt, rejected, REJECTED, 2 * index + 1)
 
     num_pairs = len(pairs)
-    cu_seqlens = torch.zeros(2 * num_pairs + 1, dtype=torch.long)
-    cu_seqlens[1:] = torch.tensor(seq_lens).cumsum(0)
     layout = PackedLayout.paired(
-        cu_seqlens, torch.ones(len(targets), dtype=torch.bool),
+        stream.cu_seqlens(), torch.ones(len(stream.targets), dtype=torch.bool),
         torch.arange(0, 2 * num_pairs, 2), torch.arange(1, 2 * num_pairs, 2))
-    return PackedPairs(
-        input_ids=torch.tensor(ids)[None], position_ids=torch.tensor(positions)[None],
-        unit_ids=torch.tensor(units), roles=torch.tensor(roles),
-        loss_positions=torch.tensor(loss_positions), targets=torch.tensor(targets),
-        layout=layout, rows=[pair.row for pair in pairs], prefix_sharing=prefix_sharing)
+    return stream.packed(layout, [pair.row for pair in pairs], prefix_sharing)
+
+
+def pack_completions(examples: Sequence, *, kl: bool = False) -> PackedPairs:
+    """Pack unpaired examples (objects with prompt_ids, completion_ids, kl_completion_ids, label,
+    key) for one forward: [prompt | completion] each a segment of its own, in an unpaired layout
+    with the examples' labels; with `kl`, [prompt | KL completion] instead (KTO's KL estimate).
+    `rows` of the result holds the examples' keys."""
+    if not examples:
+        raise ValueError("pack_completions needs at least one example")
+    stream = _Stream()
+    for index, example in enumerate(examples):
+        prompt = list(example.prompt_ids)
+        completion = list(example.kl_completion_ids if kl else example.completion_ids)
+        if not prompt or not completion:
+            raise ValueError(f"example {index} (row {example.row}) has an empty prompt or "
+                             + ("KL completion" if kl else "completion"))
+        stream.append_sequence(prompt, completion, CHOSEN if example.label else REJECTED, index)
+    layout = PackedLayout.unpaired(stream.cu_seqlens(), torch.ones(len(stream.targets), dtype=torch.bool),
+                                   torch.tensor([bool(example.label) for example in examples]))
+    return stream.packed(layout, [example.key for example in examples], prefix_sharing=False)
 
 
 def may_attend(unit_q, role_q, pos_q, unit_k, role_k, pos_k):

@@ -6,6 +6,9 @@ and stored under a key that hashes both: a different model, data set, tokenizer 
 gives a different directory, never a stale hit. Only the pairs a run needs are computed, and the
 directory is written in pieces as the pass goes (each piece atomically), so an interrupted pass,
 or a later run that needs more pairs, computes only the pairs no piece holds yet.
+
+For unpaired examples (KTO) the two values cached per example are the log-probs of its completion
+and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its key.
 """
 from __future__ import annotations
 
@@ -46,20 +49,12 @@ def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: Sequence, attention: str, device, *,
-               prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
-    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...).
+def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend: str = "auto") -> torch.Tensor:
+    """[S] summed response log-probs of the packed sequences, in layout order.
 
     `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
     """
-    packed = pack_pairs(pairs, prefix_sharing=prefix_sharing).to(device)
-    return packed_logps(model, packed, attention, backend=backend)
-
-
-@torch.no_grad()
-def packed_logps(model, packed: PackedPairs, attention: str, *, backend: str = "auto") -> torch.Tensor:
-    """[S] summed response log-probs of the sequences of a packed batch, in its layout's order, from
-    one packed forward of `model` (a causal LM or a :class:`FusedHeadForward`) and the fused op."""
+    packed = packed.to(device)
     if not isinstance(model, FusedHeadForward):
         model = FusedHeadForward(model)
     transform = causal_lm_parts(model.model).transform
@@ -70,6 +65,13 @@ def packed_logps(model, packed: PackedPairs, attention: str, *, backend: str = "
         return sequence_logps(token_logp, packed.layout).float()
 
     return model(packed, attention, logps)
+
+
+def pair_logps(model, pairs: Sequence, attention: str, device, *,
+               prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
+    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...), as
+    :func:`packed_logps`."""
+    return packed_logps(model, pack_pairs(pairs, prefix_sharing=prefix_sharing), attention, device, backend=backend)
 
 
 class ReferenceCache:
