@@ -24,23 +24,10 @@ from fastpref.integrations.trl import add_fused_lm_head, use_fastpref_head
 from fastpref.integrations.trl_head import TRAINER_MODULES
 from fastpref.train.default_assets import default_tokenizer
 from test_distributed import _free_port, exit_without_teardown
+from test_trl_integration import _one_thread, tokenizer  # noqa: F401 (fixtures)
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIELDS = ALL_OUTPUTS + ("loss", "label_mask")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run fastest on one thread, and a busy machine's cores are not fought over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return default_tokenizer()
 
 
 def _seeded(build, seed):
