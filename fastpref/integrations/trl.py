@@ -201,8 +201,10 @@ def _refuse_prompt_learning(model, peft_config) -> None:
 
 def _refuse_tensor_parallel(model, args: DPOConfig) -> None:
     """A model sharded by transformers' tp_plan (or accelerate's tp_size) is refused: the trainer's
-    batches, reference and checkpoints are not set up for it (the op and PreferenceLoss do take its
-    vocabulary-sharded head; ``fastpref train --parallel tp`` trains such a head)."""
+    batches, reference and checkpoints are not set up for it, and no step of it has been checked
+    against one process: accelerate's ParallelismConfig refuses processes without a GPU
+    (DistributedType.MULTI_CPU), so a Trainer on such a model does not run on gloo. The op and
+    PreferenceLoss do take its vocabulary-sharded head; ``fastpref train --parallel tp`` trains one."""
     init_kwargs = getattr(args, "model_init_kwargs", None) or {}
     parallelism = getattr(args, "parallelism_config", None)
     settings = (("tp_plan", init_kwargs.get("tp_plan") if isinstance(model, str) else None),
@@ -213,7 +215,8 @@ def _refuse_tensor_parallel(model, args: DPOConfig) -> None:
             raise ValueError(
                 f"{name}={value!r}: tensor-parallel models are not supported by FastprefDPOTrainer; "
                 "fastpref.linear_logprobs and fastpref.PreferenceLoss take a vocabulary-sharded LM head, "
-                "and `fastpref train --parallel tp` trains one")
+                "and `fastpref train --parallel tp` trains one (accelerate runs a Trainer's tensor parallelism "
+                "on GPU processes only, where this trainer has not been checked)")
 
 
 def _refuse_vision(processing_class) -> None:
