@@ -95,6 +95,21 @@ class LossSpec:
         return cls(types, weights, float(beta), float(label_smoothing), float(simpo_gamma),
                    average_logps, float(desirable_weight), float(undesirable_weight))
 
+    def op_arguments(self) -> tuple:
+        """The spec as custom ops take it: (loss type indices into LOSS_TYPES, weights, beta,
+        label_smoothing, simpo_gamma, average_logps, desirable_weight, undesirable_weight)."""
+        return ([LOSS_TYPES.index(name) for name in self.loss_types], list(self.loss_weights), self.beta,
+                self.label_smoothing, self.simpo_gamma, self.average_logps, self.desirable_weight,
+                self.undesirable_weight)
+
+    @classmethod
+    def from_op_arguments(cls, loss_types, loss_weights, beta, label_smoothing, simpo_gamma, average_logps,
+                          desirable_weight, undesirable_weight) -> "LossSpec":
+        """The spec back from op_arguments()."""
+        return cls.build(tuple(LOSS_TYPES[i] for i in loss_types), loss_weights=loss_weights, beta=beta,
+                         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, average_logps=average_logps,
+                         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+
     @property
     def needs_reference(self) -> bool:
         return any(name not in REFERENCE_FREE for name in self.loss_types)

@@ -8,6 +8,9 @@
    (formulas in :mod:`fastpref.loss_spec`) and its gradient with respect to each sequence's
    log-prob, handed back as per-token gradient scales;
 3. the backward is the linear op's backward driven by those scales.
+
+On the CPU a trainable head takes one op for all three instead (:mod:`fastpref.head_loss`): the
+gradients are computed in the forward, pair group by pair group, without recomputing the logits.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from . import backends as _backends
-from . import deferred_errors
-from .layout import PackedLayout
+from . import deferred_errors, head_loss
+from .layout import LayoutTensors, PackedLayout
 from .linear_logprobs import LinearLogprobsOutput, check_linear_inputs, linear_logprobs
 from .logit_transform import LogitTransform
-from .loss_spec import LOSS_TYPES, NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
+from .loss_spec import NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
 from .numerics import log1m_exp
 
 
@@ -39,34 +42,6 @@ class ReferenceHead:
 Reference = Union[None, torch.Tensor, ReferenceHead]
 
 
-@dataclass
-class _LayoutTensors:
-    """A validated PackedLayout's tensors, as the backends' preference losses read them."""
-
-    cu_seqlens: torch.Tensor
-    lengths: torch.Tensor
-    sequence_ids: torch.Tensor
-    chosen_index: Optional[torch.Tensor]
-    rejected_index: Optional[torch.Tensor]
-    desirable: Optional[torch.Tensor]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.sequence_ids.shape[0]
-
-    @property
-    def is_paired(self) -> bool:
-        return self.chosen_index is not None
-
-    @property
-    def num_pairs(self) -> int:
-        return self.chosen_index.shape[0] if self.is_paired else 0
-
-
 def _preference_loss_impl(
     token_logp: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, sequence_ids: torch.Tensor,
     chosen_index: Optional[torch.Tensor], rejected_index: Optional[torch.Tensor], desirable: Optional[torch.Tensor],
@@ -75,10 +50,9 @@ def _preference_loss_impl(
     average_logps: Optional[bool], desirable_weight: float, undesirable_weight: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], parts [T, P], sequence_logps [S], token_grad [N]) of the backend's fused loss."""
-    spec = LossSpec.build(tuple(LOSS_TYPES[i] for i in loss_types), loss_weights=loss_weights, beta=beta,
-                          label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, average_logps=average_logps,
-                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-    layout = _LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
+    spec = LossSpec.from_op_arguments(loss_types, loss_weights, beta, label_smoothing, simpo_gamma, average_logps,
+                                      desirable_weight, undesirable_weight)
+    layout = LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
     impl = _backends.resolve(backend, token_logp.device)
     with torch.autocast(token_logp.device.type, enabled=False):  # the loss is computed in float32
         result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
@@ -120,9 +94,7 @@ def _preference_loss(token_logp, layout: PackedLayout, reference_logps, spec: Lo
         return impl.differentiable_loss(token_logp, layout, reference_logps, spec, kl)
     loss, parts, sequence_logps, _token_grad = torch.ops.fastpref.preference_loss(
         token_logp.contiguous(), layout.cu_seqlens, layout.lengths, layout.sequence_ids, layout.chosen_index,
-        layout.rejected_index, layout.desirable, reference_logps, kl, impl.name,
-        [LOSS_TYPES.index(name) for name in spec.loss_types], list(spec.loss_weights), spec.beta,
-        spec.label_smoothing, spec.simpo_gamma, spec.average_logps, spec.desirable_weight, spec.undesirable_weight)
+        layout.rejected_index, layout.desirable, reference_logps, kl, impl.name, *spec.op_arguments())
     return loss, parts, sequence_logps
 
 
@@ -185,6 +157,12 @@ class PreferenceLoss(torch.nn.Module):
             by default they are flagged on the device and raised later (fastpref.raise_pending_errors).
         token_metrics: also return TRL's metrics of the policy's next-token distributions,
             computed by the op in the same pass as the log-probs (see below).
+        gradients_in_forward: compute the gradients of hidden, weight and bias in the forward, a
+            group of whole pairs at a time, from the logits the forward has just computed
+            (fastpref.head_loss: 6NHV FLOPs instead of 8NHV, 256 rows of float32 logits held).
+            None (default): wherever that runs (a trainable head on the CPU's torch backend,
+            without token_metrics); True: there only, else a ValueError says why; False: never
+            (the log-prob op, then the loss; the backward recomputes the logits).
 
     Call with (hidden [N, H], weight [V, H], targets [N], layout, reference=None, *, bias=None,
     kto_kl=None) -> (loss, metrics). `reference` is the reference model's summed response
@@ -210,7 +188,7 @@ class PreferenceLoss(torch.nn.Module):
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  temperature: float = 1.0, backend: str = "auto", scratch_bytes: Optional[int] = None,
-                 check: bool = False, token_metrics: bool = False):
+                 check: bool = False, token_metrics: bool = False, gradients_in_forward: Optional[bool] = None):
         super().__init__()
         self.spec = LossSpec.build(
             loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -222,7 +200,10 @@ class PreferenceLoss(torch.nn.Module):
             raise TypeError(f"check must be True or False, got {check!r}")
         if not isinstance(token_metrics, bool):
             raise TypeError(f"token_metrics must be True or False, got {token_metrics!r}")
+        if gradients_in_forward is not None and not isinstance(gradients_in_forward, bool):
+            raise TypeError(f"gradients_in_forward must be None, True or False, got {gradients_in_forward!r}")
         self.token_metrics = token_metrics
+        self.gradients_in_forward = gradients_in_forward
         self.ignore_index = ignore_index
         self.transform = LogitTransform.build(logit_scale, softcap, temperature)
         self.backend = backend
@@ -267,15 +248,28 @@ class PreferenceLoss(torch.nn.Module):
 
         impl = _backends.resolve(self.backend, hidden.device)
         reference_logps = self._reference_logps(reference, layout, hidden, response_targets)
-        token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
-                                       _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
-        token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
-        kl = self._kl(kto_kl, token_logp)
-        loss, parts, seq_logps = _preference_loss(token_logp, layout, reference_logps, spec, kl, impl)
+        kl = self._kl(kto_kl, hidden)
+        if self._computes_gradients_in_forward(hidden, weight):
+            loss, parts, seq_logps = head_loss.head_preference_loss(
+                hidden, weight, bias, response_targets, layout, reference_logps, spec, kl,
+                ignore_index=ignore_index, transform=self.transform, check=self.check)
+        else:
+            token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
+                                           _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
+            token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
+            loss, parts, seq_logps = _preference_loss(token_logp, layout, reference_logps, spec, kl, impl)
         metrics = self._metrics(layout, seq_logps.detach(), reference_logps, parts.detach(), kl)
         if self.token_metrics:
             metrics.update(_token_metrics(token_outputs, layout))
         return loss, metrics
+
+    def _computes_gradients_in_forward(self, hidden, weight) -> bool:
+        if self.gradients_in_forward is False:
+            return False
+        reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics)
+        if reason is not None and self.gradients_in_forward:
+            raise ValueError(f"gradients_in_forward=True cannot run here: {reason}")
+        return reason is None
 
     def _reference_logps(self, reference, layout, hidden, response_targets):
         spec = self.spec
@@ -313,20 +307,21 @@ class PreferenceLoss(torch.nn.Module):
             self.check)
         return reference.detach().to(dtype).contiguous()
 
-    def _kl(self, kto_kl, token_logp):
+    def _kl(self, kto_kl, hidden):
         if self.spec.is_paired:
             return None
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if kto_kl is None or (isinstance(kto_kl, (int, float)) and not isinstance(kto_kl, bool)):
             value = 0.0 if kto_kl is None else float(kto_kl)
             if not math.isfinite(value):
                 raise ValueError(f"kto_kl must be a finite scalar, got {kto_kl!r}")
-            return torch.full((), value, dtype=token_logp.dtype, device=token_logp.device)
+            return torch.full((), value, dtype=dtype, device=hidden.device)
         if not isinstance(kto_kl, torch.Tensor) or kto_kl.dim() != 0 or not kto_kl.dtype.is_floating_point:
             raise ValueError(f"kto_kl must be a finite scalar (a number or a 0-d float tensor), got {kto_kl!r}")
-        if kto_kl.device != token_logp.device:
-            raise ValueError(f"kto_kl is on {kto_kl.device}, hidden on {token_logp.device}")
+        if kto_kl.device != hidden.device:
+            raise ValueError(f"kto_kl is on {kto_kl.device}, hidden on {hidden.device}")
         deferred_errors.report_any(~torch.isfinite(kto_kl), lambda count, first: "kto_kl must be finite", self.check)
-        return kto_kl.detach().to(token_logp.dtype)
+        return kto_kl.detach().to(dtype)
 
     def _metrics(self, layout, seq_logps, reference_logps, parts, kl) -> Dict[str, torch.Tensor]:
         """TRL's metric keys, from per-sequence sums: O(S) work, no vocabulary pass."""

@@ -215,7 +215,8 @@ def test_default_loss_call_reads_nothing_on_the_host(loss_type, backend):
     hidden, weight, targets, layout, reference = make_packed_batch(3, 16, 50, torch.float32, seed=5,
                                                                     unpaired=loss_type == "kto")
     leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_()]
-    loss_fn = fastpref.PreferenceLoss(loss_type, softcap=4.0, backend=backend)
+    # the path GPUs take; the CPU's one-op loss (fastpref.head_loss) reads the layout by design
+    loss_fn = fastpref.PreferenceLoss(loss_type, softcap=4.0, backend=backend, gradients_in_forward=False)
     with no_host_reads():
         loss, metrics = loss_fn(*leaves, targets, layout, None if loss_type == "simpo" else reference)
         torch.autograd.grad(loss, leaves)
@@ -223,10 +224,11 @@ def test_default_loss_call_reads_nothing_on_the_host(loss_type, backend):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, attention):
+def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, attention, monkeypatch):
     """The trainer's micro-batch past the host's packing: the batch to the device, the reference
-    log-probs from the cache, the packed forward of the embedded model, the fused loss, and the
-    backward."""
+    log-probs from the cache, the packed forward of the embedded model, the fused loss (the two-op
+    path a GPU takes, not the CPU's one-op loss), and the backward."""
+    from fastpref import head_loss
     from fastpref.train.loop import Trainer
     from fastpref.train.packing import pack_pairs
     from test_trainer import config
@@ -235,6 +237,7 @@ def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, at
     pairs = trainer._micro_batches(0)[0]
     packed = pack_pairs(pairs, prefix_sharing=False)
     reference = trainer._reference_for(pairs)
+    monkeypatch.setattr(head_loss, "unavailable_reason", lambda *_: "the path a GPU takes")
     with no_host_reads():
         loss, metrics, _ = trainer._device_loss(packed, reference, trainer.forward_model)
         loss.backward()

@@ -1,0 +1,145 @@
+"""The LM head and the preference loss as one op whose forward also computes the gradients (CPU).
+
+A preference loss is a sum of terms of one pair each (of one sequence, for KTO): the gradient
+g_n = dL/dlogp_n of a response token depends only on the log-probs of its own pair. So once the
+log-probs of a group of whole pairs are known, so are their tokens' gradients, and the backward of
+that group can run at once, from the logits the forward just computed instead of recomputing them:
+
+    for each group of pairs, with its response rows h (about GROUP_ROWS of them):
+        pass 1:  x = h W^T + b block by block, kept in a store; the online softmax gives logp
+        g      = dL/dlogp of the group's tokens (the loss's own gradient, fastpref.loss_spec)
+        pass 2:  from the stored x, dz = J (g (1[v = t] - p)), dW += dz^T h, db += sum dz, dh = dz W
+
+6NHV FLOPs for a trainable head instead of the 8NHV of a forward and a backward that recomputes
+the logits, with GROUP_ROWS x V float32 logits held at a time (256 MiB at V = 262,144), whatever
+N. The backward then only scales the saved gradients by dL_total/dL (in place: a second backward
+through the same graph is refused, as PyTorch's own chunked cross-entropy refuses it).
+
+Groups read the layout on the host, which costs nothing on a CPU but cannot be traced: the GPU
+backends and torch.compile keep the two-op path (:func:`fastpref.linear_logprobs`, then the fused
+pair loss), which reads nothing.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from . import backends as _backends
+from . import deferred_errors
+from .backends import HeadOptions, torch_backend
+from .layout import PackedLayout
+from .linear_logprobs import _describe_errors, _error_flags
+from .logit_transform import LogitTransform
+from .loss_spec import LossSpec
+
+# Response rows per group: fewer make the weight gradient's matmuls (their inner dimension is the
+# group's rows) too small for a CPU's GEMM rate (a 2-core AVX2 EPYC: 155 GFLOP/s at 128 rows,
+# 172-183 at 256).
+GROUP_ROWS = 256
+
+
+def row_groups(layout: PackedLayout, kept: torch.Tensor, rows_per_group: int = GROUP_ROWS) -> List[torch.Tensor]:
+    """The kept rows of whole pairs (whole sequences for an unpaired layout), pair after pair,
+    cut into groups of about rows_per_group rows (a pair larger than that is a group of its own).
+    Reads the layout on the host."""
+    kept_rows = kept.nonzero().squeeze(1)
+    sequence_of_row = layout.sequence_ids.index_select(0, kept_rows)
+    rows_of_sequence = torch.bincount(sequence_of_row, minlength=layout.num_sequences).tolist()
+    if layout.is_paired:
+        units = list(zip(layout.chosen_index.tolist(), layout.rejected_index.tolist()))
+    else:
+        units = [(sequence,) for sequence in range(layout.num_sequences)]
+    group_of_sequence = [0] * layout.num_sequences
+    group, size = 0, 0
+    for unit in units:
+        rows = sum(rows_of_sequence[sequence] for sequence in unit)
+        if size and size + rows > rows_per_group:
+            group, size = group + 1, 0
+        for sequence in unit:
+            group_of_sequence[sequence] = group
+        size += rows
+    group_of_row = torch.tensor(group_of_sequence, dtype=torch.long).index_select(0, sequence_of_row.cpu())
+    order = torch.argsort(group_of_row, stable=True)
+    sizes = torch.bincount(group_of_row, minlength=group + 1).tolist()
+    return [rows for rows in kept_rows.index_select(0, order.to(kept_rows.device)).split(sizes) if rows.numel()]
+
+
+class _HeadPreferenceLoss(torch.autograd.Function):
+    """(loss, parts, sequence_logps) forward; the gradients it computed, scaled, backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, layout: PackedLayout, reference_logps, spec: LossSpec, kl,
+                ignore_index: int, transform: LogitTransform, check: bool):
+        deferred_errors.raise_landed_errors()
+        impl = _backends.resolve("torch", hidden.device)
+        vocab = weight.shape[0]
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        kept = targets != ignore_index
+        counts = kept & (targets >= 0) & (targets < vocab)
+        # rows of groups still to come hold a finite stand-in: a group's gradient depends on its own pairs only
+        token_logp = torch.where(kept, -1.0, 0.0).to(dtype)
+
+        def token_gradient(rows: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+            counted = counts.index_select(0, rows)
+            token_logp[rows] = torch.where(counted, logp, 0.0)
+            grad = impl.preference_loss(token_logp, layout, reference_logps, spec, kl).token_grad
+            return torch.where(counted, grad.index_select(0, rows), 0.0)
+
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        element_bytes = torch.empty((), dtype=dtype).element_size()
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, d_hidden, d_weight, d_bias = torch_backend.forward_backward_by_groups(
+                hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, GROUP_ROWS),
+                token_gradient, HeadOptions(transform), need_hidden, need_weight, need_bias,
+                store_bytes=GROUP_ROWS * vocab * element_bytes)
+            result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
+
+        flags = _error_flags(hidden, targets, logp, ignore_index, vocab)
+        describe = _describe_errors(vocab, ignore_index, layout.num_response_tokens)
+        if check:
+            deferred_errors.check_now(flags, describe)
+        else:
+            deferred_errors.defer(flags, describe)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.mark_non_differentiable(result.parts, result.sequence_logps)
+        ctx.consumed = False
+        return result.loss, result.parts, result.sequence_logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_non_differentiable):
+        if ctx.consumed:
+            raise RuntimeError(
+                "the preference loss computed with its gradients (PreferenceLoss(gradients_in_forward=...)) "
+                "hands them to its first backward: a second backward through the same loss "
+                "(retain_graph=True) needs PreferenceLoss(..., gradients_in_forward=False)")
+        ctx.consumed = True
+        # in place: the saved gradients (one as large as the weight) are not copied
+        scaled = [None if gradient is None else gradient.mul_(grad_loss.to(gradient.dtype))
+                  for gradient in ctx.saved_tensors]
+        return (*scaled,) + (None,) * 8
+
+
+def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool) -> Optional[str]:
+    """None when head_preference_loss can compute this call, else why not."""
+    if hidden.device.type != "cpu" or _backends.resolve(backend, hidden.device).name != "torch":
+        return "it runs on the CPU's torch backend"
+    if torch.compiler.is_compiling():
+        return "it reads the layout on the host, which a compiled graph cannot (the two-op path is traced)"
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return "it computes the gradients of a trainable head (weight.requires_grad, gradients enabled)"
+    if token_metrics:
+        return "it computes no per-token outputs (token_metrics=True)"
+    if isinstance(weight, DTensor):
+        return "a vocabulary-parallel (DTensor) head takes the two-op path"
+    return None
+
+
+def head_preference_loss(hidden, weight, bias, targets, layout: PackedLayout, reference_logps, spec: LossSpec, kl,
+                         *, ignore_index: int, transform: LogitTransform, check: bool):
+    """(loss, parts, sequence_logps) of `spec` on the head's log-probs of the response targets
+    (ignore_index elsewhere), computed with the gradients (see the module docstring); the inputs
+    are validated by fastpref.PreferenceLoss."""
+    return _HeadPreferenceLoss.apply(hidden, weight, bias, targets, layout, reference_logps, spec, kl,
+                                     ignore_index, transform, check)

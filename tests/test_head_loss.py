@@ -1,0 +1,164 @@
+"""The CPU's one-op preference loss (gradients computed in the forward, group of pairs by group):
+against the two-op path and float64 references, groups of every size, a store too small for a
+group, the error paths."""
+import pytest
+import torch
+
+import fastpref
+from fastpref import deferred_errors, head_loss
+from fastpref.backends import HeadOptions, torch_backend
+from fastpref.logit_transform import LogitTransform
+from fastpref.loss_spec import LOSS_TYPES
+from reference import reference_logprobs, relative_error
+from test_losses import make_packed_batch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the one-op loss runs on CPU tensors")
+
+LOSSES = [(name, {}) for name in LOSS_TYPES] + [
+    (("sigmoid", "sft"), dict(loss_weights=(1.0, 0.4))),
+    ("robust", dict(label_smoothing=0.2)),
+    ("ipo", dict(average_logps=False)),
+]
+
+
+def _step(loss_fn, hidden, weight, bias, targets, layout, reference, scale=1.0):
+    leaves = [hidden.detach().clone().requires_grad_(hidden.requires_grad),
+              weight.detach().clone().requires_grad_(weight.requires_grad),
+              None if bias is None else bias.detach().clone().requires_grad_()]
+    loss, metrics = loss_fn(leaves[0], leaves[1], targets, layout, reference, bias=leaves[2])
+    (scale * loss).backward()
+    grads = [None if leaf is None else leaf.grad for leaf in leaves]
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("loss_type,options", LOSSES, ids=[str(name) for name, _ in LOSSES])
+def test_one_op_loss_equals_the_two_op_path(monkeypatch, loss_type, options):
+    """Every loss type, groups of 9 rows (pairs of up to 14 tokens: some pairs alone in a group),
+    bias, soft cap, scale and temperature, a loss scaled before backward: the same loss, metrics and
+    gradients as the log-prob op followed by the loss, in float64."""
+    monkeypatch.setattr(head_loss, "GROUP_ROWS", 9)
+    unpaired = loss_type == "kto"
+    hidden, weight, targets, layout, reference = make_packed_batch(7, 12, 53, torch.float64, seed=11,
+                                                                    unpaired=unpaired)
+    bias = torch.randn(53, dtype=torch.float64)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    spec_options = dict(options, softcap=2.5, logit_scale=1.3, temperature=0.8)
+    reference = reference if fastpref.PreferenceLoss(loss_type, **options).spec.needs_reference else None
+    results = [_step(fastpref.PreferenceLoss(loss_type, gradients_in_forward=one_op, **spec_options),
+                     hidden, weight, bias, targets, layout, reference, scale=2.5) for one_op in (True, False)]
+    (loss, metrics, grads), (expected_loss, expected_metrics, expected_grads) = results
+    assert relative_error(loss, expected_loss) < 1e-12
+    for key, value in expected_metrics.items():
+        assert torch.allclose(metrics[key], value, rtol=1e-12, atol=1e-12), key
+    for got, expected in zip(grads, expected_grads):
+        assert relative_error(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gradients_match_float64_materialized_logits(dtype, tolerance):
+    """DPO's gradients from the one-op loss against autograd through float64 [N, V] logits."""
+    hidden, weight, targets, layout, reference = make_packed_batch(6, 20, 301, dtype, seed=4)
+    loss_fn = fastpref.PreferenceLoss("sigmoid", beta=0.5, gradients_in_forward=True)
+    loss, _, (d_hidden, d_weight, _) = _step(loss_fn, hidden.requires_grad_(), weight.requires_grad_(), None,
+                                             targets, layout, reference)
+
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    logp = reference_logprobs(h64, w64, torch.where(layout.response_mask, targets, -100))
+    sums = torch.zeros(layout.num_sequences, dtype=torch.float64).index_add(0, layout.sequence_ids, logp)
+    margin = 0.5 * ((sums - reference.double())[layout.chosen_index] - (sums - reference.double())[layout.rejected_index])
+    expected = -torch.nn.functional.logsigmoid(margin).mean()
+    expected.backward()
+    assert relative_error(loss, expected) < tolerance
+    assert relative_error(d_hidden, h64.grad) < tolerance
+    assert relative_error(d_weight, w64.grad) < tolerance
+
+
+@pytest.mark.parametrize("store_rows_of_logits", [0, 1, 3])
+def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits):
+    """forward_backward_by_groups with a store of a few blocks (or none: one block at least) equals
+    the backend's forward and backward with the same per-row gradient."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(23, 10, dtype=torch.float64, generator=gen)
+    weight = torch.randn(37, 10, dtype=torch.float64, generator=gen)
+    bias = torch.randn(37, dtype=torch.float64, generator=gen)
+    targets = torch.randint(0, 37, (23,), generator=gen)
+    g = torch.randn(23, dtype=torch.float64, generator=gen)
+    options = HeadOptions(LogitTransform(1.0, 3.0, 1.0))
+    groups = [torch.tensor([0, 5, 7]), torch.arange(8, 23), torch.tensor([1, 2, 3, 4, 6])]
+    seen = []
+
+    def token_gradient(rows, logp):
+        seen.append(rows)
+        return g[rows]
+
+    logp, d_hidden, d_weight, d_bias = torch_backend.forward_backward_by_groups(
+        hidden, weight, bias, targets, groups, token_gradient, options, True, True, True,
+        store_bytes=store_rows_of_logits * 37 * 8)
+    saved = torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=False)
+    expected = torch_backend.backward(hidden, weight, bias, targets, saved, g, None, options, True, True, True)
+    assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
+    assert relative_error(logp, saved.logp) < 1e-13
+    for got, want in zip((d_hidden, d_weight, d_bias), expected):
+        assert relative_error(got, want) < 1e-13
+
+
+def test_row_groups_keep_pairs_whole():
+    _, _, targets, layout, _ = make_packed_batch(11, 4, 20, torch.float32, seed=8)
+    kept = torch.where(layout.response_mask, targets, -100) != -100
+    groups = head_loss.row_groups(layout, kept, rows_per_group=10)
+    rows = torch.cat(groups)
+    assert sorted(rows.tolist()) == kept.nonzero().squeeze(1).tolist()
+    pair_of_sequence = {}
+    for pair, (chosen, rejected) in enumerate(zip(layout.chosen_index.tolist(), layout.rejected_index.tolist())):
+        pair_of_sequence[chosen] = pair_of_sequence[rejected] = pair
+    pairs_of_group = [{pair_of_sequence[s] for s in layout.sequence_ids[group].tolist()} for group in groups]
+    assert all(not (a & b) for i, a in enumerate(pairs_of_group) for b in pairs_of_group[i + 1:])
+    assert len(groups) > 2 and all(len(group) <= 10 or len(pairs) == 1 for group, pairs in zip(groups, pairs_of_group))
+
+
+def test_a_second_backward_is_refused():
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 8, 30, torch.float32, seed=1)
+    loss, _ = fastpref.PreferenceLoss(gradients_in_forward=True)(
+        hidden.requires_grad_(), weight.requires_grad_(), targets, layout, reference)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="gradients_in_forward=False"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("frozen head", "trainable head"),
+    ("token metrics", "token_metrics"),
+    ("no grad", "trainable head"),
+])
+def test_asking_for_it_where_it_cannot_run_says_why(case, match):
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 8, 30, torch.float32, seed=1)
+    loss_fn = fastpref.PreferenceLoss(gradients_in_forward=True, token_metrics=case == "token metrics")
+    weight.requires_grad_(case != "frozen head")
+    with torch.set_grad_enabled(case != "no grad"), pytest.raises(ValueError, match=match):
+        loss_fn(hidden.requires_grad_(), weight, targets, layout, reference)
+
+
+def test_the_default_takes_it_for_a_trainable_head_only(monkeypatch):
+    calls = []
+    original = head_loss.head_preference_loss
+    monkeypatch.setattr(head_loss, "head_preference_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 8, 30, torch.float32, seed=1)
+    fastpref.PreferenceLoss()(hidden.requires_grad_(), weight.requires_grad_(), targets, layout, reference)
+    assert calls == [1]
+    fastpref.PreferenceLoss()(hidden, weight.detach(), targets, layout, reference)
+    assert calls == [1]
+
+
+def test_bad_targets_are_flagged_like_the_ops():
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 8, 30, torch.float32, seed=1)
+    bad = targets.clone()
+    bad[layout.response_mask.nonzero()[0, 0]] = 30
+    loss_fn = fastpref.PreferenceLoss(gradients_in_forward=True)
+    loss, _ = loss_fn(hidden.requires_grad_(), weight.requires_grad_(), bad, layout, reference)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V = 30\)"):
+        deferred_errors.raise_pending_errors()
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V = 30\)"):
+        fastpref.PreferenceLoss(gradients_in_forward=True, check=True)(hidden, weight, bad, layout, reference)
