@@ -2,9 +2,11 @@
 
 It is the readable reference of the blocked algorithm, the CPU path, and the fallback on a GPU
 where a kernel cannot run (the GPU backends also run their frozen-head pass here). No tensor
-larger than a few [row_block x vocab_block] blocks of logits ever exists, whatever N and V: 16 MiB
+larger than a few [row_block x vocab_block] blocks of logits ever exists, whatever N and V: 2 MiB
 of float32 per block on a CPU; on a GPU everything a block allocates fits the scratch budget, in
-blocks as large as that allows, so every matmul is one large cuBLAS GEMM.
+blocks as large as that allows, so every matmul is one large cuBLAS GEMM. (The exception is
+forward_backward_by_groups, the CPU's loss with its gradients in the forward, which keeps a group
+of rows' logits: see fastpref.head_loss.)
 
 Forward, for each block of rows, streaming over vocabulary blocks W_b with an online softmax
 (running max m, rescaled by alpha = exp(m_old - m_new) when m grows; backends.online_softmax
@@ -47,13 +49,12 @@ from .online_softmax import merge_vocabulary_parts, rescale_weights, shift_term
 from .scratch import slab_columns
 from .torch_preference_loss import loss_terms, preference_loss
 
-# On a CPU a block of logits holds at most this many elements (cache-sized matmuls run at the
-# CPU's GEMM speed); rows per block are capped so that long inputs still stream over the vocabulary.
-BLOCK_ELEMENTS = 1 << 22
+# On a CPU a block of logits holds at most this many elements: 2 MiB of float32, written by a
+# matmul and read back by the softmax while still in the caches (a 2-core AVX2 EPYC runs such
+# matmuls at 170-185 GFLOP/s, 16 MiB ones at 135-145); rows per block are capped so that long
+# inputs still stream over the vocabulary.
+BLOCK_ELEMENTS = 1 << 19
 MAX_ROW_BLOCK = 2048
-# Logits per block of forward_backward_by_groups (2 MiB of float32): its blocks are written and
-# read back while still in the CPU's caches.
-GROUP_BLOCK_ELEMENTS = 1 << 19
 
 
 def block_bytes_per_logit(options: HeadOptions) -> int:
@@ -229,7 +230,7 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
             if fold_hidden_gradient:
                 if slope is not None:
                     exp_z = exp_z.mul_(slope)
-                acc.mul_(alpha[:, None]).add_(_matmul(exp_z.to(cdt), w, adt))
+                _add_product(acc.mul_(alpha[:, None]), exp_z.to(cdt), w)
 
         rows = statistics.result(vocab)
         for name in _OUTPUT_FIELDS:
@@ -301,7 +302,7 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
                                need_hidden: bool, need_weight: bool, need_bias: bool, store_bytes: int):
     """Log-probs and gradients at once, for a loss whose gradient g_n = dL/dlogp_n of a group of
     rows is known as soon as that group's log-probs are (the rows of whole pairs: see
-    fastpref.losses). For each group, with its rows h and targets:
+    fastpref.head_loss). For each group, with its rows h and targets:
 
         pass 1, per vocabulary block:  x = h W_b^T + b_b, kept in a store while it has room,
                                        folded into the online softmax as forward() does;
@@ -322,7 +323,7 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
     cdt, adt = _compute_dtype(hidden), _accumulate_dtype(hidden)
     transform = options.transform
     largest = max((rows.numel() for rows in groups), default=1)
-    vocab_block = max(1, min(vocab, GROUP_BLOCK_ELEMENTS // max(1, largest)))
+    vocab_block = max(1, min(vocab, BLOCK_ELEMENTS // max(1, largest)))
     element_bytes = torch.empty((), dtype=adt).element_size()
     stored_blocks = max(1, store_bytes // (largest * vocab_block * element_bytes))
     store = torch.empty(min(stored_blocks * vocab_block, vocab) * largest, dtype=adt, device=hidden.device)
