@@ -2,13 +2,15 @@
 
 Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
 Backward, per vocabulary slab: :mod:`fastpref.kernels.linear_logprobs_backward` (the fused
-recompute + logit-gradient kernel, 2NHV), :mod:`fastpref.kernels.hidden_gradient` (the hidden
+recompute + logit-gradient kernel, 2NHV; on sm_90 in half precision its persistent, TMA-fed form,
+:mod:`fastpref.kernels.persistent_logit_gradient`), :mod:`fastpref.kernels.hidden_gradient` (the hidden
 gradient's GEMM, 2NHV, accumulated across slabs as a half-precision pair instead of a float32
 [N, H] buffer) and, when the head is trainable, the weight gradient as a cuBLAS GEMM (2NHV,
 written once); no atomics.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -46,6 +48,8 @@ class KernelConfig:
     outputs_block_n: int = 0
     entropy_block_n: int = 0
     outputs_num_warps: int = 0  # warps of the forward with the outputs' sums (0: num_warps)
+    # programs of the persistent, TMA-fed kernels (one per SM); 0: the one-tile-per-program kernels
+    persistent_programs: int = 0
 
     def for_outputs(self, outputs) -> "KernelConfig":
         if not outputs or not self.outputs_block_n:
@@ -84,7 +88,7 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
         return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs,
                             outputs_block_n=64, entropy_block_n=64)
     return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs,
-                        outputs_block_n=64, entropy_block_n=64)
+                        outputs_block_n=64, entropy_block_n=64, persistent_programs=multiprocessors)
 
 
 def config_for(hidden: torch.Tensor) -> KernelConfig:
@@ -131,6 +135,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     that pass's."""
     from ..kernels.hidden_gradient import accumulate_hidden_gradient
     from ..kernels.linear_logprobs_backward import logit_gradient
+    from ..kernels.persistent_logit_gradient import persistent_logit_gradient
+    from ..kernels.tensor_descriptors import aligned_row_length, descriptor_compatible
 
     if saved.hidden_grad_direction is not None:
         return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, options,
@@ -140,7 +146,15 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     columns = slab_columns(num_rows, vocab, hidden.element_size(), options.scratch_bytes, cfg.block_v)
-    scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
+    persistent = cfg.persistent_programs > 0 and descriptor_compatible(hidden, weight)
+    if persistent:
+        # the kernel stores dz through a descriptor: 16-byte aligned rows
+        scratch = new_output((num_rows, aligned_row_length(columns, hidden.element_size())), hidden.dtype,
+                             hidden.device)
+        fill_slab = functools.partial(persistent_logit_gradient, num_programs=cfg.persistent_programs)
+    else:
+        scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
+        fill_slab = logit_gradient
     grad = grad_logp.float().contiguous()
     entropy = None if grad_entropy is None else saved.entropy.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -158,11 +172,11 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
         stop = min(vocab, start + columns)
         dz = scratch[:, :stop - start]
         partial = None if bias_grad_partial is None else bias_grad_partial[:, :stop - start]
-        logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
-                       entropy, grad_entropy, pre=transform.pre, post=transform.post,
-                       softcap=transform.softcap is not None,
-                       block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
+        fill_slab(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
+                  entropy, grad_entropy, pre=transform.pre, post=transform.post,
+                  softcap=transform.softcap is not None,
+                  block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
         if need_bias:
