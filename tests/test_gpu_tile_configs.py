@@ -19,7 +19,7 @@ import torch
 import fastpref
 from fastpref.backends import triton_backend
 from fastpref.backends.scratch import DEFAULT_SCRATCH_BYTES
-from fastpref.kernels import persistent_logit_gradient
+from fastpref.kernels import persistent_forward, persistent_logit_gradient
 from fastpref.kernels.tensor_descriptors import aligned_row_length, descriptor_compatible
 from test_head_outputs import ALL_OUTPUTS, TRANSFORMS, run_and_compare_outputs
 from test_linear_logprobs import make_inputs
@@ -79,14 +79,21 @@ def test_persistent_kernels_at_the_sm90_tiles_match_float64(monkeypatch, dtype, 
     assert sm90.persistent_programs == 132
     config = replace(sm90, persistent_programs=2)
     monkeypatch.setattr(triton_backend, "config_for", lambda hidden: config)
-    launches = []
+    launches, forward_launches = [], []
     original = persistent_logit_gradient.persistent_logit_gradient
+    original_forward = persistent_forward.persistent_linear_logprobs_forward
 
     def recording(hidden, weight, bias, targets, lse, miss, grad, dz, *args, **kwargs):
         launches.append((kwargs["num_programs"], kwargs["block_n"], dz.shape[1], dz.stride(0)))
         return original(hidden, weight, bias, targets, lse, miss, grad, dz, *args, **kwargs)
 
+    def recording_forward(*args, **kwargs):
+        sums = original_forward(*args, **kwargs)
+        forward_launches.append((kwargs["num_programs"], kwargs["block_n"], sums["row_max"].shape[0]))
+        return sums
+
     monkeypatch.setattr(persistent_logit_gradient, "persistent_logit_gradient", recording)
+    monkeypatch.setattr(persistent_forward, "persistent_linear_logprobs_forward", recording_forward)
     # three tiles in every dimension, each with a ragged last one (H a multiple of 8: TMA's rule)
     num_rows = 2 * config.block_n + 37
     width = 2 * config.block_h + 24
@@ -100,6 +107,9 @@ def test_persistent_kernels_at_the_sm90_tiles_match_float64(monkeypatch, dtype, 
                                 transform=variant["transform"], outputs=variant["outputs"], trainable_head=True)
     finally:
         fastpref.set_scratch_bytes(DEFAULT_SCRATCH_BYTES)
+    # each of the two programs walks several (row block, vocabulary split) items of the forward
+    [(programs, block_n, splits)] = forward_launches
+    assert programs == 2 and -(-num_rows // block_n) * splits >= 2 * programs
     assert launches and all(programs == 2 for programs, *_ in launches)
     # each of the two programs walks several (row tile, vocabulary tile) items of the first slab
     programs, block_n, columns, row_stride = launches[0]

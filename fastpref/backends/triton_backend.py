@@ -1,6 +1,7 @@
 """Triton backend: fused kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests).
 
-Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
+Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs; on sm_90 in half precision
+its persistent, TMA-fed form, :mod:`fastpref.kernels.persistent_forward`).
 Backward, per vocabulary slab: :mod:`fastpref.kernels.linear_logprobs_backward` (the fused
 recompute + logit-gradient kernel, 2NHV; on sm_90 in half precision its persistent, TMA-fed form,
 :mod:`fastpref.kernels.persistent_logit_gradient`), :mod:`fastpref.kernels.hidden_gradient` (the hidden
@@ -106,13 +107,19 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
     takes the torch backend's slab pass that also accumulates u = J_t W_t - sum_v p_v J_v W_v
     (matmuls through cuBLAS), after which the backward is a scale: 4NHV in all instead of 6NHV."""
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
+    from ..kernels.persistent_forward import persistent_linear_logprobs_forward
+    from ..kernels.tensor_descriptors import descriptor_compatible
 
     if fold_hidden_gradient:
         return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     transform, outputs = options.transform, options.outputs
     cfg = (config or config_for(hidden)).for_outputs(outputs)
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
-    sums = linear_logprobs_forward(
+    launcher = linear_logprobs_forward
+    if cfg.persistent_programs > 0 and descriptor_compatible(hidden, weight):
+        launcher = functools.partial(persistent_linear_logprobs_forward, group_n=cfg.group_n,
+                                     num_programs=cfg.persistent_programs)
+    sums = launcher(
         hidden, weight, bias, targets, pre=transform.pre, post=transform.post,
         softcap=transform.softcap is not None, entropy="entropy" in outputs,
         sum_sq="log_sum_sq_probs" in outputs, logit_sum="mean_logits" in outputs, max_before="is_top1" in outputs,
