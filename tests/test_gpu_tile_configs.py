@@ -6,6 +6,8 @@ The other tests run the kernels at the interpreter's small tiles; the configurat
 tiles, the vocabulary split over twice the SM count, grouped rasterisation -- would otherwise first
 execute on the GPU. Shapes span two to ten tiles in every dimension with ragged edges, and the
 backward's scratch holds one vocabulary tile so that it runs in several slabs with a ragged last one.
+Their H (two K-steps and 22) makes rows that TMA cannot read, so the sm_90 half-precision case runs
+the fallback of the persistent kernels: the one-tile-per-program ones on 64-row tiles.
 
 The persistent, TMA-fed kernels that half precision launches on sm_90 run there too, at their real
 tiles, warps, stages and grouping, but on two programs instead of 132, so that each program loops
@@ -126,3 +128,6 @@ def test_only_tma_compatible_tensors_take_the_persistent_kernel():
     assert aligned_row_length(333, 2) == 336 and aligned_row_length(336, 2) == 336
     assert triton_backend.kernel_config(torch.float16, 80, 108).persistent_programs == 0
     assert triton_backend.kernel_config(torch.float32, 90, 132).persistent_programs == 0
+    sm90 = triton_backend.kernel_config(torch.bfloat16, 90, 132)
+    assert sm90.for_layout(True) == sm90
+    assert sm90.for_layout(False).persistent_programs == 0 and sm90.for_layout(False).block_n == 64

@@ -53,7 +53,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     kernels = {row.short_kernel for row in triton_rows}
     assert {"_forward_kernel", "_logit_gradient_kernel", "_pair_loss_kernel", "_kto_loss_kernel"} <= kernels
     # the persistent, TMA-fed kernels are what sm_90 launches in half precision; sm_80 has no TMA
-    hopper_only = {"_persistent_logit_gradient_kernel"}
+    hopper_only = {"_persistent_forward_kernel", "_persistent_logit_gradient_kernel"}
     assert {row.short_kernel for row in triton_rows if row.arch == "sm_90"} == kernels
     assert {row.short_kernel for row in triton_rows if row.arch == "sm_80"} == kernels - hopper_only
     persistent = [row for row in triton_rows if row.short_kernel in hopper_only]
@@ -61,7 +61,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     # Triton 3.9 does not warp-specialise on sm_90: the report says so rather than assuming it
     assert all(row.warp_specialized is not None for row in triton_rows)
     hopper_half_matmuls = [row for row in triton_rows if row.arch == "sm_90" and row.dtype == "bfloat16"
-                           and row.short_kernel in ("_forward_kernel", "_logit_gradient_kernel")]
+                           and row.short_kernel in ("_forward_kernel", "_logit_gradient_kernel",
+                                                    "_persistent_forward_kernel", "_persistent_logit_gradient_kernel")]
     assert hopper_half_matmuls and all(row.tensor_cores == "wgmma" for row in hopper_half_matmuls)
     # the backward's hot kernel adds nothing with atomics: d_weight and d_hidden come from GEMMs
     assert all(row.atomics == 0 for row in triton_rows if row.short_kernel == "_logit_gradient_kernel")
