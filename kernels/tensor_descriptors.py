@@ -9,8 +9,12 @@ import contextvars
 
 import torch
 import triton
+import triton.language as tl
 
 TMA_ALIGNMENT_BYTES = 16
+# device-side descriptors and the allocator for their workspace, under these names from Triton 3.4
+# (the package allows older releases: the backend then keeps the pointer-fed kernels)
+AVAILABLE = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
 def descriptor_compatible(*tensors: torch.Tensor) -> bool:

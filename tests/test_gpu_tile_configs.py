@@ -21,7 +21,7 @@ import torch
 import fastpref
 from fastpref.backends import triton_backend
 from fastpref.backends.scratch import DEFAULT_SCRATCH_BYTES
-from fastpref.kernels import persistent_forward, persistent_logit_gradient
+from fastpref.kernels import persistent_forward, persistent_logit_gradient, tensor_descriptors
 from fastpref.kernels.tensor_descriptors import aligned_row_length, descriptor_compatible
 from test_head_outputs import ALL_OUTPUTS, TRANSFORMS, run_and_compare_outputs
 from test_linear_logprobs import make_inputs
@@ -119,7 +119,7 @@ def test_persistent_kernels_at_the_sm90_tiles_match_float64(monkeypatch, dtype, 
     assert row_stride == aligned_row_length(columns, hidden.element_size())
 
 
-def test_only_tma_compatible_tensors_take_the_persistent_kernel():
+def test_only_tma_compatible_tensors_take_the_persistent_kernel(monkeypatch):
     aligned = torch.empty(5, 16, dtype=torch.bfloat16)
     assert descriptor_compatible(aligned)
     assert not descriptor_compatible(torch.empty(5, 12, dtype=torch.bfloat16))  # 24-byte rows
@@ -131,3 +131,6 @@ def test_only_tma_compatible_tensors_take_the_persistent_kernel():
     sm90 = triton_backend.kernel_config(torch.bfloat16, 90, 132)
     assert sm90.for_layout(True) == sm90
     assert sm90.for_layout(False).persistent_programs == 0 and sm90.for_layout(False).block_n == 64
+    # a Triton without device-side tensor descriptors keeps the pointer-fed kernels
+    monkeypatch.setattr(tensor_descriptors, "AVAILABLE", False)
+    assert triton_backend.kernel_config(torch.bfloat16, 90, 132).persistent_programs == 0

@@ -104,8 +104,11 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     if capability < 90:
         return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs,
                             outputs_block_n=64, entropy_block_n=64)
+    from ..kernels import tensor_descriptors
+
     return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs,
-                        outputs_block_n=64, entropy_block_n=64, persistent_programs=multiprocessors,
+                        outputs_block_n=64, entropy_block_n=64,
+                        persistent_programs=multiprocessors if tensor_descriptors.AVAILABLE else 0,
                         unaligned_block_n=64)
 
 
