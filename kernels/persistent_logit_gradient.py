@@ -20,9 +20,10 @@ is written to the [N, Vs] scratch. What differs is how the work reaches the SMs:
   the scratch's row stride must be a multiple of 16 bytes (kernels/tensor_descriptors.py).
 
 Not warp-specialised: Triton 3.9 takes ``tl.range(..., warp_specialize=True)`` on sm_90 without an
-error but ignores it there (its automatic warp specialisation partitions loops for sm_100 only; the
-compiled sm_90 kernel has no ``ttg.warp_specialize`` region and no setmaxnreg), so the epilogue
-still runs between the tile's tensor-core steps. ``fastpref kernels`` reports, per binary, whether
+error and leaves the loop unpartitioned, on the outer (work item) loop or the K loop alike: the
+compiled sm_90 kernel has no ``ttg.warp_specialize`` region and no setmaxnreg, as for a plain
+persistent TMA matmul (Triton's persistent-matmul tutorial turns warp_specialize on from
+capability 10 only). So the epilogue still runs between the tile's tensor-core steps. ``fastpref kernels`` reports, per binary, whether
 it is warp-specialised and whether it uses TMA.
 """
 import torch
