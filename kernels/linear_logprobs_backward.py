@@ -34,24 +34,11 @@ from .logits_tile import logits_tile, soft_cap_slope, transform_logits
 
 
 @triton.jit
-def _logit_gradient_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, entropy_ptr, grad_entropy_ptr,
-    dz_ptr, bias_grad_ptr,
-    num_rows, slab_columns, width, slab_start, dz_row_stride, bias_grad_row_stride, pre, post,
-    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    row_block, col_block = grouped_tile(tl.program_id(0), num_rows, slab_columns, BLOCK_N, BLOCK_V, GROUP_N)
-    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local_cols = col_block.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < num_rows
-    col_mask = local_cols < slab_columns
-    cols = slab_start + local_cols
-    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-    z = transform_logits(z, pre, post, HAS_SOFTCAP)
+def logit_gradient_tile(x, rows, row_mask, cols, targets_ptr, lse_ptr, miss_ptr, grad_ptr, entropy_ptr,
+                        grad_entropy_ptr, pre, post, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+    """dz (float32) of the logit tile x (before the transform) at rows x cols: the module's epilogue,
+    shared by the slab kernel and the persistent one (kernels/persistent_logit_gradient.py)."""
+    z = transform_logits(x, pre, post, HAS_SOFTCAP)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     miss = tl.load(miss_ptr + rows, mask=row_mask, other=0.0)
@@ -71,13 +58,41 @@ def _logit_gradient_kernel(
         dz = dz * soft_cap_slope(z, pre, post)
     else:
         dz = dz * pre
+    return dz
+
+
+@triton.jit
+def store_bias_gradient_sums(dz, row_mask, local_cols, col_mask, bias_grad_ptr, row_block, bias_grad_row_stride):
+    """The row block's column sums of the unrounded dz, at its row of the partial sums (summed over
+    row blocks on the host)."""
+    column_sums = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
+    tl.store(bias_grad_ptr + row_block.to(tl.int64) * bias_grad_row_stride + local_cols, column_sums, mask=col_mask)
+
+
+@triton.jit
+def _logit_gradient_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, miss_ptr, grad_ptr, entropy_ptr, grad_entropy_ptr,
+    dz_ptr, bias_grad_ptr,
+    num_rows, slab_columns, width, slab_start, dz_row_stride, bias_grad_row_stride, pre, post,
+    HAS_BIAS: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    row_block, col_block = grouped_tile(tl.program_id(0), num_rows, slab_columns, BLOCK_N, BLOCK_V, GROUP_N)
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = col_block.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < num_rows
+    col_mask = local_cols < slab_columns
+    cols = slab_start + local_cols
+    x = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+    dz = logit_gradient_tile(x, rows, row_mask, cols, targets_ptr, lse_ptr, miss_ptr, grad_ptr, entropy_ptr,
+                             grad_entropy_ptr, pre, post, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
     tl.store(dz_ptr + rows[:, None] * dz_row_stride + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
     if NEED_BIAS_GRAD:
-        # the row block's column sums of the unrounded dz: summed over row blocks on the host
-        column_sums = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
-        tl.store(bias_grad_ptr + row_block.to(tl.int64) * bias_grad_row_stride + local_cols, column_sums,
-                 mask=col_mask)
+        store_bias_gradient_sums(dz, row_mask, local_cols, col_mask, bias_grad_ptr, row_block, bias_grad_row_stride)
 
 
 def logit_gradient(hidden, weight, bias, targets, lse, miss, grad, dz, slab_start, bias_grad_partial=None,

@@ -32,6 +32,69 @@ SPLIT_SUMS = ("row_max", "sum_excl", "target", "sum_all", "shifted", "sum_sq", "
 
 
 @triton.jit
+def initial_split_sums(BLOCK_N: tl.constexpr):
+    """(running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before) before
+    any column."""
+    return (tl.full((BLOCK_N,), float("-inf"), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.full((BLOCK_N,), float("-inf"), tl.float32))
+
+
+@triton.jit
+def fold_logits_tile(z, cols, col_mask, targets,
+                     running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before,
+                     HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr, HAS_LOGIT_SUM: tl.constexpr,
+                     HAS_MAX_BEFORE: tl.constexpr):
+    """The split's sums after the transformed logits z of columns cols (the module's recurrences);
+    the columns outside col_mask count as logits of -inf. Shared by the one-program-per-split
+    kernel and the persistent one (kernels/persistent_forward.py)."""
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    is_target = cols[None, :] == targets[:, None]
+    target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+    if HAS_LOGIT_SUM:
+        logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    if HAS_MAX_BEFORE:
+        max_before = tl.maximum(max_before, tl.max(tl.where(cols[None, :] < targets[:, None], z, float("-inf")),
+                                                   axis=1))
+    new_max = tl.maximum(running_max, tl.max(z, axis=1))
+    # exactly 1 when the maximum stays, also at -inf (a tile of masked columns): no exp(nan)
+    alpha = tl.where(running_max == new_max, 1.0, tl.exp(running_max - new_max))
+    shifted_z = z - new_max[:, None]
+    exp_z = tl.exp(shifted_z)
+    sum_excl = sum_excl * alpha + tl.sum(tl.where(is_target, 0.0, exp_z), axis=1)
+    if HAS_ENTROPY:
+        shift = (tl.where(sum_all > 0, running_max, new_max) - new_max) * sum_all  # 0 before any column
+        # a column of logit -inf (masked, or outside the split) adds exp(-inf) (-inf) = 0, not nan
+        shifted = alpha * (shifted + shift) + tl.sum(tl.where(exp_z > 0, exp_z * shifted_z, 0.0), axis=1)
+        sum_all = sum_all * alpha + tl.sum(exp_z, axis=1)
+    if HAS_SUM_SQ:
+        sum_sq = sum_sq * alpha * alpha + tl.sum(exp_z * exp_z, axis=1)
+    return new_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before
+
+
+@triton.jit
+def store_split_sums(out, row_mask, max_ptr, sum_excl_ptr, target_logit_ptr, sum_all_ptr, shifted_ptr, sum_sq_ptr,
+                     logit_sum_ptr, max_before_ptr,
+                     running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before,
+                     HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr, HAS_LOGIT_SUM: tl.constexpr,
+                     HAS_MAX_BEFORE: tl.constexpr):
+    """The sums asked for, at offsets `out` ([split, row] of the [splits, M] outputs)."""
+    tl.store(max_ptr + out, running_max, mask=row_mask)
+    tl.store(sum_excl_ptr + out, sum_excl, mask=row_mask)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(sum_all_ptr + out, sum_all, mask=row_mask)
+        tl.store(shifted_ptr + out, shifted, mask=row_mask)
+    if HAS_SUM_SQ:
+        tl.store(sum_sq_ptr + out, sum_sq, mask=row_mask)
+    if HAS_LOGIT_SUM:
+        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+    if HAS_MAX_BEFORE:
+        tl.store(max_before_ptr + out, max_before, mask=row_mask)
+
+
+@triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     max_ptr, sum_excl_ptr, target_logit_ptr, sum_all_ptr, shifted_ptr, sum_sq_ptr, logit_sum_ptr,
@@ -50,56 +113,38 @@ def _forward_kernel(
 
     v_begin = split * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, vocab)
-    running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    sum_excl = tl.zeros((BLOCK_N,), tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    sum_all = tl.zeros((BLOCK_N,), tl.float32)
-    shifted = tl.zeros((BLOCK_N,), tl.float32)
-    sum_sq = tl.zeros((BLOCK_N,), tl.float32)
-    logit_sum = tl.zeros((BLOCK_N,), tl.float32)
-    max_before = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before = \
+        initial_split_sums(BLOCK_N)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_end
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, width,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         z = transform_logits(z, pre, post, HAS_SOFTCAP)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        is_target = cols[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        if HAS_LOGIT_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-        if HAS_MAX_BEFORE:
-            max_before = tl.maximum(max_before, tl.max(tl.where(cols[None, :] < targets[:, None], z, float("-inf")),
-                                                       axis=1))
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        # exactly 1 when the maximum stays, also at -inf (a tile of masked columns): no exp(nan)
-        alpha = tl.where(running_max == new_max, 1.0, tl.exp(running_max - new_max))
-        shifted_z = z - new_max[:, None]
-        exp_z = tl.exp(shifted_z)
-        sum_excl = sum_excl * alpha + tl.sum(tl.where(is_target, 0.0, exp_z), axis=1)
-        if HAS_ENTROPY:
-            shift = (tl.where(sum_all > 0, running_max, new_max) - new_max) * sum_all  # 0 before any column
-            # a column of logit -inf (masked, or outside the split) adds exp(-inf) (-inf) = 0, not nan
-            shifted = alpha * (shifted + shift) + tl.sum(tl.where(exp_z > 0, exp_z * shifted_z, 0.0), axis=1)
-            sum_all = sum_all * alpha + tl.sum(exp_z, axis=1)
-        if HAS_SUM_SQ:
-            sum_sq = sum_sq * alpha * alpha + tl.sum(exp_z * exp_z, axis=1)
-        running_max = new_max
+        running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before = fold_logits_tile(
+            z, cols, col_mask, targets,
+            running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before,
+            HAS_ENTROPY, HAS_SUM_SQ, HAS_LOGIT_SUM, HAS_MAX_BEFORE)
 
-    out = split.to(tl.int64) * num_rows + rows
-    tl.store(max_ptr + out, running_max, mask=row_mask)
-    tl.store(sum_excl_ptr + out, sum_excl, mask=row_mask)
-    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
-    if HAS_ENTROPY:
-        tl.store(sum_all_ptr + out, sum_all, mask=row_mask)
-        tl.store(shifted_ptr + out, shifted, mask=row_mask)
-    if HAS_SUM_SQ:
-        tl.store(sum_sq_ptr + out, sum_sq, mask=row_mask)
-    if HAS_LOGIT_SUM:
-        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
-    if HAS_MAX_BEFORE:
-        tl.store(max_before_ptr + out, max_before, mask=row_mask)
+    store_split_sums(split.to(tl.int64) * num_rows + rows, row_mask, max_ptr, sum_excl_ptr, target_logit_ptr,
+                     sum_all_ptr, shifted_ptr, sum_sq_ptr, logit_sum_ptr, max_before_ptr,
+                     running_max, sum_excl, target_logit, sum_all, shifted, sum_sq, logit_sum, max_before,
+                     HAS_ENTROPY, HAS_SUM_SQ, HAS_LOGIT_SUM, HAS_MAX_BEFORE)
+
+
+def split_vocabulary(vocab, block_v, num_splits):
+    """(splits, columns per split): V cut into at most num_splits slices of whole tiles."""
+    vocab_blocks = triton.cdiv(vocab, block_v)
+    num_splits = max(1, min(num_splits, vocab_blocks))
+    vocab_per_split = triton.cdiv(vocab_blocks, num_splits) * block_v
+    return triton.cdiv(vocab, vocab_per_split), vocab_per_split
+
+
+def new_split_sums(num_splits, num_rows, device, new_output, *, entropy, sum_sq, logit_sum, max_before):
+    """{name: [splits, M] float32} for the names of SPLIT_SUMS the flags ask for."""
+    wanted = {"row_max": True, "sum_excl": True, "target": True, "sum_all": entropy, "shifted": entropy,
+              "sum_sq": sum_sq, "logit_sum": logit_sum, "max_before": max_before}
+    return {name: new_output((num_splits, num_rows), torch.float32, device) for name in SPLIT_SUMS if wanted[name]}
 
 
 def linear_logprobs_forward(hidden, weight, bias, targets, *, pre, post, softcap, entropy, sum_sq, logit_sum,
@@ -109,15 +154,9 @@ def linear_logprobs_forward(hidden, weight, bias, targets, *, pre, post, softcap
     flags ask for (entropy: sum_all and shifted)."""
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
-    vocab_blocks = triton.cdiv(vocab, block_v)
-    num_splits = max(1, min(num_splits, vocab_blocks))
-    vocab_per_split = triton.cdiv(vocab_blocks, num_splits) * block_v
-    num_splits = triton.cdiv(vocab, vocab_per_split)
-
-    wanted = {"row_max": True, "sum_excl": True, "target": True, "sum_all": entropy, "shifted": entropy,
-              "sum_sq": sum_sq, "logit_sum": logit_sum, "max_before": max_before}
-    sums = {name: new_output((num_splits, num_rows), torch.float32, hidden.device)
-            for name in SPLIT_SUMS if wanted[name]}
+    num_splits, vocab_per_split = split_vocabulary(vocab, block_v, num_splits)
+    sums = new_split_sums(num_splits, num_rows, hidden.device, new_output, entropy=entropy, sum_sq=sum_sq,
+                          logit_sum=logit_sum, max_before=max_before)
     grid = (triton.cdiv(num_rows, block_n), num_splits)
     _forward_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets,

@@ -1,5 +1,10 @@
 """One [BLOCK_N x BLOCK_V] tile of logits z = h W^T (+ b), accumulated in float32, and the logit
-transform (fastpref.logit_transform) with its slope."""
+transform (fastpref.logit_transform) with its slope.
+
+Two ways to feed the tile: pointer loads with masks (`logits_tile`, every architecture), or tensor
+descriptors (`logits_tile_from_descriptors`: on sm_90 the loads become TMA copies into shared
+memory, cp.async.bulk.tensor, and the out-of-bounds rows and columns of a ragged tile arrive as
+zeros without masks). Both give the same float32 sums in the same K order."""
 import os
 
 import triton
@@ -33,6 +38,30 @@ def logits_tile(
             h = h.to(tl.float32)
             w_t = w_t.to(tl.float32)
         z = tl.dot(h, w_t, z, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
+def logits_tile_from_descriptors(
+    hidden_desc, weight_desc, bias_ptr,
+    row_start, col_start, cols, col_mask, width,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The tile of rows [row_start, row_start + BLOCK_N) and weight rows [col_start, col_start +
+    BLOCK_V) through descriptors of block shapes [BLOCK_N, BLOCK_H] and [BLOCK_V, BLOCK_H];
+    cols / col_mask (int64 indices of the weight's rows) pick the bias."""
+    z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_H):
+        h = hidden_desc.load([row_start, k0])
+        w = weight_desc.load([col_start, k0])
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        z = tl.dot(h, w.T, z, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return z

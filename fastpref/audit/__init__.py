@@ -11,7 +11,8 @@ The CPU can prove a kernel compiles, and how it compiles, without running it:
 
 Each compiled kernel is a row: registers, spill bytes, shared memory, which tensor-core
 instructions its matmuls lowered to (``wgmma`` on Hopper, ``mma.sync`` before), atomic
-instructions, compile time. A row fails on a compile error, any spill, shared memory over the
+instructions, whether it uses TMA (bulk tensor copies) and whether it is warp-specialised (Triton
+rows), compile time. A row fails on a compile error, any spill, shared memory over the
 architecture's limit, or (sm_90, bf16/fp16) a matmul that does not lower to wgmma.
 ``fastpref kernels`` prints the table; its test fails CI on any failing row, and when a kernel
 exists that no configuration launches.

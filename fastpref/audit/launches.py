@@ -26,6 +26,7 @@ from .arches import Arch
 # divisibility specialisation sees a real model) and an odd one (Triton specialises on
 # alignment, so unaligned rows compile to other code).
 SHAPES = {"aligned": (16384, 4096, 128256), "odd": (1003, 4000, 50257)}
+UNALIGNED_WIDTH_SHAPE = (1003, 4001, 50257)
 
 
 @dataclass
@@ -137,6 +138,23 @@ def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
             yield (f"backward {label} grads={wanted}",
                    lambda nh=need_hidden, nw=need_weight, nb=need_bias: backend.backward(
                        hidden, weight, bias, targets, saved, grad, None, plain, nh, nw, nb, config=config))
+
+    # rows of a width that TMA cannot read (H * 2 bytes not a multiple of 16): the half-precision
+    # launches of an arch whose table picks the persistent, TMA-fed kernels fall back to the others
+    rows, width, vocab = UNALIGNED_WIDTH_SHAPE
+    for dtype in (torch.bfloat16, torch.float16):
+        config = kernel_config(dtype, arch.capability, arch.multiprocessors)
+        if not config.persistent_programs:
+            continue
+        hidden, weight = _meta((rows, width), dtype), _meta((vocab, width), dtype).requires_grad_()
+        targets = _meta((rows,), torch.int64)
+        label = f"{str(dtype).replace('torch.', '')} N={rows} H={width} V={vocab} (rows not TMA-aligned)"
+        yield (f"forward {label}", lambda: backend.forward(hidden, weight, None, targets, plain, False, config=config))
+        saved = ForwardResult(*(_meta((rows,), torch.float32) for _ in range(3)))
+        grad = _meta((rows,), torch.float32)
+        yield (f"backward {label} grads=hidden+weight",
+               lambda: backend.backward(hidden, weight, None, targets, saved, grad, None, plain, True, True, False,
+                                        config=config))
 
     rows, width, vocab = SHAPES["aligned"]
     capped = LogitTransform(logit_scale=0.5, softcap=30.0, temperature=0.7)

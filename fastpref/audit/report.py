@@ -31,6 +31,8 @@ class AuditRow:
     compile_s: Optional[float]
     error: Optional[str] = None
     scenarios: List[str] = field(default_factory=list)
+    tma: Optional[bool] = None  # TMA bulk tensor copies in the code (None: not read, csrc/)
+    warp_specialized: Optional[bool] = None  # warps split into specialised partitions (None: not read)
 
     @property
     def short_kernel(self) -> str:
@@ -79,11 +81,15 @@ def _triton_rows(arches: Sequence[Arch], workers: int,
 
     discovered = discover_kernels()
     jobs: Dict = {}
-    uncovered: set = set()
-    for arch in arches:
+    every_launch = []
+    # coverage counts every architecture's launches, compiled or not: a kernel that one never
+    # launches (the TMA-fed ones on sm_80) is covered by another
+    for arch in ARCHES.values():
         launches = record_launches(arch)
-        uncovered.update(uncovered_kernels(discovered, launches))
-        jobs.update(distinct_jobs(launches, arch))
+        every_launch += launches
+        if arch in arches:
+            jobs.update(distinct_jobs(launches, arch))
+    uncovered = uncovered_kernels(discovered, every_launch)
     ordered = list(jobs)
     results = [None] * len(ordered)
     if workers <= 1:
@@ -100,9 +106,9 @@ def _triton_rows(arches: Sequence[Arch], workers: int,
                 on_progress(done, len(ordered))
     rows = [AuditRow("triton", job.kernel, job.config, job.arch, job.dtype, result.registers, result.spill_bytes,
                      result.shared_bytes, result.tensor_cores, result.atomics, result.compile_s, result.error,
-                     jobs[job])
+                     jobs[job], tma=result.tma, warp_specialized=result.warp_specialized)
             for job, result in zip(ordered, results)]
-    return rows, sorted(uncovered)
+    return rows, uncovered
 
 
 def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cuda: bool = True,
@@ -135,16 +141,23 @@ def _count(value) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _yes_no(value: Optional[bool]) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
 def format_table(rows: Sequence[AuditRow]) -> str:
-    """One markdown row per binary: kernel, config, arch, registers, spills, smem, MMA, time."""
+    """One markdown row per binary: kernel, config, arch, registers, spills, smem, MMA, atomics,
+    TMA, warp specialisation, time."""
     def cells(row: AuditRow) -> List[str]:
         problems = violations(row)
         return [f"{row.language}:{row.short_kernel}", row.config, row.arch, _count(row.registers),
                 _count(row.spill_bytes), _count(row.shared_bytes), row.tensor_cores, _count(row.atomics),
+                _yes_no(row.tma), _yes_no(row.warp_specialized),
                 number(row.compile_s, 2), "FAIL: " + "; ".join(problems) if problems else "ok"]
 
     return markdown_table(["kernel", "config", "arch", "registers", "spills (B)", "shared memory (B)",
-                           "tensor cores", "atomics", "compile (s)", "status"], map(cells, rows))
+                           "tensor cores", "atomics", "TMA", "warp-specialised", "compile (s)", "status"],
+                          map(cells, rows))
 
 
 def format_summary(rows: Sequence[AuditRow]) -> str:
@@ -159,11 +172,13 @@ def format_summary(rows: Sequence[AuditRow]) -> str:
 
     return markdown_table(
         ["kernel", "arch", "binaries", "registers", "max spills (B)", "max shared memory (B)", "tensor cores",
-         "atomics", "compile (s, sum)", "failing"],
+         "atomics", "TMA", "warp-specialised", "compile (s, sum)", "failing"],
         ([f"{language}:{kernel}", arch, str(len(members)), span(row.registers for row in members),
           _count(max((row.spill_bytes or 0) for row in members)),
           _count(max((row.shared_bytes or 0) for row in members)),
           ", ".join(sorted({row.tensor_cores for row in members})), span(row.atomics for row in members),
+          ", ".join(sorted({_yes_no(row.tma) for row in members})),
+          ", ".join(sorted({_yes_no(row.warp_specialized) for row in members})),
           f"{sum(row.compile_s or 0.0 for row in members):.1f}",
           str(sum(1 for row in members if violations(row)))]
          for (language, kernel, arch), members in sorted(groups.items())))

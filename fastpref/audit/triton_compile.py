@@ -4,7 +4,9 @@ The launch's arguments go through Triton's own binder for the target (the same s
 a GPU launch gets: pointer dtypes, integer widths, 16-divisibility), then ``triton.compile``
 runs the full pipeline to a cubin with Triton's ptxas, whose ``-v`` report gives registers and
 spills. The PTX shows the tensor-core instructions (``wgmma.mma_async`` is Hopper's warpgroup MMA;
-``mma.sync`` the older per-warp one) and any atomics.
+``mma.sync`` the older per-warp one), any atomics, and TMA copies (``cp.async.bulk.tensor``); the
+TritonGPU IR shows warp specialisation (a ``ttg.warp_specialize`` region: warps split into
+producer and consumer partitions).
 """
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ class CompileResult:
     atomics: Optional[int] = None
     compile_s: Optional[float] = None
     error: Optional[str] = None
+    tma: Optional[bool] = None
+    warp_specialized: Optional[bool] = None
 
 
 def _hashable(value):
@@ -121,6 +125,16 @@ def tensor_core_kind(ptx: str, ttir: str) -> str:
     return "fma" if "tt.dot" in ttir else "-"
 
 
+def uses_tma(ptx: str) -> bool:
+    """Whether the kernel moves tiles with the Tensor Memory Accelerator (bulk tensor copies)."""
+    return "cp.async.bulk.tensor" in ptx
+
+
+def is_warp_specialized(ttgir: str) -> bool:
+    """Whether the compiler split the kernel's warps into specialised partitions."""
+    return "ttg.warp_specialize" in ttgir
+
+
 def count_atomics(ptx: str) -> int:
     return len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", ptx, flags=re.MULTILINE))
 
@@ -156,6 +170,8 @@ def run_compile(job: CompileJob) -> CompileResult:
         tensor_cores=tensor_core_kind(compiled.asm["ptx"], compiled.asm["ttir"]),
         atomics=count_atomics(compiled.asm["ptx"]),
         compile_s=time.perf_counter() - began,
+        tma=uses_tma(compiled.asm["ptx"]),
+        warp_specialized=is_warp_specialized(compiled.asm["ttgir"]),
     )
 
 

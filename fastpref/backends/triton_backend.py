@@ -1,14 +1,17 @@
 """Triton backend: fused kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests).
 
-Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs).
+Forward: :mod:`fastpref.kernels.linear_logprobs_forward` (2NHV FLOPs; on sm_90 in half precision
+its persistent, TMA-fed form, :mod:`fastpref.kernels.persistent_forward`).
 Backward, per vocabulary slab: :mod:`fastpref.kernels.linear_logprobs_backward` (the fused
-recompute + logit-gradient kernel, 2NHV), :mod:`fastpref.kernels.hidden_gradient` (the hidden
+recompute + logit-gradient kernel, 2NHV; on sm_90 in half precision its persistent, TMA-fed form,
+:mod:`fastpref.kernels.persistent_logit_gradient`), :mod:`fastpref.kernels.hidden_gradient` (the hidden
 gradient's GEMM, 2NHV, accumulated across slabs as a half-precision pair instead of a float32
 [N, H] buffer) and, when the head is trainable, the weight gradient as a cuBLAS GEMM (2NHV,
 written once); no atomics.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -46,6 +49,11 @@ class KernelConfig:
     outputs_block_n: int = 0
     entropy_block_n: int = 0
     outputs_num_warps: int = 0  # warps of the forward with the outputs' sums (0: num_warps)
+    # programs of the persistent, TMA-fed kernels (one per SM); 0: the one-tile-per-program kernels
+    persistent_programs: int = 0
+    # rows per tile of the one-tile-per-program kernels for inputs TMA cannot read, on a table that
+    # otherwise takes the persistent ones: unaligned rows leave fewer registers (the compile gate)
+    unaligned_block_n: int = 0
 
     def for_outputs(self, outputs) -> "KernelConfig":
         if not outputs or not self.outputs_block_n:
@@ -54,6 +62,13 @@ class KernelConfig:
 
     def for_entropy_gradient(self, wanted: bool) -> "KernelConfig":
         return replace(self, block_n=self.entropy_block_n) if wanted and self.entropy_block_n else self
+
+    def for_layout(self, tma_readable: bool) -> "KernelConfig":
+        """This table for inputs whose rows TMA can (or cannot) read (kernels/tensor_descriptors.py):
+        without, the one-tile-per-program kernels, on unaligned_block_n rows at most."""
+        if tma_readable or not self.persistent_programs:
+            return self
+        return replace(self, persistent_programs=0, block_n=min(self.block_n, self.unaligned_block_n or self.block_n))
 
 
 # Tiles for Triton's CPU interpreter: tiny, since it runs every program in Python.
@@ -73,6 +88,12 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     sm_80): 64 rows (212 / 194 registers, no spill); so does the backward's with the entropy's
     gradient term and the soft cap (496 B on sm_80, 32 B on sm_90): 64 rows. Float32's 32 x 64 tiles
     with the outputs' sums and the soft cap spill 8 B: 16 rows of 4 warps (100-108 registers).
+    Half precision on sm_90 runs the persistent, TMA-fed forward and logit-gradient kernels on one
+    program per SM (the same tiles, the same vocabulary splits); sm_80 has no TMA, and float32 keeps
+    the one-tile-per-program kernels. Half-precision rows that TMA cannot read (H x 2 bytes not a
+    multiple of 16) take the one-tile-per-program kernels on sm_90 too, on 64-row tiles: at 128
+    rows their unaligned loads spill (136-388 B in the fused kernels, 2.1-2.4 KB in the hidden
+    gradient's; 64 rows: none).
     """
     if capability is None:
         return INTERPRETER_CONFIG
@@ -83,8 +104,12 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     if capability < 90:
         return KernelConfig(128, 128, 32, num_warps=8, num_stages=3, programs_wanted=programs,
                             outputs_block_n=64, entropy_block_n=64)
+    from ..kernels import tensor_descriptors
+
     return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, programs_wanted=programs,
-                        outputs_block_n=64, entropy_block_n=64)
+                        outputs_block_n=64, entropy_block_n=64,
+                        persistent_programs=multiprocessors if tensor_descriptors.AVAILABLE else 0,
+                        unaligned_block_n=64)
 
 
 def config_for(hidden: torch.Tensor) -> KernelConfig:
@@ -102,13 +127,19 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
     takes the torch backend's slab pass that also accumulates u = J_t W_t - sum_v p_v J_v W_v
     (matmuls through cuBLAS), after which the backward is a scale: 4NHV in all instead of 6NHV."""
     from ..kernels.linear_logprobs_forward import linear_logprobs_forward
+    from ..kernels.persistent_forward import persistent_linear_logprobs_forward
+    from ..kernels.tensor_descriptors import descriptor_compatible
 
     if fold_hidden_gradient:
         return torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=True)
     transform, outputs = options.transform, options.outputs
-    cfg = (config or config_for(hidden)).for_outputs(outputs)
+    cfg = (config or config_for(hidden)).for_outputs(outputs).for_layout(descriptor_compatible(hidden, weight))
     row_blocks = -(-hidden.shape[0] // cfg.block_n)
-    sums = linear_logprobs_forward(
+    launcher = linear_logprobs_forward
+    if cfg.persistent_programs > 0:
+        launcher = functools.partial(persistent_linear_logprobs_forward, group_n=cfg.group_n,
+                                     num_programs=cfg.persistent_programs)
+    sums = launcher(
         hidden, weight, bias, targets, pre=transform.pre, post=transform.post,
         softcap=transform.softcap is not None, entropy="entropy" in outputs,
         sum_sq="log_sum_sq_probs" in outputs, logit_sum="mean_logits" in outputs, max_before="is_top1" in outputs,
@@ -131,16 +162,26 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     that pass's."""
     from ..kernels.hidden_gradient import accumulate_hidden_gradient
     from ..kernels.linear_logprobs_backward import logit_gradient
+    from ..kernels.persistent_logit_gradient import persistent_logit_gradient
+    from ..kernels.tensor_descriptors import aligned_row_length, descriptor_compatible
 
     if saved.hidden_grad_direction is not None:
         return torch_backend.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, options,
                                       need_hidden, need_weight, need_bias)
-    cfg = (config or config_for(hidden)).for_entropy_gradient(grad_entropy is not None)
+    cfg = ((config or config_for(hidden)).for_entropy_gradient(grad_entropy is not None)
+           .for_layout(descriptor_compatible(hidden, weight)))
     transform = options.transform
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     columns = slab_columns(num_rows, vocab, hidden.element_size(), options.scratch_bytes, cfg.block_v)
-    scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
+    if cfg.persistent_programs > 0:
+        # the kernel stores dz through a descriptor: 16-byte aligned rows
+        scratch = new_output((num_rows, aligned_row_length(columns, hidden.element_size())), hidden.dtype,
+                             hidden.device)
+        fill_slab = functools.partial(persistent_logit_gradient, num_programs=cfg.persistent_programs)
+    else:
+        scratch = new_output((num_rows, columns), hidden.dtype, hidden.device)
+        fill_slab = logit_gradient
     grad = grad_logp.float().contiguous()
     entropy = None if grad_entropy is None else saved.entropy.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -158,11 +199,11 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
         stop = min(vocab, start + columns)
         dz = scratch[:, :stop - start]
         partial = None if bias_grad_partial is None else bias_grad_partial[:, :stop - start]
-        logit_gradient(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
-                       entropy, grad_entropy, pre=transform.pre, post=transform.post,
-                       softcap=transform.softcap is not None,
-                       block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
+        fill_slab(hidden, weight, bias, targets, saved.lse, saved.miss, grad, dz, start, partial,
+                  entropy, grad_entropy, pre=transform.pre, post=transform.post,
+                  softcap=transform.softcap is not None,
+                  block_n=cfg.block_n, block_v=cfg.block_v, block_h=cfg.block_h, group_n=cfg.group_n,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=INTERPRETING)
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
         if need_bias:

@@ -33,7 +33,8 @@ Designs:
               slab of all N rows (width Vs from the scratch budget) a fused recompute + dz
               epilogue into a bf16 scratch, d_weight_s = dz^T h (cuBLAS, written once) and
               d_hidden += dz W_s (a Triton GEMM whose epilogue adds into a bf16 pair): 8NHV, no
-              atomics. Its fused kernels are not warp-specialised: they pay the serialised
+              atomics. Its fused kernels are not warp-specialised (on sm_90 in half precision they
+              run persistent and TMA-fed, kernels/persistent_*.py): they pay the serialised
               epilogue and their 128 x 128 tiles' L2 cap. Frozen head: the torch backend's pass,
               in blocks of R rows x S columns that fit the scratch budget: z = h W_s^T in float32
               and u <- u alpha + p~ W_s (cuBLAS) with the running max and sum taken between them,
@@ -46,7 +47,14 @@ Designs:
               float32 products in row chunks (over the dead logits slab) folded into hi + lo (half
               precision) by the compensated accumulation: 8NHV, no atomics. Frozen head: the
               torch backend's slab pass, as in the slab design.
-  persistent  a design on paper (no kernel yet), argued from what the calibrated model charges:
+  persistent  a design, argued from what the calibrated model charges, of which two kernels
+              exist without its warp specialisation: GEMM C (kernels/persistent_logit_gradient.py)
+              and GEMM A's statistics without the p~ store (kernels/persistent_forward.py), the
+              Triton backend's sm_90 half-precision kernels: persistent, TMA-fed, 128 x 128
+              tiles, no cluster multicast. Triton 3.9 does not warp-specialise sm_90 loops, so
+              they still serialise their epilogues: the slab design, not this one, models them.
+              GEMM B, GEMM D as a persistent kernel, the interleaved tile stream and the
+              warp-specialised, multicast forms are on paper; no GPU has run any of it. The design:
               every FLOP in persistent, warp-specialised, TMA-fed GEMMs whose epilogues overlap
               the next tile's mainloop (no serialised epilogue, no L2 cap: 128 x 256 tiles in
               2-CTA clusters that multicast the shared operand), and no accumulation of d_hidden
