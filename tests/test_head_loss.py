@@ -31,11 +31,16 @@ def _step(loss_fn, hidden, weight, bias, targets, layout, reference, scale=1.0):
     return loss.detach(), metrics, grads
 
 
+TRANSFORMS = {"softcap": dict(softcap=2.5, logit_scale=1.3, temperature=0.8),  # blocks kept as x
+              "scale": dict(logit_scale=1.3, temperature=0.8)}  # blocks kept as exp(z - m)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("loss_type,options", LOSSES, ids=[str(name) for name, _ in LOSSES])
-def test_one_op_loss_equals_the_two_op_path(monkeypatch, loss_type, options):
+def test_one_op_loss_equals_the_two_op_path(monkeypatch, loss_type, options, transform):
     """Every loss type, groups of 9 rows (pairs of up to 14 tokens: some pairs alone in a group),
-    bias, soft cap, scale and temperature, a loss scaled before backward: the same loss, metrics and
-    gradients as the log-prob op followed by the loss, in float64."""
+    bias, a logit transform with and without a soft cap, a loss scaled before backward: the same
+    loss, metrics and gradients as the log-prob op followed by the loss, in float64."""
     monkeypatch.setattr(head_loss, "GROUP_ROWS", 9)
     unpaired = loss_type == "kto"
     hidden, weight, targets, layout, reference = make_packed_batch(7, 12, 53, torch.float64, seed=11,
@@ -43,7 +48,7 @@ def test_one_op_loss_equals_the_two_op_path(monkeypatch, loss_type, options):
     bias = torch.randn(53, dtype=torch.float64)
     hidden.requires_grad_()
     weight.requires_grad_()
-    spec_options = dict(options, softcap=2.5, logit_scale=1.3, temperature=0.8)
+    spec_options = dict(options, **TRANSFORMS[transform])
     reference = reference if fastpref.PreferenceLoss(loss_type, **options).spec.needs_reference else None
     results = [_step(fastpref.PreferenceLoss(loss_type, gradients_in_forward=one_op, **spec_options),
                      hidden, weight, bias, targets, layout, reference, scale=2.5) for one_op in (True, False)]
@@ -75,8 +80,9 @@ def test_gradients_match_float64_materialized_logits(dtype, tolerance):
     assert relative_error(d_weight, w64.grad) < tolerance
 
 
+@pytest.mark.parametrize("softcap", [3.0, None])
 @pytest.mark.parametrize("store_rows_of_logits", [0, 1, 3])
-def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits):
+def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits, softcap):
     """forward_backward_by_groups with a store of a few blocks (or none: one block at least) equals
     the backend's forward and backward with the same per-row gradient."""
     gen = torch.Generator().manual_seed(2)
@@ -85,7 +91,7 @@ def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits):
     bias = torch.randn(37, dtype=torch.float64, generator=gen)
     targets = torch.randint(0, 37, (23,), generator=gen)
     g = torch.randn(23, dtype=torch.float64, generator=gen)
-    options = HeadOptions(LogitTransform(1.0, 3.0, 1.0))
+    options = HeadOptions(LogitTransform(1.2, softcap, 0.9))
     groups = [torch.tensor([0, 5, 7]), torch.arange(8, 23), torch.tensor([1, 2, 3, 4, 6])]
     seen = []
 

@@ -106,9 +106,31 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return a @ b if out_dtype == torch.float64 else matmul_float32(a, b)
 
 
-def _head_outputs(h, w, b, out_dtype) -> torch.Tensor:
-    """One block of the head's outputs x = h w^T + b (the logits before the transform)."""
-    x = _matmul(h, w.t(), out_dtype)
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, accumulated in at least float32 (in place, without a temporary, when the
+    operands already have out's dtype)."""
+    if a.dtype == b.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += _matmul(a, b, out.dtype)
+
+
+def _write_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, accumulated in at least float32."""
+    if a.dtype == b.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(_matmul(a, b, out.dtype))
+
+
+def _head_outputs(h, w, b, out_dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One block of the head's outputs x = h w^T + b (the logits before the transform), into
+    `out` when given."""
+    if out is None:
+        x = _matmul(h, w.t(), out_dtype)
+    else:
+        x = out
+        _write_product(x, h, w.t())
     if b is not None:
         x += b.to(out_dtype)
     return x
@@ -330,9 +352,13 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
 
     logp = torch.zeros(num_rows, dtype=adt, device=hidden.device)
     d_hidden = torch.zeros(num_rows, width, dtype=adt, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(vocab, width, dtype=adt, device=hidden.device) if need_weight else None
+    # the first group writes every row of d_weight
+    d_weight = torch.empty(vocab, width, dtype=adt, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=adt, device=hidden.device) if need_bias else None
-    for rows in groups:
+    # with a slope that is one number, a block is kept as exp(z - m) (pass 2 then scales it);
+    # under a soft cap the slope needs x, kept as it is
+    constant_slope = transform.softcap is None
+    for index, rows in enumerate(groups):
         h = hidden.index_select(0, rows).to(cdt)
         t = targets.index_select(0, rows)
         count = rows.numel()
@@ -341,30 +367,41 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
             """This group's slice of the store for columns [v0, v1), None past its end."""
             return store[v0 * count:v1 * count].view(count, v1 - v0) if v1 * count <= store.numel() else None
 
-        def head_outputs(v0, v1):
+        def head_outputs(v0, v1, out=None):
             w = weight[v0:v1].to(cdt)
-            return _head_outputs(h, w, None if bias is None else bias[v0:v1], adt), w
+            return _head_outputs(h, w, None if bias is None else bias[v0:v1], adt, out), w
 
         statistics = _RowStatistics(count, options, adt, hidden.device)
+        kept_row_max = []
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
-            x, _ = head_outputs(v0, v1)
-            if kept(v0, v1) is not None:
-                kept(v0, v1).copy_(x)
-            statistics.update(transform.apply_(x), t, v0, v1)
+            block = kept(v0, v1)
+            x, _ = head_outputs(v0, v1, block if constant_slope else None)
+            if block is not None and not constant_slope:
+                block.copy_(x)
+            exp_z, _ = statistics.update(transform.apply_(x), t, v0, v1)
+            if block is not None and constant_slope:
+                if exp_z.data_ptr() != block.data_ptr():
+                    block.copy_(exp_z)
+                kept_row_max.append(statistics.row_max)
         result = statistics.result(vocab)
         logp[rows] = result.logp
-        gradients = _RowGradients(t, result.lse, result.miss, token_gradient(rows, result.logp).to(adt))
+        gradients = _RowGradients(t, result.lse, result.miss, token_gradient(rows, result.logp).to(adt),
+                                  overwrite_weight=index == 0)
 
         d_hidden_rows = torch.zeros(count, width, dtype=adt, device=hidden.device) if need_hidden else None
-        for v0 in range(0, vocab, vocab_block):
+        for block_index, v0 in enumerate(range(0, vocab, vocab_block)):
             v1 = min(v0 + vocab_block, vocab)
-            x = kept(v0, v1)
-            if x is None:
+            block = kept(v0, v1)
+            if block is None:
                 x, w = head_outputs(v0, v1)
+                gradients.add_block(x, transform, h, w, v0, v1, d_weight, d_bias, d_hidden_rows)
+            elif constant_slope:
+                gradients.add_exponentials(block, kept_row_max[block_index], transform.pre, h, weight[v0:v1].to(cdt),
+                                           v0, v1, d_weight, d_bias, d_hidden_rows)
             else:
-                w = weight[v0:v1].to(cdt)
-            gradients.add_block(x, transform, h, w, v0, v1, d_weight, d_bias, d_hidden_rows)
+                gradients.add_block(block, transform, h, weight[v0:v1].to(cdt), v0, v1, d_weight, d_bias,
+                                    d_hidden_rows)
         if need_hidden:
             d_hidden.index_copy_(0, rows, d_hidden_rows)
 
@@ -376,22 +413,15 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
     )
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, accumulated in at least float32 (in place, without a temporary, when the
-    operands already have out's dtype)."""
-    if a.dtype == b.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out += _matmul(a, b, out.dtype)
-
-
 class _RowGradients:
     """The backward of one block of rows, one vocabulary block at a time: g = dL/dlogp and
-    g_H = dL/dentropy of each row, with what the forward saved (lse, miss, entropy)."""
+    g_H = dL/dentropy of each row, with what the forward saved (lse, miss, entropy).
+    overwrite_weight: the first blocks of rows write d_weight rather than add to it."""
 
-    def __init__(self, targets, lse, miss, g, g_entropy=None, entropy=None):
+    def __init__(self, targets, lse, miss, g, g_entropy=None, entropy=None, overwrite_weight=False):
         self.targets, self.lse, self.miss, self.g = targets, lse, miss, g
         self.g_entropy, self.entropy = g_entropy, entropy
+        self.overwrite_weight = overwrite_weight
 
     def add_block(self, x, transform, h, w, v0, v1, d_weight, d_bias, d_hidden) -> None:
         """Fold the block x of head outputs (columns [v0, v1), consumed) into the gradients:
@@ -401,9 +431,22 @@ class _RowGradients:
                              self.g_entropy, self.entropy)
         if isinstance(slope, torch.Tensor) or slope != 1.0:
             dz.mul_(slope)
+        self._add_products(dz, h, w, v0, v1, d_weight, d_bias, d_hidden)
+
+    def add_exponentials(self, exp_z, row_max, slope: float, h, w, v0, v1, d_weight, d_bias, d_hidden) -> None:
+        """add_block from a block kept as exp(z - row_max) with its target entries zeroed (what
+        _RowStatistics.update leaves), under a transform of constant slope: p = exp(z - row_max)
+        exp(row_max - lse) takes one scale per row, no exponential of the block. Without the
+        entropy's gradient."""
+        hit, column = _target_columns(self.targets, v0, v1)
+        dz = exp_z.mul_((-slope * self.g * torch.exp(row_max - self.lse))[:, None])
+        _set_target_entries(dz, hit, column, slope * self.g * self.miss)
+        self._add_products(dz, h, w, v0, v1, d_weight, d_bias, d_hidden)
+
+    def _add_products(self, dz, h, w, v0, v1, d_weight, d_bias, d_hidden) -> None:
         dz_c = dz.to(h.dtype)
         if d_weight is not None:
-            _add_product(d_weight[v0:v1], dz_c.t(), h)
+            (_write_product if self.overwrite_weight else _add_product)(d_weight[v0:v1], dz_c.t(), h)
         if d_bias is not None:
             d_bias[v0:v1] += dz.sum(dim=0)
         if d_hidden is not None:
