@@ -334,7 +334,8 @@ def test_loss_head_has_right_answers_for_every_method_and_loss():
     rows = []
     loss_head.run(tiny_loss_head(heads=("trainable",)), rows)
 
-    methods = ["materialized", "trl", "liger", "cce", "torch-native", "liger-cute", "quack", "fastpref-torch"]
+    methods = ["materialized", "trl", "liger", "cce", "torch-native", "liger-cute", "quack", "fastpref-torch",
+               "fastpref-torch-two-op"]
     assert [(r.loss, r.method) for r in rows] == [(loss, m) for loss in loss_head.LOSSES for m in methods]
     unavailable = {"liger-cute": peers.liger_cute(CPU, torch.float32), "quack": peers.quack(CPU, torch.float32)}
     if not HAS_TORCH_NATIVE:

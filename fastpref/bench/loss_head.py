@@ -26,10 +26,14 @@ Methods:
                  has no DPO row; `fastpref bench logprobs` measures it.)
   A peer that cannot run here (its package, GPU or dtype) is a row that says why.
   fastpref-<b>   fastpref.pack_padded + fastpref.PreferenceLoss on backend b.
+  fastpref-torch-two-op  on a CPU, the same with gradients_in_forward=False: the log-prob op,
+                 then the loss, the logits recomputed in the backward (the least memory).
 
 The FLOP floor of a step is 8 N_scored H V with a trainable head (logits, their recomputation in
 the backward, d_hidden, d_weight) and 4 N_scored H V with a frozen one; TFLOP/s divides that floor
-by the time. The memory floor is the gradients the step must leave behind (d_hidden, and d_weight
+by the time. A method that keeps the logits instead of recomputing them does 6 N_scored H V for a
+trainable head (CCE's torch.compile path materializes them; fastpref's CPU loss keeps a group of
+pairs' worth, fastpref.head_loss): its TFLOP/s is then the rate of the work the others do. The memory floor is the gradients the step must leave behind (d_hidden, and d_weight
 for a trainable head); "extra" is the peak over the inputs minus that floor.
 """
 from __future__ import annotations
@@ -55,6 +59,8 @@ HELP = ("DPO/IPO/SimPO from hidden states: materialized vs TRL, Liger-Kernel, Cu
         "QuACK's heads vs fastpref")
 MATERIALIZED, TRL, LIGER, CCE = "materialized", "trl", "liger", "cce"
 PEERS = (MATERIALIZED, TRL, LIGER, CCE, peers.TORCH_NATIVE, peers.LIGER_CUTE, peers.QUACK)
+# The suffix of the CPU's two-op fastpref method (PreferenceLoss(gradients_in_forward=False)).
+TWO_OP = "-two-op"
 # The vocabulary tile TRL's DPOTrainer hands its kernel.
 TRL_CHUNK_SIZE = 32768
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -289,7 +295,11 @@ def loss_function(method: str, loss_type: str, device: torch.device, dtype: torc
         return liger_loss(loss_type, device)
     if method == CCE:
         return _cce_loss(loss_type, device)
-    module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA, backend=method[len("fastpref-"):])
+    backend = method[len("fastpref-"):]
+    two_op = backend.endswith(TWO_OP)
+    module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA,
+                                     backend=backend[:-len(TWO_OP)] if two_op else backend,
+                                     gradients_in_forward=False if two_op else None)
 
     def fastpref_loss(h, w, t, r):
         batch = fastpref.pack_padded(h, t, ignore_index=IGNORE_INDEX)
@@ -362,7 +372,10 @@ def _cce_loss(loss_type: str, device: torch.device) -> Union[LossFunction, str]:
 
 
 def methods(cfg: Config) -> List[str]:
-    return list(cfg.peers) + [f"fastpref-{name}" for name in cfg.backends]
+    variants = [f"fastpref-{name}" for name in cfg.backends]
+    if cfg.device.type == "cpu" and "torch" in cfg.backends:
+        variants.insert(variants.index("fastpref-torch") + 1, f"fastpref-torch{TWO_OP}")
+    return list(cfg.peers) + variants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,9 +498,12 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f" options=torch.nn.LinearCrossEntropyOptions()), {peers.LIGER_CUTE} = Liger-Kernel's"
         f" LigerFusedLinearScaledCrossEntropyFunction on its sm_90 CuTe head, {peers.QUACK} = QuACK's"
         " linear_cross_entropy_func(reduction='none'): each on the response tokens + the loss in torch;"
-        " fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss",
+        " fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss (on a CPU its trainable head"
+        " computes the gradients in the forward, fastpref.head_loss); fastpref-torch-two-op = the same with"
+        " gradients_in_forward=False (the log-prob op, then the loss)",
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
-        " time, N_scored = response tokens",
+        " time, N_scored = response tokens (a method that keeps the logits rather than recomputing them,"
+        " as cce on a CPU and fastpref-torch's loss on a CPU do, does 6 N_scored H V for a trainable head)",
         timing_note(cfg.warmup, cfg.repeat),
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}; extra over floor = peak minus"
         " the gradients the step leaves (d_hidden, and d_weight for a trainable head)",
