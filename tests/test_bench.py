@@ -460,7 +460,7 @@ def test_loss_head_on_a_models_real_hidden_states(tiny_model_folder):
                                  seq_len=48, losses=["sigmoid"], heads=("trainable",), shapes=None), rows)
     available = [r for r in rows if not r.status.startswith("n/a (")]
     assert [r.method for r in available] == ["materialized", "trl", "liger", "cce"] + (
-        ["torch-native"] if HAS_TORCH_NATIVE else []) + ["fastpref-torch"]
+        ["torch-native"] if HAS_TORCH_NATIVE else []) + ["fastpref-torch", "fastpref-torch-two-op"]
     assert [r.status for r in available] == ["ok"] * len(available)
     assert {(r.hidden, r.vocab) for r in rows} == {(model.config.hidden_size, model.config.vocab_size)}
 
