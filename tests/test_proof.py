@@ -1,6 +1,7 @@
 """The GPU proof run's plumbing, on the CPU: its dry run end to end, its time limits and budget."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_dry_run_goes_end_to_end(tmp_path):
     assert "passed" in (results / "gpu-tests.log").read_text() or "skipped" in (results / "gpu-tests.log").read_text()
 
 
-def test_a_step_past_its_limit_is_interrupted_and_keeps_what_it_wrote(tmp_path):
+@pytest.mark.parametrize("launched", ["foreground", "background"])
+def test_a_step_past_its_limit_is_interrupted_and_keeps_what_it_wrote(tmp_path, launched):
+    """In the background (a shell's `&` job) SIGINT arrives ignored; the step still gets it."""
     written = tmp_path / "rows.json"
     script = ("import json, time\n"
               "try:\n"
@@ -44,7 +47,11 @@ def test_a_step_past_its_limit_is_interrupted_and_keeps_what_it_wrote(tmp_path):
               f"    open({str(written)!r}, 'w').write(json.dumps(['row measured before the limit']))\n"
               "    raise SystemExit(130)\n")
     step = proof.Step("slow", 1, [sys.executable, "-c", script])
-    proof.run_step(step, 1.0, tmp_path / "slow.log")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if launched == "background" else signal.default_int_handler)
+    try:
+        proof.run_step(step, 1.0, tmp_path / "slow.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert step.status.startswith("cut at its 1 s limit")
     assert json.loads(written.read_text()) == ["row measured before the limit"]
     assert step.wall_s < 30

@@ -97,12 +97,19 @@ def dry_run_steps(results: Path) -> List[Step]:
     ]
 
 
+def _interruptible() -> None:
+    """In the step's process before it starts: SIGINT back to its default, so that a Python step
+    turns it into KeyboardInterrupt and keeps its rows even when the proof runs in the background
+    (`nohup ... &`), whose jobs a shell starts with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_step(step: Step, limit_s: float, log: Path) -> None:
     """Run `step` with its output in `log`; past `limit_s` it is interrupted, then killed."""
     began = time.monotonic()
     with open(log, "w") as output:
         process = subprocess.Popen(step.command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=_interruptible)
         try:
             code = process.wait(timeout=limit_s)
             step.status = "ok" if code == 0 else f"failed (exit {code})"
