@@ -326,11 +326,14 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
     rows is known as soon as that group's log-probs are (the rows of whole pairs: see
     fastpref.head_loss). For each group, with its rows h and targets:
 
-        pass 1, per vocabulary block:  x = h W_b^T + b_b, kept in a store while it has room,
-                                       folded into the online softmax as forward() does;
+        pass 1, per vocabulary block:  x = h W_b^T + b_b, folded into the online softmax as
+                                       forward() does and kept in a store while it has room:
+                                       as exp(z - m) (m the running max, kept per block) when the
+                                       transform's slope is one number, as x under a soft cap;
         g = token_gradient(rows, logp)  (the loss's gradient for the group's rows);
-        pass 2, per vocabulary block:  x from the store (recomputed past it), then the
-                                       backward's dz, dW_b += dz^T h, db_b += sum_n dz, dh += dz W_b.
+        pass 2, per vocabulary block:  dz from the kept block (p = exp(z - m) exp(m - lse), or the
+                                       backward's dz from x; x recomputed past the store), then
+                                       dW_b += dz^T h, db_b += sum_n dz, dh += dz W_b.
 
     A group whose blocks all fit the store costs 6 R H V FLOPs instead of the 8 R H V of a forward
     and a backward that recomputes the logits; the store holds store_bytes at most (at least one
