@@ -1,23 +1,30 @@
-"""The LM head and the preference loss as one op whose forward also computes the gradients (CPU).
+"""The LM head and the preference loss as one op whose forward also computes the gradients.
 
 A preference loss is a sum of terms of one pair each (of one sequence, for KTO): the gradient
 g_n = dL/dlogp_n of a response token depends only on the log-probs of its own pair. So once the
 log-probs of a group of whole pairs are known, so are their tokens' gradients, and the backward of
 that group can run at once, from the logits the forward just computed instead of recomputing them:
 
-    for each group of pairs, with its response rows h (about GROUP_ROWS of them):
+    for each group of pairs, with its response rows h (about group_rows of them):
         pass 1:  x = h W^T + b block by block, kept in a store; the online softmax gives logp
         g      = dL/dlogp of the group's tokens (the loss's own gradient, fastpref.loss_spec)
         pass 2:  from the stored x, dz = J (g (1[v = t] - p)), dW += dz^T h, db += sum dz, dh = dz W
 
 6NHV FLOPs for a trainable head instead of the 8NHV of a forward and a backward that recomputes
-the logits, with GROUP_ROWS x V float32 logits held at a time (256 MiB at V = 262,144), whatever
-N. The backward then only scales the saved gradients by dL_total/dL (in place: a second backward
-through the same graph is refused, as PyTorch's own chunked cross-entropy refuses it).
+the logits, with group_rows x V float32 logits held at a time, whatever N. The backward then only
+scales the saved gradients by dL_total/dL (in place: a second backward through the same graph is
+refused, as PyTorch's own chunked cross-entropy refuses it).
 
-Groups read the layout on the host, which costs nothing on a CPU but cannot be traced: the GPU
-backends and torch.compile keep the two-op path (:func:`fastpref.linear_logprobs`, then the fused
-pair loss), which reads nothing.
+Where it runs: the torch backend (any device) and the CUDA backend (cuBLAS GEMMs and its slab
+epilogues, csrc/). By default only a CPU takes it, in groups of GROUP_ROWS rows (256 MiB of
+logits at V = 262,144). On a GPU it is asked for (PreferenceLoss(gradients_in_forward=True)) and
+trades memory for time: groups of GPU_GROUP_ROWS rows hold 2,048 x V float32 logits and as many
+logit gradients in the inputs' dtype (1.5 GiB at V = 131,072), plus a float32 weight gradient
+[V, H] when there is more than one group; the two-op path (:func:`fastpref.linear_logprobs`,
+then the fused pair loss) stays within the scratch budget.
+
+Groups read the layout on the host (one synchronisation per call on a GPU) and cannot be traced:
+torch.compile keeps the two-op path, which reads nothing.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from . import backends as _backends
 from . import deferred_errors
-from .backends import HeadOptions, torch_backend
+from .backends import HeadOptions
 from .layout import PackedLayout
 from .linear_logprobs import _describe_errors, _error_flags
 from .logit_transform import LogitTransform
@@ -38,6 +45,13 @@ from .loss_spec import LossSpec
 # group's rows) too small for a CPU's GEMM rate (a 2-core AVX2 EPYC: 155 GFLOP/s at 128 rows,
 # 172-183 at 256).
 GROUP_ROWS = 256
+# On a GPU, enough rows that the weight gradient's GEMM (K = the group's rows) stays compute-bound
+# while it adds into its float32 accumulator (fastpref plan --design groups).
+GPU_GROUP_ROWS = 2048
+
+
+def default_group_rows(device: torch.device) -> int:
+    return GROUP_ROWS if device.type == "cpu" else GPU_GROUP_ROWS
 
 
 def row_groups(layout: PackedLayout, kept: torch.Tensor, rows_per_group: int = GROUP_ROWS) -> List[torch.Tensor]:
@@ -71,9 +85,9 @@ class _HeadPreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, layout: PackedLayout, reference_logps, spec: LossSpec, kl,
-                ignore_index: int, transform: LogitTransform, check: bool):
+                ignore_index: int, transform: LogitTransform, check: bool, backend: str, group_rows: int):
         deferred_errors.raise_landed_errors()
-        impl = _backends.resolve("torch", hidden.device)
+        impl = grouped_backend(backend, hidden.device)
         vocab = weight.shape[0]
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         kept = targets != ignore_index
@@ -90,10 +104,10 @@ class _HeadPreferenceLoss(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         element_bytes = torch.empty((), dtype=dtype).element_size()
         with torch.autocast(hidden.device.type, enabled=False):
-            logp, d_hidden, d_weight, d_bias = torch_backend.forward_backward_by_groups(
-                hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, GROUP_ROWS),
+            logp, d_hidden, d_weight, d_bias = impl.forward_backward_by_groups(
+                hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, group_rows),
                 token_gradient, HeadOptions(transform), need_hidden, need_weight, need_bias,
-                store_bytes=GROUP_ROWS * vocab * element_bytes)
+                store_bytes=group_rows * vocab * element_bytes)
             result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
 
         flags = _error_flags(hidden, targets, logp, ignore_index, vocab)
@@ -118,13 +132,27 @@ class _HeadPreferenceLoss(torch.autograd.Function):
         # in place: the saved gradients (one as large as the weight) are not copied
         scaled = [None if gradient is None else gradient.mul_(grad_loss.to(gradient.dtype))
                   for gradient in ctx.saved_tensors]
-        return (*scaled,) + (None,) * 8
+        return (*scaled,) + (None,) * 10
 
 
-def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool) -> Optional[str]:
-    """None when head_preference_loss can compute this call, else why not."""
-    if hidden.device.type != "cpu" or _backends.resolve(backend, hidden.device).name != "torch":
-        return "it runs on the CPU's torch backend"
+def grouped_backend(backend: str, device: torch.device) -> Optional[_backends.Backend]:
+    """The backend whose forward_backward_by_groups runs this call: `backend` itself, or under
+    "auto" the best one on `device` that has one (None where there is none)."""
+    if backend != "auto":
+        impl = _backends.resolve(backend, device)
+        return impl if impl.forward_backward_by_groups is not None else None
+    for name in _backends.available_backends(device):
+        impl = _backends.resolve(name, device)
+        if impl.forward_backward_by_groups is not None and (impl.native_devices is None
+                                                            or device.type in impl.native_devices):
+            return impl
+    return None
+
+
+def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool,
+                       requested: bool = False) -> Optional[str]:
+    """None when head_preference_loss can compute this call, else why not. Unless `requested`
+    (gradients_in_forward=True), only a CPU's torch backend takes it."""
     if torch.compiler.is_compiling():
         return "it reads the layout on the host, which a compiled graph cannot (the two-op path is traced)"
     if not (torch.is_grad_enabled() and weight.requires_grad):
@@ -133,13 +161,24 @@ def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor,
         return "it computes no per-token outputs (token_metrics=True)"
     if isinstance(weight, DTensor):
         return "a vocabulary-parallel (DTensor) head takes the two-op path"
+    if requested:
+        if grouped_backend(backend, hidden.device) is None:
+            return (f"backend {backend!r} has no such pass on a {hidden.device.type} device "
+                    "(the 'torch' backend has, and the 'cuda' one on a GPU)")
+        return None
+    if hidden.device.type != "cpu" or _backends.resolve(backend, hidden.device).name != "torch":
+        return ("by default it runs on the CPU's torch backend; elsewhere it holds a group of rows' logits "
+                "(gradients_in_forward=True asks for it)")
     return None
 
 
 def head_preference_loss(hidden, weight, bias, targets, layout: PackedLayout, reference_logps, spec: LossSpec, kl,
-                         *, ignore_index: int, transform: LogitTransform, check: bool):
+                         *, ignore_index: int, transform: LogitTransform, check: bool, backend: str = "auto",
+                         group_rows: Optional[int] = None):
     """(loss, parts, sequence_logps) of `spec` on the head's log-probs of the response targets
-    (ignore_index elsewhere), computed with the gradients (see the module docstring); the inputs
-    are validated by fastpref.PreferenceLoss."""
+    (ignore_index elsewhere), computed with the gradients (see the module docstring) by `backend`
+    in groups of about group_rows response rows (None: default_group_rows); the inputs are
+    validated by fastpref.PreferenceLoss."""
+    rows = default_group_rows(hidden.device) if group_rows is None else group_rows
     return _HeadPreferenceLoss.apply(hidden, weight, bias, targets, layout, reference_logps, spec, kl,
-                                     ignore_index, transform, check)
+                                     ignore_index, transform, check, backend, rows)

@@ -159,17 +159,22 @@ class PreferenceLoss(torch.nn.Module):
             computed by the op in the same pass as the log-probs (see below).
         gradients_in_forward: compute the gradients of hidden, weight and bias in the forward, a
             group of whole pairs at a time, from the logits the forward has just computed
-            (fastpref.head_loss: 6NHV FLOPs instead of 8NHV, 256 rows of float32 logits held).
-            None (default): wherever that runs (a trainable head on the CPU's torch backend,
-            without token_metrics); True: there only, else a ValueError says why; False: never
-            (the log-prob op, then the loss; the backward recomputes the logits).
+            (fastpref.head_loss: 6NHV FLOPs instead of 8NHV, group_rows x V float32 logits held).
+            None (default): on a CPU, wherever that runs (a trainable head on the torch backend,
+            without token_metrics); True: also on a GPU (the "cuda" backend's cuBLAS GEMMs and
+            epilogues, or "torch"), trading memory for time (about 1.5 GiB at V = 131,072 and
+            the default group_rows, plus a float32 weight gradient), else a ValueError says why;
+            False: never (the log-prob op, then the loss; the backward recomputes the logits).
+        group_rows: response rows per group of gradients_in_forward (None: 256 on a CPU, 2,048
+            on a GPU; a pair larger than that is a group of its own).
 
     Call with (hidden [N, H], weight [V, H], targets [N], layout, reference=None, *, bias=None,
     kto_kl=None) -> (loss, metrics). `reference` is the reference model's summed response
     log-prob per sequence ([S] tensor, the cheap precomputed path) or a :class:`ReferenceHead`
     to compute them with the same fused op under no_grad; reference-free losses (simpo, orpo,
-    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys. The call reads no
-    tensor value on the host: it can run inside ``torch.compile(fullgraph=True)`` and between a
+    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys. Except with its
+    gradients in the forward (which reads the layout's sizes), the call reads no tensor value on
+    the host: it can run inside ``torch.compile(fullgraph=True)`` and between a
     forward and a backward without stalling a GPU.
 
     With ``token_metrics=True`` the metrics also hold TRL's (``DPOTrainer``, ``KTOTrainer``), from
@@ -188,7 +193,8 @@ class PreferenceLoss(torch.nn.Module):
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  temperature: float = 1.0, backend: str = "auto", scratch_bytes: Optional[int] = None,
-                 check: bool = False, token_metrics: bool = False, gradients_in_forward: Optional[bool] = None):
+                 check: bool = False, token_metrics: bool = False, gradients_in_forward: Optional[bool] = None,
+                 group_rows: Optional[int] = None):
         super().__init__()
         self.spec = LossSpec.build(
             loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -202,8 +208,12 @@ class PreferenceLoss(torch.nn.Module):
             raise TypeError(f"token_metrics must be True or False, got {token_metrics!r}")
         if gradients_in_forward is not None and not isinstance(gradients_in_forward, bool):
             raise TypeError(f"gradients_in_forward must be None, True or False, got {gradients_in_forward!r}")
+        if group_rows is not None and (not isinstance(group_rows, int) or isinstance(group_rows, bool)
+                                       or group_rows < 1):
+            raise ValueError(f"group_rows must be None or a positive int, got {group_rows!r}")
         self.token_metrics = token_metrics
         self.gradients_in_forward = gradients_in_forward
+        self.group_rows = group_rows
         self.ignore_index = ignore_index
         self.transform = LogitTransform.build(logit_scale, softcap, temperature)
         self.backend = backend
@@ -252,7 +262,8 @@ class PreferenceLoss(torch.nn.Module):
         if self._computes_gradients_in_forward(hidden, weight):
             loss, parts, seq_logps = head_loss.head_preference_loss(
                 hidden, weight, bias, response_targets, layout, reference_logps, spec, kl,
-                ignore_index=ignore_index, transform=self.transform, check=self.check)
+                ignore_index=ignore_index, transform=self.transform, check=self.check, backend=self.backend,
+                group_rows=self.group_rows)
         else:
             token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
                                            _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
@@ -266,7 +277,8 @@ class PreferenceLoss(torch.nn.Module):
     def _computes_gradients_in_forward(self, hidden, weight) -> bool:
         if self.gradients_in_forward is False:
             return False
-        reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics)
+        reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics,
+                                              requested=bool(self.gradients_in_forward))
         if reason is not None and self.gradients_in_forward:
             raise ValueError(f"gradients_in_forward=True cannot run here: {reason}")
         return reason is None

@@ -22,6 +22,7 @@ import torch
 import fastpref
 from fastpref.backends import HeadOptions, cuda_backend, torch_backend
 from fastpref.backends.scratch import scratch_bytes
+from fastpref.logit_transform import LogitTransform
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
 import test_head_outputs as head_tests
 from reference import reference_head_outputs, reference_kto_loss, relative_error
@@ -701,3 +702,92 @@ def test_small_case_for_compute_sanitizer():
     loss, _ = fastpref.PreferenceLoss("kto", backend="cuda")(hidden, weight, targets, layout, reference)
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
+
+
+# ---- the loss with its gradients in the forward (fastpref.head_loss) -------------------------
+
+def _loss_and_gradients(loss_fn, hidden, weight, bias, targets, layout, reference):
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in (hidden, weight, bias)]
+    loss, _ = loss_fn(leaves[0], leaves[1], targets, layout, reference, bias=leaves[2])
+    (3.0 * loss).backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def _float64_loss_and_gradients(hidden, weight, bias, targets, layout, reference, beta, transform):
+    """DPO through float64 [N, V] logits under the logit transform, backward of 3 x the loss."""
+    leaves = [tensor.detach().double().requires_grad_() for tensor in (hidden, weight, bias)]
+    x = leaves[0] @ leaves[1].t() + leaves[2]
+    logits = transform.pre * x if transform.softcap is None else transform.post * torch.tanh(transform.pre * x)
+    kept = layout.response_mask
+    logp = torch.where(kept, logits.log_softmax(-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    sums = torch.zeros(layout.num_sequences, dtype=torch.float64, device=logp.device).index_add(
+        0, layout.sequence_ids, logp) - reference.double()
+    loss = -torch.nn.functional.logsigmoid(beta * (sums[layout.chosen_index] - sums[layout.rejected_index])).mean()
+    (3.0 * loss).backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
+def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
+    """PreferenceLoss(backend="cuda", gradients_in_forward=True): DPO's loss and the gradients of
+    hidden, weight and bias against autograd through float64 logits, with one pair per group,
+    several pairs per group (the weight gradient accumulated in float32 across groups) and all
+    pairs in one group (written once), with and without a soft cap; the two-op path alike."""
+    hidden, weight, targets, layout, reference = make_packed_batch(7, 24, 301, dtype, seed=5)
+    bias = (0.3 * torch.randn(301, device=hidden.device)).to(dtype)
+    options = dict(beta=0.5, softcap=softcap, logit_scale=1.2, temperature=0.9, backend="cuda")
+    loss_fn = fastpref.PreferenceLoss("sigmoid", gradients_in_forward=True, group_rows=group_rows, **options)
+    loss, grads = _loss_and_gradients(loss_fn, hidden, weight, bias, targets, layout, reference)
+    expected_loss, expected = _float64_loss_and_gradients(hidden, weight, bias, targets, layout, reference, 0.5,
+                                                          loss_fn.transform)
+    two_op_loss, two_op = _loss_and_gradients(fastpref.PreferenceLoss("sigmoid", gradients_in_forward=False,
+                                                                      **options),
+                                              hidden, weight, bias, targets, layout, reference)
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(loss, expected_loss) < tolerance
+    assert relative_error(two_op_loss, expected_loss) < tolerance
+    for got, two_op_got, want in zip(grads, two_op, expected):
+        assert got.dtype == dtype
+        assert relative_error(got, want) < tolerance
+        assert relative_error(two_op_got, want) < tolerance
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("store_columns", [0, 11, 37], ids=["one-column", "11-columns", "whole-vocabulary"])
+def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns):
+    """cuda_backend.forward_backward_by_groups with a store of a few columns per row (the first
+    slab kept, the others recomputed; d_hidden then summed over slabs in float32), three groups
+    of uneven sizes, bias and soft cap: the torch backend's forward and backward with the same
+    per-row gradient."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(23, 16, generator=gen).to(dtype).to(DEVICE)
+    weight = torch.randn(37, 16, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(37, generator=gen).to(dtype).to(DEVICE)
+    targets = torch.randint(0, 37, (23,), generator=gen).to(DEVICE)
+    g = torch.randn(23, generator=gen).to(DEVICE)
+    options = HeadOptions(LogitTransform(1.2, 3.0, 0.9))
+    groups = [torch.tensor(rows, device=DEVICE) for rows in ([0, 5, 7], list(range(8, 23)), [1, 2, 3, 4, 6])]
+    seen = []
+
+    def token_gradient(rows, logp):
+        seen.append(rows)
+        return g[rows]
+
+    logp, d_hidden, d_weight, d_bias = cuda_backend.forward_backward_by_groups(
+        hidden, weight, bias, targets, groups, token_gradient, options, True, True, True,
+        store_bytes=store_columns * 15 * 4)
+    saved = torch_backend.forward(hidden.double(), weight.double(), bias.double(), targets, options,
+                                  fold_hidden_gradient=False)
+    expected = torch_backend.backward(hidden.double(), weight.double(), bias.double(), targets, saved, g.double(),
+                                      None, options, True, True, True)
+    assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
+    assert relative_error(logp, saved.logp) < 1e-5
+    for got, want, name in zip((d_hidden, d_weight, d_bias), expected, ("hidden", "weight", "bias")):
+        assert got.dtype == dtype, name
+        assert relative_error(got, want) < TOLERANCE[dtype], name

@@ -216,3 +216,16 @@ def test_is_top1_takes_the_first_maximum():
 @pytest.mark.parametrize("transform", [{}, dict(logit_scale=1.7, temperature=1.3)], ids=["none", "scale"])
 def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
     gpu_tests.test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
+def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
+    gpu_tests.test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("store_columns", [0, 11, 37], ids=["one-column", "11-columns", "whole-vocabulary"])
+def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns):
+    gpu_tests.test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns)

@@ -168,3 +168,33 @@ def test_bad_targets_are_flagged_like_the_ops():
         deferred_errors.raise_pending_errors()
     with pytest.raises(ValueError, match=r"targets must lie in \[0, V = 30\)"):
         fastpref.PreferenceLoss(gradients_in_forward=True, check=True)(hidden, weight, bad, layout, reference)
+
+
+def test_group_rows_sets_the_groups(monkeypatch):
+    """group_rows reaches row_groups (the CPU's default otherwise); a bad value is refused."""
+    sizes = []
+    original = head_loss.row_groups
+    monkeypatch.setattr(head_loss, "row_groups",
+                        lambda layout, kept, rows_per_group: sizes.append(rows_per_group) or original(
+                            layout, kept, rows_per_group))
+    hidden, weight, targets, layout, reference = make_packed_batch(3, 8, 30, torch.float32, seed=1)
+    for group_rows in (5, None):
+        fastpref.PreferenceLoss(gradients_in_forward=True, group_rows=group_rows)(
+            hidden.requires_grad_(), weight.requires_grad_(), targets, layout, reference)
+    assert sizes == [5, head_loss.GROUP_ROWS]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="group_rows must be None or a positive int"):
+            fastpref.PreferenceLoss(group_rows=bad)
+
+
+def test_a_backend_without_the_grouped_pass_says_so(monkeypatch):
+    """gradients_in_forward=True on a backend that has no grouped pass names it and the ones that
+    have; the default then takes the two-op path."""
+    from fastpref.backends import triton_backend
+    monkeypatch.setattr(triton_backend.BACKEND, "unavailable_reason", lambda device: None)
+    hidden, weight, targets, layout, reference = make_packed_batch(2, 8, 30, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="backend 'triton' has no such pass.*'torch' backend has"):
+        fastpref.PreferenceLoss(gradients_in_forward=True, backend="triton")(
+            hidden.requires_grad_(), weight.requires_grad_(), targets, layout, reference)
+    assert head_loss.unavailable_reason("triton", hidden, weight, False) is not None
+    assert head_loss.grouped_backend("auto", hidden.device).name == "torch"

@@ -237,7 +237,7 @@ def test_trainers_micro_batch_reads_nothing_on_the_host(tmp_path, small_data, at
     pairs = trainer._micro_batches(0)[0]
     packed = pack_pairs(pairs, prefix_sharing=False)
     reference = trainer._reference_for(pairs)
-    monkeypatch.setattr(head_loss, "unavailable_reason", lambda *_: "the path a GPU takes")
+    monkeypatch.setattr(head_loss, "unavailable_reason", lambda *_, **__: "the path a GPU takes")
     with no_host_reads():
         loss, metrics, _ = trainer._device_loss(packed, reference, trainer.forward_model)
         loss.backward()

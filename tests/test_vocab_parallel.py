@@ -351,7 +351,7 @@ def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_pat
 
     # the sharded head takes the two-op loss; so does the one process here, so that the comparison is
     # of the sharding alone (the one-op loss sums in another order: 1e-5 apart after the run's steps)
-    monkeypatch.setattr(head_loss, "unavailable_reason", lambda *_: "compared with the sharded head's path")
+    monkeypatch.setattr(head_loss, "unavailable_reason", lambda *_, **__: "compared with the sharded head's path")
     single = train(config(tmp_path, small_data, **TRAIN_OPTIONS))
     for process in found:
         assert process["train_losses"] == pytest.approx(single.losses, rel=1e-5, abs=1e-6)

@@ -108,6 +108,11 @@ class Backend:
     differentiable_loss: None for a fused loss (run as a custom op, its backward the gradient it
         returned), or (token_logp, layout, reference_logps, spec, kl) -> (loss, parts, sequence_logps)
         in plain differentiable torch ops, which the loss then runs directly.
+    forward_backward_by_groups(hidden, weight, bias, targets, groups, token_gradient, options,
+             need_hidden, need_weight, need_bias, store_bytes) -> (logp, d_hidden, d_weight, d_bias)
+        The log-probs and their gradients in one pass per group of rows, for a loss whose
+        gradient of a group is known once that group's log-probs are (fastpref.head_loss; see
+        torch_backend.forward_backward_by_groups); None where the backend has none.
     unavailable_reason(device) -> None if the backend can run on `device`, else why not.
     dtypes: the floating dtypes it accepts.
     priority: higher wins under backend="auto".
@@ -124,6 +129,7 @@ class Backend:
     priority: int
     native_devices: Optional[Tuple[str, ...]] = None
     differentiable_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+    forward_backward_by_groups: Optional[Callable[..., Tuple[Optional[torch.Tensor], ...]]] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -45,7 +45,7 @@ import torch
 from .._buffers import new_output
 from ..loss_spec import PAIRED_LOSS_TYPES
 from . import Backend, ForwardResult, HeadOptions, PreferenceLossResult, fused_loss_result, torch_backend
-from .gemm import low_part_dtype, matmul_into
+from .gemm import add_matmul_float32, low_part_dtype, matmul_into
 from .online_softmax import merge_vocabulary_parts
 from .scratch import slab_columns
 
@@ -61,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(see csrc/README.md)"
     )
 
+FLOAT32_BYTES = 4
 # bfloat16 storage and arithmetic in the epilogues need Ampere or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -109,10 +110,12 @@ class _Slabs:
             yield start, stop, matmul_into(logits, self.hidden, self.weight[start:stop].t())
 
 
-def _slab_arguments(slabs: _Slabs, bias, targets, start: int, stop: int, logits) -> dict:
+def _slab_arguments(hidden, vocab: int, bias, targets, start: int, stop: int, logits) -> dict:
+    """The arguments every slab epilogue takes: logits, the float32 [rows, stop - start] of the
+    rows of hidden (and of targets) and the columns [start, stop)."""
     return dict(logits=logits.data_ptr(), bias=_pointer(bias), targets=targets.data_ptr(),
-                num_rows=slabs.num_rows, columns=stop - start, slab_start=start, vocab=slabs.vocab,
-                dtype=_dtype_code(slabs.hidden.dtype), **_launch_on(slabs.hidden))
+                num_rows=logits.shape[0], columns=stop - start, slab_start=start, vocab=vocab,
+                dtype=_dtype_code(hidden.dtype), **_launch_on(hidden))
 
 
 def _prepared(hidden, weight, bias, targets):
@@ -140,16 +143,29 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
     num_rows = hidden.shape[0]
     names = ["row_max", "sum_excl", "target_logit"]
     names += [name for output in sorted(options.outputs) for name in _STATE_OF_OUTPUT[output]]
-    state = {name: torch.full((num_rows,), _ROW_STATE[name], dtype=torch.float32, device=hidden.device)
-             for name in names}
+    state = _initial_row_state(names, num_rows, hidden.device)
     slabs = _Slabs(hidden, weight, options.scratch_bytes)
     for start, stop, logits in slabs:
-        _C.slab_softmax_update(**{name: _pointer(state.get(name)) for name in _ROW_STATE},
-                               **_transform_arguments(options),
-                               **_slab_arguments(slabs, bias, targets, start, stop, logits))
+        _softmax_update(state, options, slabs.hidden, slabs.vocab, bias, targets, start, stop, logits)
+    return _row_result(state, weight.shape[0])
+
+
+def _initial_row_state(names, num_rows: int, device) -> dict:
+    return {name: torch.full((num_rows,), _ROW_STATE[name], dtype=torch.float32, device=device) for name in names}
+
+
+def _softmax_update(state: dict, options: HeadOptions, hidden, vocab: int, bias, targets, start: int, stop: int,
+                    logits) -> None:
+    """Fold the slab `logits` (columns [start, stop), read only) into the rows' softmax state."""
+    _C.slab_softmax_update(**{name: _pointer(state.get(name)) for name in _ROW_STATE},
+                           **_transform_arguments(options),
+                           **_slab_arguments(hidden, vocab, bias, targets, start, stop, logits))
+
+
+def _row_result(state: dict, vocab: int) -> ForwardResult:
     parts = {name: values[None] for name, values in state.items()}
     return merge_vocabulary_parts(parts.pop("row_max"), parts.pop("sum_excl"), parts.pop("target_logit"),
-                                  vocab=weight.shape[0], **parts)
+                                  vocab=vocab, **parts)
 
 
 class _HiddenGradient:
@@ -206,11 +222,8 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     dz_scratch = new_output((num_rows * slabs.columns,), hidden.dtype, hidden.device)
     for start, stop, logits in slabs:
         dz = dz_scratch[:num_rows * (stop - start)].view(num_rows, stop - start)
-        _C.slab_logit_gradient(lse=lse.data_ptr(), miss=miss.data_ptr(), grad_logp=grad.data_ptr(),
-                               entropy=_pointer(entropy), grad_entropy=_pointer(grad_entropy),
-                               dz=dz.data_ptr(), float32_dz_into_logits=need_bias,
-                               **_transform_arguments(options),
-                               **_slab_arguments(slabs, bias, targets, start, stop, logits))
+        _logit_gradient(dz, lse, miss, grad, entropy, grad_entropy, need_bias, options, slabs.hidden, slabs.vocab,
+                        bias, targets, start, stop, logits)
         if need_weight:
             matmul_into(d_weight[start:stop], dz.t(), hidden)
         if need_bias:
@@ -219,6 +232,103 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
             d_hidden.add(dz, weight[start:stop])
     return (None if d_hidden is None else d_hidden.hi, d_weight,
             None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def _logit_gradient(dz, lse, miss, grad, entropy, grad_entropy, float32_dz_into_logits: bool, options: HeadOptions,
+                    hidden, vocab: int, bias, targets, start: int, stop: int, logits) -> None:
+    """dz = J dL/dz of the slab `logits` into dz, in hidden's dtype (and, float32_dz_into_logits,
+    unrounded over the logits)."""
+    _C.slab_logit_gradient(lse=lse.data_ptr(), miss=miss.data_ptr(), grad_logp=grad.data_ptr(),
+                           entropy=_pointer(entropy), grad_entropy=_pointer(grad_entropy),
+                           dz=dz.data_ptr(), float32_dz_into_logits=float32_dz_into_logits,
+                           **_transform_arguments(options),
+                           **_slab_arguments(hidden, vocab, bias, targets, start, stop, logits))
+
+
+def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_gradient, options: HeadOptions,
+                               need_hidden: bool, need_weight: bool, need_bias: bool, store_bytes: int):
+    """torch_backend.forward_backward_by_groups (same arguments and results) in cuBLAS GEMMs and
+    this backend's slab epilogues. Per group of R rows h, over vocabulary slabs of
+    S = min(V, store_bytes / 4R) columns (the first slab kept in the store, the others
+    recomputed; with the default sizing of fastpref.head_loss the one slab is the whole
+    vocabulary):
+
+        pass 1:  x_s = h W_s^T (cuBLAS, float32), slab_softmax_update;  g = token_gradient(rows, logp)
+        pass 2:  slab_logit_gradient of x_s (kept or recomputed) -> dz_s in the inputs' dtype,
+                 dW_s (+)= dz_s^T h,  db_s += sum_n dz_s,  dh += dz_s W_s   (cuBLAS).
+
+    A group whose logits fit the store costs 6RHV FLOPs, all in three GEMMs, and its hidden
+    gradient is one GEMM (K = V), written once. The weight gradient is written by the first group
+    and, with more groups, accumulated in float32 (cuBLAS adds into a float32 [V, H]) and rounded
+    once at the end. Memory beyond the results: the store (R S float32), dz (R S in the inputs'
+    dtype), the float32 [V, H] with more than one group of half-precision inputs, and a float32
+    [R, H] with more than one slab. Per-token outputs are not computed here.
+    """
+    hidden, weight, bias, targets = _prepared(hidden, weight, bias, targets)
+    num_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    need_bias = need_bias and bias is not None
+    largest = max((rows.numel() for rows in groups), default=1)
+    columns = max(1, min(vocab, store_bytes // (FLOAT32_BYTES * largest)))
+    store = new_output((largest * columns,), torch.float32, hidden.device)
+    dz_scratch = new_output((largest * columns,), hidden.dtype, hidden.device)
+
+    logp = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros_like(hidden) if need_hidden else None
+    accumulate_weight = need_weight and (len(groups) > 1 or weight.dtype == torch.float32)
+    d_weight = None
+    if need_weight:
+        d_weight = new_output(weight.shape, torch.float32 if accumulate_weight else weight.dtype, weight.device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
+    for index, rows in enumerate(groups):
+        count = rows.numel()
+        h = hidden.index_select(0, rows)
+        t = _index(targets.index_select(0, rows))
+
+        def slab_logits(start: int, stop: int, keep: bool):
+            buffer = store if keep else new_output((count * (stop - start),), torch.float32, hidden.device)
+            logits = buffer[:count * (stop - start)].view(count, stop - start)
+            return matmul_into(logits, h, weight[start:stop].t())
+
+        state = _initial_row_state(("row_max", "sum_excl", "target_logit"), count, hidden.device)
+        for start in range(0, vocab, columns):
+            stop = min(vocab, start + columns)
+            _softmax_update(state, options, hidden, vocab, bias, t, start, stop, slab_logits(start, stop, start == 0))
+        result = _row_result(state, vocab)
+        logp[rows] = result.logp
+        grad = _float32(token_gradient(rows, result.logp))
+        lse, miss = _float32(result.lse), _float32(result.miss)
+
+        rows_gradient = None
+        if need_hidden and columns < vocab:
+            rows_gradient = torch.zeros(count, width, dtype=torch.float32, device=hidden.device)
+        for start in range(0, vocab, columns):
+            stop = min(vocab, start + columns)
+            logits = store[:count * (stop - start)].view(count, stop - start) if start == 0 \
+                else slab_logits(start, stop, keep=False)
+            dz = dz_scratch[:count * (stop - start)].view(count, stop - start)
+            _logit_gradient(dz, lse, miss, grad, None, None, need_bias, options, hidden, vocab, bias, t, start, stop,
+                            logits)
+            if need_weight:
+                if index == 0:
+                    matmul_into(d_weight[start:stop], dz.t(), h)
+                else:
+                    add_matmul_float32(d_weight[start:stop], dz.t(), h)
+            if need_bias:
+                d_bias[start:stop] += logits.sum(dim=0)  # the unrounded dz, over the logits
+            if rows_gradient is not None:
+                add_matmul_float32(rows_gradient, dz, weight[start:stop])
+        if need_hidden:
+            if rows_gradient is None:
+                rows_gradient = matmul_into(new_output((count, width), hidden.dtype, hidden.device), dz, weight)
+            d_hidden.index_copy_(0, rows, rows_gradient.to(hidden.dtype))
+
+    return (
+        logp,
+        d_hidden,
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
 
 
 def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
@@ -284,4 +394,5 @@ BACKEND = Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=5,
     native_devices=("cuda",),
+    forward_backward_by_groups=forward_backward_by_groups,
 )

@@ -36,6 +36,20 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return out.copy_(matmul_float32(a, b))
 
 
+def add_matmul_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b for a float32 (or float64) out, accumulated in at least float32. On CUDA a
+    half-precision pair takes cuBLAS's GEMM adding into its float32 output (beta = 1, torch's
+    out_dtype), with no float32 product in between; elsewhere the product is formed, then added."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and out.dtype == torch.float32:
+        try:
+            return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        except (TypeError, RuntimeError):
+            pass
+    if a.dtype == b.dtype == out.dtype:
+        return out.addmm_(a, b)
+    return out.add_(matmul_float32(a, b) if out.dtype == torch.float32 else a.to(out.dtype) @ b.to(out.dtype))
+
+
 def low_part_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
     """The dtype of the remainder lo that the GPU backends keep beside a d_hidden of `dtype` summed
     over vocabulary slabs (d_hidden = hi + lo, see kernels/hidden_gradient.py); None when d_hidden

@@ -488,4 +488,5 @@ BACKEND = Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
     differentiable_loss=loss_terms,
+    forward_backward_by_groups=forward_backward_by_groups,
 )
