@@ -376,10 +376,10 @@ def test_loss_head_reference_is_trl_loss_on_the_padded_batch():
 def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys):
     real = loss_head.loss_function
 
-    def patched(method, loss_type, device, dtype):
+    def patched(method, loss_type, head, device, dtype):
         if method == "materialized":
             return fake_oom
-        fn = real(method, loss_type, device, dtype)
+        fn = real(method, loss_type, head, device, dtype)
         return (lambda *args: 2 * fn(*args)) if method == "fastpref-torch" else fn
 
     monkeypatch.setattr(loss_head, "loss_function", patched)
@@ -394,10 +394,10 @@ def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys)
 def test_loss_head_method_that_cannot_be_set_up_is_a_row(monkeypatch, capsys):
     real = loss_head.loss_function
 
-    def patched(method, loss_type, device, dtype):
+    def patched(method, loss_type, head, device, dtype):
         if method == "materialized":
             raise ImportError("liger_kernel.chunked_loss is missing")
-        return real(method, loss_type, device, dtype)
+        return real(method, loss_type, head, device, dtype)
 
     monkeypatch.setattr(loss_head, "loss_function", patched)
     cfg = tiny_loss_head(losses=["sigmoid"], heads=("trainable",), peers=["materialized"])

@@ -229,3 +229,24 @@ def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
 @pytest.mark.parametrize("store_columns", [0, 11, 37], ids=["one-column", "11-columns", "whole-vocabulary"])
 def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns):
     gpu_tests.test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_loss_head_bench_cuda_in_forward_method(loss_type):
+    """`fastpref bench loss-head`'s GPU method fastpref-cuda-in-forward: the loss and gradients
+    of the benchmark's own reference (TRL's math); its frozen-head row says why it has none."""
+    from fastpref.bench import loss_head
+
+    inputs = loss_head.make_inputs(3, 12, 16, 70, torch.float32, torch.device("cpu"), seed=2)
+    inputs.weight.requires_grad_(True)
+    reference = loss_head.loss_reference(inputs, loss_type)
+    fn = loss_head.loss_function("fastpref-cuda-in-forward", loss_type, "trainable", torch.device("cpu"),
+                                 torch.float32)
+    loss = fn(inputs.hidden, inputs.weight, inputs.targets, loss_head.reference_logps_for(loss_type, inputs))
+    loss.backward()
+    assert relative_error(loss.detach(), reference.loss) < 1e-5
+    assert relative_error(inputs.hidden.grad.reshape(reference.d_hidden.shape), reference.d_hidden) < 1e-5
+    assert relative_error(inputs.weight.grad, reference.d_weight) < 1e-5
+    frozen = loss_head.loss_function("fastpref-cuda-in-forward", loss_type, "frozen", torch.device("cpu"),
+                                     torch.float32)
+    assert isinstance(frozen, str) and "frozen head" in frozen

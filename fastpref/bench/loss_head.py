@@ -28,12 +28,15 @@ Methods:
   fastpref-<b>   fastpref.pack_padded + fastpref.PreferenceLoss on backend b.
   fastpref-torch-two-op  on a CPU, the same with gradients_in_forward=False: the log-prob op,
                  then the loss, the logits recomputed in the backward (the least memory).
+  fastpref-cuda-in-forward  on a GPU, backend "cuda" with gradients_in_forward=True: the loss's
+                 gradients computed in the forward, group of pairs by group (6 N_scored H V,
+                 2,048 rows of logits held, a float32 weight gradient); trainable head only.
 
 The FLOP floor of a step is 8 N_scored H V with a trainable head (logits, their recomputation in
 the backward, d_hidden, d_weight) and 4 N_scored H V with a frozen one; TFLOP/s divides that floor
 by the time. A method that keeps the logits instead of recomputing them does 6 N_scored H V for a
-trainable head (CCE's torch.compile path materializes them; fastpref's CPU loss keeps a group of
-pairs' worth, fastpref.head_loss): its TFLOP/s is then the rate of the work the others do. The memory floor is the gradients the step must leave behind (d_hidden, and d_weight
+trainable head (CCE's torch.compile path materializes them; fastpref's CPU loss and
+fastpref-cuda-in-forward keep a group of pairs' worth, fastpref.head_loss): its TFLOP/s is then the rate of the work the others do. The memory floor is the gradients the step must leave behind (d_hidden, and d_weight
 for a trainable head); "extra" is the peak over the inputs minus that floor.
 """
 from __future__ import annotations
@@ -59,8 +62,10 @@ HELP = ("DPO/IPO/SimPO from hidden states: materialized vs TRL, Liger-Kernel, Cu
         "QuACK's heads vs fastpref")
 MATERIALIZED, TRL, LIGER, CCE = "materialized", "trl", "liger", "cce"
 PEERS = (MATERIALIZED, TRL, LIGER, CCE, peers.TORCH_NATIVE, peers.LIGER_CUTE, peers.QUACK)
-# The suffix of the CPU's two-op fastpref method (PreferenceLoss(gradients_in_forward=False)).
+# The suffixes of the fastpref methods that choose the path: the CPU's two-op one
+# (PreferenceLoss(gradients_in_forward=False)) and the GPU's gradients in the forward (=True).
 TWO_OP = "-two-op"
+IN_FORWARD = "-in-forward"
 # The vocabulary tile TRL's DPOTrainer hands its kernel.
 TRL_CHUNK_SIZE = 32768
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -282,7 +287,8 @@ def loss_reference(inputs: Inputs, loss_type: str) -> LossReference:
 LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def loss_function(method: str, loss_type: str, device: torch.device, dtype: torch.dtype) -> Union[LossFunction, str]:
+def loss_function(method: str, loss_type: str, head: str, device: torch.device,
+                  dtype: torch.dtype) -> Union[LossFunction, str]:
     """(hidden [2B, T, H], weight, targets [2B, T], reference_logps) -> scalar loss, or the reason
     the method cannot compute this loss here."""
     if method in peers.PER_TOKEN:
@@ -295,11 +301,14 @@ def loss_function(method: str, loss_type: str, device: torch.device, dtype: torc
         return liger_loss(loss_type, device)
     if method == CCE:
         return _cce_loss(loss_type, device)
-    backend = method[len("fastpref-"):]
-    two_op = backend.endswith(TWO_OP)
-    module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA,
-                                     backend=backend[:-len(TWO_OP)] if two_op else backend,
-                                     gradients_in_forward=False if two_op else None)
+    backend, gradients_in_forward = method[len("fastpref-"):], None
+    for suffix, choice in ((TWO_OP, False), (IN_FORWARD, True)):
+        if backend.endswith(suffix):
+            backend, gradients_in_forward = backend[:-len(suffix)], choice
+    if gradients_in_forward and head == "frozen":
+        return "n/a (a frozen head has no weight gradient to compute in the forward: it costs 4NHV either way)"
+    module = fastpref.PreferenceLoss(loss_type, beta=BETA, simpo_gamma=SIMPO_GAMMA, backend=backend,
+                                     gradients_in_forward=gradients_in_forward)
 
     def fastpref_loss(h, w, t, r):
         batch = fastpref.pack_padded(h, t, ignore_index=IGNORE_INDEX)
@@ -375,6 +384,8 @@ def methods(cfg: Config) -> List[str]:
     variants = [f"fastpref-{name}" for name in cfg.backends]
     if cfg.device.type == "cpu" and "torch" in cfg.backends:
         variants.insert(variants.index("fastpref-torch") + 1, f"fastpref-torch{TWO_OP}")
+    if cfg.device.type == "cuda" and "cuda" in cfg.backends:
+        variants.insert(variants.index("fastpref-cuda") + 1, f"fastpref-cuda{IN_FORWARD}")
     return list(cfg.peers) + variants
 
 
@@ -410,7 +421,7 @@ def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: L
                  inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
 
     def build(row: Row):
-        fn = loss_function(row.method, loss_type, cfg.device, cfg.dtype)
+        fn = loss_function(row.method, loss_type, head, cfg.device, cfg.dtype)
         return fn if isinstance(fn, str) else _candidate(row, fn, inputs, ref, cfg.dtype)
 
     measured, candidates = build_candidates(group, build)
@@ -500,7 +511,8 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         " linear_cross_entropy_func(reduction='none'): each on the response tokens + the loss in torch;"
         " fastpref-<backend> = fastpref.pack_padded + fastpref.PreferenceLoss (on a CPU its trainable head"
         " computes the gradients in the forward, fastpref.head_loss); fastpref-torch-two-op = the same with"
-        " gradients_in_forward=False (the log-prob op, then the loss)",
+        " gradients_in_forward=False (the log-prob op, then the loss); fastpref-cuda-in-forward = backend cuda with"
+        " gradients_in_forward=True (on a GPU)",
         "TFLOP/s: the FLOP floor 8 N_scored H V (trainable head) or 4 N_scored H V (frozen head) over the"
         " time, N_scored = response tokens (a method that keeps the logits rather than recomputing them,"
         " as cce on a CPU and fastpref-torch's loss on a CPU do, does 6 N_scored H V for a trainable head)",

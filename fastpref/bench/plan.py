@@ -87,6 +87,16 @@ Designs:
               Memory: u [N, H] in the operands' dtype plus the larger of the forward block
               (u_R float32, two p~ buffers, per-tile statistics) and the backward's two dz
               buffers, both sized from the scratch budget.
+  groups      the preference loss with its gradients in the forward on the CUDA backend
+              (fastpref.head_loss, PreferenceLoss(gradients_in_forward=True)): a trade of memory
+              for time that the other designs do not make. Trainable head, per group of R whole
+              pairs' rows (R = head_loss.GPU_GROUP_ROWS, 2,048): x = h_R W^T (cuBLAS, float32
+              into a [R, V] store), the online-softmax epilogue, the pair loss's gradient g of the
+              group, the dz epilogue from the stored x, d_weight += dz^T h_R (cuBLAS adding into a
+              float32 [V, H], K = R) and d_hidden_R = dz W (cuBLAS, K = V, written once): 6NHV, as
+              the chunked peers (Liger, QuACK) for cross-entropy, every FLOP in cuBLAS. Memory:
+              the store and dz ([R, V] float32 and in the operands' dtype) and, with more than one
+              group, the float32 weight gradient. Frozen head: the cuda design's.
 """
 from __future__ import annotations
 
@@ -97,10 +107,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..backends.scratch import DEFAULT_SCRATCH_BYTES, slab_columns
 from ..backends.torch_backend import gpu_block_sizes
+from ..head_loss import GPU_GROUP_ROWS
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
-DESIGNS = ("slab", "cuda", "persistent")
+DESIGNS = ("slab", "cuda", "persistent", "groups")
 FP32 = 4
 # The persistent design's GEMM tile: 128 x 256 per CTA, the shared operand multicast to a 2-CTA
 # cluster. Its forward keeps a float32 max and sum per row and 256-column tile of logits.
@@ -299,6 +310,38 @@ def cuda_design(shape: Shape, head: str, scratch_bytes: int, device: DeviceKind)
     ]
 
 
+def group_count(shape: Shape) -> Tuple[int, int]:
+    """(R, G): the groups design's rows per group and number of groups."""
+    rows = min(shape.n, GPU_GROUP_ROWS)
+    return rows, math.ceil(shape.n / rows)
+
+
+def groups_design(shape: Shape, head: str, scratch_bytes: int, device: DeviceKind) -> List[Launch]:
+    if head == "frozen":
+        return torch_frozen_pass(shape, scratch_bytes)
+    n, h, v, e = shape.n, shape.hidden, shape.vocab, shape.element_bytes
+    rows, groups = group_count(shape)
+    # group 0 writes d_weight; the others read and write the float32 accumulator (or, with one
+    # group, the weight's dtype)
+    weight_gradient_bytes = v * h * e if groups == 1 else (2 * groups - 1) * v * h * FP32
+    launches = [
+        Launch("per group: h_R gathered, d_hidden_R scattered back", 2 * groups, 0.0, 4 * n * h * e),
+        Launch("per group: x = h_R W^T, float32 into the store (cuBLAS)", groups, 2 * n * h * v,
+               n * h * e + groups * v * h * e + n * v * FP32),
+        Launch("per group: bias + online softmax of the store (slab_softmax_kernel)", groups, 0.0, n * v * FP32),
+        Launch("per group: the pair loss and its gradient g (fused kernel, over all N tokens)", groups, 0.0,
+               groups * n * 4 * FP32),
+        Launch("per group: dz from the stored x (slab_logit_gradient_kernel)", groups, 0.0, n * v * (FP32 + e)),
+        Launch("per group: d_weight += dz^T h_R (cuBLAS, K = R, into float32)", groups, 2 * n * h * v,
+               n * v * e + groups * n * h * e + weight_gradient_bytes),
+        Launch("per group: d_hidden_R = dz W (cuBLAS, K = V, written once)", groups, 2 * n * h * v,
+               n * v * e + groups * v * h * e + n * h * e),
+    ]
+    if groups > 1 and e < FP32:
+        launches.append(Launch("d_weight rounded to the weight's dtype", 1, 0.0, v * h * (FP32 + e)))
+    return launches
+
+
 @dataclass(frozen=True)
 class PersistentLayout:
     """The persistent design's blocks: R rows per forward block, Vf forward slab columns, Vb
@@ -441,6 +484,17 @@ def persistent_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
     return n * h * e + max(forward_block, backward_scratch)
 
 
+def groups_extra_bytes(shape: Shape, head: str, scratch_bytes: int) -> int:
+    """Memory the groups design holds beyond its inputs and the gradients it returns: the [R, V]
+    store (float32) and dz (operands' dtype), h_R and d_hidden_R, and with more than one group of
+    half-precision operands the float32 weight gradient."""
+    if head == "frozen":
+        return slab_extra_bytes(shape, head, scratch_bytes)
+    h, v, e = shape.hidden, shape.vocab, shape.element_bytes
+    rows, groups = group_count(shape)
+    return rows * v * (FP32 + e) + 2 * rows * h * e + (v * h * FP32 if groups > 1 and e < FP32 else 0)
+
+
 def materialized_extra_bytes(shape: Shape) -> int:
     """The materialized baseline's logits (bf16), their float32 log-softmax, and its gradient."""
     return shape.n * shape.vocab * (shape.element_bytes + FP32 + FP32)
@@ -448,8 +502,11 @@ def materialized_extra_bytes(shape: Shape) -> int:
 
 DesignFunction = Callable[[Shape, str, int, DeviceKind], List[Launch]]
 DESIGN_FUNCTIONS: Dict[str, DesignFunction] = {"slab": slab_design, "cuda": cuda_design,
-                                               "persistent": persistent_design}
-EXTRA_BYTES = {"slab": slab_extra_bytes, "cuda": cuda_extra_bytes, "persistent": persistent_extra_bytes}
+                                               "persistent": persistent_design, "groups": groups_design}
+EXTRA_BYTES = {"slab": slab_extra_bytes, "cuda": cuda_extra_bytes, "persistent": persistent_extra_bytes,
+               "groups": groups_extra_bytes}
+# Designs modelled for the log-probs alone, without the head options.
+PLAIN_DESIGNS = ("persistent", "groups")
 
 
 @dataclass
@@ -492,9 +549,9 @@ def plan(shape: Shape, head: str, design: str, device_kind_name: str,
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if scratch_bytes < 1:
         raise ValueError(f"scratch_bytes must be >= 1, got {scratch_bytes}")
-    if options and design == "persistent":
-        raise ValueError("the persistent design is modelled for the log-probs alone: no head options")
-    if head == "frozen" and ("entropy_gradient" in options or not folded) and design != "persistent":
+    if options and design in PLAIN_DESIGNS:
+        raise ValueError(f"the {design} design is modelled for the log-probs alone: no head options")
+    if head == "frozen" and ("entropy_gradient" in options or not folded) and design not in PLAIN_DESIGNS:
         # not folded: the trainable head's passes, less d_weight
         launches = [launch for launch in DESIGN_FUNCTIONS[design](shape, "trainable", scratch_bytes, device)
                     if "d_weight" not in launch.name]
@@ -520,12 +577,17 @@ def launch_table(launches: List[Launch], device: DeviceKind, element_bytes: int)
 def format_plan(result: Plan) -> str:
     shape = result.shape
     floor = "8NHV" if result.head == "trainable" else "4NHV"
+    flops = sum(launch.flops for launch in result.launches)
+    fewer = ""
+    if flops < 0.99 * flop_floor(shape, result.head):  # keeps logits rather than recomputing them
+        fewer = f" (its GEMMs do {flops / (shape.n * shape.hidden * shape.vocab):.0f}NHV: over that, " \
+                f"{100 * flops / (result.device.matmul_tflops * 1e9 * result.predicted_ms):.0f}%)"
     return "\n".join([
         f"## {result.design} design, {result.head} head, {result.device.name} (model estimate)", "",
         f"{shape.describe()}, {shape.element_bytes}-byte operands; {floor} floor "
         f"{flop_floor(shape, result.head) / 1e12:,.1f} TFLOP = {result.floor_ms:.1f} ms at "
         f"{result.device.matmul_tflops:.0f} TFLOP/s; predicted {result.predicted_ms:.1f} ms = "
-        f"{100 * result.share_of_peak:.0f}% of the matmul rate", "",
+        f"{100 * result.share_of_peak:.0f}% of the matmul rate over {floor}{fewer}", "",
         launch_table(result.launches, result.device, shape.element_bytes), ""])
 
 
@@ -596,7 +658,7 @@ def run(args: argparse.Namespace) -> int:
           "not measurements\n")
     print(f"- rates assumed (calibrated: `fastpref plan --calibrate`): {rates_line(device)}\n")
     budget = args.scratch_mib << 20
-    designs = [d for d in args.design if not (args.options and d == "persistent")]
+    designs = [d for d in args.design if not (args.options and d in PLAIN_DESIGNS)]
     for design in designs:
         for head in args.head:
             print(format_plan(plan(shape, head, design, args.device_kind, budget, args.options)))

@@ -134,7 +134,7 @@ def device_kind(device: str) -> Optional[str]:
 
 # The cost model's design of each GPU backend (both heads) and of each peer whose design
 # `fastpref plan --calibrate` counts (trainable head: the one their figures are published for).
-DESIGN_OF_METHOD = {"fastpref-triton": "slab", "fastpref-cuda": "cuda"}
+DESIGN_OF_METHOD = {"fastpref-triton": "slab", "fastpref-cuda": "cuda", "fastpref-cuda-in-forward": "groups"}
 PEER_DESIGN_OF_METHOD = {"liger-cute": "liger-cute", "quack-chunked": "quack", "torch-native": "torch-native",
                          "trl": "trl"}
 
