@@ -707,16 +707,16 @@ def test_small_case_for_compute_sanitizer():
 # ---- the loss with its gradients in the forward (fastpref.head_loss) -------------------------
 
 def _loss_and_gradients(loss_fn, hidden, weight, bias, targets, layout, reference):
-    leaves = [tensor.detach().clone().requires_grad_() for tensor in (hidden, weight, bias)]
+    leaves = [None if tensor is None else tensor.detach().clone().requires_grad_() for tensor in (hidden, weight, bias)]
     loss, _ = loss_fn(leaves[0], leaves[1], targets, layout, reference, bias=leaves[2])
     (3.0 * loss).backward()
-    return loss.detach(), [leaf.grad for leaf in leaves]
+    return loss.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
 
 
 def _float64_loss_and_gradients(hidden, weight, bias, targets, layout, reference, beta, transform):
     """DPO through float64 [N, V] logits under the logit transform, backward of 3 x the loss."""
-    leaves = [tensor.detach().double().requires_grad_() for tensor in (hidden, weight, bias)]
-    x = leaves[0] @ leaves[1].t() + leaves[2]
+    leaves = [None if tensor is None else tensor.detach().double().requires_grad_() for tensor in (hidden, weight, bias)]
+    x = leaves[0] @ leaves[1].t() + (0.0 if bias is None else leaves[2])
     logits = transform.pre * x if transform.softcap is None else transform.post * torch.tanh(transform.pre * x)
     kept = layout.response_mask
     logp = torch.where(kept, logits.log_softmax(-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
@@ -724,7 +724,25 @@ def _float64_loss_and_gradients(hidden, weight, bias, targets, layout, reference
         0, layout.sequence_ids, logp) - reference.double()
     loss = -torch.nn.functional.logsigmoid(beta * (sums[layout.chosen_index] - sums[layout.rejected_index])).mean()
     (3.0 * loss).backward()
-    return loss.detach(), [leaf.grad for leaf in leaves]
+    return loss.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
+
+
+def test_a_groups_slab_is_cut_into_row_segments_for_the_epilogues():
+    """_Segments: a [3, 16] slab of columns [8, 24) without a bias is 48 rows of one column, each
+    segment's target shifted to its own column (in it for exactly one segment of each row whose
+    target is in the slab); with a bias, or an odd width, the slab as it is."""
+    targets = torch.tensor([9, 23, 5])
+    segments = cuda_backend._Segments(3, 8, 24, False, targets)
+    assert (segments.count, segments.start, segments.stop) == (16, 0, 1)
+    assert segments.view(torch.zeros(3, 16)).shape == (48, 1)
+    hits = (segments.targets == 0).view(3, 16)
+    assert hits[0].nonzero().flatten().tolist() == [1] and hits[1].nonzero().flatten().tolist() == [15]
+    assert not hits[2].any()
+    assert segments.repeat(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1.0] * 16 + [2.0] * 16 + [3.0] * 16
+    for has_bias, stop in ((True, 24), (False, 23)):
+        plain = cuda_backend._Segments(3, 8, stop, has_bias, targets)
+        assert (plain.count, plain.start, plain.stop) == (1, 8, stop) and plain.targets is targets
+    assert cuda_backend._Segments(4096, 0, 131072, False, targets).count == cuda_backend.EPILOGUE_ROWS // 4096
 
 
 @pytest.mark.gpu
@@ -732,13 +750,15 @@ def _float64_loss_and_gradients(hidden, weight, bias, targets, layout, reference
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
-def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias):
     """PreferenceLoss(backend="cuda", gradients_in_forward=True): DPO's loss and the gradients of
     hidden, weight and bias against autograd through float64 logits, with one pair per group,
     several pairs per group (the weight gradient accumulated in float32 across groups) and all
-    pairs in one group (written once), with and without a soft cap; the two-op path alike."""
-    hidden, weight, targets, layout, reference = make_packed_batch(7, 24, 301, dtype, seed=5)
-    bias = (0.3 * torch.randn(301, device=hidden.device)).to(dtype)
+    pairs in one group (written once), with and without a soft cap, with a bias and without one
+    (V = 304 = 16 x 19: the epilogues then see each row as 16 segments); the two-op path alike."""
+    hidden, weight, targets, layout, reference = make_packed_batch(7, 24, 304, dtype, seed=5)
+    bias = (0.3 * torch.randn(304, device=hidden.device)).to(dtype) if with_bias else None
     options = dict(beta=0.5, softcap=softcap, logit_scale=1.2, temperature=0.9, backend="cuda")
     loss_fn = fastpref.PreferenceLoss("sigmoid", gradients_in_forward=True, group_rows=group_rows, **options)
     loss, grads = _loss_and_gradients(loss_fn, hidden, weight, bias, targets, layout, reference)
@@ -750,7 +770,7 @@ def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
     tolerance = TOLERANCE[dtype]
     assert relative_error(loss, expected_loss) < tolerance
     assert relative_error(two_op_loss, expected_loss) < tolerance
-    for got, two_op_got, want in zip(grads, two_op, expected):
+    for got, two_op_got, want in zip(grads[:2 + with_bias], two_op, expected):
         assert got.dtype == dtype
         assert relative_error(got, want) < tolerance
         assert relative_error(two_op_got, want) < tolerance
@@ -759,17 +779,20 @@ def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("store_columns", [0, 11, 37], ids=["one-column", "11-columns", "whole-vocabulary"])
-def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns):
+@pytest.mark.parametrize("store_columns", [0, 8, 11, 40], ids=["one-column", "8-columns", "11-columns",
+                                                                 "whole-vocabulary"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns, with_bias):
     """cuda_backend.forward_backward_by_groups with a store of a few columns per row (the first
-    slab kept, the others recomputed; d_hidden then summed over slabs in float32), three groups
-    of uneven sizes, bias and soft cap: the torch backend's forward and backward with the same
-    per-row gradient."""
+    slab kept, the others recomputed; d_hidden then summed over slabs in float32; without a bias
+    the epilogues see slabs of 8 and 40 columns as 8 segments per row, and a ragged last slab
+    as it is), three groups of uneven sizes, soft cap: the torch backend's forward and backward
+    with the same per-row gradient."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(23, 16, generator=gen).to(dtype).to(DEVICE)
-    weight = torch.randn(37, 16, generator=gen).to(dtype).to(DEVICE)
-    bias = torch.randn(37, generator=gen).to(dtype).to(DEVICE)
-    targets = torch.randint(0, 37, (23,), generator=gen).to(DEVICE)
+    weight = torch.randn(40, 16, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(40, generator=gen).to(dtype).to(DEVICE) if with_bias else None
+    targets = torch.randint(0, 40, (23,), generator=gen).to(DEVICE)
     g = torch.randn(23, generator=gen).to(DEVICE)
     options = HeadOptions(LogitTransform(1.2, 3.0, 0.9))
     groups = [torch.tensor(rows, device=DEVICE) for rows in ([0, 5, 7], list(range(8, 23)), [1, 2, 3, 4, 6])]
@@ -780,14 +803,16 @@ def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, s
         return g[rows]
 
     logp, d_hidden, d_weight, d_bias = cuda_backend.forward_backward_by_groups(
-        hidden, weight, bias, targets, groups, token_gradient, options, True, True, True,
+        hidden, weight, bias, targets, groups, token_gradient, options, True, True, with_bias,
         store_bytes=store_columns * 15 * 4)
-    saved = torch_backend.forward(hidden.double(), weight.double(), bias.double(), targets, options,
+    bias64 = None if bias is None else bias.double()
+    saved = torch_backend.forward(hidden.double(), weight.double(), bias64, targets, options,
                                   fold_hidden_gradient=False)
-    expected = torch_backend.backward(hidden.double(), weight.double(), bias.double(), targets, saved, g.double(),
-                                      None, options, True, True, True)
+    expected = torch_backend.backward(hidden.double(), weight.double(), bias64, targets, saved, g.double(),
+                                      None, options, True, True, with_bias)
     assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
     assert relative_error(logp, saved.logp) < 1e-5
-    for got, want, name in zip((d_hidden, d_weight, d_bias), expected, ("hidden", "weight", "bias")):
+    assert (d_bias is None) == (not with_bias)
+    for got, want, name in zip((d_hidden, d_weight, d_bias)[:2 + with_bias], expected, ("hidden", "weight", "bias")):
         assert got.dtype == dtype, name
         assert relative_error(got, want) < TOLERANCE[dtype], name

@@ -221,14 +221,17 @@ def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
-def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap):
-    gpu_tests.test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias):
+    gpu_tests.test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("store_columns", [0, 11, 37], ids=["one-column", "11-columns", "whole-vocabulary"])
-def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns):
-    gpu_tests.test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns)
+@pytest.mark.parametrize("store_columns", [0, 8, 11, 40], ids=["one-column", "8-columns", "11-columns",
+                                                                 "whole-vocabulary"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns, with_bias):
+    gpu_tests.test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns, with_bias)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])

@@ -62,6 +62,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     )
 
 FLOAT32_BYTES = 4
+# Rows (one warp each) a slab epilogue launch is given to keep a GPU's memory busy: two full
+# waves of an H100's 132 SMs x 64 warp slots, what the two-op path's slabs of all N rows give at
+# N = 16,384 (see _Segments).
+EPILOGUE_ROWS = 16384
 # bfloat16 storage and arithmetic in the epilogues need Ampere or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -245,6 +249,36 @@ def _logit_gradient(dz, lse, miss, grad, entropy, grad_entropy, float32_dz_into_
                            **_slab_arguments(hidden, vocab, bias, targets, start, stop, logits))
 
 
+class _Segments:
+    """A slab of a group's logits as the slab epilogues see it. They run one warp per row, and a
+    group has few rows (2,048 by default) for its V columns: too few warps in flight to stream
+    the slab at the memory's speed. So a slab [R, S] of rows' consecutive columns is taken as
+    [R k, S / k], each row's k column segments a row of their own (the same memory, no copy),
+    k the largest power of two dividing S with R k <= EPILOGUE_ROWS, each segment's targets
+    shifted to its own columns, and the k partial softmax states merged like any vocabulary
+    parts. With a bias k = 1 (the kernels add the bias of their slab's columns)."""
+
+    def __init__(self, rows: int, start: int, stop: int, has_bias: bool, targets: torch.Tensor):
+        self.rows, columns = rows, stop - start
+        self.count = 1
+        while not has_bias and rows * self.count * 2 <= EPILOGUE_ROWS and columns % (self.count * 2) == 0:
+            self.count *= 2
+        if self.count == 1:
+            self.targets, self.start, self.stop = targets, start, stop
+        else:
+            width = columns // self.count
+            offsets = start + width * torch.arange(self.count, device=targets.device)
+            self.targets = (targets[:, None] - offsets).reshape(-1)
+            self.start, self.stop = 0, width
+
+    def view(self, slab: torch.Tensor) -> torch.Tensor:
+        return slab.view(self.rows * self.count, -1)
+
+    def repeat(self, per_row: torch.Tensor) -> torch.Tensor:
+        """A per-row value for each of the row's segments."""
+        return per_row.repeat_interleave(self.count).contiguous() if self.count > 1 else per_row
+
+
 def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_gradient, options: HeadOptions,
                                need_hidden: bool, need_weight: bool, need_bias: bool, store_bytes: int):
     """torch_backend.forward_backward_by_groups (same arguments and results) in cuBLAS GEMMs and
@@ -290,11 +324,16 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
             logits = buffer[:count * (stop - start)].view(count, stop - start)
             return matmul_into(logits, h, weight[start:stop].t())
 
-        state = _initial_row_state(("row_max", "sum_excl", "target_logit"), count, hidden.device)
+        parts = []
         for start in range(0, vocab, columns):
             stop = min(vocab, start + columns)
-            _softmax_update(state, options, hidden, vocab, bias, t, start, stop, slab_logits(start, stop, start == 0))
-        result = _row_result(state, vocab)
+            segments = _Segments(count, start, stop, bias is not None, t)
+            state = _initial_row_state(("row_max", "sum_excl", "target_logit"), count * segments.count, hidden.device)
+            _softmax_update(state, options, hidden, vocab, bias, segments.targets, segments.start, segments.stop,
+                            segments.view(slab_logits(start, stop, start == 0)))
+            parts.append({name: values.view(count, segments.count).t() for name, values in state.items()})
+        result = merge_vocabulary_parts(*(torch.cat([part[name] for part in parts])
+                                          for name in ("row_max", "sum_excl", "target_logit")), vocab=vocab)
         logp[rows] = result.logp
         grad = _float32(token_gradient(rows, result.logp))
         lse, miss = _float32(result.lse), _float32(result.miss)
@@ -307,8 +346,10 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
             logits = store[:count * (stop - start)].view(count, stop - start) if start == 0 \
                 else slab_logits(start, stop, keep=False)
             dz = dz_scratch[:count * (stop - start)].view(count, stop - start)
-            _logit_gradient(dz, lse, miss, grad, None, None, need_bias, options, hidden, vocab, bias, t, start, stop,
-                            logits)
+            segments = _Segments(count, start, stop, bias is not None, t)
+            _logit_gradient(segments.view(dz), *(segments.repeat(value) for value in (lse, miss, grad)), None, None,
+                            need_bias, options, hidden, vocab, bias, segments.targets, segments.start, segments.stop,
+                            segments.view(logits))
             if need_weight:
                 if index == 0:
                     matmul_into(d_weight[start:stop], dz.t(), h)

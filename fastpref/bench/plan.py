@@ -94,7 +94,10 @@ Designs:
               into a [R, V] store), the online-softmax epilogue, the pair loss's gradient g of the
               group, the dz epilogue from the stored x, d_weight += dz^T h_R (cuBLAS adding into a
               float32 [V, H], K = R) and d_hidden_R = dz W (cuBLAS, K = V, written once): 6NHV, as
-              the chunked peers (Liger, QuACK) for cross-entropy, every FLOP in cuBLAS. Memory:
+              the chunked peers (Liger, QuACK) for cross-entropy, every FLOP in cuBLAS. The
+              epilogues (one warp per row) see each row of the store as k segments of V / k
+              columns, R k = 16,384 rows, so that they stream at the memory's speed as the cuda
+              design's slabs of all N rows do (with a bias they get R rows: not modelled). Memory:
               the store and dz ([R, V] float32 and in the operands' dtype) and, with more than one
               group, the float32 weight gradient. Frozen head: the cuda design's.
 """
