@@ -136,6 +136,17 @@ def _head_outputs(h, w, b, out_dtype, out: Optional[torch.Tensor] = None) -> tor
     return x
 
 
+def _logits_buffer(rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """On a CPU, the one buffer every block of logits of a pass is written into (a fresh block per
+    matmul goes through malloc each time, and what it frees stays resident); on a GPU None (the
+    caching allocator recycles blocks, and each matmul writes its own output without a copy)."""
+    return torch.empty(rows * columns, dtype=dtype, device=device) if device.type == "cpu" else None
+
+
+def _block_view(buffer: Optional[torch.Tensor], rows: int, columns: int) -> Optional[torch.Tensor]:
+    return None if buffer is None else buffer[:rows * columns].view(rows, columns)
+
+
 def _target_columns(targets: torch.Tensor, v0: int, v1: int):
     """Which rows have their target in the block [v0, v1), and each row's target column in the
     block ([rows, 1], clamped into it where the target lies elsewhere): masks rather than indices,
@@ -231,19 +242,24 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
     if fold_hidden_gradient:
         result.hidden_grad_direction = new_output((num_rows, width), hidden.dtype, hidden.device)
 
+    logits_buffer = _logits_buffer(row_block, vocab_block, adt, hidden.device)
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
         h = hidden[r0:r1].to(cdt)
         t = targets[r0:r1]
         statistics = _RowStatistics(r1 - r0, options, adt, hidden.device)
         if fold_hidden_gradient:
-            acc = torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
+            # accumulated in the result itself where it has the accumulator's dtype
+            direction_rows = result.hidden_grad_direction[r0:r1]
+            acc = direction_rows.zero_() if direction_rows.dtype == adt else \
+                torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
             target_slope = torch.zeros(r1 - r0, dtype=adt, device=hidden.device)
 
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt)
+            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt,
+                              _block_view(logits_buffer, r1 - r0, v1 - v0))
             slope = transform.slope(x) if fold_hidden_gradient and softcapped else None
             if slope is not None:
                 hit, column = _target_columns(t, v0, v1)
@@ -261,13 +277,18 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
                 getattr(result, name)[r0:r1] = value
         if fold_hidden_gradient:
             row_sum = statistics.sum_excl + torch.exp(statistics.target - statistics.row_max)
-            w_t = weight[t].to(adt)
-            if softcapped:  # J_t W_t; the J_v of the other columns are in acc already
-                w_t.mul_(target_slope[:, None])
-            direction = acc.div_(row_sum[:, None]).neg_().addcmul_(rows.miss[:, None], w_t)
+            # J_t miss W_t (the J_v of the other columns are in acc already), W_t gathered a
+            # block's worth of rows at a time
+            target_scale = rows.miss * target_slope if softcapped else rows.miss
+            direction = acc.div_(row_sum[:, None]).neg_()
+            gather_rows = r1 - r0 if hidden.device.type == "cuda" else max(1, BLOCK_ELEMENTS // (4 * width))
+            for c0 in range(0, r1 - r0, gather_rows):
+                c1 = min(c0 + gather_rows, r1 - r0)
+                direction[c0:c1].addcmul_(target_scale[c0:c1, None], weight.index_select(0, t[c0:c1]).to(adt))
             if not softcapped and transform.pre != 1.0:
                 direction.mul_(transform.pre)
-            result.hidden_grad_direction[r0:r1] = direction
+            if direction.data_ptr() != direction_rows.data_ptr():
+                direction_rows.copy_(direction)
 
     return result
 
@@ -289,7 +310,7 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
         row_block = _block_sizes(num_rows, vocab, hidden.device, options, width)[0]
         for r0 in range(0, num_rows, row_block):
             r1 = min(r0 + row_block, num_rows)
-            d_hidden[r0:r1] = g[r0:r1, None] * saved.hidden_grad_direction[r0:r1]
+            torch.mul(saved.hidden_grad_direction[r0:r1], g[r0:r1, None], out=d_hidden[r0:r1])
     recompute_hidden = need_hidden and not folded
     if not (need_weight or need_bias or recompute_hidden):
         return d_hidden, None, None
@@ -298,19 +319,24 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     d_bias = torch.zeros(vocab, dtype=adt, device=hidden.device) if need_bias else None
     row_block, vocab_block = _block_sizes(num_rows, vocab, hidden.device, options,
                                           width if recompute_hidden else 0)
+    logits_buffer = _logits_buffer(row_block, vocab_block, adt, hidden.device)
     for r0 in range(0, num_rows, row_block):
         r1 = min(r0 + row_block, num_rows)
         h = hidden[r0:r1].to(cdt)
         rows = _RowGradients(targets[r0:r1], saved.lse[r0:r1].to(adt), saved.miss[r0:r1].to(adt), g[r0:r1],
                              None if g_entropy is None else g_entropy[r0:r1],
                              None if g_entropy is None else saved.entropy[r0:r1].to(adt))
-        d_hidden_rows = torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device) if recompute_hidden else None
+        d_hidden_rows = None
+        if recompute_hidden:  # summed in d_hidden itself where it has the accumulator's dtype
+            d_hidden_rows = d_hidden[r0:r1].zero_() if d_hidden.dtype == adt else \
+                torch.zeros(r1 - r0, width, dtype=adt, device=hidden.device)
         for v0 in range(0, vocab, vocab_block):
             v1 = min(v0 + vocab_block, vocab)
             w = weight[v0:v1].to(cdt)
-            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt)
+            x = _head_outputs(h, w, None if bias is None else bias[v0:v1], adt,
+                              _block_view(logits_buffer, r1 - r0, v1 - v0))
             rows.add_block(x, options.transform, h, w, v0, v1, d_weight, d_bias, d_hidden_rows)
-        if recompute_hidden:
+        if recompute_hidden and d_hidden_rows.data_ptr() != d_hidden[r0:r1].data_ptr():
             d_hidden[r0:r1] = d_hidden_rows
 
     return (
