@@ -28,6 +28,7 @@ import test_head_outputs as head_tests
 from reference import reference_head_outputs, reference_kto_loss, relative_error
 from test_head_outputs import ALL_OUTPUTS, TRANSFORMS, run_and_compare_outputs
 from test_linear_logprobs import DEVICE, TOLERANCE, make_inputs, run_and_compare
+from test_head_loss import grouped_pass_and_expected
 from test_losses import check, check_paired_loss, make_packed_batch
 
 try:
@@ -794,24 +795,10 @@ def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, s
     bias = torch.randn(40, generator=gen).to(dtype).to(DEVICE) if with_bias else None
     targets = torch.randint(0, 40, (23,), generator=gen).to(DEVICE)
     g = torch.randn(23, generator=gen).to(DEVICE)
-    options = HeadOptions(LogitTransform(1.2, 3.0, 0.9))
-    groups = [torch.tensor(rows, device=DEVICE) for rows in ([0, 5, 7], list(range(8, 23)), [1, 2, 3, 4, 6])]
-    seen = []
-
-    def token_gradient(rows, logp):
-        seen.append(rows)
-        return g[rows]
-
-    logp, d_hidden, d_weight, d_bias = cuda_backend.forward_backward_by_groups(
-        hidden, weight, bias, targets, groups, token_gradient, options, True, True, with_bias,
-        store_bytes=store_columns * 15 * 4)
-    bias64 = None if bias is None else bias.double()
-    saved = torch_backend.forward(hidden.double(), weight.double(), bias64, targets, options,
-                                  fold_hidden_gradient=False)
-    expected = torch_backend.backward(hidden.double(), weight.double(), bias64, targets, saved, g.double(),
-                                      None, options, True, True, with_bias)
-    assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
-    assert relative_error(logp, saved.logp) < 1e-5
+    (logp, d_hidden, d_weight, d_bias), (expected_logp, *expected) = grouped_pass_and_expected(
+        cuda_backend.forward_backward_by_groups, hidden, weight, bias, targets, g,
+        HeadOptions(LogitTransform(1.2, 3.0, 0.9)), store_bytes=store_columns * 15 * 4)
+    assert relative_error(logp, expected_logp) < 1e-5
     assert (d_bias is None) == (not with_bias)
     for got, want, name in zip((d_hidden, d_weight, d_bias)[:2 + with_bias], expected, ("hidden", "weight", "bias")):
         assert got.dtype == dtype, name

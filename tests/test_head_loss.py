@@ -80,6 +80,33 @@ def test_gradients_match_float64_materialized_logits(dtype, tolerance):
     assert relative_error(d_weight, w64.grad) < tolerance
 
 
+# Three groups of uneven sizes over 23 rows.
+GROUPS = ([0, 5, 7], list(range(8, 23)), [1, 2, 3, 4, 6])
+
+
+def grouped_pass_and_expected(forward_backward_by_groups, hidden, weight, bias, targets, g, options, store_bytes):
+    """A backend's forward_backward_by_groups over GROUPS with the per-row gradient g (checking that
+    it asks for each group's gradient once, in order), and the torch backend's float64 forward and
+    backward with that g: ((logp, d_hidden, d_weight, d_bias), the same expected)."""
+    groups = [torch.tensor(rows, device=hidden.device) for rows in GROUPS]
+    seen = []
+
+    def token_gradient(rows, logp):
+        seen.append(rows)
+        return g[rows]
+
+    need_bias = bias is not None
+    got = forward_backward_by_groups(hidden, weight, bias, targets, groups, token_gradient, options, True, True,
+                                     need_bias, store_bytes=store_bytes)
+    assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
+    hidden64, weight64 = hidden.double(), weight.double()
+    bias64 = None if bias is None else bias.double()
+    saved = torch_backend.forward(hidden64, weight64, bias64, targets, options, fold_hidden_gradient=False)
+    expected = torch_backend.backward(hidden64, weight64, bias64, targets, saved, g.double(), None, options,
+                                      True, True, need_bias)
+    return got, (saved.logp, *expected)
+
+
 @pytest.mark.parametrize("softcap", [3.0, None])
 @pytest.mark.parametrize("store_rows_of_logits", [0, 1, 3])
 def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits, softcap):
@@ -91,23 +118,11 @@ def test_a_store_too_small_recomputes_the_rest(store_rows_of_logits, softcap):
     bias = torch.randn(37, dtype=torch.float64, generator=gen)
     targets = torch.randint(0, 37, (23,), generator=gen)
     g = torch.randn(23, dtype=torch.float64, generator=gen)
-    options = HeadOptions(LogitTransform(1.2, softcap, 0.9))
-    groups = [torch.tensor([0, 5, 7]), torch.arange(8, 23), torch.tensor([1, 2, 3, 4, 6])]
-    seen = []
-
-    def token_gradient(rows, logp):
-        seen.append(rows)
-        return g[rows]
-
-    logp, d_hidden, d_weight, d_bias = torch_backend.forward_backward_by_groups(
-        hidden, weight, bias, targets, groups, token_gradient, options, True, True, True,
-        store_bytes=store_rows_of_logits * 37 * 8)
-    saved = torch_backend.forward(hidden, weight, bias, targets, options, fold_hidden_gradient=False)
-    expected = torch_backend.backward(hidden, weight, bias, targets, saved, g, None, options, True, True, True)
-    assert [rows.tolist() for rows in seen] == [rows.tolist() for rows in groups]
-    assert relative_error(logp, saved.logp) < 1e-13
-    for got, want in zip((d_hidden, d_weight, d_bias), expected):
-        assert relative_error(got, want) < 1e-13
+    got, expected = grouped_pass_and_expected(torch_backend.forward_backward_by_groups, hidden, weight, bias,
+                                              targets, g, HeadOptions(LogitTransform(1.2, softcap, 0.9)),
+                                              store_bytes=store_rows_of_logits * 37 * 8)
+    for value, want in zip(got, expected):
+        assert relative_error(value, want) < 1e-13
 
 
 def test_row_groups_keep_pairs_whole():
