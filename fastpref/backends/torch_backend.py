@@ -281,7 +281,7 @@ def forward(hidden, weight, bias, targets, options: HeadOptions, fold_hidden_gra
             # block's worth of rows at a time
             target_scale = rows.miss * target_slope if softcapped else rows.miss
             direction = acc.div_(row_sum[:, None]).neg_()
-            gather_rows = r1 - r0 if hidden.device.type == "cuda" else max(1, BLOCK_ELEMENTS // (4 * width))
+            gather_rows = r1 - r0 if hidden.device.type != "cpu" else max(1, BLOCK_ELEMENTS // (4 * width))
             for c0 in range(0, r1 - r0, gather_rows):
                 c1 = min(c0 + gather_rows, r1 - r0)
                 direction[c0:c1].addcmul_(target_scale[c0:c1, None], weight.index_select(0, t[c0:c1]).to(adt))
