@@ -288,3 +288,20 @@ def test_eval_takes_its_model_from_a_config_file_or_says_it_is_missing(tmp_path,
     settings.write_text(f"model: {tmp_path / 'nowhere'}\nmax_length: 64\n")
     assert main(["eval", "--config", str(settings)]) == 2
     assert f"--model: no model at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_the_loss_path_flags_reach_the_loss(tmp_path, small_data, capsys):
+    """--gradients-in-forward and --group-rows reach the trainer's PreferenceLoss; a bad group size
+    is a one-line error naming its flag, before any work."""
+    from fastpref.train.loop import _preference_loss
+
+    args = parser_with(add_train_arguments).parse_args(["--gradients-in-forward", "false", "--group-rows", "64"])
+    loss_fn = _preference_loss(config_from_args(args).resolved())
+    assert (loss_fn.gradients_in_forward, loss_fn.group_rows) == (False, 64)
+    default = config_from_args(parser_with(add_train_arguments).parse_args([])).resolved()
+    assert (_preference_loss(default).gradients_in_forward, _preference_loss(default).group_rows) == (None, None)
+    code = main(["train", "--data", str(small_data), "--group-rows", "0", "--output-dir", str(tmp_path / "run"),
+                 *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "--group-rows must be None or a positive int, got 0" in err
+    assert not (tmp_path / "run").exists()

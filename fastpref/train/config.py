@@ -122,6 +122,11 @@ class TrainConfig:
     resume_from_checkpoint: str = _option(
         "auto", "auto (latest checkpoint in --output-dir), never, or a checkpoint path", aliases=("--resume",))
     backend: str = _option("auto", "fastpref backend: auto, triton, torch, cuda")
+    gradients_in_forward: Optional[bool] = _option(
+        None, "true/false: compute the loss's gradients in its forward, a group of pairs at a time (6NHV instead "
+        "of 8NHV, group_rows x V float32 logits held; default: on a CPU only, see docs/losses.md)")
+    group_rows: Optional[int] = _option(None, "response rows per group of gradients_in_forward (default: 256 on a "
+                                              "CPU, 2,048 on a GPU)")
     parallel: str = _option(
         "ddp", "with several processes (torchrun): ddp replicates the model on every process; fsdp shards "
         "parameters, gradients and optimizer state over them (FSDP2); tp shards the LM head on the vocabulary "

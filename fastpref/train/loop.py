@@ -202,7 +202,8 @@ def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransfor
                           label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                           desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                           average_logps=cfg.average_logps, logit_scale=transform.logit_scale,
-                          softcap=transform.softcap, temperature=transform.temperature, backend=cfg.backend)
+                          softcap=transform.softcap, temperature=transform.temperature, backend=cfg.backend,
+                          gradients_in_forward=cfg.gradients_in_forward, group_rows=cfg.group_rows)
 
 
 def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
