@@ -138,15 +138,13 @@ class _HeadPreferenceLoss(torch.autograd.Function):
 def grouped_backend(backend: str, device: torch.device) -> Optional[_backends.Backend]:
     """The backend whose forward_backward_by_groups runs this call: `backend` itself, or under
     "auto" the best one on `device` that has one (None where there is none)."""
-    if backend != "auto":
-        impl = _backends.resolve(backend, device)
-        return impl if impl.forward_backward_by_groups is not None else None
-    for name in _backends.available_backends(device):
-        impl = _backends.resolve(name, device)
-        if impl.forward_backward_by_groups is not None and (impl.native_devices is None
-                                                            or device.type in impl.native_devices):
-            return impl
-    return None
+    def has_pass(impl: _backends.Backend) -> bool:
+        return impl.forward_backward_by_groups is not None
+
+    if backend == "auto":
+        return _backends.best_backend(device, has_pass)
+    impl = _backends.resolve(backend, device)
+    return impl if has_pass(impl) else None
 
 
 def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool,

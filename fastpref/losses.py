@@ -278,7 +278,7 @@ class PreferenceLoss(torch.nn.Module):
         if self.gradients_in_forward is False:
             return False
         reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics,
-                                              requested=bool(self.gradients_in_forward))
+                                              requested=self.gradients_in_forward is True)
         if reason is not None and self.gradients_in_forward:
             raise ValueError(f"gradients_in_forward=True cannot run here: {reason}")
         return reason is None

@@ -160,16 +160,25 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     return [b.name for b in sorted(usable, key=lambda b: -b.priority)]
 
 
+def best_backend(device: torch.device, accept: Callable[[Backend], bool] = lambda backend: True) -> Optional[Backend]:
+    """What "auto" picks on `device`: the best backend that can run there and is native to it,
+    among those `accept` takes; None where there is none."""
+    for choice in available_backends(device):
+        backend = _REGISTRY[choice]
+        if (backend.native_devices is None or device.type in backend.native_devices) and accept(backend):
+            return backend
+    return None
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend called `name` (or the best one for "auto"), checked to run on `device`."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        for choice in available_backends(device):
-            native = _REGISTRY[choice].native_devices
-            if native is None or device.type in native:
-                return _REGISTRY[choice]
-        raise RuntimeError(f"no registered backend can run on device {device}")
+        backend = best_backend(device)
+        if backend is None:
+            raise RuntimeError(f"no registered backend can run on device {device}")
+        return backend
     if name not in _REGISTRY:
         raise ValueError(
             f"backend must be 'auto' or one of {registered_backends()}, got {name!r}"

@@ -324,10 +324,10 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
             logits = buffer[:count * (stop - start)].view(count, stop - start)
             return matmul_into(logits, h, weight[start:stop].t())
 
+        slabs = [(start, min(vocab, start + columns)) for start in range(0, vocab, columns)]
+        segments_of_slab = [_Segments(count, start, stop, bias is not None, t) for start, stop in slabs]
         parts = []
-        for start in range(0, vocab, columns):
-            stop = min(vocab, start + columns)
-            segments = _Segments(count, start, stop, bias is not None, t)
+        for (start, stop), segments in zip(slabs, segments_of_slab):
             state = _initial_row_state(("row_max", "sum_excl", "target_logit"), count * segments.count, hidden.device)
             _softmax_update(state, options, hidden, vocab, bias, segments.targets, segments.start, segments.stop,
                             segments.view(slab_logits(start, stop, start == 0)))
@@ -341,12 +341,10 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
         rows_gradient = None
         if need_hidden and columns < vocab:
             rows_gradient = torch.zeros(count, width, dtype=torch.float32, device=hidden.device)
-        for start in range(0, vocab, columns):
-            stop = min(vocab, start + columns)
+        for (start, stop), segments in zip(slabs, segments_of_slab):
             logits = store[:count * (stop - start)].view(count, stop - start) if start == 0 \
                 else slab_logits(start, stop, keep=False)
             dz = dz_scratch[:count * (stop - start)].view(count, stop - start)
-            segments = _Segments(count, start, stop, bias is not None, t)
             _logit_gradient(segments.view(dz), *(segments.repeat(value) for value in (lse, miss, grad)), None, None,
                             need_bias, options, hidden, vocab, bias, segments.targets, segments.start, segments.stop,
                             segments.view(logits))
