@@ -1,4 +1,37 @@
 """fastpref: fused kernels for preference optimization without full-vocabulary logits."""
+
+
+def _register_kernels_package():
+    """Makes ``fastpref.kernels`` the source tree's top-level ``kernels/`` folder where fastpref
+    runs from a source tree (an editable install or a checkout on ``sys.path``).
+
+    That folder has no ``__init__.py``: from the repository root (``python -m``, ``torchrun -m``, a
+    script saved there) a folder without one is only a namespace portion, which never hides an
+    installed distribution of the same name, such as the Hub's ``kernels`` that transformers imports.
+    An installed wheel holds the folder as ``fastpref/kernels/``, which Python finds by itself;
+    setuptools' editable finder does not resolve a namespace subpackage, hence this.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    name = f"{__name__}.kernels"
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    source_kernels = os.path.join(os.path.dirname(package_dir), "kernels")
+    if name in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")):
+        return
+    if not os.path.isdir(source_kernels):
+        raise ImportError(f"fastpref's Triton kernels are missing: neither {package_dir}/kernels "
+                          f"nor {source_kernels} exists (a broken install: reinstall fastpref)")
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [source_kernels]
+    sys.modules[name] = globals()["kernels"] = importlib.util.module_from_spec(spec)
+
+
+_register_kernels_package()
+del _register_kernels_package
+
 from ._buffers import poison_outputs
 from .backends import available_backends, registered_backends
 from .backends.scratch import set_scratch_bytes
