@@ -10,6 +10,7 @@ name, so every name of both folders is checked against every installed distribut
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,18 @@ def test_a_wheel_holds_the_kernels_as_fastpref_kernels(tmp_path):
     package, kernel = _python(f"import sys; sys.path.insert(0, {str(target)!r}); {code}",
                               tmp_path, PYTHONNOUSERSITE="1").splitlines()
     assert package.startswith(str(target)) and kernel.startswith(str(target / "fastpref" / "kernels"))
+
+
+@pytest.mark.slow
+def test_torchrun_from_the_root_trains(tmp_path):
+    """The README's torchrun command, from the repository root (its workers run `python -m` there)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    output = tmp_path / "run"
+    command = [str(torchrun), "--nproc-per-node", "2", "-m", "fastpref.cli", "train", "--parallel", "fsdp",
+               "--max-steps", "2", "--max-length", "64", "--max-prompt-length", "32", "--progress", "false",
+               "--output-dir", str(output)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 2
