@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(stem: str) -> None:
-    rows = [r for r in json.load(open(f"{stem}.json")) if r["status"] == "ok"]
+    rows = [r for r in json.load(open(f"{stem}.json"))["rows"] if r["status"] == "ok"]
     methods = [r["method"] for r in rows]
     # ">= N" (the search stopped at its limit) is drawn as N, hatched
     reached_limit = [str(r["max_pairs"]).startswith(">=") for r in rows]

@@ -3,8 +3,12 @@ reports OOM as a row, interleaves its timing rounds and writes its report, rows 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import re
+import sys
+import time
 
 import pytest
 import torch
@@ -12,9 +16,11 @@ import torch
 import fastpref
 from fastpref import bench, cli
 from fastpref.bench import end_to_end, logprobs, loss_head, outputs, peers
-from fastpref.bench.measure import Candidate, PeakMemory, measure_interleaved
+from fastpref.bench import report as bench_report
+from fastpref.bench.measure import Candidate, PeakMemory, Progress, measure_interleaved
+from fastpref.bench.plots import NoPlot, method_figure
 from fastpref.bench.reference import IGNORE_INDEX, materialized_logprobs
-from fastpref.bench.report import header
+from fastpref.bench.report import CpuReading, MachineLoad, busy_core_seconds, header, others_busy_cores
 
 CPU = torch.device("cpu")
 MEMORY_MEASURED = PeakMemory(CPU).supported
@@ -22,6 +28,20 @@ MEMORY_MEASURED = PeakMemory(CPU).supported
 
 def fake_oom(*args, **kwargs):
     raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+
+def recording_progress():
+    """A Progress that keeps what a benchmark says of itself: (it, the steps described, the work
+    advanced, one entry per advance)."""
+    steps, work = [], []
+    return Progress(steps.append, work.append), steps, work
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that progress bars draw on it."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,11 +54,16 @@ def test_timing_rounds_go_round_the_methods_after_each_is_checked_warmed_and_wei
     def candidate(name, right=True):
         return Candidate(name, step=lambda: calls.append(name) or name, check=lambda output: right)
 
+    progress, steps, work = recording_progress()
     results = measure_interleaved([candidate("a"), candidate("wrong", right=False), candidate("b")],
-                                  CPU, warmup=2, repeat=3)
+                                  CPU, warmup=2, repeat=3, progress=progress, work=18.0)
 
     # a: check + 1 more warm-up + memory; wrong: its check only; b likewise; then 3 rounds of a, b
     assert calls == ["a"] * 3 + ["wrong"] + ["b"] * 3 + ["a", "b"] * 3
+    # 6 runs planned per method, 1 of work each: the wrong one's are done when it is judged
+    assert work == [3.0] * 3 + [1.0] * 9
+    assert steps[:3] == [f"{name}: check, warm-up, memory" for name in ("a", "wrong", "b")]
+    assert steps[3:] == [f"timing round {index}/3: {name}" for index in (1, 2, 3) for name in ("a", "b")]
     assert [r.status for r in results] == ["ok", "WRONG", "ok"]
     assert results[1].time_ms is None and results[1].peak_mib is None
     for result in (results[0], results[2]):
@@ -98,9 +123,68 @@ def test_cpu_peak_memory_sees_an_allocation_and_not_earlier_ones():
     assert meter.stop() < 4
 
 
-def test_shared_machine_is_noted_in_the_report():
-    assert any("shared with other jobs" in line for line in header("t", CPU, "x", (0.5, 3.0), []))
-    assert not any("shared with other jobs" in line for line in header("t", CPU, "x", (0.5, 1.0), []))
+def machine(**changes) -> MachineLoad:
+    fields = dict(cpu="Test CPU", cores=2, usable_cores=2, torch_threads=2, load_start=0.1, others_start=0.0,
+                  load_end=1.9, others_during=0.02, own_during=1.95)
+    fields.update(changes)
+    return MachineLoad(**fields)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(others_start=1.2), "other processes kept 1.20 of the 2 cores the benchmark runs on busy just before"),
+    (dict(others_during=0.6), "other processes kept 0.60 of the 2 cores the benchmark runs on busy on average"),
+    (dict(load_end=3.1), "the 1-minute load average ended at 3.10: 1.15 beyond the benchmark's own 1.95 busy cores"),
+])
+def test_busy_machine_is_warned_of_in_the_report(monkeypatch, changes, reason):
+    quiet = header("t", CPU, "x", machine(), [])
+    assert ("- CPU: Test CPU, 2 cores, 2 torch threads; 1-minute load average 0.10 at the start, 1.90 at the end;"
+            " cores kept busy by other processes: 0.00 just before the measurement, 0.02 during it (by the"
+            " benchmark: 1.95)") in quiet
+    assert not any("WARNING" in line for line in quiet)
+
+    busy = "\n".join(header("t", CPU, "x", machine(**changes), []))
+    assert "- **WARNING**: the machine was busy: " + reason in busy
+    assert "rankings can invert" in busy and "OMP_NUM_THREADS=" in busy
+    # a GPU's times do not hang on the CPU's elementwise passes: recorded, not warned of
+    monkeypatch.setattr(bench_report, "device_name", lambda device: "a GPU")
+    assert "WARNING" not in "\n".join(header("t", torch.device("cuda"), "x", machine(**changes), []))
+
+
+def test_the_cores_other_processes_keep_busy_are_read_from_the_clocks():
+    start = CpuReading(wall_s=10.0, own_s=5.0, busy_s=100.0, load=1.0)
+    assert others_busy_cores(start, CpuReading(12.0, 8.0, 104.0, 1.5)) == pytest.approx(0.5)  # 4 busy, 3 its own
+    assert others_busy_cores(start, CpuReading(12.0, 9.0, 104.0, 1.5)) == 0.0  # tick rounding: never below 0
+    assert others_busy_cores(start, CpuReading(12.0, 8.0, None, None)) is None  # off Linux
+    before = busy_core_seconds()
+    if before is None:
+        pytest.skip("busy core time needs Linux /proc/stat")
+    began = time.process_time()
+    while time.process_time() - began < 0.3:  # this process's own work shows as busy cores
+        pass
+    assert busy_core_seconds() - before >= 0.2
+
+
+def test_the_machine_and_its_load_go_into_the_report_the_rows_and_the_console(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_report, "others_busy_cores", lambda start, end: 1.5)
+    assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", out=str(tmp_path / "lp"),
+                        progress=False) == 0
+
+    console = capsys.readouterr().err
+    # said before the measurement (there is still time to stop it) and after
+    assert console.count("warning: the machine was busy: other processes kept 1.50 of the") == 2
+    assert "Measuring anyway." in console
+    written = json.loads((tmp_path / "lp.json").read_text())
+    assert written["machine"]["others_start"] == written["machine"]["others_during"] == 1.5
+    assert written["machine"]["torch_threads"] == torch.get_num_threads()
+    assert {"cpu", "cores", "usable_cores", "load_start", "load_end", "own_during"} <= set(written["machine"])
+    assert [row["method"] for row in written["rows"]] == ["materialized", "fastpref-torch", "gemm-floor"]
+    markdown = (tmp_path / "lp.md").read_text()
+    assert "- CPU: " in markdown and "1.50 during it" in markdown and "- **WARNING**: the machine was busy" in markdown
+
+    monkeypatch.setattr(bench_report, "others_busy_cores", lambda start, end: 0.0)
+    monkeypatch.setattr(bench_report, "load_average", lambda: 0.0)
+    bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", progress=False)
+    assert "warning" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +200,11 @@ def tiny_logprobs(**overrides) -> logprobs.Config:
 
 def test_logprobs_rows_are_right_and_measured():
     rows = []
-    logprobs.run(tiny_logprobs(), rows)
+    progress, steps, work = recording_progress()
+    logprobs.run(tiny_logprobs(), rows, progress)
+
+    assert sum(work) == pytest.approx(logprobs.planned_work(tiny_logprobs()))
+    assert "frozen head: timing round 2/2: fastpref-torch" in steps
 
     assert [(r.method, r.head) for r in rows] == [
         ("materialized", "trainable"), ("fastpref-torch", "trainable"), ("gemm-floor", "trainable"),
@@ -144,7 +232,9 @@ def test_logprobs_rows_are_right_and_measured():
 def test_outputs_rows_measure_every_variant_against_log_probs_alone():
     cfg = outputs.Config(device=CPU, n=40, hidden=16, vocab=300, dtype=torch.float32, backend="torch", repeat=1)
     rows = []
-    outputs.run(cfg, rows)
+    progress, steps, work = recording_progress()
+    outputs.run(cfg, rows, progress)
+    assert sum(work) == pytest.approx(outputs.planned_work(cfg))
     assert [(r.variant, r.head) for r in rows] == [(v, h) for h in ("trainable", "frozen") for v in outputs.VARIANTS]
     for row in rows:
         assert row.status == "ok", row
@@ -274,16 +364,20 @@ def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
 
     assert cli.main(argv) == 0
 
-    printed = capsys.readouterr().out
-    assert "| materialized | frozen | 48 | 16 | 500 | float32 |" in printed
-    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 |" in printed
+    printed = capsys.readouterr()
+    assert "| materialized | frozen | 48 | 16 | 500 | float32 |" in printed.out
+    assert "| fastpref-torch | frozen | 48 | 16 | 500 | float32 |" in printed.out
     report = (tmp_path / "results" / "lp.md").read_text()
     for expected in ("- device: ", "- torch ", "triton ", "liger-kernel ", "python ",
                      "- command: `fastpref bench logprobs --device cpu --n 48", "- date: ", "UTC"):
         assert expected in report
-    assert printed.strip() == report.strip()
-    rows = json.loads((tmp_path / "results" / "lp.json").read_text())
+    assert printed.out.strip() == report.replace("\n![lp](lp.png)\n", "").strip()
+    rows = json.loads((tmp_path / "results" / "lp.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["materialized", "fastpref-torch", "gemm-floor"]
+    # one size: a bar per method, and the console says what was written
+    assert (tmp_path / "results" / "lp.png").stat().st_size > 10_000
+    assert "![lp](lp.png)" in report
+    assert f"wrote {stem}.md, {stem}.json, {stem}.png" in printed.err
 
 
 def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
@@ -332,7 +426,12 @@ def tiny_loss_head(**overrides) -> loss_head.Config:
 
 def test_loss_head_has_right_answers_for_every_method_and_loss():
     rows = []
-    loss_head.run(tiny_loss_head(heads=("trainable",)), rows)
+    progress, steps, work = recording_progress()
+    loss_head.run(tiny_loss_head(heads=("trainable",)), rows, progress)
+
+    # methods that cannot run here (n/a rows) take none of the planned work, and the bar still ends at 100%
+    assert sum(work) == pytest.approx(loss_head.planned_work(tiny_loss_head(heads=("trainable",))))
+    assert "tiny N=96 simpo trainable: timing round 1/1: fastpref-torch-two-op" in steps
 
     methods = ["materialized", "trl", "liger", "cce", "torch-native", "liger-cute", "quack", "fastpref-torch",
                "fastpref-torch-two-op"]
@@ -421,6 +520,34 @@ def test_cli_loss_head_sweep_writes_plot(tmp_path, capsys):
     assert "sigmoid" not in printed.split("| head shape |")[1]
     assert (tmp_path / "lh.png").stat().st_size > 10_000
     assert "![lh](lh.png)" in (tmp_path / "lh.md").read_text()
+
+
+def test_cli_loss_head_at_one_size_writes_a_bar_plot(tmp_path, capsys):
+    stem = tmp_path / "one"
+    argv = ["bench", "loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "64", "--tokens", "32",
+            "--seq-len", "16", "--peers", "materialized", "--backends", "torch", "--head", "frozen",
+            "--repeat", "1", "--out", str(stem)]
+
+    assert cli.main(argv) == 0
+
+    assert (tmp_path / "one.png").stat().st_size > 10_000
+    assert f"wrote {stem}.md, {stem}.json, {stem}.png" in capsys.readouterr().err
+
+
+def test_no_plot_is_said_with_its_reason(monkeypatch, tmp_path, capsys):
+    failed = [logprobs.Row("materialized", "frozen", 48, 43, 16, 500, "float32", status="OOM")]
+    with pytest.raises(NoPlot, match="no method has a measured value"):
+        method_figure(failed, tmp_path / "x.png", panel_rows=["p"], panel_of=lambda r: "p", x_of=lambda r: r.n,
+                      x_label="N", title="t")
+
+    def cannot_draw(rows, cfg, path):
+        raise NoPlot("a reason")
+
+    monkeypatch.setattr(logprobs, "plot", cannot_draw)
+    bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", out=str(tmp_path / "lp"), progress=False)
+    err = capsys.readouterr().err
+    assert f"no {tmp_path / 'lp.png'}: a reason" in err
+    assert f"wrote {tmp_path / 'lp.md'}, {tmp_path / 'lp.json'}\n" in err
 
 
 @pytest.fixture(scope="module")
@@ -557,8 +684,13 @@ def test_max_pairs_search_finds_the_largest_count_that_fits(monkeypatch, largest
         return count <= largest
 
     monkeypatch.setattr(end_to_end, "fits", fits)
-    assert end_to_end.max_pairs(None, 16, tiny_end_to_end(max_pairs_limit=limit), None, print) == expected
+    cfg = tiny_end_to_end(max_pairs_limit=limit)
+    progress, steps, work = recording_progress()
+    assert end_to_end.max_pairs(None, 16, cfg, None, progress) == expected
     assert len(tried) == len(set(tried)) <= 2 * math.log2(limit) + 2
+    assert steps == [f"trying {count}" for count in tried]
+    # however many steps the search took, it advanced what was planned for it
+    assert sum(work) == end_to_end.search_work(cfg, 16) and min(work) >= 0
 
 
 def test_max_pairs_with_a_memory_budget_on_cpu():
@@ -566,8 +698,11 @@ def test_max_pairs_with_a_memory_budget_on_cpu():
         pytest.skip("resident-memory peak needs Linux /proc/self/clear_refs")
     cfg = tiny_end_to_end(methods=["trl-padded"], pairs=[1], max_pairs_limit=4)
     rows = []
-    end_to_end.run(cfg, rows)
+    progress, steps, work = recording_progress()
+    end_to_end.run(cfg, rows, progress)
     assert rows[0].max_pairs == ">= 4"
+    assert sum(work) == pytest.approx(end_to_end.planned_work(cfg))
+    assert "seq 16, trl-padded: max pairs: trying 4" in steps
     rows = []
     end_to_end.run(tiny_end_to_end(methods=["trl-padded"], pairs=[1], max_pairs_limit=4, memory_budget_mib=0.01), rows)
     assert rows[0].max_pairs == "0"
@@ -601,12 +736,33 @@ def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, b
         return
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["cpu-end-to-end.json", "cpu-end-to-end.md", "cpu-end-to-end.png", "cpu-logprobs.json",
-                     "cpu-logprobs.md", "cpu-loss-head.json", "cpu-loss-head.md", "cpu-loss-head.png",
-                     "cpu-outputs.json", "cpu-outputs.md"]
+                     "cpu-logprobs.md", "cpu-logprobs.png", "cpu-loss-head.json", "cpu-loss-head.md",
+                     "cpu-loss-head.png", "cpu-outputs.json", "cpu-outputs.md", "cpu-outputs.png"]
+
+
+def test_progress_shows_each_step_and_the_time_left_on_a_terminal(monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert bench.run_op(logprobs, tiny_logprobs(), "test") == 0
+
+    drawn = terminal.getvalue()
+    for step in ("logprobs: reference", "logprobs: trainable head: materialized: check, warm-up, memory",
+                 "logprobs: frozen head: timing round 2/2: gemm-floor"):
+        assert step in drawn
+    assert re.search(r"\d+%\|.*\| \[\d\d:\d\d elapsed, \d\d:\d\d left\]", drawn)  # an estimate, not "?"
+    assert "%|" not in capsys.readouterr().out  # the report on stdout stays clean
+
+
+def test_progress_stays_out_of_logs(capsys):
+    """stderr not a terminal (a CI log, a pipe): no bar, only the report and the lines that matter."""
+    assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test") == 0
+    printed = capsys.readouterr()
+    assert "%|" not in printed.err and "%|" not in printed.out
+    assert printed.out.startswith("# " + logprobs.TITLE)
 
 
 def test_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
-    def run_then_interrupt(cfg, rows, on_step):
+    def run_then_interrupt(cfg, rows, progress):
         rows.append(logprobs.Row("materialized", "frozen", n=48, scored=43, hidden=16, vocab=500, dtype="float32",
                                  time_ms=1.0, peak_mib=2.0, logp_err=0.0, grad_err=0.0))
         raise KeyboardInterrupt

@@ -7,6 +7,7 @@ compile error, a spill, too much shared memory or a missing wgmma. It runs in a 
 this process runs Triton under the interpreter.
 """
 import ast
+import io
 import json
 import os
 import subprocess
@@ -16,10 +17,12 @@ import types
 from pathlib import Path
 
 
-from fastpref.audit import AuditRow, violations
+from fastpref.audit import ARCHES, AuditRow, audit, violations
+from fastpref.audit import cuda_compile, launches, triton_compile
 from fastpref.audit.cuda_compile import NVCC_DEVICE_FLAGS, find_nvcc, parse_ptxas_verbose, split_kernel_name
 from fastpref.audit.launches import Launch, uncovered_kernels
-from fastpref.audit.triton_compile import is_warp_specialized, read_ptxas_report, tensor_core_kind, uses_tma
+from fastpref.audit.triton_compile import (CompileJob, CompileResult, is_warp_specialized, read_ptxas_report,
+                                           tensor_core_kind, uses_tma)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +50,9 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fastpref.cli", "kernels", "--no-progress", "--out", str(stem)],
                             env=_compiler_env(), cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    rows = [AuditRow(**row) for row in json.loads(stem.with_suffix(".json").read_text())]
+    written = json.loads(stem.with_suffix(".json").read_text())
+    assert written["machine"]["cores"] >= 1
+    rows = [AuditRow(**row) for row in written["rows"]]
     assert all(not violations(row) for row in rows)
     triton_rows = [row for row in rows if row.language == "triton"]
     kernels = {row.short_kernel for row in triton_rows}
@@ -135,6 +140,47 @@ def test_a_kernel_no_configuration_launches_fails_the_gate(tmp_path):
     """)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "UNCOVERED: ['fastpref.kernels.unlaunched._new_kernel']" in result.stdout
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_every_phase_of_the_gate_shows_its_progress_on_a_terminal(monkeypatch, tmp_path):
+    """Each phase, with the compilers and the launchers replaced by stand-ins: recording the launches,
+    binding them, compiling each Triton binary (named as it finishes), then each csrc/ file per arch."""
+    kernel = types.SimpleNamespace(fn=types.SimpleNamespace(__module__="fastpref.kernels.m", __name__="_k"))
+    monkeypatch.setattr(launches, "discover_kernels", lambda: {"fastpref.kernels.m._k": kernel})
+    monkeypatch.setattr(launches, "record_launches",
+                        lambda arch: [Launch(kernel, (index,), {}, f"scenario {index}") for index in range(3)])
+    monkeypatch.setattr(triton_compile, "compile_job", lambda launch, arch: CompileJob(
+        "fastpref.kernels.m._k", arch.name, arch.capability, (("x", "i32"),), (), (),
+        (("num_warps", 4), ("num_stages", launch.args[0] % 2)), "float32"))
+    monkeypatch.setattr(triton_compile, "run_compile", lambda job: CompileResult(64, 0, 0, "-", 0, 0.1))
+    for source in ("a.cu", "b.cu"):
+        (tmp_path / source).write_text("")
+    monkeypatch.setattr(cuda_compile, "csrc_dir", lambda: tmp_path)
+    monkeypatch.setattr(cuda_compile, "find_nvcc", lambda: "nvcc")
+    monkeypatch.setattr(cuda_compile, "find_cuobjdump", lambda: None)
+    monkeypatch.setattr(cuda_compile, "compile_source", lambda nvcc, source, arch, cuobjdump: [
+        AuditRow("cuda", f"{source.name}:k", "", arch.name, None, 32, 0, 0, "-", 0, 0.1)])
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    result = audit(list(ARCHES), workers=1, progress=True)
+
+    assert len(result.rows) == 2 * 2 + 2 * 2 and not result.uncovered  # 2 distinct binaries and 2 files, per arch
+    drawn = terminal.getvalue()
+    for phase in ("Triton: recording the launchers' launches", "0/2 architectures",
+                  "Triton: binding each launch as a GPU would", "0/6 launches",
+                  "Triton: compiled _k for sm_80", "4/4 binaries", "nvcc: b.cu for sm_80", "3/4 compiles",
+                  " elapsed, "):
+        assert phase in drawn
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    audit(list(ARCHES), workers=1)
+    assert sys.stderr.getvalue() == ""  # without progress=True (fastpref kernels --no-progress), nothing
 
 
 def test_violations_name_each_problem():

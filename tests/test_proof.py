@@ -98,7 +98,8 @@ def test_headline_rows_put_the_cost_model_beside_the_rows_whose_design_it_counts
     liger = dict(row, method="liger-cute")
     liger_frozen = dict(liger, head="frozen")
     absent = dict(row, method="quack", status="n/a (quack-kernels not installed)", time_ms=None, tflops=None)
-    (tmp_path / "logprobs.json").write_text(json.dumps([row, cuda, materialized, liger, liger_frozen, absent]))
+    (tmp_path / "logprobs.json").write_text(json.dumps({"machine": {}, "rows": [row, cuda, materialized, liger,
+                                                                                liger_frozen, absent]}))
     assert proof.device_kind("NVIDIA H100 80GB HBM3 (driver 580.159.04)") == "h100"
     assert proof.device_kind("AMD EPYC (2 torch threads)") is None
     cells = proof.headline_rows(tmp_path, peak_tflops=790.0, kind="h100")

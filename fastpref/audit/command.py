@@ -7,8 +7,6 @@ import subprocess
 import sys
 from typing import List
 
-from tqdm.auto import tqdm
-
 from .arches import ARCHES
 
 FAILED = 1
@@ -24,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="print every binary's row, not only the per-kernel summary and the failures")
     parser.add_argument("--out", metavar="STEM",
-                        help="write STEM.md (summary and every row) and STEM.json (the raw rows)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="write STEM.md (summary and every row) and STEM.json (the machine and the raw rows)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they go to stderr, and only where it is a terminal)")
 
 
 def run(args: argparse.Namespace, command: str, argv: List[str]) -> int:
@@ -38,21 +37,18 @@ def run(args: argparse.Namespace, command: str, argv: List[str]) -> int:
         environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "fastpref.cli", "kernels", *argv], env=environment).returncode
 
-    from ..bench.report import utc_now, write_outputs
+    from ..bench.report import MachineWatch, utc_now, write_outputs
     from .report import audit, format_summary, format_table
 
-    with tqdm(desc="compiling", unit="kernel", disable=True if args.no_progress else None, leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        result = audit(args.arch, triton=not args.no_triton, cuda=not args.no_cuda, workers=args.jobs,
-                       on_progress=progress)
+    watch = MachineWatch()
+    result = audit(args.arch, triton=not args.no_triton, cuda=not args.no_cuda, workers=args.jobs,
+                   progress=not args.no_progress)
+    machine = watch.finish()
 
     failures = result.failures
     lines = ["# Kernels compiled offline for " + ", ".join(f"{name} ({ARCHES[name].gpu})" for name in args.arch),
              "", f"- {_tool_versions()}", f"- command: `{command}`", f"- date: {utc_now()}",
+             f"- {machine.describe()} (compile times depend on it)",
              f"- {len(result.rows)} binaries, {len(failures)} failing"
              + (f"; kernels no configuration launches: {', '.join(result.uncovered)}" if result.uncovered else ""),
              *(f"- not audited: {reason}" for reason in result.missing_tools),
@@ -64,7 +60,7 @@ def run(args: argparse.Namespace, command: str, argv: List[str]) -> int:
     full = ["## Every binary", "", format_table(result.rows), ""]
     report = "\n".join(lines + (full if args.full else []))
     print(report)
-    written = write_outputs(args.out, "\n".join(lines + full), result.rows)
+    written = write_outputs(args.out, "\n".join(lines + full), result.rows, machine)
     if written:
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     for row, problems in failures:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..progress import progress_bar
 from .arches import Arch
 from .report import AuditRow
 
@@ -155,11 +156,18 @@ def compile_source(nvcc: str, source: Path, arch: Arch, cuobjdump: Optional[str]
     return rows
 
 
-def audit_csrc(arches: List[Arch]) -> List[AuditRow]:
-    """Every kernel of every csrc/*.cu on every arch; empty when there is no csrc/ or no nvcc."""
+def audit_csrc(arches: List[Arch], progress: bool = False) -> List[AuditRow]:
+    """Every kernel of every csrc/*.cu on every arch; empty when there is no csrc/ or no nvcc.
+    With `progress`, a bar over the compiles on a terminal's stderr."""
     folder, nvcc = csrc_dir(), find_nvcc()
     if folder is None or nvcc is None:
         return []
     cuobjdump = find_cuobjdump()
-    return [row for source in sorted(folder.glob("*.cu")) for arch in arches
-            for row in compile_source(nvcc, source, arch, cuobjdump)]
+    compiles = [(source, arch) for source in sorted(folder.glob("*.cu")) for arch in arches]
+    rows = []
+    with progress_bar("nvcc", len(compiles), enabled=progress, counting="compiles") as bar:
+        for source, arch in compiles:
+            bar.set_description_str(f"nvcc: {source.name} for {arch.name}", refresh=True)
+            rows += compile_source(nvcc, source, arch, cuobjdump)
+            bar.update()
+    return rows

@@ -6,9 +6,10 @@ import multiprocessing
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..bench.report import markdown_table, number
+from ..progress import progress_bar
 from .arches import ARCHES, Arch
 
 HALF_DTYPES = ("bfloat16", "float16")
@@ -74,36 +75,44 @@ class AuditResult:
         return not self.failures and not self.uncovered
 
 
-def _triton_rows(arches: Sequence[Arch], workers: int,
-                 on_progress: Callable[[int, int], None]) -> Tuple[List[AuditRow], List[str]]:
+def _triton_rows(arches: Sequence[Arch], workers: int, progress: bool) -> Tuple[List[AuditRow], List[str]]:
     from .launches import discover_kernels, record_launches, uncovered_kernels
     from .triton_compile import distinct_jobs, run_compile, worker_setup
 
-    discovered = discover_kernels()
-    jobs: Dict = {}
-    every_launch = []
+    with progress_bar("Triton: recording the launchers' launches", len(ARCHES), enabled=progress,
+                      counting="architectures") as bar:
+        discovered = discover_kernels()
+        recorded = {}
+        for arch in ARCHES.values():
+            recorded[arch] = record_launches(arch)
+            bar.update()
     # coverage counts every architecture's launches, compiled or not: a kernel that one never
     # launches (the TMA-fed ones on sm_80) is covered by another
-    for arch in ARCHES.values():
-        launches = record_launches(arch)
-        every_launch += launches
-        if arch in arches:
-            jobs.update(distinct_jobs(launches, arch))
-    uncovered = uncovered_kernels(discovered, every_launch)
+    uncovered = uncovered_kernels(discovered, [launch for launches in recorded.values() for launch in launches])
+    jobs: Dict = {}
+    with progress_bar("Triton: binding each launch as a GPU would", sum(len(recorded[arch]) for arch in arches),
+                      enabled=progress, counting="launches") as bar:
+        for arch in arches:
+            jobs.update(distinct_jobs(recorded[arch], arch, on_bound=bar.update))
     ordered = list(jobs)
     results = [None] * len(ordered)
-    if workers <= 1:
-        for index, job in enumerate(ordered):
-            results[index] = run_compile(job)
-            on_progress(index + 1, len(ordered))
-    else:
-        # Spawned workers: a fork of a process that has loaded torch and Triton is not safe.
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup) as pool:
-            futures = {pool.submit(run_compile, job): index for index, job in enumerate(ordered)}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                on_progress(done, len(ordered))
+    with progress_bar("Triton: compiling", len(ordered), enabled=progress, counting="binaries") as bar:
+        def compiled(index: int, result) -> None:
+            results[index] = result
+            bar.update()
+            bar.set_description_str(f"Triton: compiled {ordered[index].kernel.rsplit('.', 1)[-1]} for "
+                                    f"{ordered[index].arch}", refresh=True)
+
+        if workers <= 1:
+            for index, job in enumerate(ordered):
+                compiled(index, run_compile(job))
+        else:
+            # Spawned workers: a fork of a process that has loaded torch and Triton is not safe.
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup) as pool:
+                futures = {pool.submit(run_compile, job): index for index, job in enumerate(ordered)}
+                for future in concurrent.futures.as_completed(futures):
+                    compiled(futures[future], future.result())
     rows = [AuditRow("triton", job.kernel, job.config, job.arch, job.dtype, result.registers, result.spill_bytes,
                      result.shared_bytes, result.tensor_cores, result.atomics, result.compile_s, result.error,
                      jobs[job], tma=result.tma, warp_specialized=result.warp_specialized)
@@ -112,9 +121,9 @@ def _triton_rows(arches: Sequence[Arch], workers: int,
 
 
 def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cuda: bool = True,
-          workers: Optional[int] = None,
-          on_progress: Callable[[int, int], None] = lambda done, total: None) -> AuditResult:
-    """Compile every kernel for every arch in `arch_names` and measure each binary."""
+          workers: Optional[int] = None, progress: bool = False) -> AuditResult:
+    """Compile every kernel for every arch in `arch_names` and measure each binary; with
+    `progress`, a bar per phase on a terminal's stderr."""
     from .cuda_compile import audit_csrc, csrc_dir, find_nvcc
 
     # Fused multiply-add on, as Triton compiles on a GPU by default (and without its warning);
@@ -125,7 +134,7 @@ def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cud
     uncovered: List[str] = []
     missing = []
     if triton:
-        triton_rows, uncovered = _triton_rows(arches, workers or os.cpu_count() or 1, on_progress)
+        triton_rows, uncovered = _triton_rows(arches, workers or os.cpu_count() or 1, progress)
         rows += triton_rows
     if cuda:
         if csrc_dir() is None:
@@ -133,7 +142,7 @@ def audit(arch_names: Sequence[str] = tuple(ARCHES), *, triton: bool = True, cud
         elif find_nvcc() is None:
             missing.append("nvcc (not on PATH or in $CUDA_HOME/bin): CUDA kernels not audited")
         else:
-            rows += audit_csrc(arches)
+            rows += audit_csrc(arches, progress)
     return AuditResult(rows, uncovered, missing)
 
 

@@ -18,7 +18,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .arches import Arch
 from .launches import Launch, first_tensor_dtype, kernel_key
@@ -187,9 +187,12 @@ def worker_setup() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
 
-def distinct_jobs(launches: List[Launch], arch: Arch) -> Dict[CompileJob, List[str]]:
-    """The distinct compile jobs of `launches` on `arch`, each with the scenarios that launch it."""
+def distinct_jobs(launches: List[Launch], arch: Arch,
+                  on_bound: Callable[[], object] = lambda: None) -> Dict[CompileJob, List[str]]:
+    """The distinct compile jobs of `launches` on `arch`, each with the scenarios that launch it;
+    `on_bound` is called after each launch."""
     jobs: Dict[CompileJob, List[str]] = {}
     for launch in launches:
         jobs.setdefault(compile_job(launch, arch), []).append(launch.scenario)
+        on_bound()
     return jobs

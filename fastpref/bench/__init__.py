@@ -26,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from . import end_to_end, logprobs, loss_head, outputs
-from .report import load_average, write_outputs
+from .measure import Progress
+from .plots import NoPlot
+from .report import MachineWatch, write_outputs
 
 OPS = {module.NAME: module for module in (logprobs, outputs, loss_head, end_to_end)}
 ALL = "all"
@@ -53,7 +54,8 @@ def _add_all_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--out-dir", metavar="DIR",
-                        help="write DIR/<device>-<op>.md, .json and .png for every op")
+                        help="write DIR/<device>-<op>.md (the report), .json (the machine and the raw rows) and"
+                             " .png (time and peak memory per method) for every op")
     parser.add_argument("--no-plot", action="store_true", help="with --out-dir, skip the plots")
 
 
@@ -79,22 +81,36 @@ def main(args: argparse.Namespace, parsers: Dict[str, argparse.ArgumentParser], 
 
 
 def run_op(op, cfg, command: str, out: Optional[str] = None, draw: bool = True, progress: bool = True) -> int:
-    """Run one op, print its report and write its files; see main for the exit status."""
+    """Run one op, print its report and write its files; see main for the exit status. On a CPU
+    a busy machine is warned of on stderr, before and after the measurement."""
     rows: List = []
-    load_before = load_average()
+    watch = MachineWatch()
+    if cfg.device.type == "cpu" and watch.at_start.warning():
+        print(f"warning: {watch.at_start.warning()} Measuring anyway.", file=sys.stderr)
     interrupted = False
-    with tqdm(desc=op.NAME, total=None, disable=None if progress else True, leave=False,
-              bar_format="{desc} [{elapsed}]") as bar:
+    with progress_bar(op.NAME, op.planned_work(cfg), enabled=progress) as bar:
         try:
-            op.run(cfg, rows, on_step=lambda step: bar.set_description_str(f"{op.NAME}: {step}", refresh=True))
+            op.run(cfg, rows, Progress(lambda step: bar.set_description_str(f"{op.NAME}: {step}", refresh=True),
+                                       bar.update))
         except KeyboardInterrupt:
             interrupted = True
-    report = op.format_report(rows, cfg, command, load=(load_before, load_average()))
+    machine = watch.finish()
+    report = op.format_report(rows, cfg, command, machine)
     if interrupted:
         report += "\n**Interrupted**: the run was stopped; these are the rows measured before that.\n"
     print(report)
-    plot = getattr(op, "plot", None) if draw else None
-    written = write_outputs(out, report, rows, None if plot is None else lambda path: plot(rows, cfg, path))
+    if cfg.device.type == "cpu" and machine.warning():
+        print(f"warning: {machine.warning()}", file=sys.stderr)
+
+    def draw_plot(path: Path) -> bool:
+        try:
+            op.plot(rows, cfg, path)
+        except NoPlot as reason:
+            print(f"no {path}: {reason}", file=sys.stderr)
+            return False
+        return True
+
+    written = write_outputs(out, report, rows, machine, draw_plot if draw else None)
     if written:
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     failed = op.failures(rows)

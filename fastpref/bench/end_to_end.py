@@ -53,10 +53,10 @@ from ..train.reference import default_cache_dir
 from ..train.packing import pack_pairs
 from . import options
 from .loss_head import BETA, liger_loss, trl_pair_loss
-from .measure import (Candidate, PeakMemory, build_candidates, error_status, is_failure, is_out_of_memory,
-                      measure_rows, memory_method, release_memory, timing_note)
+from .measure import (Candidate, PeakMemory, Progress, build_candidates, error_status, is_failure, is_out_of_memory,
+                      measure_rows, memory_method, release_memory, runs_per_method, timing_note)
 from .reference import DTYPES, IGNORE_INDEX, dtype_name, logprobs_from_logits
-from .report import header, markdown_table, number
+from .report import MachineLoad, header, markdown_table, number
 
 NAME = "end-to-end"
 TITLE = "One DPO training step: end-to-end benchmark"
@@ -358,10 +358,32 @@ def unavailable_reason(method: str) -> Optional[str]:
 # Running
 
 
-def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+def group_work(cfg: Config, seq_len: int, count: int) -> float:
+    """The measurements of one sequence length and pairs per step, in the units of planned_work
+    (a step's tokens): every method's runs of a step of `count` pairs."""
+    return len(cfg.methods) * runs_per_method(cfg.warmup, cfg.repeat) * count * seq_len
+
+
+def search_work(cfg: Config, seq_len: int) -> float:
+    """One method's max-pairs search, in the units of planned_work: its steps doubling from one
+    pair to the limit (where it stops, and how much it bisects, it learns on the way)."""
+    counts = [1 << power for power in range(cfg.max_pairs_limit.bit_length())]
+    if counts[-1] != cfg.max_pairs_limit:
+        counts.append(cfg.max_pairs_limit)
+    return sum(counts) * seq_len
+
+
+def planned_work(cfg: Config) -> float:
+    """What run will advance its Progress by in all."""
+    return sum(sum(group_work(cfg, seq_len, count) for count in cfg.pairs)
+               + (len(cfg.methods) * search_work(cfg, seq_len) if cfg.find_max_pairs else 0.0)
+               for seq_len in cfg.seq_lens)
+
+
+def run(cfg: Config, rows: List[Row], progress: Progress = Progress()) -> None:
     """Append rows per sequence length and pairs per step; then, per sequence length, the largest
     pairs per step each method fits."""
-    on_step(f"building {cfg.model}")
+    progress.describe(f"building {cfg.model}")
     model = build_model(cfg.model, cfg.dtype, cfg.device, cfg.seed)
     vocab = model.config.vocab_size
     usable = [method for method in cfg.methods if unavailable_reason(method) is None]
@@ -387,18 +409,20 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
                     return _candidate(row, group, by_method[row.method], pairs, cfg, reset)
 
                 measured, candidates = build_candidates(group, build)
-                where = f"seq {seq_len}, {count} pairs"
                 measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
-                             lambda step: on_step(f"{where}: {step}"))
+                             progress.within(f"seq {seq_len}, {count} pairs"), group_work(cfg, seq_len, count))
                 for row in measured:
                     if row.status == "ok":
                         row.tokens_per_s = row.tokens / (row.time_ms * 1e-3)
                 seq_rows.extend(group)
             if cfg.find_max_pairs:
-                for method, contestant in by_method.items():
+                for method in cfg.methods:
+                    if method not in by_method:
+                        progress.advance(search_work(cfg, seq_len))
+                        continue
                     try:
-                        found = max_pairs(contestant, seq_len, cfg, reset,
-                                          lambda step: on_step(f"seq {seq_len}, {method}: max pairs, {step}"))
+                        found = max_pairs(by_method[method], seq_len, cfg, reset,
+                                          progress.within(f"seq {seq_len}, {method}: max pairs"))
                     except Exception as exc:  # noqa: BLE001 - the search fails for this method alone
                         found = error_status(exc)
                     for row in seq_rows:
@@ -448,29 +472,43 @@ def fits(contestant: Contestant, count: int, seq_len: int, cfg: Config, reset) -
     return ok
 
 
-def max_pairs(contestant: Contestant, seq_len: int, cfg: Config, reset, on_step: Callable[[str], None]) -> str:
+def max_pairs(contestant: Contestant, seq_len: int, cfg: Config, reset, progress: Progress = Progress()) -> str:
     """The largest pairs per step that fits: doubling from 1 until a step does not fit, then
-    bisecting; ">= limit" when cfg.max_pairs_limit fits and "0" when one pair does not."""
-    low, high = 0, 1  # low fits (0 trivially); high is the next count to try
-    while high <= cfg.max_pairs_limit:
-        on_step(f"trying {high}")
-        if not fits(contestant, high, seq_len, cfg, reset):
-            break
-        low, high = high, 2 * high
-    else:
-        if low < cfg.max_pairs_limit and fits(contestant, cfg.max_pairs_limit, seq_len, cfg, reset):
-            low = cfg.max_pairs_limit
-        if low == cfg.max_pairs_limit:
-            return f">= {low}"
-        high = cfg.max_pairs_limit
-    while high - low > 1:
-        middle = (low + high) // 2
-        on_step(f"trying {middle}")
-        if fits(contestant, middle, seq_len, cfg, reset):
-            low = middle
+    bisecting; ">= limit" when cfg.max_pairs_limit fits and "0" when one pair does not. It
+    advances `progress` by search_work, however many steps it takes."""
+    left = search_work(cfg, seq_len)
+
+    def tried(count: int) -> bool:
+        nonlocal left
+        progress.describe(f"trying {count}")
+        try:
+            return fits(contestant, count, seq_len, cfg, reset)
+        finally:
+            done = min(left, count * seq_len)
+            left -= done
+            progress.advance(done)
+
+    try:
+        low, high = 0, 1  # low fits (0 trivially); high is the next count to try
+        while high <= cfg.max_pairs_limit:
+            if not tried(high):
+                break
+            low, high = high, 2 * high
         else:
-            high = middle
-    return str(low)
+            if low < cfg.max_pairs_limit and tried(cfg.max_pairs_limit):
+                low = cfg.max_pairs_limit
+            if low == cfg.max_pairs_limit:
+                return f">= {low}"
+            high = cfg.max_pairs_limit
+        while high - low > 1:
+            middle = (low + high) // 2
+            if tried(middle):
+                low = middle
+            else:
+                high = middle
+        return str(low)
+    finally:
+        progress.advance(left)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +565,7 @@ def _model_notes(cfg: Config) -> List[str]:
     return [what, fixed]
 
 
-def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+def format_report(rows: Sequence[Row], cfg: Config, command: str, machine: Optional[MachineLoad] = None) -> str:
     if cfg.memory_budget_mib is not None:
         fit = f"peak memory at most {cfg.memory_budget_mib:g} MiB"
     else:
@@ -547,22 +585,21 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         "loss rel diff, grad norm rel diff: against trl-padded's loss and the norm of all its parameter"
         f" gradients on the same pairs; a method beyond {TOLERANCE[cfg.dtype]:g} is WRONG and not timed",
     ]
-    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+    return "\n".join([*header(TITLE, cfg.device, command, machine, notes), format_table(rows), ""])
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
     return [f"{r.method} (seq {r.seq_len}, {r.pairs} pairs): {r.status}" for r in rows if is_failure(r.status)]
 
 
-def plot(rows: Sequence[Row], cfg: Config, path) -> bool:
-    """Tokens/s and peak memory against pairs per step, a row of panels per sequence length."""
-    from .plots import sweep_figure
+def plot(rows: Sequence[Row], cfg: Config, path) -> None:
+    """Tokens/s and peak memory of each method, a row of panels per sequence length: against
+    pairs per step when several were measured, else a bar per method."""
+    from .plots import method_figure
 
     chosen = [r for r in rows if not r.status.startswith("n/a")]
-    if len({r.pairs for r in chosen}) < 2:
-        return False
-    return sweep_figure(chosen, path, panel_rows=[f"seq {s}" for s in cfg.seq_lens],
-                        panel_of=lambda r: f"seq {r.seq_len}", x_of=lambda r: r.pairs, x_label="pairs per step",
-                        metrics=(("tokens_per_s", "tokens/s"), ("peak_mib", "peak memory (MiB)")),
-                        column_of=lambda r: cfg.model,
-                        title=f"one DPO step, {cfg.model}, {dtype_name(cfg.dtype)}, {cfg.device.type}")
+    method_figure(chosen, path, panel_rows=[f"seq {s}" for s in cfg.seq_lens],
+                  panel_of=lambda r: f"seq {r.seq_len}", x_of=lambda r: r.pairs, x_label="pairs per step",
+                  metrics=(("tokens_per_s", "tokens/s"), ("peak_mib", "peak memory (MiB)")),
+                  column_of=lambda r: cfg.model,
+                  title=f"one DPO step, {cfg.model}, {dtype_name(cfg.dtype)}, {cfg.device.type}")

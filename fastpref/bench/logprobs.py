@@ -18,10 +18,11 @@ import torch
 import fastpref
 
 from . import options, peers
-from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
+from .measure import (Candidate, Progress, build_candidates, is_failure, measure_rows, memory_method,
+                      runs_per_method, timing_note)
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, head_flop_floor,
                         materialized_logprobs, relative_error, tflops, token_inputs, token_reference)
-from .report import header, markdown_table, number
+from .report import MachineLoad, header, markdown_table, number
 
 NAME = "logprobs"
 TITLE = "fastpref.linear_logprobs: forward+backward benchmark"
@@ -131,11 +132,23 @@ def gemm_floor_step(hidden: torch.Tensor, weight: torch.Tensor, head: str) -> No
                 hidden @ chunk.t()
 
 
-def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+def head_work(cfg: Config, head: str) -> float:
+    """One head mode's measurements, in the units of planned_work: every method's runs at the
+    head's FLOP floor (a trainable head does twice a frozen one's work)."""
+    return len(methods(cfg)) * runs_per_method(cfg.warmup, cfg.repeat) * head_flop_floor(cfg.n, cfg.hidden,
+                                                                                          cfg.vocab, head)
+
+
+def planned_work(cfg: Config) -> float:
+    """What run will advance its Progress by in all."""
+    return sum(head_work(cfg, head) for head in cfg.heads)
+
+
+def run(cfg: Config, rows: List[Row], progress: Progress = Progress()) -> None:
     """Append a row per method and head mode to `rows` as each head's measurements finish."""
     hidden, weight, targets, grad_out = token_inputs(cfg.n, cfg.hidden, cfg.vocab, cfg.dtype, cfg.device, cfg.seed,
                                                      IGNORED_FRACTION)
-    on_step("reference")
+    progress.describe("reference")
     ref = token_reference(hidden, weight, targets, grad_out)
 
     def reset() -> None:
@@ -153,7 +166,7 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
             if isinstance(fn, str):
                 return fn
             if not uniform_ref:
-                on_step("reference for an upstream gradient of 1")
+                progress.describe("reference for an upstream gradient of 1")
                 uniform_ref.append(token_reference(hidden, weight, targets, torch.ones_like(grad_out)))
             return _summed_candidate(row, fn, hidden, weight, targets, uniform_ref[0], cfg.dtype, reset)
         fn = method_function(row.method, cfg.device, cfg.dtype, scored)
@@ -167,8 +180,8 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         head_rows = [Row(method, head, cfg.n, scored, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for method in methods(cfg)]
         measured, candidates = build_candidates(head_rows, build)
-        measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
-                     lambda step: on_step(f"{head} head: {step}"))
+        measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, progress.within(f"{head} head"),
+                     head_work(cfg, head))
         for row in measured:
             if row.status == "ok":
                 row.tflops = tflops(head_flop_floor(row.scored, row.hidden, row.vocab, row.head), row.time_ms)
@@ -251,7 +264,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(columns, cells)
 
 
-def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+def format_report(rows: Sequence[Row], cfg: Config, command: str, machine: Optional[MachineLoad] = None) -> str:
     notes = [
         f"inputs: hidden ~ N(0, 1), weight ~ N(0, {LOGIT_STD}^2 / H), {IGNORED_FRACTION:.0%} of targets ="
         f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1)",
@@ -276,9 +289,18 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         "max abs dlogp, grad rel err: against a float32 row-chunked reference of the baseline's math"
         " (grad: max |error| / max |reference|, over d_hidden and, for a trainable head, d_weight)",
     ]
-    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+    return "\n".join([*header(TITLE, cfg.device, command, machine, notes), format_table(rows), ""])
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
     return [f"{r.method} ({r.head} head): {r.status}" for r in rows if is_failure(r.status)]
+
+
+def plot(rows: Sequence[Row], cfg: Config, path) -> None:
+    """Time and peak memory of each method (and the GEMM floor's time), a bar each, per head mode."""
+    from .plots import method_figure
+
+    method_figure([r for r in rows if not r.status.startswith("n/a")], path, panel_rows=["logprobs"],
+                  panel_of=lambda r: "logprobs", x_of=lambda r: r.n, x_label="N (tokens)",
+                  title=f"linear_logprobs, H={cfg.hidden}, V={cfg.vocab}, {dtype_name(cfg.dtype)}, {cfg.device.type}")
 

@@ -51,10 +51,11 @@ import torch.nn.functional as F
 import fastpref
 
 from . import options, peers
-from .measure import MIB, Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
+from .measure import (MIB, Candidate, Progress, build_candidates, is_failure, measure_rows, memory_method,
+                      runs_per_method, timing_note)
 from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, float32_logprobs, head_flop_floor,
                         materialized_logprobs, random_head, relative_error, tflops, token_reference)
-from .report import header, markdown_table, number
+from .report import MachineLoad, header, markdown_table, number
 
 NAME = "loss-head"
 TITLE = "Preference loss from hidden states: forward+backward benchmark"
@@ -393,29 +394,44 @@ def methods(cfg: Config) -> List[str]:
 # Running
 
 
-def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+def group_work(cfg: Config, model: str, tokens: int, head: str) -> float:
+    """One group's measurements (a head shape, N, loss and head mode), in the units of
+    planned_work: every method's runs at the head's FLOP floor. A model's real head is the only
+    one measured in its run, so its shape, unknown until it is loaded, drops out."""
+    hidden, vocab = (1, 1) if cfg.hidden_from is not None else cfg.head_shape(model)
+    return len(methods(cfg)) * runs_per_method(cfg.warmup, cfg.repeat) * head_flop_floor(tokens, hidden, vocab, head)
+
+
+def planned_work(cfg: Config) -> float:
+    """What run will advance its Progress by in all."""
+    return len(cfg.losses) * sum(group_work(cfg, model, tokens, head) for model in cfg.models
+                                 for tokens in cfg.tokens for head in cfg.heads)
+
+
+def run(cfg: Config, rows: List[Row], progress: Progress = Progress()) -> None:
     """Append rows to `rows` for every head shape, N, loss and head mode, as each group finishes."""
     for model in cfg.models:
         for tokens in cfg.tokens:
             pairs = tokens // (2 * cfg.seq_len)
             if cfg.hidden_from is not None:
-                on_step(f"{model} N={tokens}: hidden states from the model")
+                progress.describe(f"{model} N={tokens}: hidden states from the model")
                 inputs = real_inputs(model, pairs, cfg.seq_len, cfg.dtype, cfg.device)
             else:
                 inputs = make_inputs(pairs, cfg.seq_len, *cfg.head_shape(model), cfg.dtype, cfg.device, cfg.seed)
             for loss_type in cfg.losses:
                 where = f"{model} N={tokens} {loss_type}"
-                on_step(f"{where}: reference")
+                progress.describe(f"{where}: reference")
                 ref = loss_reference(inputs, loss_type)
                 for head in cfg.heads:
                     rows.extend(_measure_group(model, loss_type, head, inputs, ref, cfg,
-                                               lambda step: on_step(f"{where} {head}: {step}")))
+                                               progress.within(f"{where} {head}"),
+                                               group_work(cfg, model, tokens, head)))
                 del ref
             del inputs
 
 
 def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: LossReference, cfg: Config,
-                   on_step: Callable[[str], None]) -> List[Row]:
+                   progress: Progress, work: float) -> List[Row]:
     inputs.weight.requires_grad_(head == "trainable")
     group = [Row(model, method, loss_type, head, inputs.targets.numel(), inputs.scored, inputs.hidden.shape[-1],
                  inputs.weight.shape[0], dtype_name(cfg.dtype)) for method in methods(cfg)]
@@ -425,7 +441,7 @@ def _measure_group(model: str, loss_type: str, head: str, inputs: Inputs, ref: L
         return fn if isinstance(fn, str) else _candidate(row, fn, inputs, ref, cfg.dtype)
 
     measured, candidates = build_candidates(group, build)
-    measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, on_step)
+    measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, progress, work)
     for row in measured:
         if row.status == "ok":
             _derive(row, inputs)
@@ -484,7 +500,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(columns, cells)
 
 
-def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+def format_report(rows: Sequence[Row], cfg: Config, command: str, machine: Optional[MachineLoad] = None) -> str:
     if cfg.hidden_from is None:
         inputs = (f"inputs: TRL's padded batch of N = 2 B T tokens, T = {cfg.seq_len}: per row a prompt of 1 to"
                   f" T/4 tokens (target {IGNORE_INDEX}) and a response to the end of the row; hidden ~ N(0, 1),"
@@ -522,7 +538,7 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         "loss rel err, grad rel err: against the materialized math in float32, row-chunked (grad: max"
         " |error| / max |reference| over d_hidden and, for a trainable head, d_weight); OOM = ran out of memory; ERROR = the method raised (type and message shown)",
     ]
-    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+    return "\n".join([*header(TITLE, cfg.device, command, machine, notes), format_table(rows), ""])
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
@@ -530,15 +546,14 @@ def failures(rows: Sequence[Row]) -> List[str]:
             if is_failure(r.status)]
 
 
-def plot(rows: Sequence[Row], cfg: Config, path) -> bool:
-    """Time and peak memory against N, a line per method: a row of panels per head shape, for
-    the first loss measured; out-of-memory points are left out and named in the legend."""
-    from .plots import sweep_figure
+def plot(rows: Sequence[Row], cfg: Config, path) -> None:
+    """Time and peak memory of each method, a row of panels per head shape, for the first loss
+    measured: against N when several were measured (out-of-memory points left out and named in
+    the legend), else a bar per method."""
+    from .plots import method_figure
 
     loss_type = cfg.losses[0]
     chosen = [r for r in rows if r.loss == loss_type and not r.status.startswith("n/a")]
-    if len({r.n for r in chosen}) < 2:
-        return False
-    return sweep_figure(chosen, path, panel_rows=list(dict.fromkeys(r.model for r in chosen)),
-                        panel_of=lambda r: r.model, x_of=lambda r: r.n, x_label="N (tokens)",
-                        title=f"{loss_type} loss from hidden states, {dtype_name(cfg.dtype)}, {cfg.device.type}")
+    method_figure(chosen, path, panel_rows=list(dict.fromkeys(r.model for r in chosen)),
+                  panel_of=lambda r: r.model, x_of=lambda r: r.n, x_label="N (tokens)",
+                  title=f"{loss_type} loss from hidden states, {dtype_name(cfg.dtype)}, {cfg.device.type}")

@@ -6,6 +6,9 @@ run once more for its peak memory; the timed runs then go round the methods in t
 clock boosts, thermal drift or a neighbour's load fall on all of them alike, and the median of
 each method's runs is reported.
 
+While it goes, a benchmark says where it is through a Progress: the step under way, and the
+share of its planned work done, for a progress bar with an estimate of the time left.
+
 Memory on CUDA comes from the caching allocator's statistics (max_memory_allocated after a peak
 reset, over memory_allocated at the start); on Linux CPUs from the process's resident-set
 high-water mark (VmHWM), which the harness resets before each run. Elsewhere it is "n/a".
@@ -160,6 +163,21 @@ def time_ms(step: Callable[[], Any], device: torch.device) -> float:
 
 
 @dataclass
+class Progress:
+    """Where a benchmark is. `describe(text)` names the step under way; `advance(work)` adds work
+    done, in the units of the op's planned_work: each group of measurements is worth its size
+    (its FLOPs or tokens, times its runs), so that a rate measured on small groups predicts the
+    large ones."""
+
+    describe: Callable[[str], None] = lambda text: None
+    advance: Callable[[float], None] = lambda work: None
+
+    def within(self, prefix: str) -> "Progress":
+        """The same progress, its descriptions under `prefix` (a group of measurements in the op)."""
+        return Progress(lambda text: self.describe(f"{prefix}: {text}"), self.advance)
+
+
+@dataclass
 class Candidate:
     """One method's step on shared inputs. `check` judges the step's first output (and records its
     errors wherever the caller keeps them); `reset` runs after every step (clear gradients)."""
@@ -260,31 +278,42 @@ def build_candidates(rows: Sequence, build: Callable[[Any], Any]) -> Tuple[List,
     return measured, candidates
 
 
+def runs_per_method(warmup: int, repeat: int) -> int:
+    """How often measure_interleaved runs each method: the checked run and the rest of the
+    warm-up, the memory run, the timed runs."""
+    return warmup + 1 + repeat
+
+
 def measure_rows(rows: Sequence, candidates: Sequence[Candidate], device: torch.device, warmup: int, repeat: int,
-                 on_step: Callable[[str], None] = lambda description: None) -> None:
+                 progress: Progress = Progress(), work: float = 1.0) -> None:
     """measure_interleaved, its results written onto each candidate's row (status, time_ms, peak_mib)."""
-    for row, result in zip(rows, measure_interleaved(candidates, device, warmup, repeat, on_step)):
+    for row, result in zip(rows, measure_interleaved(candidates, device, warmup, repeat, progress, work)):
         row.status, row.time_ms, row.peak_mib = result.status, result.time_ms, result.peak_mib
 
 
 def measure_interleaved(candidates: Sequence[Candidate], device: torch.device, warmup: int, repeat: int,
-                        on_step: Callable[[str], None] = lambda description: None) -> List[Measurement]:
+                        progress: Progress = Progress(), work: float = 1.0) -> List[Measurement]:
     """Measure every candidate on the same inputs: check, warm-up and memory one after the other,
-    then `repeat` timed rounds over all of them; the median time of each."""
+    then `repeat` timed rounds over all of them; the median time of each. `work` is advanced on
+    `progress` run by run, the runs a failed candidate no longer needs at once."""
     meter = PeakMemory(device)
     results = [Measurement() for _ in candidates]
+    if not candidates:
+        progress.advance(work)
+    run_work = work / max(1, len(candidates) * runs_per_method(warmup, repeat))
     for candidate, result in zip(candidates, results):
-        on_step(f"{candidate.name}: check, warm-up, memory")
+        progress.describe(f"{candidate.name}: check, warm-up, memory")
         _prepare(candidate, warmup, meter, result)
+        progress.advance(run_work * (warmup + 1))
     for round_index in range(repeat):
-        on_step(f"timing round {round_index + 1}/{repeat}")
         for candidate, result in zip(candidates, results):
-            if result.status != "ok":
-                continue
-            failed = _attempt(lambda: result.times_ms.append(time_ms(candidate.step, device)))
-            if failed:
-                result.status, result.peak_mib = failed, None
-            candidate.reset()
+            if result.status == "ok":
+                progress.describe(f"timing round {round_index + 1}/{repeat}: {candidate.name}")
+                failed = _attempt(lambda: result.times_ms.append(time_ms(candidate.step, device)))
+                if failed:
+                    result.status, result.peak_mib = failed, None
+                candidate.reset()
+            progress.advance(run_work)
     for result in results:
         if result.status == "ok":
             result.time_ms = statistics.median(result.times_ms)

@@ -45,7 +45,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, backends: bool = True)
                         help="untimed runs per method; the first is checked against a reference")
     parser.add_argument("--repeat", type=positive_int, help="timed runs per method (median reported)")
     parser.add_argument("--out", metavar="STEM",
-                        help="also write STEM.md (the report), STEM.json (raw rows) and STEM.png (plot)")
+                        help="also write STEM.md (the report), STEM.json (the machine and the raw rows) and"
+                             " STEM.png (time and peak memory per method: against the size when several are"
+                             " measured, a bar each at one size)")
     parser.add_argument("--no-plot", action="store_true", help="with --out, skip the plot")
 
 

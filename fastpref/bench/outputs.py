@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -17,9 +17,11 @@ import fastpref
 
 from .. import backends as _backends
 from . import options
-from .measure import Candidate, build_candidates, is_failure, measure_rows, memory_method, timing_note
-from .reference import DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, token_inputs, token_reference
-from .report import header, markdown_table, number
+from .measure import (Candidate, Progress, build_candidates, is_failure, measure_rows, memory_method,
+                      runs_per_method, timing_note)
+from .reference import (DTYPES, IGNORE_INDEX, LOGIT_STD, TOLERANCES, dtype_name, head_flop_floor, token_inputs,
+                        token_reference)
+from .report import MachineLoad, header, markdown_table, number
 
 NAME = "outputs"
 TITLE = "fastpref.linear_logprobs: the cost of each per-token output and of the soft cap"
@@ -101,11 +103,23 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                   warmup=chosen["warmup"], repeat=chosen["repeat"])
 
 
-def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda description: None) -> None:
+def head_work(cfg: Config, head: str) -> float:
+    """One head mode's measurements, in the units of planned_work: every variant's runs at the
+    head's FLOP floor (a trainable head does twice a frozen one's work)."""
+    return len(VARIANTS) * runs_per_method(cfg.warmup, cfg.repeat) * head_flop_floor(cfg.n, cfg.hidden, cfg.vocab,
+                                                                                      head)
+
+
+def planned_work(cfg: Config) -> float:
+    """What run will advance its Progress by in all."""
+    return sum(head_work(cfg, head) for head in cfg.heads)
+
+
+def run(cfg: Config, rows: List[Row], progress: Progress = Progress()) -> None:
     """Append a row per variant and head mode to `rows` as each head's measurements finish."""
     hidden, weight, targets, grad_out = token_inputs(cfg.n, cfg.hidden, cfg.vocab, cfg.dtype, cfg.device, cfg.seed,
                                                      IGNORED_FRACTION)
-    on_step("reference")
+    progress.describe("reference")
     ref = token_reference(hidden, weight, targets, grad_out)
 
     def reset() -> None:
@@ -137,8 +151,8 @@ def run(cfg: Config, rows: List[Row], on_step: Callable[[str], None] = lambda de
         head_rows = [Row(variant, head, cfg.backend, cfg.n, cfg.hidden, cfg.vocab, dtype_name(cfg.dtype))
                      for variant in VARIANTS]
         measured, candidates = build_candidates(head_rows, build)
-        measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat,
-                     lambda step: on_step(f"{head} head: {step}"))
+        measure_rows(measured, candidates, cfg.device, cfg.warmup, cfg.repeat, progress.within(f"{head} head"),
+                     head_work(cfg, head))
         rows.extend(head_rows)
 
 
@@ -160,7 +174,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(columns, cells)
 
 
-def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence[Optional[float]] = ()) -> str:
+def format_report(rows: Sequence[Row], cfg: Config, command: str, machine: Optional[MachineLoad] = None) -> str:
     notes = [
         f"inputs: hidden ~ N(0, 1), weight ~ N(0, {LOGIT_STD}^2 / H), {IGNORED_FRACTION:.0%} of targets ="
         f" {IGNORE_INDEX}, upstream gradient ~ N(0, 1) on the log-probs",
@@ -172,8 +186,18 @@ def format_report(rows: Sequence[Row], cfg: Config, command: str, load: Sequence
         f"peak memory: one run after the warm-up, {memory_method(cfg.device)}",
         "max abs dlogp: against a float32 row-chunked reference (not for the soft-capped row, another distribution)",
     ]
-    return "\n".join([*header(TITLE, cfg.device, command, load, notes), format_table(rows), ""])
+    return "\n".join([*header(TITLE, cfg.device, command, machine, notes), format_table(rows), ""])
 
 
 def failures(rows: Sequence[Row]) -> List[str]:
     return [f"{r.variant} ({r.head} head): {r.status}" for r in rows if is_failure(r.status)]
+
+
+def plot(rows: Sequence[Row], cfg: Config, path) -> None:
+    """Time and peak memory of each variant, a bar each, per head mode."""
+    from .plots import method_figure
+
+    method_figure(rows, path, panel_rows=[cfg.backend], panel_of=lambda r: r.backend, x_of=lambda r: r.n,
+                  x_label="N (tokens)", method_of=lambda r: r.variant,
+                  title=f"linear_logprobs outputs, H={cfg.hidden}, V={cfg.vocab}, {dtype_name(cfg.dtype)},"
+                        f" {cfg.device.type}")

@@ -161,7 +161,7 @@ def headline_rows(results: Path, peak_tflops: Optional[float], kind: Optional[st
     cells = []
     for op in ("logprobs", "loss-head"):
         try:
-            rows = json.loads((results / f"{op}.json").read_text())
+            rows = json.loads((results / f"{op}.json").read_text())["rows"]
         except (OSError, ValueError):
             continue
         for row in rows:
