@@ -20,6 +20,7 @@ Dc = pi_c - ref_c, Dr = pi_r - ref_r, d = beta (Dc - Dr):
 with s the logistic sigmoid. Pair terms are averaged over pairs, KTO over sequences; nll is the
 token-level mean over all chosen response tokens of the batch (as TRL and Liger-Kernel compute it).
 Several types combine as a weighted sum, e.g. ("sigmoid", "sft") with weights (1, alpha) is RPO.
+"dpo" is accepted as another name of "sigmoid" (LOSS_TYPE_ALIASES); a spec holds and reports "sigmoid".
 
 IPO: TRL length-normalises each log-ratio (mean log-probs), which is the default here; the IPO
 paper states the loss on sequence log-probs: pass ``average_logps=False`` for that.
@@ -37,6 +38,9 @@ from .transfer import to_device
 PAIRED_LOSS_TYPES = ("sigmoid", "ipo", "simpo", "hinge", "robust", "orpo", "apo_zero", "apo_down", "sft")
 UNPAIRED_LOSS_TYPES = ("kto",)
 LOSS_TYPES = PAIRED_LOSS_TYPES + UNPAIRED_LOSS_TYPES
+# Other names a loss type is given under, reported under TRL's (DPO's loss is TRL's "sigmoid").
+LOSS_TYPE_ALIASES = {"dpo": "sigmoid"}
+ACCEPTED_LOSS_TYPES = LOSS_TYPES + tuple(LOSS_TYPE_ALIASES)
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
 # Reduction of the policy/reference log-probs each type uses unless average_logps overrides it.
@@ -44,6 +48,16 @@ AVERAGES_BY_DEFAULT = frozenset({"ipo", "simpo", "orpo"})
 # Types whose reduction is part of their definition.
 FIXED_REDUCTION = frozenset({"orpo", "sft"})
 NLL_TYPES = frozenset({"orpo", "sft"})
+
+
+def canonical_loss_types(loss_type: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """The loss types `loss_type` names, under TRL's names (an alias replaced); checked to be known."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    for name in types:
+        if name not in ACCEPTED_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {name!r}; valid types: {', '.join(LOSS_TYPES)} "
+                             f"({', '.join(f'{alias} = {known}' for alias, known in LOSS_TYPE_ALIASES.items())})")
+    return tuple(LOSS_TYPE_ALIASES.get(name, name) for name in types)
 
 
 @dataclass(frozen=True)
@@ -65,12 +79,9 @@ class LossSpec:
               label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
               average_logps: Optional[bool] = None, desirable_weight: float = 1.0,
               undesirable_weight: float = 1.0) -> "LossSpec":
-        types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+        types = canonical_loss_types(loss_type)
         if not types:
             raise ValueError(f"loss_type must name at least one of {list(LOSS_TYPES)}")
-        for name in types:
-            if name not in LOSS_TYPES:
-                raise ValueError(f"unknown loss_type {name!r}; valid types: {', '.join(LOSS_TYPES)}")
         if len(set(types)) != len(types):
             raise ValueError(f"loss_type lists a type twice: {list(types)}")
         if "kto" in types and len(types) > 1:

@@ -1,6 +1,8 @@
 """`fastpref train` and `fastpref eval` as a new user meets them: flags, messages, what is shown."""
 import argparse
 import json
+import re
+import shlex
 import sys
 
 import pytest
@@ -9,7 +11,7 @@ import fastpref
 from fastpref.cli import main
 from fastpref.train import data as data_module
 from fastpref.train.commands import add_eval_arguments, add_train_arguments
-from fastpref.train.config import config_from_args
+from fastpref.train.config import config_from_args, read_config_file
 from fastpref.train.config import TrainConfig
 from fastpref.train.loop import TrainingInterrupted, train
 from fastpref.train.monitor import DisplacementMonitor
@@ -40,11 +42,26 @@ def test_version(capsys):
 
 def test_a_bad_flag_value_is_one_short_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--loss-type", "dpo"])
+        main(["train", "--loss-type", "dpop"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert "argument --loss-type/--loss_type: invalid choice: 'dpo'" in err and "fastpref train --help" in err
+    assert "argument --loss-type/--loss_type: invalid choice: 'dpop'" in err and "fastpref train --help" in err
     assert len(err.strip().splitlines()) == 2
+
+
+def test_dpo_is_accepted_for_sigmoid_and_reported_as_sigmoid(tmp_path, small_data, capsys):
+    help_text = " ".join(parser_with(add_train_arguments).format_help().split())
+    assert "dpo is another name for sigmoid" in help_text
+    settings = tmp_path / "run.yaml"
+    settings.write_text("loss_type: [dpo, sft]\n")
+    parser = parser_with(add_train_arguments)
+    parser.set_defaults(**read_config_file(str(settings), parser))
+    assert config_from_args(parser.parse_args([])).resolved().loss_type == ["sigmoid", "sft"]
+    assert main(["train", "--loss-type", "dpo", "--data", small_data, "--output-dir", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--score-train-pairs", "0",
+                 *SMALL]) == 0
+    assert capsys.readouterr().out.startswith("fastpref train: sigmoid loss (beta 0.1)")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["run"]["loss_type"] == "sigmoid"
 
 
 @pytest.mark.parametrize("add", [add_train_arguments, add_eval_arguments])
@@ -87,10 +104,14 @@ def test_errors_name_the_flag_not_the_python_argument(tmp_path, small_data, caps
     assert "on_malformed" not in err
 
 
-def test_a_path_that_is_not_a_model_is_named_and_leaves_no_output_dir(tmp_path, capsys):
-    code = main(["train", "--model", str(tmp_path / "my-llama"), "--output-dir", str(tmp_path / "run")])
-    assert code == 2 and f"--model: no model at {tmp_path / 'my-llama'}" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+def test_a_path_that_is_not_a_model_is_named_before_anything_is_printed_or_made(tmp_path, capsys):
+    for argument in ("--model", "--reference-model"):
+        code = main(["train", argument, str(tmp_path / "my-llama"), "--output-dir", str(tmp_path / "run")])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and len(err.splitlines()) == 1
+        assert err.startswith(f"fastpref train: error: {argument}: no model at {tmp_path / 'my-llama'} (expected a "
+                              "local folder saved with save_pretrained, or one of the names smollm2-135m")
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_failed_start_leaves_no_output_dir(tmp_path, capsys):
@@ -146,6 +167,15 @@ def test_the_console_leads_with_held_out_accuracy_and_a_finished_run_is_not_retr
     heldout_rows = [json.loads(line) for line in (tmp_path / "run" / "heldout.jsonl").read_text().splitlines()]
     train_rows = [json.loads(line) for line in open(small_data).read().splitlines()]
     assert len(heldout_rows) == 5 and all(row in train_rows for row in heldout_rows)
+    # the run names its reference and the command that scores the held-out pairs; that command
+    # gives the run's held-out accuracy again
+    assert f"reference model: {tmp_path / 'run' / 'initial'}\n" in out
+    (eval_command,) = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("score the held-out")]
+    assert summary["eval_command"] == eval_command and summary["reference_model"] == str(tmp_path / "run" / "initial")
+    assert main(shlex.split(eval_command)[1:]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["pairs"] == 5 and scored["rewards/accuracies"] == summary["final_eval"]["rewards/accuracies"]
+    assert scored["rewards/margins"] == pytest.approx(summary["final_eval"]["rewards/margins"], abs=1e-5)
 
     def must_not_train(self):
         raise AssertionError("trained a finished run again")
@@ -157,6 +187,25 @@ def test_the_console_leads_with_held_out_accuracy_and_a_finished_run_is_not_retr
     out = capsys.readouterr().out
     assert "already holds this run, finished at step 4: nothing to do" in out
     assert "5 held-out pairs (never trained on)" in out
+    assert f"score the held-out pairs one by one: {eval_command}" in out
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    rows = data_module.load_rows(None).select(range(3)).to_list()
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{not json\n")
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--cache-dir",
+                 str(tmp_path / "cache"), "--max-steps", "1", "--pairs-per-step", "1", "--eval-fraction", "0.34",
+                 "--max-length", "64", "--max-prompt-length", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("  1 step, 1 pair per micro-batch x 1 accumulated",
+                     "4 rows read (implicit format): 3 pairs kept, 1 row skipped", "): 1 row: 3\n",
+                     "2 training pairs, 1 held out: 1 step of up to 1 pair train on 1 of the training pairs "
+                     "(0.5 epochs)",
+                     "the data's longest pair: ", "done: 1 step\n", "  1 held-out pair (never trained on): ",
+                     "  1 training pair: "):
+        assert expected in out
+    assert not re.search(r"(?<![\d.])1 (rows|pairs|steps|epochs|tokens|prompts)\b", out), out
 
 
 def test_the_displacement_warning_recommends_a_flag_the_cli_accepts():

@@ -298,7 +298,8 @@ def test_malformed_rows_are_skipped_and_reported_by_row_and_reason(tokenizer):
     assert report.rows_read == 9 and report.pairs_kept == 2 and report.rows_skipped == 7
     summary = report.summary()
     assert "9 rows read (explicit format): 2 pairs kept, 7 rows skipped" in summary
-    assert "skipped (missing 'rejected'): 1 rows: 1" in summary
+    assert "skipped (missing 'rejected'): 1 row: 1" in summary
+    assert summary.count("row N of a JSONL file is its line N + 1") == 1
     assert report.to_dict()["skipped"] == MALFORMED_EXPLICIT_REASONS
 
 
@@ -332,7 +333,8 @@ def test_on_malformed_error_lists_the_first_rows(tokenizer):
         tokenize_pairs(MALFORMED_EXPLICIT_ROWS, tokenizer, on_malformed="error")
     message = str(raised.value)
     assert message.startswith("7 malformed rows (row 1: missing 'rejected'; row 2: 'chosen' is not a string;")
-    assert "row 5: chosen == rejected; and 2 more)" in message
+    assert ("row 5: chosen == rejected; and 2 more; rows are counted from 0: row N of a JSONL file is its "
+            "line N + 1)") in message
     assert "on_malformed='skip'" in message
     examples, _ = tokenize_pairs(EXPLICIT_ROWS, tokenizer, on_malformed="error")
     assert len(examples) == 3
@@ -348,7 +350,7 @@ def test_a_prompt_of_no_tokens_is_malformed_without_bos(tokenizer):
     assert example.prompt_ids == [tokenizer.bos_token_id]
     # Found after tokenising, yet listed in row order with the rows found while splitting.
     rows.append({"prompt": "Q", "chosen": "A"})
-    in_row_order = r"^2 malformed rows \(row 0: empty prompt; row 1: missing 'rejected'\)"
+    in_row_order = r"^2 malformed rows \(row 0: empty prompt; row 1: missing 'rejected'; rows are counted from 0"
     with pytest.raises(ValueError, match=in_row_order):
         tokenize_pairs(rows, tokenizer, add_bos=False, on_malformed="error")
 
@@ -378,7 +380,7 @@ def test_keep_end_cuts_the_prompt_start_but_keeps_bos(tokenizer, long_pair):
     assert report.truncation_mode == "keep_end"
     assert (report.prompts_truncated, report.responses_truncated) == (1, 1)
     assert (
-        "truncation keep_end to 50 tokens, prompt to 20: 1 prompts cut, 1 pairs with a response cut"
+        "truncation keep_end to 50 tokens, prompt to 20: 1 prompt cut, 1 pair with a response cut"
         in report.summary()
     )
 

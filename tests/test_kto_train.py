@@ -191,6 +191,18 @@ def test_kto_trains_from_the_command_line_on_unpaired_data(tmp_path, unpaired_da
     assert len(heldout) == 10 and set(heldout[0]) == {"prompt", "completion", "label"}
 
 
+def test_a_kto_run_counts_examples_on_its_progress_bars(tmp_path, unpaired_data, capsys):
+    result = Trainer(config(tmp_path, unpaired_data, loss_type="kto", max_steps=1, progress=True)).run()
+    err = capsys.readouterr().err.replace("\r", "\n")
+    bars = [line for line in err.splitlines() if line.startswith(("reference log-probs", "scoring"))]
+    assert {line.split(":")[0] for line in bars} == {
+        "reference log-probs", "scoring held-out examples", "scoring trained examples"}
+    assert all("example/s" in line or "s/example" in line for line in bars), bars
+    assert not any("pair" in line for line in bars), bars
+    # the held-out rows are unpaired examples, which `fastpref eval` does not score: no command for it
+    assert result.reference_model == str(tmp_path / "run" / "initial") and result.eval_command is None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loss-type", "kto", "sigmoid"], "'kto' is unpaired and cannot be combined with paired losses"),
     (["--desirable-weight", "2"], "--desirable-weight weighs the examples of --loss-type kto"),

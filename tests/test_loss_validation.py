@@ -9,7 +9,8 @@ from test_losses import make_packed_batch
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"loss_type": "dpo"}, ValueError, r"unknown loss_type 'dpo'; valid types: sigmoid, ipo, simpo, hinge, robust, orpo, apo_zero, apo_down, sft, kto"),
+        ({"loss_type": "dpop"}, ValueError, r"unknown loss_type 'dpop'; valid types: sigmoid, ipo, simpo, hinge, robust, orpo, apo_zero, apo_down, sft, kto \(dpo = sigmoid\)"),
+        ({"loss_type": ["dpo", "sigmoid"]}, ValueError, r"lists a type twice: \['sigmoid', 'sigmoid'\]"),
         ({"loss_type": []}, ValueError, r"loss_type must name at least one"),
         ({"loss_type": ["sigmoid", "sigmoid"]}, ValueError, r"lists a type twice"),
         ({"loss_type": ["kto", "sft"]}, ValueError, r"'kto' is unpaired and cannot be combined"),
@@ -26,6 +27,11 @@ from test_losses import make_packed_batch
 def test_bad_configuration(options, error, message):
     with pytest.raises(error, match=message):
         fastpref.PreferenceLoss(**options)
+
+
+def test_dpo_is_another_name_for_sigmoid():
+    assert fastpref.PreferenceLoss("dpo").spec == fastpref.PreferenceLoss("sigmoid").spec
+    assert fastpref.PreferenceLoss(["dpo", "sft"]).spec.loss_types == ("sigmoid", "sft")
 
 
 def test_reference_rules():

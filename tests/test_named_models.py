@@ -3,10 +3,12 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import shlex
 
 import pytest
 import torch
 
+from fastpref.cli import main
 from fastpref.train import named_models
 from fastpref.train.named_models import NAMED_MODELS, SOURCE_FILE, NamedModel, materialize, resolve_model
 from tiny_gguf import assert_same_weights, write_tiny_llama_gguf
@@ -34,11 +36,14 @@ def tiny_named_model(tmp_path, monkeypatch):
     return model, tokenizer, entry
 
 
-def test_gguf_is_converted_once_into_a_plain_model_folder(tmp_path, tiny_named_model, monkeypatch):
+def test_gguf_is_converted_once_into_a_plain_model_folder(tmp_path, tiny_named_model, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer, entry = tiny_named_model
-    folder = materialize("tiny-llama", tmp_path / "cache", progress=False)
+    folder = materialize("tiny-llama", tmp_path / "cache")
+    # half a minute for a real model: a progress bar through its stages, without transformers' own saving bar
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "converting tiny-llama: 100%" in err and "Writing model shards" not in err
     assert json.loads((folder / SOURCE_FILE).read_text())["gguf_sha256"] == entry.sha256
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
@@ -116,6 +121,9 @@ def test_a_two_step_smollm2_run_scores_only_its_pairs_and_ends_in_minutes(smollm
                                cache_dir=str(smollm2_cache), progress=False))
     elapsed = time.monotonic() - started
     assert result.steps == 2 and result.final_metrics["pairs"] == 16 and result.eval_metrics["pairs"] == 52
+    # the packaged model is the reference, by name: the run copies no 540 MB starting point
+    assert result.reference_model == "smollm2-135m" and not (tmp_path / "run" / "initial").exists()
+    assert "--model " + str(tmp_path / "run" / "final") + " --reference-model smollm2-135m" in result.eval_command
     (directory,) = smollm2_cache.glob("reference-logps-*")
     key = torch.load(next(directory.glob("piece-*.pt")), weights_only=True)["key"]
     assert len(ReferenceCache.stored(directory, key)) == 16 + 52
@@ -124,14 +132,21 @@ def test_a_two_step_smollm2_run_scores_only_its_pairs_and_ends_in_minutes(smollm
     assert elapsed < 1200, f"took {elapsed:.0f} s"
 
 
-def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data):
+def test_train_takes_a_named_model(tmp_path, tiny_named_model, small_data, capsys):
     from fastpref.train.loop import TrainConfig, train
 
     cfg = TrainConfig(model="tiny-llama", data=small_data, output_dir=str(tmp_path / "run"),
                       cache_dir=str(tmp_path / "cache"), max_length=64, max_prompt_length=32, pairs_per_step=4,
                       max_steps=2, eval_fraction=0.2, learning_rate=1e-3, progress=False)
     result = train(cfg)
+    capsys.readouterr()
     assert result.steps == 2 and (tmp_path / "cache" / "models" / "tiny-llama" / SOURCE_FILE).is_file()
+    # no copy of a model on disk: its name is the reference, in the command that scores the held-out pairs
+    assert result.reference_model == "tiny-llama" and not (tmp_path / "run" / "initial").exists()
+    assert f"--reference-model tiny-llama --data {tmp_path / 'run' / 'heldout.jsonl'}" in result.eval_command
+    assert main(shlex.split(result.eval_command)[1:] + ["--no-progress"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["rewards/accuracies"] == result.eval_metrics["rewards/accuracies"]
 
 
 def test_the_end_to_end_benchmark_takes_a_named_model(tmp_path, tiny_named_model, monkeypatch):

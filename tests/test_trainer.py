@@ -208,6 +208,47 @@ def test_the_reference_pass_covers_only_the_pairs_the_run_uses(tmp_path, small_d
     assert result.final_metrics["pairs"] == 3
 
 
+def test_the_console_shows_each_long_phase_once_and_no_other_packages_bars(tmp_path, small_data, capsys):
+    """The scoring after training has a bar; a reference cache hit is one line, not an empty bar;
+    transformers' "Writing model shards" does not show, and its bars are on again afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    def console(output_dir):
+        trainer = Trainer(config(tmp_path, small_data, max_steps=2, eval_steps=2, progress=True,
+                                 output_dir=str(tmp_path / output_dir)))
+        trainer.run()
+        captured = capsys.readouterr()
+        return trainer, (captured.out + captured.err).replace("\r", "\n")
+
+    _, first = console("first")
+    trainer, second = console("second")
+    for text in first, second:
+        assert "scoring held-out pairs: " in text and "scoring trained pairs: " in text
+        assert "Writing model shards" not in text
+    assert "reference log-probs: 100%" in first
+    used = len(trainer.trained_pairs) + len(trainer.eval_pairs)
+    assert [line for line in second.splitlines() if "reference log-probs" in line] == [
+        f"reference log-probs: all {used} pairs from the cache in {trainer.reference_cache.directory}"]
+    assert transformers_logging.is_progress_bar_enabled()
+
+
+def test_the_plot_has_whole_steps_and_plain_values():
+    from fastpref.train.monitor import metrics_figure
+
+    records = [{"step": step, "split": "train", "loss": 0.6931472 + 1e-5 * step, "rewards/accuracies": 0.5,
+                "rewards/margins": 1e-5 * step, "logps/chosen": -300.12 - 0.01 * step,
+                "logps/rejected": -300.13 - 0.01 * step} for step in (1, 2)]
+    figure = metrics_figure(records)
+    figure.canvas.draw()
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        ticks = zip(axes.get_xticklabels(), axes.get_xticks())
+        steps = [tick.get_text() for tick, where in ticks if low <= where <= high]
+        assert steps == ["1", "2"], axes.get_title()
+        assert axes.xaxis.get_offset_text().get_text() == axes.yaxis.get_offset_text().get_text() == ""
+        assert not any("e" in tick.get_text() for tick in axes.get_yticklabels()), axes.get_title()
+
+
 def test_a_stopped_reference_pass_keeps_its_pieces_and_the_rerun_computes_the_rest(
         tmp_path, small_data, monkeypatch):
     import os

@@ -12,6 +12,7 @@ from .config import (EVAL_DEFAULTS, EVAL_FIELDS, EVAL_HELP, TrainConfig, add_con
                      flag, read_config_file)
 from .distributed import Distributed
 from .loop import TrainingInterrupted, train
+from .wording import count_of
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -83,21 +84,26 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     if Distributed.environment_rank() != 0:  # the main process reports the run
         return 0
-    print(f"done: {result.steps} steps")
-    for split, metrics in (("held-out {} (never trained on)", result.eval_metrics),
-                           ("training {}", result.final_metrics)):
+    print(f"done: {count_of(result.steps, 'step')}")
+    for split, note, metrics in (("held-out", " (never trained on)", result.eval_metrics),
+                                 ("training", "", result.final_metrics)):
         if not metrics:
             continue
         if "examples" in metrics:  # unpaired (kto): rewards by label, and KTO's KL reference point
-            print(f"  {metrics['examples']} {split.format('examples')}: reward accuracy "
+            print(f"  {count_of(metrics['examples'], split + ' example')}{note}: reward accuracy "
                   f"{metrics['rewards/accuracies']:.3f} (desirable reward > 0, undesirable < 0), reward "
                   f"{metrics['rewards/chosen']:.3f} desirable, {metrics['rewards/rejected']:.3f} undesirable, "
                   f"kl {metrics['kl']:.4f}, loss {metrics['loss']:.4f}")
         else:
-            print(f"  {metrics['pairs']} {split.format('pairs')}: reward accuracy "
+            print(f"  {count_of(metrics['pairs'], split + ' pair')}{note}: reward accuracy "
                   f"{metrics['rewards/accuracies']:.3f}, margin {metrics['rewards/margins']:.3f}, "
                   f"loss {metrics['loss']:.4f}")
-    print(f"model: {result.model_path}\nmetrics: {result.metrics_path}\nplot: {result.plot_path}")
+    print(f"model: {result.model_path}")
+    if result.reference_model:  # a run finished by an older fastpref did not record it
+        print(f"reference model: {result.reference_model}")
+    print(f"metrics: {result.metrics_path}\nplot: {result.plot_path}")
+    if result.eval_command:
+        print(f"score the held-out pairs one by one: {result.eval_command}")
     return 0
 
 
@@ -120,7 +126,8 @@ def run_eval(args: argparse.Namespace) -> int:
             pairs_per_step=args.pairs_per_step, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode,
             data_format=args.data_format, split=args.split, on_malformed=args.on_malformed, device=args.device,
-            dtype=args.dtype, attention=args.attn_implementation, backend=args.backend, progress=args.progress)
+            dtype=args.dtype, attention=args.attn_implementation, backend=args.backend, progress=args.progress,
+            cache_dir=args.cache_dir)
     except (ValueError, OSError) as error:
         print(f"fastpref eval: error: {_in_flag_names(str(error))}", file=sys.stderr)
         return 2

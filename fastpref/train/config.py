@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..loss_spec import LOSS_TYPES
+from ..loss_spec import ACCEPTED_LOSS_TYPES, canonical_loss_types
 from .data import FORMATS, MALFORMED_POLICIES, TRUNCATION_MODES
-from .named_models import NAMED_MODELS
+from .named_models import NAMED_MODELS, check_model_argument
 
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp", "tp")
@@ -62,7 +62,8 @@ class TrainConfig:
     split: Optional[str] = _option(None, "split of a saved DatasetDict (default: train)")
     output_dir: str = _option("fastpref-run", "where metrics, checkpoints and the model go")
     loss_type: Union[str, List[str]] = _option(
-        "sigmoid", "one loss type, or several for a weighted sum (e.g. sigmoid sft)", choices=LOSS_TYPES)
+        "sigmoid", "one loss type, or several for a weighted sum (e.g. sigmoid sft); dpo is another name for "
+        "sigmoid (TRL's name of DPO's loss), under which the run reports it", choices=ACCEPTED_LOSS_TYPES)
     loss_weights: Optional[List[float]] = _option(None, "one weight per loss type (default: 1 each)")
     beta: Optional[float] = _option(None, "inverse temperature")
     label_smoothing: float = _option(0.0, "assumed fraction of flipped preference labels (robust/sigmoid)")
@@ -134,7 +135,8 @@ class TrainConfig:
     progress: bool = _option(True, "progress bars (the run header, data report and warnings are shown either way)")
 
     def resolved(self, world_size: int = 1) -> "TrainConfig":
-        """The presets filled in, TRL's switches and batch size turned into fastpref's, checked.
+        """The presets filled in, TRL's switches and batch size turned into fastpref's, loss types under
+        TRL's names, checked.
         `world_size`: the processes the run will have (for --per-device-train-batch-size)."""
         preset = EMBEDDED_PRESET if self.model is None else REAL_MODEL_PRESET
         filled = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
@@ -150,6 +152,8 @@ class TrainConfig:
                     raise ValueError(f"{switch} asks for {dtype}, which contradicts dtype={self.dtype!r}"
                                      + (" and the other half-precision switch" if self.bf16 and self.fp16 else ""))
                 filled["dtype"] = dtype
+        types = canonical_loss_types(self.loss_type)
+        filled["loss_type"] = types[0] if isinstance(self.loss_type, str) else list(types)
         cfg = dataclasses.replace(self, **filled)
         cfg.validate()
         return cfg
@@ -183,6 +187,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("model", "reference_model"):
+            if getattr(self, name) is not None:
+                check_model_argument(getattr(self, name), flag(name))
         self._check_loss_options()
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
@@ -208,7 +215,7 @@ class TrainConfig:
 # `fastpref eval` takes these fields of a training run, under the same flags
 EVAL_FIELDS = ("model", "reference_model", "data", "data_format", "split", "beta", "pairs_per_step", "max_length",
                "max_prompt_length", "truncation_mode", "on_malformed", "device", "dtype", "attn_implementation",
-               "backend", "progress")
+               "backend", "progress", "cache_dir")
 # what eval needs to say or assume differently
 EVAL_DEFAULTS = {"beta": 0.1, "pairs_per_step": 8, "max_length": 1024, "max_prompt_length": 512}
 EVAL_HELP = {
@@ -221,6 +228,7 @@ EVAL_HELP = {
     "max_length": "longest prompt + response, in tokens: use the training run's value",
     "max_prompt_length": "longest prompt, in tokens: use the training run's value",
     "progress": "progress bar",
+    "cache_dir": "where packaged models are converted (default: ~/.cache/fastpref)",
 }
 
 

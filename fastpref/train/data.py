@@ -38,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .wording import count_of
+
 FORMATS = ("explicit", "implicit", "conversational")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 MALFORMED_POLICIES = ("skip", "error")
@@ -93,6 +95,10 @@ class TokenizedCompletion:
         return TokenizedPair(self.prompt_ids, self.completion_ids, self.kl_completion_ids, self.key)
 
 
+# How the reports number rows: as datasets does, which is not a file's line number.
+ROW_NUMBERING = "rows are counted from 0: row N of a JSONL file is its line N + 1"
+
+
 @dataclass
 class DataReport:
     """What :func:`tokenize_pairs` did with the rows: pairs kept, rows skipped and why, tokens cut.
@@ -121,17 +127,19 @@ class DataReport:
     def summary(self, rows_shown: int = 5) -> str:
         """A few lines for a log: counts, and the first ``rows_shown`` skipped rows of each reason."""
         lines = [
-            f"{self.rows_read} rows read ({self.format} format): {self.pairs_kept} {self.unit}s kept, "
-            f"{self.rows_skipped} rows skipped"
+            f"{count_of(self.rows_read, 'row')} read ({self.format} format): "
+            f"{count_of(self.pairs_kept, self.unit)} kept, {count_of(self.rows_skipped, 'row')} skipped"
         ]
         for reason, rows in self.skipped.items():
             shown = ", ".join(str(row) for row in rows[:rows_shown])
             more = ", ..." if len(rows) > rows_shown else ""
-            lines.append(f"  skipped ({reason}): {len(rows)} rows: {shown}{more}")
+            lines.append(f"  skipped ({reason}): {count_of(len(rows), 'row')}: {shown}{more}")
+        if self.skipped:
+            lines.append(f"  ({ROW_NUMBERING})")
         lines.append(
-            f"truncation {self.truncation_mode} to {self.max_length} tokens, prompt to "
-            f"{self.max_prompt_length}: {self.prompts_truncated} prompts cut, "
-            f"{self.responses_truncated} {self.unit}s with a response cut"
+            f"truncation {self.truncation_mode} to {count_of(self.max_length, 'token')}, prompt to "
+            f"{self.max_prompt_length}: {count_of(self.prompts_truncated, 'prompt')} cut, "
+            f"{count_of(self.responses_truncated, self.unit)} with a response cut"
         )
         return "\n".join(lines)
 
@@ -616,8 +624,8 @@ def _tokenize_rows(
         listed = "; ".join(f"row {index}: {reason}" for index, reason in malformed[:_MALFORMED_ROWS_IN_ERROR])
         more = len(malformed) - _MALFORMED_ROWS_IN_ERROR
         raise ValueError(
-            f"{len(malformed)} malformed rows ({listed}{f'; and {more} more' if more > 0 else ''}); "
-            "fix them or pass on_malformed='skip' to drop them"
+            f"{count_of(len(malformed), 'malformed row')} ({listed}{f'; and {more} more' if more > 0 else ''}; "
+            f"{ROW_NUMBERING}); fix them or pass on_malformed='skip' to drop them"
         )
     return kept
 
@@ -783,7 +791,7 @@ def train_eval_split(
         eval_count = max(eval_count, 1)
         if eval_count >= len(examples):
             raise ValueError(
-                f"eval_fraction={eval_fraction} of {len(examples)} pairs leaves no pairs to train on"
+                f"eval_fraction={eval_fraction} of {count_of(len(examples), 'pair')} leaves no pairs to train on"
             )
 
     def rank(position: int) -> Tuple[bytes, int]:

@@ -49,17 +49,19 @@ def evaluate_pairs(model: str, data: Optional[str], *, reference_model: Optional
                    max_prompt_length: int = 512, truncation_mode: str = "keep_end", data_format: str = "auto",
                    split: Optional[str] = None, on_malformed: str = "skip", device: str = "auto",
                    dtype: str = "auto", attention: str = "auto", backend: str = "auto",
-                   progress: bool = True) -> Dict:
+                   progress: bool = True, cache_dir: Optional[str] = None) -> Dict:
+    """The implicit rewards of every pair of `data` (see the module docstring), summed up; `cache_dir`:
+    where packaged models (smollm2-135m, ...) are converted (default: fastpref's cache)."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     device_ = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
     dtype_ = (torch.bfloat16 if device_.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     attention_ = attention if attention != "auto" else ("sdpa" if device_.type == "cpu" else "flex_attention")
-    model = resolve_model(model, default_cache_dir(), progress=progress)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    model = resolve_model(model, cache_root, progress=progress)
     if reference_model is not None:
-        reference_model = resolve_model(reference_model, default_cache_dir(), flag="--reference-model",
-                                        progress=progress)
+        reference_model = resolve_model(reference_model, cache_root, flag="--reference-model", progress=progress)
     policy, tokenizer, reference = _load(Path(model), Path(reference_model) if reference_model else None,
                                          device_, dtype_, attention_)
     rows = data_module.load_rows(data, split=split)

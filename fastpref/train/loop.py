@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import random
+import shlex
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from ..losses import PreferenceLoss
 from . import data as data_module
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import TrainConfig
+from .config import TrainConfig, flag
 from .distributed import Distributed
 from .fsdp import check_setup as check_fsdp_setup
 from .fsdp import decoder_layers
@@ -39,13 +40,15 @@ from .model import FusedHeadForward, adapters_disabled, model_fingerprint
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
 from .named_models import resolve_model
 from .packing import pack_completions, pack_pairs
-from .quiet import peft_internals_quiet
+from .quiet import peft_internals_quiet, transformers_progress_bars_off
 from .reference import ReferenceCache, cache_key, default_cache_dir, packed_logps, pair_logps
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded, verified_on_main
 from .signals import StopRequests, TrainingInterrupted, signal_name
+from .wording import count_of
 
 HELDOUT_FILE = "heldout.jsonl"
 INITIAL_DIR = "initial"
+FINAL_DIR = "final"
 SUMMARY_FILE = "summary.json"
 
 
@@ -59,11 +62,13 @@ class TrainResult:
     plot_path: Optional[Path]
     model_path: Path
     losses: List[float] = field(default_factory=list)
+    reference_model: Optional[str] = None  # the model `fastpref eval` takes as the final model's reference
+    eval_command: Optional[str] = None  # the `fastpref eval` command that scores the held-out pairs
 
 
 def _with_local_models(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with named models (smollm2-135m, ...) replaced by their converted folders, and model
-    paths checked to be model folders before any work starts."""
+    """`cfg` with named models (smollm2-135m, ...) replaced by their converted folders (converted on
+    first use)."""
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     local = {}
     for name in ("model", "reference_model"):
@@ -314,6 +319,7 @@ class Trainer:
         self.device, self.dtype = _device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
         self._say(self._header())
+        self.eval_reference = self._eval_reference()  # as the user named it, before names become folders
         self.cfg = cfg = _with_local_models(cfg)
         self.tokenizer = _load_tokenizer(cfg)
         self._load_data()
@@ -374,7 +380,8 @@ class Trainer:
             reference = "log-probs precomputed once and cached"
         else:
             reference = "computed every step"
-        length = (f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps is None else f"{cfg.max_steps} steps")
+        length = (count_of(cfg.num_train_epochs, "epoch", number_format="g") if cfg.max_steps is None
+                  else count_of(cfg.max_steps, "step"))
         processes = (f"{self.dist.world_size} processes ({cfg.parallel})" if self.dist.enabled else "1 process")
         weights = (f", desirable weight {cfg.desirable_weight:g}, undesirable weight {cfg.undesirable_weight:g}"
                    if not self.loss_fn.spec.is_paired else "")
@@ -383,14 +390,38 @@ class Trainer:
             f"{cfg.model or 'the embedded tiny Llama (random weights)'} on "
             f"{cfg.data or 'the bundled HH-RLHF sample'}"
             + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune"),
-            f"  {length}, {cfg.pairs_per_step} {self._unit}s per micro-batch x {cfg.gradient_accumulation_steps} "
-            f"accumulated, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {self._unit}s cut to "
-            f"{cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
+            f"  {length}, {count_of(cfg.pairs_per_step, self._unit)} per micro-batch x "
+            f"{cfg.gradient_accumulation_steps} accumulated, learning rate {cfg.learning_rate:g} "
+            f"({cfg.lr_scheduler_type}), {self._unit}s cut to {cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
             f"  {self.device} ({str(self.dtype).replace('torch.', '')}), {processes}, backend {backend}, "
             f"attention {self.attention}; reference: {reference}",
             f"  output: {self.output_dir}",
         ]
         return "\n".join(lines)
+
+    def _eval_reference(self) -> str:
+        """The model `fastpref eval` takes as the final model's reference: the reference model given,
+        else the model the run started from: the embedded model's starting point, saved in initial/
+        (it exists nowhere else), or the model given, by its name or folder: a run keeps no copy of a
+        model that is on disk already (a packaged one is rebuilt from its package, identically)."""
+        if self.cfg.reference_model is not None:
+            return self.cfg.reference_model
+        return str(self.output_dir / INITIAL_DIR) if self.cfg.model is None else self.cfg.model
+
+    def _eval_command(self) -> Optional[str]:
+        """The `fastpref eval` command that scores the held-out pairs at the run's lengths, or None when
+        there are none (or they are unpaired examples, which `fastpref eval` does not score)."""
+        if not self.heldout_rows or not self.heldout_are_pairs:
+            return None
+        cfg = self.cfg
+        words = ["fastpref", "eval", "--model", str(self.output_dir / FINAL_DIR), "--reference-model",
+                 self.eval_reference, "--data", str(self.output_dir / HELDOUT_FILE), "--beta", f"{cfg.beta:g}",
+                 "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length)]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for name in ("truncation_mode", "data_format", "cache_dir"):
+            if getattr(cfg, name) != defaults[name]:
+                words += [flag(name), getattr(cfg, name)]
+        return " ".join(shlex.quote(word) for word in words)
 
     def _say(self, text: str) -> None:
         """A line for the console, from the main process only, shown with or without progress bars."""
@@ -406,7 +437,8 @@ class Trainer:
         rows = data_module.load_rows(cfg.data, split=cfg.split)
         options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                        truncation_mode=cfg.truncation_mode, on_malformed=cfg.on_malformed, format=cfg.data_format)
-        if data_module.is_unpaired(rows):
+        self.heldout_are_pairs = not data_module.is_unpaired(rows)
+        if not self.heldout_are_pairs:
             if not self.unpaired:
                 raise ValueError(f"the data holds unpaired examples (completion, label); loss types "
                                  f"{list(self.loss_fn.spec.loss_types)} need pairs (chosen, rejected): train it "
@@ -438,9 +470,10 @@ class Trainer:
         self.scored_train_pairs = self.trained_pairs[:cfg.score_train_pairs]
         self._say(self.data_report.summary())
         per_step, unit = cfg.pairs_per_step * cfg.gradient_accumulation_steps, self._unit
-        self._say(f"{len(self.train_pairs)} training {unit}s, {len(self.eval_pairs)} held out: {self.total_steps} "
-                  f"steps of up to {per_step} {unit}s train on {len(self.trained_pairs)} of the training {unit}s "
-                  f"({self.total_steps / self.steps_per_epoch:.3g} epochs)")
+        self._say(f"{count_of(len(self.train_pairs), 'training ' + unit)}, {len(self.eval_pairs)} held out: "
+                  f"{count_of(self.total_steps, 'step')} of up to {count_of(per_step, unit)} train on "
+                  f"{len(self.trained_pairs)} of the training {unit}s "
+                  f"({count_of(self.total_steps / self.steps_per_epoch, 'epoch', number_format='.3g')})")
         if self.unpaired:
             self._say(self._label_balance())
 
@@ -516,14 +549,21 @@ class Trainer:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         pairs = self._reference_items(self.trained_pairs + self.eval_pairs)
         # rank 0 reads the pieces: every process then computes the same missing pairs, batch by batch
+        directory = ReferenceCache.directory_for(cache_dir, self.reference_key)
         stored = self.dist.broadcast_object(
-            ReferenceCache.stored(ReferenceCache.directory_for(cache_dir, self.reference_key), self.reference_key)
-            if self.dist.is_main else None)
+            ReferenceCache.stored(directory, self.reference_key) if self.dist.is_main else None)
+        cached = sum(pair.row in stored for pair in pairs)
+        missing = len(pairs) - cached
+        if not missing:
+            self._say(f"reference log-probs: all {count_of(len(pairs), self._unit)} from the cache in {directory}")
+        elif cached:
+            self._say(f"reference log-probs: {cached} of {count_of(len(pairs), self._unit)} from the cache in "
+                      f"{directory}, {count_of(missing, self._unit)} to compute")
         with StopRequests() as stop:
             self.reference_cache = ReferenceCache.load_or_compute(
                 self.reference_key, pairs, self._reference_logps_shared, cache_dir=cache_dir,
                 batch_pairs=cfg.pairs_per_step, progress=cfg.progress and self.dist.is_main, stored=stored,
-                write=self.dist.is_main,
+                write=self.dist.is_main, unit=self._unit,
                 stop_requested=lambda: bool(self.dist.max_over_ranks(stop.received or 0, self.device)))
             self.dist.barrier()
             received = self.dist.max_over_ranks(stop.received or 0, self.device)
@@ -531,8 +571,8 @@ class Trainer:
             done = sum(pair.row in self.reference_cache.values for pair in pairs)
             raise TrainingInterrupted(
                 f"stopped by {signal_name(received)} during the reference pass: the log-probs of {done} of "
-                f"{len(pairs)} pairs are saved in {self.reference_cache.directory}; run the same command again "
-                "to compute the rest and train", received)
+                f"{count_of(len(pairs), self._unit)} are saved in {self.reference_cache.directory}; run the same "
+                "command again to compute the rest and train", received)
 
     def _reference_logps_now(self, pairs) -> torch.Tensor:
         """The reference model's, or else the policy's with adapters disabled (LoRA) or before
@@ -614,22 +654,28 @@ class Trainer:
         batches = [chosen[i:i + cfg.pairs_per_step] for i in range(0, len(chosen), cfg.pairs_per_step)]
         return [[self.train_pairs[i] for i in batch] for batch in batches]
 
-    def evaluate(self, pairs, split: str) -> Optional[Dict[str, float]]:
-        """Loss and metrics over `pairs`, each rank scoring its share."""
+    def evaluate(self, pairs, split: str, description: str) -> Optional[Dict[str, float]]:
+        """Loss and metrics over `pairs`, each rank scoring its share; `description` names them on the
+        progress bar."""
         if not pairs:
             return None
         self.head_model.eval()
         records, weights = [], []
-        with torch.no_grad():
+        # a real model scores a few pairs a second on a CPU: minutes for a held-out set
+        bar = tqdm(total=len(pairs), desc=f"scoring {description}", unit=self._unit, leave=False,
+                   disable=not (self.cfg.progress and self.dist.is_main))
+        with torch.no_grad(), bar:
             # the same global batches on every process: a sharded model needs all in every forward
             for start in range(0, len(pairs), self.cfg.pairs_per_step):
-                local = self.dist.shard(pairs[start:start + self.cfg.pairs_per_step])
+                batch = pairs[start:start + self.cfg.pairs_per_step]
+                local = self.dist.shard(batch)
                 # a process without a pair of this batch scores a placeholder, with weight 0
                 scored = local or pairs[:1]
                 loss, metrics, _ = self._batch_loss(scored, self.head_model, counted=bool(local))
                 record = {"loss": loss, **metrics}
                 records.append(_per_label(record, scored) if self.unpaired else record)
                 weights.append(len(local))
+                bar.update(len(batch))
         self.head_model.train()
         raise_pending_errors()
         mean = self.dist.weighted_mean(_read_metrics(records), weights, self.device)
@@ -748,7 +794,7 @@ class Trainer:
                         self._say("warning: " + warning)
                         log.write({"step": self.step, "split": "warning", "message": warning})
                     if self.step % cfg.eval_steps == 0 or self.step == self.total_steps:
-                        evaluation = self.evaluate(self.eval_pairs, "eval")
+                        evaluation = self.evaluate(self.eval_pairs, "eval", f"held-out {self._unit}s")
                         if evaluation:
                             log.write(evaluation)
                             last_eval = evaluation
@@ -784,21 +830,24 @@ class Trainer:
             bar.close()
         final = None
         if self.scored_train_pairs:
-            final = self.evaluate(self.scored_train_pairs, "train-final")
+            final = self.evaluate(self.scored_train_pairs, "train-final", f"trained {self._unit}s")
             log.write(final)
         log.close()
-        model_path = self.output_dir / "final"
+        model_path = self.output_dir / FINAL_DIR
         plot_path = None
         final_state = self._gathered_state() if self.sharded else None
+        eval_command = self._eval_command()
         if main:
             plot_path = plot_metrics(log.path, self.output_dir / "metrics.png")
             self._save_final(model_path, final_state)
             summary = {"final_eval": last_eval, "final_train": final, "steps": self.step,
                        "run": self._run_identity(), "data": self.data_report.to_dict(),
-                       "world_size": self.dist.world_size, "elapsed_s": time.perf_counter() - started}
+                       "world_size": self.dist.world_size, "elapsed_s": time.perf_counter() - started,
+                       "reference_model": self.eval_reference, "eval_command": eval_command}
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.dist.barrier()
-        return TrainResult(self.output_dir, self.step, final, last_eval, log.path, plot_path, model_path, losses)
+        return TrainResult(self.output_dir, self.step, final, last_eval, log.path, plot_path, model_path, losses,
+                           self.eval_reference, eval_command)
 
     def _write_run_files(self) -> None:
         """What the run keeps beside its checkpoints, written once it is known to proceed: the
@@ -807,7 +856,8 @@ class Trainer:
             return
         (self.output_dir / HELDOUT_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.heldout_rows))
         if self.initial_model is not None:
-            self.initial_model.save_pretrained(self.output_dir / INITIAL_DIR)
+            with transformers_progress_bars_off():
+                self.initial_model.save_pretrained(self.output_dir / INITIAL_DIR)
             self.tokenizer.save_pretrained(self.output_dir / INITIAL_DIR)
 
     def _finished_run(self) -> Optional[TrainResult]:
@@ -824,7 +874,8 @@ class Trainer:
         plot = self.output_dir / "metrics.png"
         return TrainResult(self.output_dir, self.total_steps, summary["final_train"], summary.get("final_eval"),
                            self.output_dir / "metrics.jsonl", plot if plot.is_file() else None,
-                           self.output_dir / "final")
+                           self.output_dir / FINAL_DIR, reference_model=summary.get("reference_model"),
+                           eval_command=summary.get("eval_command"))
 
     def _train_step(self) -> Dict[str, float]:
         """One optimizer step over the global batch; this rank computes its share of each micro-batch.
@@ -907,7 +958,8 @@ class Trainer:
                 with peft_internals_quiet():
                     model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             state = None
-        model.save_pretrained(target, state_dict=state)
+        with transformers_progress_bars_off():
+            model.save_pretrained(target, state_dict=state)
         self.tokenizer.save_pretrained(target)
 
 

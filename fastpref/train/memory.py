@@ -17,6 +17,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from ..causal_lm import unwrap
+from .wording import count_of
 
 MIB = 1 << 20
 
@@ -78,9 +79,10 @@ def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: 
         f"gradients {_mib(_local_bytes(trainable))}",
         f"optimizer state (AdamW) {_mib(2 * _local_bytes(trainable))}",
         f"reference: {held}",
-        f"activations per micro-batch (estimate, the data's {pairs} longest {unit}s: {tokens} tokens"
+        f"activations per micro-batch (estimate, the data's "
+        f"{f'longest {unit}' if pairs == 1 else f'{pairs} longest {unit}s'}: {count_of(tokens, 'token')}"
         f"{', gradient checkpointing' if gradient_checkpointing else ''}) {_mib(activations)}",
-        f"loss head per micro-batch (fused, {scored_tokens} response tokens) {_mib(head)}; materialised "
-        f"logits would take {_mib(scored_tokens * vocab * 4)}",
+        f"loss head per micro-batch (fused, {count_of(scored_tokens, 'response token')}) {_mib(head)}; "
+        f"materialised logits would take {_mib(scored_tokens * vocab * 4)}",
     ]
     return [f"[rank {rank}] memory: {line}" for line in lines]

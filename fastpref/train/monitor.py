@@ -64,15 +64,20 @@ def _moving_average(values, window: int) -> np.ndarray:
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     """Loss, reward accuracy, margins and chosen/rejected log-probs against the step, train and eval."""
-    import matplotlib
+    metrics_figure(read_metrics(metrics_path)).savefig(png_path, dpi=110)
+    return Path(png_path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+def metrics_figure(records: List[Dict]):
+    """The matplotlib figure of :func:`plot_metrics`, of metrics records (made without pyplot: no
+    display, and nothing global to close)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]),
               ("reward margin", ["rewards/margins"]), ("log-probs", ["logps/chosen", "logps/rejected"])]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig = Figure(figsize=(11, 7), constrained_layout=True)
+    axes = fig.subplots(2, 2)
     for ax, (title, keys) in zip(axes.flat, panels):
         for split, style in (("train", "-"), ("eval", "o--")):
             for key in keys:
@@ -89,12 +94,13 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
                     ax.plot(steps, values, style, label=f"{split} {key}", markersize=4)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # plain values: a flat curve's offset notation ("1e-5+6.931e-1") hides what they are
+        ax.ticklabel_format(style="plain", useOffset=False)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return Path(png_path)
+    return fig
 
 
 class DisplacementMonitor:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from .quiet import transformers_progress_bars_off
+
 SOURCE_FILE = "fastpref-source.json"
 
 
@@ -53,11 +55,12 @@ NAMED_MODELS: Dict[str, NamedModel] = {
 }
 
 
-def resolve_model(model: str, cache_root: Path, *, flag: str = "--model", progress: bool = True) -> str:
-    """The local folder to load for `model`: a named model's converted folder, or `model` itself
-    once checked to be a folder with a config.json (a clear error instead of a hub lookup)."""
+def check_model_argument(model: str, flag: str = "--model") -> None:
+    """ValueError naming `flag` unless `model` names a packaged model whose package is installed, or
+    a local folder with a config.json (a clear error instead of a hub lookup). Quick: nothing is read."""
     if model in NAMED_MODELS:
-        return str(materialize(model, cache_root, progress=progress))
+        gguf_pieces(model, flag=flag)
+        return
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(f"{flag}: no model at {model} (expected a local folder saved with save_pretrained, "
@@ -65,10 +68,18 @@ def resolve_model(model: str, cache_root: Path, *, flag: str = "--model", progre
     if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise ValueError(f"{flag}: {model} holds no config.json: it is not a model folder saved with "
                          "save_pretrained")
+
+
+def resolve_model(model: str, cache_root: Path, *, flag: str = "--model", progress: bool = True) -> str:
+    """The local folder to load for `model`: a named model's converted folder, or `model` itself
+    once checked to be a model folder (see :func:`check_model_argument`)."""
+    check_model_argument(model, flag)
+    if model in NAMED_MODELS:
+        return str(materialize(model, cache_root, progress=progress))
     return model
 
 
-def gguf_pieces(name: str) -> List[Path]:
+def gguf_pieces(name: str, *, flag: str = "--model") -> List[Path]:
     """The installed files of a named model's GGUF, in order; ValueError with the pip line if missing."""
     entry = NAMED_MODELS[name]
     paths = []
@@ -76,7 +87,7 @@ def gguf_pieces(name: str) -> List[Path]:
         spec = importlib.util.find_spec(module)
         path = Path(spec.submodule_search_locations[0]) / relative if spec and spec.submodule_search_locations else None
         if path is None or not path.is_file():
-            raise ValueError(f"--model {name} needs its model package, which is not installed: {entry.install} "
+            raise ValueError(f"{flag} {name} needs its model package, which is not installed: {entry.install} "
                              "(--no-deps: the package's own dependencies are not needed to read its GGUF)")
         paths.append(path)
     return paths
@@ -116,7 +127,7 @@ def materialize(name: str, cache_root: Path, *, progress: bool = True) -> Path:
                 for piece in pieces:
                     with open(piece, "rb") as handle:
                         shutil.copyfileobj(handle, out, 1 << 22)
-        _convert(gguf_path, staging / "hf")
+        _convert(gguf_path, staging / "hf", name, progress)
         (staging / "hf" / SOURCE_FILE).write_text(json.dumps(
             {"name": name, "gguf_sha256": checksum, "pieces": [p.name for p in pieces], "licence": entry.licence},
             indent=1))
@@ -127,23 +138,39 @@ def materialize(name: str, cache_root: Path, *, progress: bool = True) -> Path:
     return target
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise `gguf_path` and save it as a plain model: the weights are copied into a fresh model
-    of the same config, so that the saved folder carries no GGUF quantisation settings."""
+def _convert(gguf_path: Path, out_dir: Path, name: str, progress: bool = True) -> None:
+    """Dequantise `gguf_path` (of named model `name`) and save it as a plain model: the weights are
+    copied into a fresh model of the same config, so that the saved folder carries no GGUF
+    quantisation settings."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=filename, quantization_config=GgufConfig(gguf_file=filename, dequantize=True),
-        dtype=torch.float32)
-    config = loaded.config
-    for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    # half a minute, mostly spent reading the GGUF's metadata, once for the tokenizer and twice for the
+    # weights: the bar's steps are the stages' shares of that time (SmolLM2-135M on 2 CPU cores: 8 s,
+    # 25 s, 3 s and 1 s), so that its ETA holds
+    with tqdm(total=100, desc=f"converting {name}", unit="%", disable=not progress,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}") as bar:
+        bar.set_postfix_str("reading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        bar.update(20)
+        bar.set_postfix_str("reading and dequantising the weights")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, quantization_config=GgufConfig(gguf_file=filename, dequantize=True),
+            dtype=torch.float32)
+        bar.update(65)
+        bar.set_postfix_str("copying them into a plain model")
+        config = loaded.config
+        for attribute in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attribute):
+                delattr(config, attribute)
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        bar.update(10)
+        bar.set_postfix_str("saving")
+        with transformers_progress_bars_off():
+            fresh.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        bar.update(5)

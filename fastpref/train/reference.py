@@ -115,11 +115,12 @@ class ReferenceCache:
     def load_or_compute(cls, key: str, pairs: Sequence, compute: Callable[[Sequence], torch.Tensor], *,
                         cache_dir: Optional[Path], batch_pairs: int, progress: bool = True,
                         stored: Optional[Dict[int, torch.Tensor]] = None, write: bool = True,
-                        stop_requested: Callable[[], bool] = lambda: False) -> "ReferenceCache":
+                        stop_requested: Callable[[], bool] = lambda: False, unit: str = "pair") -> "ReferenceCache":
         """The values of `pairs`: those `cache_dir` holds (`stored`, when the caller read them already),
         and the others `compute`d batch by batch, written there in pieces when `write` (with several
         processes, only one writes). `stop_requested` is asked after every batch; when it says so, what
-        was computed is written and the pass ends early, with the values it has."""
+        was computed is written and the pass ends early, with the values it has. The progress bar
+        counts `unit`s, and shows only when there is something to compute."""
         directory = None if cache_dir is None else cls.directory_for(cache_dir, key)
         values = cls.stored(directory, key) if stored is None else dict(stored)
         missing = [pair for pair in pairs if pair.row not in values]
@@ -133,7 +134,8 @@ class ReferenceCache:
             unwritten.clear()
             last_write = time.monotonic()
 
-        with tqdm(total=len(missing), desc="reference log-probs", unit="pair", disable=not progress) as bar:
+        with tqdm(total=len(missing), desc="reference log-probs", unit=unit,
+                  disable=not (progress and missing)) as bar:
             for start in range(0, len(missing), batch_pairs):
                 batch = missing[start:start + batch_pairs]
                 logps = compute(batch).cpu()
