@@ -296,6 +296,7 @@ def test_logprobs_peers_are_measured_or_say_why_not():
     assert not logprobs.failures(rows)
 
 
+@pytest.mark.slow
 def test_logprobs_summed_loss_peer_is_checked_against_the_uniform_gradient(monkeypatch):
     """quack-chunked's row: a head returning the summed log-prob of the scored tokens, backpropagated
     with 1, against the reference for that gradient (here a torch stand-in for QuACK; a wrong one is
@@ -424,6 +425,7 @@ def tiny_loss_head(**overrides) -> loss_head.Config:
     return loss_head.Config(**fields)
 
 
+@pytest.mark.slow
 def test_loss_head_has_right_answers_for_every_method_and_loss():
     rows = []
     progress, steps, work = recording_progress()
@@ -507,6 +509,7 @@ def test_loss_head_method_that_cannot_be_set_up_is_a_row(monkeypatch, capsys):
     assert "| trainable | fastpref-torch | " in out.out and out.out.count("| ERROR: ") == 1
 
 
+@pytest.mark.slow
 def test_cli_loss_head_sweep_writes_plot(tmp_path, capsys):
     stem = tmp_path / "lh"
     argv = ["bench", "loss-head", "--device", "cpu", "--hidden", "8", "--vocab", "64", "--tokens", "32", "64",
@@ -562,6 +565,7 @@ def tiny_model_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 def test_loss_head_on_a_models_real_hidden_states(tiny_model_folder):
     """--hidden-from: the model's final hidden states on HH-RLHF pairs and its own head; targets are
     the next tokens of each response, so the reference's log-probs are the model's own."""
@@ -608,6 +612,7 @@ def tiny_end_to_end(**overrides) -> end_to_end.Config:
     return end_to_end.Config(**fields)
 
 
+@pytest.mark.slow
 def test_end_to_end_methods_agree_on_the_loss_and_are_measured():
     rows = []
     end_to_end.run(tiny_end_to_end(find_max_pairs=False), rows)
@@ -645,6 +650,7 @@ def test_end_to_end_wrong_gradient_is_caught(monkeypatch, capsys):
     assert "failed (not timed): fastpref-packed (seq 16, 2 pairs): WRONG" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_end_to_end_broken_method_is_a_row_and_the_others_are_measured(monkeypatch, capsys):
     real = end_to_end.step_function
 
@@ -693,6 +699,7 @@ def test_max_pairs_search_finds_the_largest_count_that_fits(monkeypatch, largest
     assert sum(work) == end_to_end.search_work(cfg, 16) and min(work) >= 0
 
 
+@pytest.mark.slow
 def test_max_pairs_with_a_memory_budget_on_cpu():
     if not MEMORY_MEASURED:
         pytest.skip("resident-memory peak needs Linux /proc/self/clear_refs")
@@ -713,6 +720,7 @@ def test_max_pairs_with_a_memory_budget_on_cpu():
 # The command line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bare", [False, True], ids=["all", "no-op"])
 def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, bare):
     monkeypatch.setattr(logprobs, "defaults", lambda device: dict(

@@ -44,6 +44,7 @@ from fastpref.backends import cuda_backend
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
 from reference import relative_error
 from test_linear_logprobs import TOLERANCE, make_inputs, run_and_compare
+from tiers import first_fast
 
 SANITIZER = os.environ.get("FASTPREF_EMULATION_SANITIZER") or None
 DTYPES = gpu_tests.DTYPES
@@ -97,7 +98,7 @@ def test_cuda_failures_raise_runtime_error_with_the_cuda_message(function):
 
 # ---- the kernels ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("ignore_every", [0, 3], ids=["none-ignored", "some-ignored"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -110,7 +111,7 @@ def test_all_rows_ignored(trainable_head):
     gpu_tests.test_all_rows_ignored(trainable_head)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_many_slabs_match_one_slab(dtype, with_bias):
     gpu_tests.test_many_slabs_match_one_slab(dtype, with_bias)
@@ -121,6 +122,7 @@ def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
     gpu_tests.test_masked_columns_whole_slabs_of_minus_infinity(dtype)
 
 
+@pytest.mark.slow
 def test_compensated_hidden_gradient_rounds_about_once():
     gpu_tests.test_compensated_hidden_gradient_rounds_about_once()
 
@@ -139,6 +141,7 @@ def test_misaligned_rows_take_the_element_load_path(dtype):
     gpu_tests.test_misaligned_rows_take_the_element_load_path(dtype)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 def test_agrees_with_triton(dtype, trainable_head):
@@ -176,7 +179,7 @@ def test_losses_agree_with_triton_on_every_part(types):
 OUTPUT_SHAPES = gpu_tests.OUTPUT_SHAPES[:-1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("transform", gpu_tests.TRANSFORMS_AND_NONE.values(), ids=gpu_tests.TRANSFORMS_AND_NONE.keys())
 @pytest.mark.parametrize("shape", OUTPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -184,14 +187,14 @@ def test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, 
     gpu_tests.test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, shape)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("outputs", gpu_tests.EACH_OUTPUT, ids=lambda o: o[0])
 def test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head):
     gpu_tests.test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 def test_outputs_over_many_slabs_match_one_slab(dtype):
     gpu_tests.test_outputs_over_many_slabs_match_one_slab(dtype)
 
@@ -212,13 +215,13 @@ def test_is_top1_takes_the_first_maximum():
     gpu_tests.test_is_top1_takes_the_first_maximum()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 @pytest.mark.parametrize("transform", [{}, dict(logit_scale=1.7, temperature=1.3)], ids=["none", "scale"])
 def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
     gpu_tests.test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
@@ -226,7 +229,7 @@ def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, w
     gpu_tests.test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("store_columns", [0, 8, 11, 40], ids=["one-column", "8-columns", "11-columns",
                                                                  "whole-vocabulary"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])

@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 from fastpref.train.loop import TrainConfig, train
 from test_trainer import config
 
+pytestmark = pytest.mark.slow  # processes of their own, each importing torch and training
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

@@ -146,6 +146,7 @@ def _final(root, *parts):
     return root.joinpath(*parts, "run", "final")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp_equals_one_process(runs, case):
     """Same global batch (split over the processes), gradient accumulation: the losses and the final
@@ -155,6 +156,7 @@ def test_fsdp_equals_one_process(runs, case):
     _assert_same_weights(_final(root, "one", case), _final(root, "two", case))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, how", list(STOPPED.items()))
 def test_stopped_and_resumed_equals_uninterrupted(runs, case, how):
     """Killed, or interrupted (Ctrl-C), after step 2 and run again: it resumes from checkpoint-2 and
@@ -168,6 +170,7 @@ def test_stopped_and_resumed_equals_uninterrupted(runs, case, how):
         assert (run / "final-adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_on_float32_weights(runs):
     """MixedPrecisionPolicy: bf16 forward and backward (the losses move off float32's, a little),
     float32 weights for the optimizer (the final model is saved from them)."""
@@ -180,6 +183,7 @@ def test_bfloat16_computes_in_bfloat16_on_float32_weights(runs):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, tmp_path):
     """Another world size: torch.distributed.checkpoint reshards the two processes' checkpoint."""
     root, single, _, _ = runs
@@ -189,6 +193,7 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, tiny_data, tied_model, 
     _assert_same_weights(_final(root, "one", "untied-full"), resumed.model_path)
 
 
+@pytest.mark.slow
 def test_corrupt_sharded_checkpoint_is_refused(runs, tiny_data, tied_model, tmp_path):
     root, _, _, _ = runs
     checkpoint = tmp_path / "checkpoint-2"
@@ -208,6 +213,7 @@ def _memory_lines(text):
     return {line.split("memory: ")[1].split(" ")[0]: line for line in text.splitlines() if " memory: " in line}
 
 
+@pytest.mark.slow
 def test_memory_report_at_start(runs):
     """Every process prints its own memory items; under FSDP2 it holds half of each state."""
     _, _, _, printed = runs

@@ -13,6 +13,7 @@ import fastpref
 from fastpref.backends import torch_backend
 from reference import reference_head_outputs, relative_error
 from test_linear_logprobs import DEVICE, TOLERANCE, make_inputs
+from tiers import first_fast
 
 BACKENDS = ["torch", "triton"]
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -85,7 +86,7 @@ def run_and_compare_outputs(backend, hidden, weight, bias, targets, grad_out, *,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 def test_transforms_and_outputs_match_float64(backend, transform, dtype, trainable_head):
     inputs = make_inputs(37, 70, 301, dtype, with_bias=trainable_head, ignore_every=5)

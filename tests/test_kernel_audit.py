@@ -16,6 +16,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import pytest
 
 from fastpref.audit import ARCHES, AuditRow, audit, violations
 from fastpref.audit import cuda_compile, launches, triton_compile
@@ -45,6 +46,7 @@ def _row(**changes) -> AuditRow:
     return AuditRow(**fields)
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     stem = tmp_path / "kernels"
     result = subprocess.run([sys.executable, "-m", "fastpref.cli", "kernels", "--no-progress", "--out", str(stem)],

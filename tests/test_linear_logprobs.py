@@ -79,6 +79,7 @@ def test_matches_float64_reference(backend, dtype, trainable_head):
     run_and_compare(backend, *inputs, trainable_head=trainable_head)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 16, 1), (3, 5, 2), (19, 33, 64), (40, 129, 257)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.smoke
 ROOT = Path(__file__).resolve().parent.parent
 # Folders that land on sys.path when something runs from a checkout.
 ON_SYS_PATH = [ROOT, ROOT / "tests"]

@@ -204,7 +204,7 @@ def _compare(tmp_path, tokenizer, dataset, policy, reference, options, fused):
 
 # fused pair loss (True) or TRL's loss code (False) on the model's fused head
 CASES = [
-    pytest.param({"loss_type": ["sigmoid"]}, "other", True, id="sigmoid-ref_model"),
+    pytest.param({"loss_type": ["sigmoid"]}, "other", True, id="sigmoid-ref_model", marks=pytest.mark.smoke),
     pytest.param({"loss_type": ["sigmoid"]}, "precompute", True, id="sigmoid-precomputed"),
     pytest.param({"loss_type": ["sigmoid"]}, "lora", True, id="sigmoid-lora"),
     pytest.param({"loss_type": ["sigmoid"]}, "peft_model", True, id="sigmoid-peft_ref_adapter"),
@@ -218,7 +218,8 @@ CASES = [
     pytest.param({"loss_type": ["apo_down"], "beta": 0.5}, "other", True, id="apo_down-ref_model"),
     pytest.param({"loss_type": ["sft"]}, "other", True, id="sft-ref_model"),
     # TRL's loss code over fastpref's per-token outputs
-    pytest.param({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, "other", False, id="exo_pair"),
+    pytest.param({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, "other", False, id="exo_pair",
+                 marks=pytest.mark.smoke),
     pytest.param({"loss_type": ["nca_pair"]}, "other", False, id="nca_pair"),
     pytest.param({"loss_type": ["bco_pair"]}, "lora", False, id="bco_pair-lora"),
     pytest.param({"loss_type": ["sppo_hard"], "beta": 0.5}, "other", False, id="sppo_hard"),
