@@ -13,8 +13,8 @@ FASTPREF_BUILD_CUDA selects what happens:
 Whenever the extension is left out, an in-place build from an earlier editable install is removed,
 so that no stale module outlives the sources it was built from.
 
-The compile takes minutes (about 3 on 2 cores) and pip shows a build's output only with -v, so its
-progress also goes to the terminal. An editable install keeps the objects in build/cuda-objects/,
+The compile takes a while (45 s on 2 busy cores) and pip shows a build's output only with -v, so
+its progress, and why the extension was left out if it was, also go to the terminal. An editable install keeps the objects in build/cuda-objects/,
 so that reinstalling (with extras, say) recompiles only what changed.
 """
 import glob
@@ -152,7 +152,7 @@ class BuildExtension(build_ext):
         if jobs:
             _tell_the_terminal(
                 f"fastpref: compiling the CUDA extension {CUDA_EXTENSION}: {len(jobs)} of "
-                f"{len(CUDA_SOURCES)} files with {nvcc} (minutes: about 3 on 2 cores). "
+                f"{len(CUDA_SOURCES)} files with {nvcc} (about a minute on 2 cores). "
                 "FASTPREF_BUILD_CUDA=0 skips it (the torch and Triton backends need none of it).")
         started = time.monotonic()
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
@@ -201,8 +201,7 @@ class BuildExtension(build_ext):
         )
         if stale:
             message += f" Removed the earlier build {stale}."
-        paragraph = textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False)
-        print(f"\n{paragraph}\n", file=sys.stderr, flush=True)
+        _tell_the_terminal(textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False))
 
 
 def _tell_the_terminal(message):
