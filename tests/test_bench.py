@@ -48,6 +48,7 @@ class Terminal(io.StringIO):
 # Measurement
 
 
+@pytest.mark.slow
 def test_timing_rounds_go_round_the_methods_after_each_is_checked_warmed_and_weighed():
     calls = []
 
@@ -70,6 +71,7 @@ def test_timing_rounds_go_round_the_methods_after_each_is_checked_warmed_and_wei
         assert len(result.times_ms) == 3 and result.time_ms == sorted(result.times_ms)[1]
 
 
+@pytest.mark.slow
 def test_out_of_memory_and_other_errors_are_results():
     ok = Candidate("ok", step=lambda: 1, check=lambda output: True)
 
@@ -164,6 +166,7 @@ def test_the_cores_other_processes_keep_busy_are_read_from_the_clocks():
     assert busy_core_seconds() - before >= 0.2
 
 
+@pytest.mark.slow
 def test_the_machine_and_its_load_go_into_the_report_the_rows_and_the_console(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_report, "others_busy_cores", lambda start, end: 1.5)
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test", out=str(tmp_path / "lp"),
@@ -229,6 +232,7 @@ def test_logprobs_rows_are_right_and_measured():
 # outputs
 
 
+@pytest.mark.slow
 def test_outputs_rows_measure_every_variant_against_log_probs_alone():
     cfg = outputs.Config(device=CPU, n=40, hidden=16, vocab=300, dtype=torch.float32, backend="torch", repeat=1)
     rows = []
@@ -272,6 +276,7 @@ def test_gemm_floor_does_the_heads_flops(monkeypatch):
 HAS_TORCH_NATIVE = hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
+@pytest.mark.slow
 def test_logprobs_peers_are_measured_or_say_why_not():
     """On a CPU PyTorch's head runs (torch >= 2.13) and is checked like every method; Liger's CuTe
     head and QuACK are rows that give the reason."""
@@ -358,6 +363,7 @@ def test_peers_get_the_scored_rows():
     assert (rows[9:] == 0).all()
 
 
+@pytest.mark.slow
 def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
     stem = tmp_path / "results" / "lp"
     argv = ["bench", "logprobs", "--device", "cpu", "--n", "48", "--hidden", "16", "--vocab", "500",
@@ -381,6 +387,7 @@ def test_cli_logprobs_prints_and_writes_report_and_rows(tmp_path, capsys):
     assert f"wrote {stem}.md, {stem}.json, {stem}.png" in printed.err
 
 
+@pytest.mark.slow
 def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
     real = logprobs.method_function
     def shifted(name, device, dtype, *count):
@@ -396,6 +403,7 @@ def test_logprobs_wrong_answer_is_reported_and_not_timed(monkeypatch, capsys):
     assert "failed (not timed): fastpref-torch (frozen head): WRONG" in out.err
 
 
+@pytest.mark.slow
 def test_logprobs_broken_method_is_a_row_and_the_others_are_measured(monkeypatch, capsys):
     real = logprobs.method_function
 
@@ -474,6 +482,7 @@ def test_loss_head_reference_is_trl_loss_on_the_padded_batch():
         inputs.hidden.grad = None
 
 
+@pytest.mark.slow
 def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys):
     real = loss_head.loss_function
 
@@ -492,6 +501,7 @@ def test_loss_head_out_of_memory_and_wrong_answers_are_rows(monkeypatch, capsys)
     assert "failed (not timed): fastpref-torch (tiny, N=96, simpo, frozen head): WRONG" in out.err
 
 
+@pytest.mark.slow
 def test_loss_head_method_that_cannot_be_set_up_is_a_row(monkeypatch, capsys):
     real = loss_head.loss_function
 
@@ -537,6 +547,7 @@ def test_cli_loss_head_at_one_size_writes_a_bar_plot(tmp_path, capsys):
     assert f"wrote {stem}.md, {stem}.json, {stem}.png" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_plot_is_said_with_its_reason(monkeypatch, tmp_path, capsys):
     failed = [logprobs.Row("materialized", "frozen", 48, 43, 16, 500, "float32", status="OOM")]
     with pytest.raises(NoPlot, match="no method has a measured value"):
@@ -748,6 +759,7 @@ def test_all_runs_every_op_and_writes_its_files(monkeypatch, tmp_path, capsys, b
                      "cpu-loss-head.png", "cpu-outputs.json", "cpu-outputs.md", "cpu-outputs.png"]
 
 
+@pytest.mark.slow
 def test_progress_shows_each_step_and_the_time_left_on_a_terminal(monkeypatch, capsys):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -761,6 +773,7 @@ def test_progress_shows_each_step_and_the_time_left_on_a_terminal(monkeypatch, c
     assert "%|" not in capsys.readouterr().out  # the report on stdout stays clean
 
 
+@pytest.mark.slow
 def test_progress_stays_out_of_logs(capsys):
     """stderr not a terminal (a CI log, a pipe): no bar, only the report and the lines that matter."""
     assert bench.run_op(logprobs, tiny_logprobs(heads=("frozen",)), "test") == 0

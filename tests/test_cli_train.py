@@ -285,6 +285,7 @@ def test_a_bad_config_file_is_one_error_naming_the_setting(tmp_path, capsys, tex
     assert exit_.value.code == 2 and f"--config {settings}: {message}" in err
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_saves_exits_143_and_the_rerun_resumes(tmp_path, small_data):
     """As `timeout`, SLURM or Kubernetes would stop it: a real signal to a real `fastpref train`,
     twice: the rerun resumes from the first stop's checkpoint."""

@@ -112,12 +112,12 @@ def test_all_rows_ignored(trainable_head):
 
 
 @pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("with_bias", first_fast([False, True]), ids=["no-bias", "bias"])
 def test_many_slabs_match_one_slab(dtype, with_bias):
     gpu_tests.test_many_slabs_match_one_slab(dtype, with_bias)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 def test_masked_columns_whole_slabs_of_minus_infinity(dtype):
     gpu_tests.test_masked_columns_whole_slabs_of_minus_infinity(dtype)
 
@@ -142,7 +142,7 @@ def test_misaligned_rows_take_the_element_load_path(dtype):
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
 def test_agrees_with_triton(dtype, trainable_head):
     """test_cuda_backend's test of the same name, on a shape the emulation runs quickly."""
@@ -180,7 +180,7 @@ OUTPUT_SHAPES = gpu_tests.OUTPUT_SHAPES[:-1]
 
 
 @pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
-@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("trainable_head", first_fast([True, False]), ids=["trainable", "frozen"])
 @pytest.mark.parametrize("transform", gpu_tests.TRANSFORMS_AND_NONE.values(), ids=gpu_tests.TRANSFORMS_AND_NONE.keys())
 @pytest.mark.parametrize("shape", OUTPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, shape):
@@ -188,12 +188,13 @@ def test_transforms_and_outputs_match_float64(transform, dtype, trainable_head, 
 
 
 @pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
-@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
-@pytest.mark.parametrize("outputs", gpu_tests.EACH_OUTPUT, ids=lambda o: o[0])
+@pytest.mark.parametrize("trainable_head", first_fast([True, False]), ids=["trainable", "frozen"])
+@pytest.mark.parametrize("outputs", first_fast(gpu_tests.EACH_OUTPUT), ids=lambda o: o[0])
 def test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head):
     gpu_tests.test_each_output_alone_over_many_slabs(outputs, dtype, trainable_head)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
 def test_outputs_over_many_slabs_match_one_slab(dtype):
     gpu_tests.test_outputs_over_many_slabs_match_one_slab(dtype)
@@ -216,23 +217,24 @@ def test_is_top1_takes_the_first_maximum():
 
 
 @pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
-@pytest.mark.parametrize("transform", [{}, dict(logit_scale=1.7, temperature=1.3)], ids=["none", "scale"])
+@pytest.mark.parametrize("transform", first_fast([{}, dict(logit_scale=1.7, temperature=1.3)]), ids=["none", "scale"])
 def test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform):
     gpu_tests.test_outputs_with_whole_slabs_of_minus_infinity(dtype, transform)
 
 
 @pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
-@pytest.mark.parametrize("group_rows", [1, 9, 10_000], ids=["pair-groups", "groups-of-9", "one-group"])
-@pytest.mark.parametrize("softcap", [None, 2.5], ids=["no-softcap", "softcap"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("group_rows", first_fast([1, 9, 10_000]), ids=["pair-groups", "groups-of-9", "one-group"])
+@pytest.mark.parametrize("softcap", first_fast([None, 2.5]), ids=["no-softcap", "softcap"])
+@pytest.mark.parametrize("with_bias", first_fast([False, True]), ids=["no-bias", "bias"])
 def test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias):
     gpu_tests.test_gradients_in_forward_match_float64_logits(dtype, group_rows, softcap, with_bias)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", first_fast(DTYPES), ids=str)
 @pytest.mark.parametrize("store_columns", [0, 8, 11, 40], ids=["one-column", "8-columns", "11-columns",
                                                                  "whole-vocabulary"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("with_bias", first_fast([False, True]), ids=["no-bias", "bias"])
 def test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns, with_bias):
     gpu_tests.test_gradients_in_forward_with_a_store_narrower_than_the_vocabulary(dtype, store_columns, with_bias)
 

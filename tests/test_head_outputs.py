@@ -87,7 +87,7 @@ def run_and_compare_outputs(backend, hidden, weight, bias, targets, grad_out, *,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]), ids=str)
-@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("trainable_head", first_fast([True, False]), ids=["trainable", "frozen"])
 def test_transforms_and_outputs_match_float64(backend, transform, dtype, trainable_head):
     inputs = make_inputs(37, 70, 301, dtype, with_bias=trainable_head, ignore_every=5)
     run_and_compare_outputs(backend, *inputs, transform=transform, trainable_head=trainable_head)
@@ -96,7 +96,7 @@ def test_transforms_and_outputs_match_float64(backend, transform, dtype, trainab
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("outputs", [("log_probs",), ("entropy",), ("log_sum_sq_probs", "is_top1"),
                                      ("mean_logits",)], ids=lambda o: "+".join(o))
-@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("trainable_head", first_fast([True, False]), ids=["trainable", "frozen"])
 def test_each_output_alone(backend, outputs, trainable_head):
     """Each output's sums switched on alone (the kernels' flags), with the soft cap on."""
     inputs = make_inputs(23, 40, 150, torch.float32, with_bias=True, ignore_every=4)

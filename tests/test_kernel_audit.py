@@ -85,6 +85,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     assert "| kernel | config | arch | registers |" in report and "wgmma" in report
 
 
+@pytest.mark.slow
 def test_gate_rejects_plain_int_globals_in_the_pair_loss_kernel(tmp_path):
     """Put the original bug back (loss-type indices as plain ints): the GPU compiler refuses it."""
     source = (ROOT / "kernels" / "preference_pair_loss.py").read_text()
@@ -120,6 +121,7 @@ def test_gate_rejects_plain_int_globals_in_the_pair_loss_kernel(tmp_path):
     assert "Cannot access global variable SIGMOID" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_kernel_no_configuration_launches_fails_the_gate(tmp_path):
     """Kernels are discovered: a new one that the audit never launches is reported, not skipped."""
     (tmp_path / "unlaunched.py").write_text(textwrap.dedent("""

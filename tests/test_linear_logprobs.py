@@ -10,6 +10,7 @@ import torch
 import fastpref
 from fastpref.backends import torch_backend, triton_backend
 from reference import reference_logprobs, relative_error
+from tiers import first_fast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -156,7 +157,7 @@ def test_triton_vocabulary_splits(monkeypatch):
     run_and_compare("triton", *make_inputs(9, 40, 301, torch.float32, with_bias=True, ignore_every=4))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_bias", first_fast([False, True]))
 def test_triton_backward_over_many_vocabulary_slabs(with_bias):
     """A scratch budget of one tile of columns: the backward walks V in many slabs (the last one
     ragged), each writing its slab of d_weight once and adding its share of d_hidden."""

@@ -6,6 +6,7 @@ import fastpref
 from fastpref.loss_spec import PAIRED_LOSS_TYPES
 from reference import (reference_kto_loss, reference_pair_loss, reference_sequence_logps,
                        relative_error)
+from tiers import first_fast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -74,7 +75,7 @@ def options_for(loss_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", first_fast([torch.float32, torch.bfloat16]))
 @pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
 def test_each_paired_loss_matches_its_reference(backend, dtype, loss_type):
     check_paired_loss(backend, dtype, loss_type)
@@ -99,7 +100,7 @@ def check_paired_loss(backend, dtype, loss_type):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "hinge"])
-@pytest.mark.parametrize("average_logps", [True, False])
+@pytest.mark.parametrize("average_logps", first_fast([True, False]))
 def test_reduction_override(backend, loss_type, average_logps):
     """IPO on sequence log-probs (the paper) or on means (TRL); DPO on means, SimPO on sums."""
     hidden, weight, targets, layout, reference = make_packed_batch(4, 20, 61, torch.float32)

@@ -96,6 +96,7 @@ def smollm2_cache(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_installed_smollm2_converts_to_a_llama(smollm2_cache):
     from transformers import AutoConfig
@@ -105,6 +106,7 @@ def test_installed_smollm2_converts_to_a_llama(smollm2_cache):
     assert config.model_type == "llama" and config.vocab_size == 49152 and config.hidden_size == 576
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_a_two_step_smollm2_run_scores_only_its_pairs_and_ends_in_minutes(smollm2_cache, tmp_path):
     """`fastpref train --model smollm2-135m --max-steps 2` at the real-model defaults (pairs up to

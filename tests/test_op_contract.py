@@ -41,6 +41,7 @@ def packed_pairs():
     return pack_pairs(pairs, prefix_sharing=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type, outputs_softcap", [("sigmoid", 5.0), ("ipo", None)])
 def test_compile_fullgraph_model_forward_and_loss_equal_eager(loss_type, outputs_softcap):
     model = tiny_llama()
@@ -74,6 +75,7 @@ def test_compile_fullgraph_model_forward_and_loss_equal_eager(loss_type, outputs
         assert relative_error(ours, theirs) <= 1e-4
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_op_with_every_output():
     hidden, weight, bias, targets, grad_out = make_inputs(23, 40, 150, torch.float32, with_bias=True, ignore_every=4)
     leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]

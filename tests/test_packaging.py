@@ -59,7 +59,7 @@ def test_the_root_holds_no_module_but_the_package_and_its_build_script():
     assert _regular_modules(ROOT) == ROOT_MODULES
 
 
-@pytest.mark.parametrize("folder", ON_SYS_PATH, ids=lambda folder: folder.name)
+@pytest.mark.parametrize("folder", ON_SYS_PATH, ids=["root", "tests"])
 def test_no_name_on_sys_path_hides_an_installed_distribution(folder):
     installed = _installed_top_level_names()
     hidden = {name: installed[name] for name in _regular_modules(folder) if name in installed}
@@ -67,27 +67,33 @@ def test_no_name_on_sys_path_hides_an_installed_distribution(folder):
                         f"them whenever {folder.name}/ is on sys.path: {hidden}")
 
 
-def test_kernels_from_the_root_is_the_installed_distribution():
-    """What failed when transformers began importing the Hub's `kernels`, from the root."""
-    code = ("import importlib.util; spec = importlib.util.find_spec('kernels'); "
-            "print(spec.origin if spec else None)")
-    origin = _python(code, ROOT)
-    if "kernels" in _installed_top_level_names():
-        assert Path(origin).parent != ROOT / "kernels", origin
-        _python("import transformers.integrations.hub_kernels", ROOT)
-    else:
-        assert origin in ("None", "namespace"), origin
-
-
-@pytest.mark.parametrize("cwd", ["root", "elsewhere"])
-def test_fastpref_kernels_are_the_project_kernels(cwd, tmp_path):
-    code = ("import fastpref.kernels, fastpref.kernels.linear_logprobs_forward as forward; "
-            "print(forward.__file__)")
-    path = Path(_python(code, ROOT if cwd == "root" else tmp_path))
-    assert path.parent.name == "kernels" and path.read_bytes() == (
+def _project_kernel(path: str) -> bool:
+    path = Path(path)
+    return path.parent.name == "kernels" and path.read_bytes() == (
         ROOT / "kernels" / "linear_logprobs_forward.py").read_bytes()
 
 
+def test_from_the_root_kernels_is_the_installed_distribution_and_fastpref_kernels_the_projects():
+    """What failed when transformers began importing the Hub's `kernels`, from the root."""
+    hub_kernels = "kernels" in _installed_top_level_names()
+    code = ("import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None); "
+            + ("import transformers.integrations.hub_kernels; " if hub_kernels else "")
+            + "import fastpref.kernels.linear_logprobs_forward as forward; print(forward.__file__)")
+    origin, kernel = _python(code, ROOT).splitlines()
+    if hub_kernels:
+        assert Path(origin).parent != ROOT / "kernels", origin
+    else:
+        assert origin in ("None", "namespace"), origin
+    assert _project_kernel(kernel), kernel
+
+
+@pytest.mark.slow
+def test_fastpref_kernels_from_elsewhere_are_the_project_kernels(tmp_path):
+    code = "import fastpref.kernels.linear_logprobs_forward as forward; print(forward.__file__)"
+    assert _project_kernel(_python(code, tmp_path))
+
+
+@pytest.mark.slow
 def test_a_wheel_holds_the_kernels_as_fastpref_kernels(tmp_path):
     """A regular install: built without the CUDA extension (the Python files are the same)."""
     build = subprocess.run(

@@ -56,7 +56,7 @@ def padded_logps(model, pairs):
 
 
 # flex_attention is the CUDA path (a BlockMask, no [T, T] tensor); its forward runs on the CPU too.
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
 def test_packed_logps_equal_padded(attention, prefix_sharing):
     model = tiny_model(attention)

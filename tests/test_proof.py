@@ -11,10 +11,12 @@ import pytest
 from fastpref.bench import proof
 from fastpref.bench.calibration import DESIGNS, predicted_ms
 from fastpref.bench.plan import Shape, plan
+from tiers import first_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_dry_run_goes_end_to_end(tmp_path):
     results = tmp_path / "results"
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -36,7 +38,7 @@ def test_dry_run_goes_end_to_end(tmp_path):
     assert "passed" in (results / "gpu-tests.log").read_text() or "skipped" in (results / "gpu-tests.log").read_text()
 
 
-@pytest.mark.parametrize("launched", ["foreground", "background"])
+@pytest.mark.parametrize("launched", first_fast(["foreground", "background"]))
 def test_a_step_past_its_limit_is_interrupted_and_keeps_what_it_wrote(tmp_path, launched):
     """In the background (a shell's `&` job) SIGINT arrives ignored; the step still gets it."""
     written = tmp_path / "rows.json"

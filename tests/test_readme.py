@@ -39,8 +39,15 @@ def _check_the_trl_run(folder: Path):
 CHECKS = {"TRL drop-in: `FastprefDPOTrainer`": _check_the_trl_run}
 
 
+# Left to the whole suite: a whole TRL run (train() with its checkpoint), and the op's snippet,
+# which the losses' snippet runs too (each snippet is a process of its own, seconds to start).
+SLOW_SNIPPETS = {"TRL drop-in: `FastprefDPOTrainer`", "The op: `linear_logprobs`"}
+
+
 @pytest.mark.smoke
-@pytest.mark.parametrize("heading, code", _python_snippets(), ids=[h for h, _ in _python_snippets()])
+@pytest.mark.parametrize("heading, code", [
+    pytest.param(heading, code, id=heading, marks=[pytest.mark.slow] if heading in SLOW_SNIPPETS else [])
+    for heading, code in _python_snippets()])
 def test_every_python_snippet_runs_as_written(heading, code, tmp_path):
     # PYTHONPATH puts the root right after the script's own folder, ahead of site-packages: what a
     # script saved in the root sees (it also writes to tmp_path, not into the checkout).

@@ -9,6 +9,7 @@ import torch
 from fastpref.train.checkpoint import CheckpointError, latest_checkpoint
 from fastpref.train.loop import TrainConfig, Trainer, TrainingInterrupted, train
 from fastpref.train.monitor import read_metrics
+from tiers import first_fast
 
 
 def config(tmp_path, data, **overrides) -> TrainConfig:
@@ -39,6 +40,7 @@ def test_default_config_trains_and_writes_its_outputs(tmp_path, small_data):
     assert sum(p.numel() for p in reloaded.parameters()) > 0
 
 
+@pytest.mark.slow
 def test_two_runs_give_identical_metrics(tmp_path, small_data):
     """The same configuration trains to bit-identical metrics on the CPU (each run with its own
     reference cache, so the reference log-probs are recomputed too)."""
@@ -53,6 +55,7 @@ def test_two_runs_give_identical_metrics(tmp_path, small_data):
     assert any(record["split"] == "eval" for record in first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(prefix_sharing=False), dict(prefix_sharing=True), dict(loss_type="kto")],
                          ids=["packed", "prefix-shared", "kto"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, options):
@@ -73,6 +76,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, small_data, 
     assert losses == pytest.approx(uninterrupted.losses, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
     train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     checkpoint = latest_checkpoint(tmp_path / "run")
@@ -88,6 +92,7 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, small_data):
         train(config(tmp_path, small_data, max_steps=4, resume_from_checkpoint=str(checkpoint)))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused(tmp_path, small_data):
     train(config(tmp_path, small_data, save_steps=2, max_steps=4))
     with pytest.raises(CheckpointError, match=r"belongs to a different run: beta differ"):
@@ -114,6 +119,7 @@ def test_reference_cache_is_reused_across_runs(tmp_path, small_data, monkeypatch
     assert again.reference_cache.values
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_lora_uses_the_disabled_adapter_as_reference(tmp_path, small_data):
     result = train(config(tmp_path, small_data, lora_r=4, max_steps=3, precompute_ref_log_probs=False))
@@ -158,6 +164,7 @@ def test_bad_configuration_fails_at_start(tmp_path, small_data, options, message
         train(config(tmp_path, small_data, **options))
 
 
+@pytest.mark.slow
 def test_learning_rates_follow_trl_warmup_and_cosine(tmp_path, small_data):
     peak, steps = 3e-3, 6
     result = train(config(tmp_path, small_data, max_steps=steps, warmup_ratio=0.1, learning_rate=peak))
@@ -167,7 +174,7 @@ def test_learning_rates_follow_trl_warmup_and_cosine(tmp_path, small_data):
     assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signal_name", first_fast(["SIGTERM", "SIGUSR1"]))
 def test_a_stop_signal_saves_and_the_rerun_resumes_to_the_same_weights(tmp_path, small_data, signal_name):
     """SLURM, Kubernetes and `timeout` stop a job with SIGTERM (SLURM may send SIGUSR1 first): the
     step at hand finishes, a checkpoint is saved, and the rerun ends where an uninterrupted run does."""
@@ -279,6 +286,7 @@ def test_a_stopped_reference_pass_keeps_its_pieces_and_the_rerun_computes_the_re
     assert len(trainer.reference_cache.values) == 24
 
 
+@pytest.mark.slow
 def test_a_refused_rerun_writes_nothing(tmp_path, small_data):
     train(config(tmp_path, small_data, save_steps=2, max_steps=4, num_train_epochs=1))
     (tmp_path / "run" / "summary.json").unlink()  # unfinished: the rerun would resume from checkpoint-2
@@ -288,6 +296,7 @@ def test_a_refused_rerun_writes_nothing(tmp_path, small_data):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_logging_steps_average_the_metrics_of_their_steps(tmp_path, small_data):
     every = read_metrics(train(config(tmp_path / "a", small_data, max_steps=5)).metrics_path)
     third = read_metrics(train(config(tmp_path / "b", small_data, max_steps=5, logging_steps=3)).metrics_path)
@@ -298,6 +307,7 @@ def test_logging_steps_average_the_metrics_of_their_steps(tmp_path, small_data):
     assert third[1]["lr"] == every[4]["lr"]
 
 
+@pytest.mark.slow
 def test_warmup_steps_override_the_warmup_ratio(tmp_path, small_data):
     result = train(config(tmp_path, small_data, max_steps=6, warmup_ratio=0.1, warmup_steps=3,
                           lr_scheduler_type="constant"))
@@ -333,6 +343,7 @@ def test_the_memory_estimate_comes_from_the_data_not_the_length_limit(tmp_path, 
     assert sum(lengths[-4:]) < 4 * 1000
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_gradient_checkpointing_trains_without_deprecation_warnings(tmp_path, small_data):
     result = train(config(tmp_path, small_data, gradient_checkpointing=True, lora_r=4, max_steps=2))

@@ -425,6 +425,7 @@ def _fsdp2_worker(rank, port, tmp_path, grpo_batch, report):
     exit_without_teardown()
 
 
+@pytest.mark.slow
 def test_fsdp2_gradients_equal_one_process(tmp_path, tokenizer):
     """The head weight is read where FSDP2 holds it gathered, so its gradient is reduce-scattered
     like every other: two processes, each on half the batch, give the one-process gradients of

@@ -26,6 +26,7 @@ from fastpref.integrations import trl_head  # noqa: E402
 from fastpref.integrations.trl import FastprefDPOTrainer, add_fused_lm_head  # noqa: E402
 from fastpref.train.default_assets import default_tokenizer  # noqa: E402
 from test_distributed import _free_port, exit_without_teardown  # noqa: E402
+from tiers import fast_only, first_fast  # noqa: E402
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "num_tokens", "entropy", "logits/chosen", "logits/rejected",
@@ -241,7 +242,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("options, reference, fused", CASES)
+@pytest.mark.parametrize("options, reference, fused",
+                         fast_only(CASES, {"sigmoid-ref_model", "sigmoid-lora", "exo_pair", "wpo"}))
 def test_matches_trl(tmp_path, tokenizer, dataset, models, options, reference, fused):
     policy, other = models["llama"]
     _compare(tmp_path, tokenizer, dataset, policy, other if reference == "other" else reference, options, fused)
@@ -260,7 +262,7 @@ FAMILY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("options, reference, fused", FAMILY_CASES)
+@pytest.mark.parametrize("options, reference, fused", first_fast(FAMILY_CASES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_option_on_each_head_matches_trl(tmp_path, tokenizer, dataset, models, family, options, reference,
                                                fused):
@@ -403,6 +405,7 @@ def _ddp_worker(rank, port, output_dir, report):
     exit_without_teardown()
 
 
+@pytest.mark.slow
 def test_ddp_step_matches_trl(tmp_path):
     """Through DDP, gradients are averaged over the ranks (which see different pairs): the ranks
     stay identical, and the step is TRL's."""
@@ -434,7 +437,7 @@ def test_refuses_options_it_cannot_honour(tmp_path, tokenizer, dataset, policy, 
     pytest.param({"loss_type": ["ipo"]}, "precompute", id="ipo-precomputed"),
     pytest.param({"loss_type": ["sigmoid"]}, "lora", id="sigmoid-lora"),
 ])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", first_fast(FAMILIES))
 def test_padding_free_matches_trl_padded(tmp_path, tokenizer, dataset, models, family, options, reference):
     """padding_free=True: chosen and rejected rows back to back in one row, positions restarting per
     sequence, block-diagonal attention; TRL's padded step (TRL 1.16 turns padding_free off)."""
@@ -500,13 +503,13 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for _, p in sorted(model.named_parameters())])
 
 
-@pytest.mark.parametrize("family, options", [
+@pytest.mark.parametrize("family, options", first_fast([
     pytest.param("llama", {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5,
                            "max_steps": 2}, id="llama-sync_ref_model"),
     pytest.param("gemma2", {"loss_type": ["bco_pair"], "use_weighting": True, "max_steps": 1},
                  id="gemma2-trl_loss"),
     pytest.param("granite", {"padding_free": True, "max_steps": 1}, id="granite-padding_free"),
-])
+]))
 def test_train_steps_match_trl(tmp_path, tokenizer, dataset, models, family, options):
     """Real trainer.train() steps (SGD): the weights, the reference's (TR-DPO's syncing: the reference
     is pulled toward the policy after each step), the logged metrics and evaluate()'s are TRL's."""
@@ -602,6 +605,7 @@ def _fsdp2_worker(rank, port, output_dir, report):
     exit_without_teardown()
 
 
+@pytest.mark.slow
 def test_fsdp2_step_matches_trl_and_one_process(tmp_path):
     """Under accelerate's FSDP2 wrapping the head weight is read after the forward, gathered, and its
     gradient is reduce-scattered like the others: loss and gradients are TRL's under the same

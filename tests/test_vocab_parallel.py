@@ -294,6 +294,7 @@ def _compare(found, expected, rank, processes, vocab, tolerance):
                                        msg=lambda text: f"{name} on process {rank}: {text}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(MESHES_2D))
 def test_every_output_and_gradient_equals_one_process(sharded, case):
     processes, found = sharded
@@ -308,6 +309,7 @@ def test_every_output_and_gradient_equals_one_process(sharded, case):
                 assert "Shard(dim=0)" in process[case][name + "_placements"], process[case][name + "_placements"]
 
 
+@pytest.mark.slow
 def test_outputs_match_the_float64_reference_with_ties(sharded):
     """The tied targets are decided by slice order: row 0 ties an earlier slice (not top-1), row 1
     a later one (top-1)."""
@@ -322,6 +324,7 @@ def test_outputs_match_the_float64_reference_with_ties(sharded):
                 torch.testing.assert_close(process["outputs"][name], reference[name], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_preference_loss_and_gradients_equal_one_process(sharded):
     processes, found = sharded
     expected = _run_loss(*_loss_inputs())
@@ -329,6 +332,7 @@ def test_preference_loss_and_gradients_equal_one_process(sharded):
         _compare(process["loss"], expected, rank, processes, 37, 1e-10)
 
 
+@pytest.mark.slow
 def test_unsupported_placements_and_bad_targets_are_refused_by_name(sharded):
     messages = sharded[1][0]["errors"]
     assert "Shard(dim=1)" in messages["shard1"] and "expected Shard(0)" in messages["shard1"]
@@ -339,6 +343,7 @@ def test_unsupported_placements_and_bad_targets_are_refused_by_name(sharded):
     assert "hold different targets at 1 computed rows, the first at row 5" in messages["differing"]
 
 
+@pytest.mark.slow
 def test_trainer_with_the_head_sharded_equals_one_process(two_processes, tmp_path, small_data, monkeypatch):
     """`--parallel tp` on two processes: the losses and the trained weights of one process with the
     same global batch (the weights moved: the comparison is not of two starting points); stopped
@@ -455,6 +460,7 @@ def _fsdp_tp(rank):
     return found
 
 
+@pytest.mark.slow
 def test_fsdp2_by_tensor_parallel_on_four_processes(four_processes):
     """A 2 x 2 mesh: FSDP2 over the data dimension (each half its own batch), the head sharded on
     the vocabulary (V = 37: 19 and 18 rows) over the other. Every process gets its batch's
@@ -482,6 +488,7 @@ def test_fsdp2_by_tensor_parallel_on_four_processes(four_processes):
                                        rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_a_transformers_tp_plan_head_equals_one_process(two_processes):
     """from_pretrained(..., tp_plan="auto") on two processes: the LM head a DTensor with Shard(0)
     over V = 101 (51 and 50 rows); the op on it gives each process the log-probs and the hidden
