@@ -4,13 +4,19 @@ Checking targets or log-probs for bad values on the host would stop the CPU unti
 caught up, once per call. Instead each call computes a few integers on the device (how many
 targets are out of range, the first such position, ...), copies them without blocking into host
 memory (pinned on CUDA, so the copy is asynchronous) and registers them here with a function that
-turns them into a message. They are raised as a ``ValueError``:
+turns them into a message. Two kinds:
 
-- at the start of any later call of fastpref's op or loss, once the copy has landed (a CUDA event
-  says so without waiting; on a CPU it has landed when the call returns): never a stall;
-- by :func:`raise_pending_errors`, which waits for the copies: the trainer calls it where it
-  synchronises anyway (when it logs its metrics), and so can any caller;
-- at once, inside the call, when the caller passes ``check=True``.
+- **errors**, a caller's bug (a target outside the vocabulary, a wrong ``num_kept``): raised as
+  a ``ValueError`` at the start of any later call of fastpref's op or loss once the copy has
+  landed (a CUDA event says so without waiting; on a CPU it has landed when the call returns),
+  never a stall; by :func:`raise_pending_errors`, which waits for the copies (the trainer calls
+  it where it synchronises anyway, when it logs its metrics); or at once, inside the call, with
+  ``check=True``.
+- **non-finite values** (NaN or inf log-probs from NaN or inf in the hidden states, the weight or
+  the reference): not a bug but a numerical event, such as a float16 overflow that a GradScaler
+  skips. They propagate as in PyTorch (to the loss and the gradients) and are raised only where
+  the caller asks: with ``check=True``, or by ``raise_pending_errors(non_finite=True)``, which
+  raises the first of those seen since the previous :func:`raise_pending_errors`.
 """
 from __future__ import annotations
 
@@ -27,36 +33,52 @@ Describe = Callable[[List[int]], Optional[str]]
 class _Pending:
     values: np.ndarray  # host memory the device's integers are copied into
     landed: Optional[torch.cuda.Event]  # None: already on the host
-    describe: Describe  # the values -> an error message, or None when nothing is wrong
+    describe: Optional[Describe]  # the values -> an error message, or None when nothing is wrong
+    describe_non_finite: Optional[Describe]  # the values -> a non-finite value's message, or None
 
 
 _pending: List[_Pending] = []
+# the message of the first non-finite value that landed since the last raise_pending_errors()
+_first_non_finite: List[str] = []
 
 
-def defer(flags: torch.Tensor, describe: Describe) -> None:
-    """Register the device integers `flags` (1-D int64) to be checked once they reach the host."""
+def defer(flags: torch.Tensor, describe: Optional[Describe], describe_non_finite: Optional[Describe] = None) -> None:
+    """Register the device integers `flags` (1-D int64) to be checked once they reach the host:
+    `describe` reads an error off them, `describe_non_finite` a non-finite value (see the module
+    docstring); each returns None when there is none."""
     if flags.is_cuda:
         host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)
         landed = torch.cuda.Event()
         landed.record()
-        _pending.append(_Pending(host.numpy(), landed, describe))
+        _pending.append(_Pending(host.numpy(), landed, describe, describe_non_finite))
     else:
-        _pending.append(_Pending(flags.numpy(), None, describe))
+        _pending.append(_Pending(flags.numpy(), None, describe, describe_non_finite))
 
 
-def check_now(flags: torch.Tensor, describe: Describe) -> None:
-    """Read `flags` at once (a synchronisation on a GPU) and raise if they describe an error."""
-    message = describe(flags.tolist())
-    if message is not None:
-        raise ValueError(message)
+def check_now(flags: torch.Tensor, describe: Optional[Describe], describe_non_finite: Optional[Describe] = None
+              ) -> None:
+    """Read `flags` at once (a synchronisation on a GPU) and raise if they describe an error or a
+    non-finite value (check=True asks for both)."""
+    values = flags.tolist()
+    for read in (describe, describe_non_finite):
+        message = None if read is None else read(values)
+        if message is not None:
+            raise ValueError(message)
 
 
 def _raise(ready: List[_Pending]) -> None:
+    """Raise the first error among `ready`; keep the first non-finite value's message."""
     for pending in ready:
-        message = pending.describe(pending.values.tolist())
-        if message is not None:
-            raise ValueError(message)
+        values = pending.values.tolist()
+        if pending.describe is not None:
+            message = pending.describe(values)
+            if message is not None:
+                raise ValueError(message)
+        if pending.describe_non_finite is not None and not _first_non_finite:
+            message = pending.describe_non_finite(values)
+            if message is not None:
+                _first_non_finite.append(message)
 
 
 def raise_landed_errors() -> None:
@@ -69,20 +91,32 @@ def raise_landed_errors() -> None:
         _raise(ready)
 
 
-def raise_pending_errors() -> None:
+def raise_pending_errors(non_finite: bool = False) -> None:
     """Wait for every pending check and raise the first error among them (a ValueError naming the
     argument and the first bad position). Call it where a synchronisation costs nothing extra: when
-    metrics are read, at the end of a step."""
+    metrics are read, at the end of a step.
+
+    non_finite: also raise for the first NaN or inf log-prob (or reference log-prob, or KTO
+    reference point) seen since the previous call; by default they are let through, as PyTorch
+    lets them through (a GradScaler skips their step), and forgotten here."""
     ready, _pending[:] = list(_pending), []
     for pending in ready:
         if pending.landed is not None:
             pending.landed.synchronize()
-    _raise(ready)
+    try:
+        _raise(ready)
+    finally:
+        first_non_finite = _first_non_finite[:]
+        _first_non_finite.clear()
+    if non_finite and first_non_finite:
+        raise ValueError(first_non_finite[0])
 
 
-def report_any(bad: torch.Tensor, describe: Callable[[int, int], str], check: bool = False) -> None:
+def report_any(bad: torch.Tensor, describe: Callable[[int, int], str], check: bool = False, *,
+               non_finite: bool = False) -> None:
     """Raise, at once with `check` or later, when any entry of the bool tensor `bad` is set:
-    ValueError(describe(how many, the first one's flat index))."""
+    ValueError(describe(how many, the first one's flat index)). `non_finite`: `bad` marks NaN or
+    inf values, raised later only when asked for (see the module docstring)."""
     bad = bad.reshape(-1)
     flags = torch.stack([bad.sum(), bad.to(torch.uint8).argmax()])
 
@@ -90,4 +124,9 @@ def report_any(bad: torch.Tensor, describe: Callable[[int, int], str], check: bo
         count, first = values
         return describe(count, first) if count else None
 
-    (check_now if check else defer)(flags, message)
+    if check:
+        check_now(flags, message)
+    elif non_finite:
+        defer(flags, None, message)
+    else:
+        defer(flags, message)

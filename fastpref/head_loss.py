@@ -37,7 +37,7 @@ from . import backends as _backends
 from . import deferred_errors
 from .backends import HeadOptions
 from .layout import PackedLayout
-from .linear_logprobs import _describe_errors, _error_flags
+from .linear_logprobs import report_errors
 from .logit_transform import LogitTransform
 from .loss_spec import LossSpec
 
@@ -102,20 +102,14 @@ class _HeadPreferenceLoss(torch.autograd.Function):
             return torch.where(counted, grad.index_select(0, rows), 0.0)
 
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        element_bytes = torch.empty((), dtype=dtype).element_size()
         with torch.autocast(hidden.device.type, enabled=False):
             logp, d_hidden, d_weight, d_bias = impl.forward_backward_by_groups(
                 hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, group_rows),
                 token_gradient, HeadOptions(transform), need_hidden, need_weight, need_bias,
-                store_bytes=group_rows * vocab * element_bytes)
+                store_bytes=group_rows * vocab * dtype.itemsize)
             result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
 
-        flags = _error_flags(hidden, targets, logp, ignore_index, vocab)
-        describe = _describe_errors(vocab, ignore_index, layout.num_response_tokens)
-        if check:
-            deferred_errors.check_now(flags, describe)
-        else:
-            deferred_errors.defer(flags, describe)
+        report_errors(hidden, targets, logp, ignore_index, vocab, layout.num_response_tokens, check)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.mark_non_differentiable(result.parts, result.sequence_logps)
         ctx.consumed = False
@@ -135,6 +129,28 @@ class _HeadPreferenceLoss(torch.autograd.Function):
         return (*scaled,) + (None,) * 10
 
 
+def grouped_logprobs(hidden, weight, bias, targets, layout: PackedLayout, *, ignore_index: int,
+                     transform: LogitTransform, check: bool, backend: str = "auto",
+                     group_rows: Optional[int] = None) -> torch.Tensor:
+    """[N] log-probs of the response targets (0 elsewhere), bit for bit those that
+    head_preference_loss computes with the same arguments: the same groups through the same first
+    pass, without the gradients. What a reference pass runs when the policy's takes this path, so
+    that identical weights give identical log-probs."""
+    deferred_errors.raise_landed_errors()
+    rows = default_group_rows(hidden.device) if group_rows is None else group_rows
+    impl = grouped_backend(backend, hidden.device)
+    vocab = weight.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    kept = targets != ignore_index
+    counts = kept & (targets >= 0) & (targets < vocab)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        logp, *_gradients = impl.forward_backward_by_groups(
+            hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, rows), None,
+            HeadOptions(transform), False, False, False, store_bytes=rows * vocab * dtype.itemsize)
+    report_errors(hidden, targets, logp, ignore_index, vocab, layout.num_response_tokens, check)
+    return torch.where(counts, logp, 0.0)
+
+
 def grouped_backend(backend: str, device: torch.device) -> Optional[_backends.Backend]:
     """The backend whose forward_backward_by_groups runs this call: `backend` itself, or under
     "auto" the best one on `device` that has one (None where there is none)."""
@@ -148,12 +164,15 @@ def grouped_backend(backend: str, device: torch.device) -> Optional[_backends.Ba
 
 
 def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool,
-                       requested: bool = False) -> Optional[str]:
+                       requested: bool = False, trainable: Optional[bool] = None) -> Optional[str]:
     """None when head_preference_loss can compute this call, else why not. Unless `requested`
-    (gradients_in_forward=True), only a CPU's torch backend takes it."""
+    (gradients_in_forward=True), only a CPU's torch backend takes it. `trainable`: whether the
+    head is trained (None: gradients are enabled and weight.requires_grad)."""
     if torch.compiler.is_compiling():
         return "it reads the layout on the host, which a compiled graph cannot (the two-op path is traced)"
-    if not (torch.is_grad_enabled() and weight.requires_grad):
+    if trainable is None:
+        trainable = torch.is_grad_enabled() and weight.requires_grad
+    if not trainable:
         return "it computes the gradients of a trainable head (weight.requires_grad, gradients enabled)"
     if token_metrics:
         return "it computes no per-token outputs (token_metrics=True)"

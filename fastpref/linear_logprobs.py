@@ -196,22 +196,36 @@ def _error_flags(hidden, targets, log_probs, ignore_index: int, vocab: int) -> t
 
 
 def _describe_errors(vocab: int, ignore_index: int, num_kept: int):
+    """(errors, non-finite values) read off _error_flags: two functions of the flags that return a
+    message or None (see fastpref.deferred_errors)."""
     def describe(flags: List[int]) -> Optional[str]:
-        num_bad, first_bad, bad_value, num_kept_found, num_non_finite, first_non_finite, row_finite = flags
+        num_bad, first_bad, bad_value, num_kept_found = flags[:4]
         if num_bad:
             return (f"targets must lie in [0, V = {vocab}) or equal ignore_index = {ignore_index}; "
                     f"{num_bad} do not, the first at position {first_bad} (value {bad_value})")
         if num_kept != _UNKNOWN and num_kept_found != num_kept:
             return (f"num_kept = {num_kept}, but {num_kept_found} targets are not ignore_index = "
                     f"{ignore_index}")
-        if num_non_finite:
-            where = (f"hidden row {first_non_finite} is finite, so weight or bias holds NaN or inf"
-                     if row_finite else f"hidden row {first_non_finite} holds NaN or inf")
-            return (f"non-finite log-probability at row {first_non_finite} ({num_non_finite} rows "
-                    f"in all): {where}")
         return None
 
-    return describe
+    def describe_non_finite(flags: List[int]) -> Optional[str]:
+        num_non_finite, first_non_finite, row_finite = flags[4:]
+        if not num_non_finite:
+            return None
+        where = (f"hidden row {first_non_finite} is finite, so weight or bias holds NaN or inf"
+                 if row_finite else f"hidden row {first_non_finite} holds NaN or inf")
+        return f"non-finite log-probability at row {first_non_finite} ({num_non_finite} rows in all): {where}"
+
+    return describe, describe_non_finite
+
+
+def report_errors(hidden, targets, log_probs, ignore_index: int, vocab: int, num_kept: int, check: bool) -> None:
+    """The op's bad targets and non-finite log-probs, handed to fastpref.deferred_errors: raised at
+    once with `check`, else deferred (bad targets as errors, non-finite log-probs as values let
+    through until asked for)."""
+    flags = _error_flags(hidden, targets, log_probs, ignore_index, vocab)
+    describe = _describe_errors(vocab, ignore_index, num_kept)
+    (deferred_errors.check_now if check else deferred_errors.defer)(flags, *describe)
 
 
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -250,12 +264,7 @@ def _forward_impl(
         spread.append(_spread(getattr(result, name), computed, num_rows) if name in options.outputs
                       else _empty(hidden, torch.bool if name == "is_top1" else spread[0].dtype))
 
-    flags = _error_flags(hidden, targets, spread[0], ignore_index, vocab)
-    describe = _describe_errors(vocab, ignore_index, num_kept)
-    if check:
-        deferred_errors.check_now(flags, describe)
-    else:
-        deferred_errors.defer(flags, describe)
+    report_errors(hidden, targets, spread[0], ignore_index, vocab, num_kept, check)
     direction = result.hidden_grad_direction
     return (*spread, _empty(targets) if computed.rows is None else computed.rows, result.lse, result.miss,
             _empty(hidden) if direction is None else direction)

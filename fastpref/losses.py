@@ -153,8 +153,12 @@ class PreferenceLoss(torch.nn.Module):
         backend: "auto", "triton", "cuda" or "torch" (see fastpref.available_backends); it runs
             both the linear log-prob op and the fused pair loss.
         scratch_bytes: the op's scratch budget (None: fastpref.set_scratch_bytes's default).
-        check: raise bad values (targets, reference log-probs, NaN) at once, with a synchronisation;
-            by default they are flagged on the device and raised later (fastpref.raise_pending_errors).
+        check: raise bad values (targets out of range, and NaN or inf log-probs or reference
+            log-probs) at once, with a synchronisation. By default bad targets are flagged on the
+            device and raised later (fastpref.raise_pending_errors), and NaN and inf go through to
+            the loss and the gradients as in PyTorch (a float16 GradScaler skips their step),
+            counted in metrics["non_finite_logps"] and raised only by
+            ``raise_pending_errors(non_finite=True)``.
         token_metrics: also return TRL's metrics of the policy's next-token distributions,
             computed by the op in the same pass as the log-probs (see below).
         gradients_in_forward: compute the gradients of hidden, weight and bias in the forward, a
@@ -172,7 +176,9 @@ class PreferenceLoss(torch.nn.Module):
     kto_kl=None) -> (loss, metrics). `reference` is the reference model's summed response
     log-prob per sequence ([S] tensor, the cheap precomputed path) or a :class:`ReferenceHead`
     to compute them with the same fused op under no_grad; reference-free losses (simpo, orpo,
-    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys. Except with its
+    sft) take none. `metrics` holds detached 0-d tensors under TRL's keys, and
+    ``non_finite_logps``, the share of sequences whose policy or reference log-prob is NaN or inf.
+    Except with its
     gradients in the forward (which reads the layout's sizes), the call reads no tensor value on
     the host: it can run inside ``torch.compile(fullgraph=True)`` and between a
     forward and a backward without stalling a GPU.
@@ -257,7 +263,8 @@ class PreferenceLoss(torch.nn.Module):
                                   f"ignore_index = {ignore_index} ({count} positions in all)"), self.check)
 
         impl = _backends.resolve(self.backend, hidden.device)
-        reference_logps = self._reference_logps(reference, layout, hidden, response_targets)
+        reference_logps = self._reference_logps(reference, layout, hidden, response_targets,
+                                                torch.is_grad_enabled() and weight.requires_grad)
         kl = self._kl(kto_kl, hidden)
         if self._computes_gradients_in_forward(hidden, weight):
             loss, parts, seq_logps = head_loss.head_preference_loss(
@@ -274,16 +281,37 @@ class PreferenceLoss(torch.nn.Module):
             metrics.update(_token_metrics(token_outputs, layout))
         return loss, metrics
 
-    def _computes_gradients_in_forward(self, hidden, weight) -> bool:
+    def _computes_gradients_in_forward(self, hidden, weight, trainable: Optional[bool] = None) -> bool:
         if self.gradients_in_forward is False:
             return False
         reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics,
-                                              requested=self.gradients_in_forward is True)
+                                              requested=self.gradients_in_forward is True, trainable=trainable)
         if reason is not None and self.gradients_in_forward:
             raise ValueError(f"gradients_in_forward=True cannot run here: {reason}")
         return reason is None
 
-    def _reference_logps(self, reference, layout, hidden, response_targets):
+    def sequence_logps(self, hidden, weight, targets, layout: PackedLayout, *, bias=None,
+                       trainable_head: bool) -> torch.Tensor:
+        """[S] summed response log-probs of each sequence, without gradients, computed as this
+        loss computes the policy's: by the same path (the two-op path with the same per-token
+        outputs, or the gradients-in-the-forward path's groups, which the policy takes where
+        `trainable_head`), the same row blocks and the same sums. A reference pass run through it
+        gives, for the same weights and inputs, the policy's log-probs bit for bit: a DPO step
+        whose policy is its reference has rewards exactly 0."""
+        check_linear_inputs(hidden, weight, targets, bias)
+        response_targets = targets.masked_fill(~layout.response_mask, self.ignore_index)
+        with torch.no_grad():
+            if self._computes_gradients_in_forward(hidden, weight, trainable=trainable_head):
+                token_logp = head_loss.grouped_logprobs(
+                    hidden, weight, bias, response_targets, layout, ignore_index=self.ignore_index,
+                    transform=self.transform, check=self.check, backend=self.backend, group_rows=self.group_rows)
+            else:
+                token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
+                                               _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
+                token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
+        return sequence_logps(token_logp, layout)
+
+    def _reference_logps(self, reference, layout, hidden, response_targets, trainable_head: bool):
         spec = self.spec
         if reference is None:
             if spec.needs_reference:
@@ -300,10 +328,8 @@ class PreferenceLoss(torch.nn.Module):
             if reference.hidden.device != hidden.device:
                 raise ValueError(
                     f"reference.hidden is on {reference.hidden.device}, hidden on {hidden.device}")
-            with torch.no_grad():
-                token_logp = self._logprobs(reference.hidden, reference.weight, response_targets, reference.bias,
-                                            layout.num_response_tokens)
-            return sequence_logps(token_logp, layout).to(dtype)
+            return self.sequence_logps(reference.hidden, reference.weight, response_targets, layout,
+                                       bias=reference.bias, trainable_head=trainable_head).to(dtype)
         if not isinstance(reference, torch.Tensor):
             raise TypeError(
                 f"reference must be None, a [S] tensor or a ReferenceHead, got {type(reference).__name__}")
@@ -316,7 +342,7 @@ class PreferenceLoss(torch.nn.Module):
         deferred_errors.report_any(
             ~torch.isfinite(reference),
             lambda count, first: f"reference log-probs must be finite; sequence {first} is not ({count} in all)",
-            self.check)
+            self.check, non_finite=True)
         return reference.detach().to(dtype).contiguous()
 
     def _kl(self, kto_kl, hidden):
@@ -332,14 +358,19 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"kto_kl must be a finite scalar (a number or a 0-d float tensor), got {kto_kl!r}")
         if kto_kl.device != hidden.device:
             raise ValueError(f"kto_kl is on {kto_kl.device}, hidden on {hidden.device}")
-        deferred_errors.report_any(~torch.isfinite(kto_kl), lambda count, first: "kto_kl must be finite", self.check)
+        deferred_errors.report_any(~torch.isfinite(kto_kl), lambda count, first: "kto_kl must be finite", self.check,
+                                   non_finite=True)
         return kto_kl.detach().to(dtype)
 
     def _metrics(self, layout, seq_logps, reference_logps, parts, kl) -> Dict[str, torch.Tensor]:
         """TRL's metric keys, from per-sequence sums: O(S) work, no vocabulary pass."""
         spec = self.spec
         lengths = layout.lengths.to(seq_logps.dtype)
-        metrics: Dict[str, torch.Tensor] = {}
+        # NaN and inf go through, as in PyTorch (a GradScaler skips their step): counted here
+        non_finite = ~torch.isfinite(seq_logps)
+        if reference_logps is not None:
+            non_finite |= ~torch.isfinite(reference_logps)
+        metrics: Dict[str, torch.Tensor] = {"non_finite_logps": non_finite.to(seq_logps.dtype).mean()}
         if not spec.is_paired:
             scale = 1.0 / lengths if spec.averages("kto") else 1.0
             rewards = spec.beta * (seq_logps - reference_logps) * scale

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from . import deferred_errors
 from .backends import EXTRA_OUTPUTS, Backend, HeadOptions
 from .backends.online_softmax import merge_vocabulary_parts
-from .linear_logprobs import _computed, _describe_errors, _empty, _error_flags, _spread
+from .linear_logprobs import _computed, _empty, _spread, report_errors
 
 # A target no local vocabulary index can equal: the process's own calls ignore what it marks.
 _LOCAL_IGNORE = -1
@@ -235,12 +235,7 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
                    else _empty(hidden, torch.bool if name == "is_top1" else adt)
                    for name in ("log_probs", *EXTRA_OUTPUTS)]
 
-        flags = _error_flags(hidden, targets, outputs[0], ignore_index, piece.vocab)
-        describe = _describe_errors(piece.vocab, ignore_index, num_kept)
-        if check:
-            deferred_errors.check_now(flags, describe)
-        else:
-            deferred_errors.defer(flags, describe)
+        report_errors(hidden, targets, outputs[0], ignore_index, piece.vocab, num_kept, check)
 
         rows = _empty(targets) if computed.rows is None else computed.rows
         ctx.save_for_backward(hidden, weight, bias, local_targets, rows, lse, miss, outputs[1])

@@ -42,8 +42,12 @@ def test_reference_rules():
         fastpref.PreferenceLoss("simpo")(hidden, weight, targets, layout, reference)
     with pytest.raises(ValueError, match=r"one value per sequence \(6\), got torch.float32 of shape \(5,\)"):
         fastpref.PreferenceLoss("sigmoid")(hidden, weight, targets, layout, reference[:5])
+    loss, metrics = fastpref.PreferenceLoss("ipo")(hidden, weight, targets, layout, reference * float("nan"))
+    assert torch.isnan(loss) and metrics["non_finite_logps"] == 1  # let through, counted
     with pytest.raises(ValueError, match=r"reference log-probs must be finite"):
-        fastpref.PreferenceLoss("ipo")(hidden, weight, targets, layout, reference * float("nan"))
+        fastpref.raise_pending_errors(non_finite=True)
+    with pytest.raises(ValueError, match=r"reference log-probs must be finite"):
+        fastpref.PreferenceLoss("ipo", check=True)(hidden, weight, targets, layout, reference * float("nan"))
     with pytest.raises(TypeError, match=r"reference must be None, a \[S\] tensor or a ReferenceHead"):
         fastpref.PreferenceLoss("ipo")(hidden, weight, targets, layout, [0.0] * 6)
 

@@ -167,6 +167,7 @@ def test_metrics_follow_trl(backend):
         "rewards/margins": (reward_c - reward_r).mean(),
         "logps/chosen": seq[c].mean(), "logps/rejected": seq[r].mean(),
         "loss/sigmoid": loss.detach().double().cpu(),
+        "non_finite_logps": torch.zeros((), dtype=torch.float64),
     }
     assert set(metrics) == set(expected)
     for key, value in expected.items():

@@ -1,9 +1,11 @@
 """Bad input gets a clear TypeError/ValueError naming the argument.
 
-Shapes, dtypes and arguments are checked on the host before any kernel runs. Bad values (targets
-out of range, NaN or inf in the inputs) are found on the device: they raise at once with
-check=True, otherwise at fastpref.raise_pending_errors() or at the next call once their flags
-have reached the host, never with a silent wrong answer left standing."""
+Shapes, dtypes and arguments are checked on the host before any kernel runs. Bad targets are
+found on the device: they raise at once with check=True, otherwise at
+fastpref.raise_pending_errors() or at the next call once their flags have reached the host, never
+with a silent wrong answer left standing. NaN and inf in the inputs go through to the log-probs
+and the gradients, as in PyTorch, and are raised at once with check=True or by
+raise_pending_errors(non_finite=True)."""
 import pytest
 import torch
 
@@ -171,35 +173,74 @@ def test_mixed_devices_on_meta():
         fastpref.linear_logprobs(hidden, weight.to("meta"), targets)
 
 
-@pytest.mark.parametrize("mode", ["check", "pending", "next-call"])
+def lets_non_finite_through(mode, message, call):
+    """`call` raises ValueError(message) at once with check=True; without, its NaN and inf go
+    through as in PyTorch: neither raise_pending_errors() nor the next call raises, and
+    raise_pending_errors(non_finite=True) raises it afterwards."""
+    if mode == "check":
+        with pytest.raises(ValueError, match=message):
+            call(check=True)
+        return
+    call()
+    if mode == "asked":
+        with pytest.raises(ValueError, match=message):
+            fastpref.raise_pending_errors(non_finite=True)
+    else:
+        hidden, weight, targets = good()
+        fastpref.linear_logprobs(hidden, weight, targets)  # the next call does not raise
+        fastpref.raise_pending_errors()
+    fastpref.raise_pending_errors(non_finite=True)  # consumed: nothing left over
+
+
+@pytest.mark.parametrize("mode", ["check", "asked", "unasked"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_hidden_names_its_first_row(mode, backend, bad):
+def test_non_finite_hidden_goes_through_and_names_its_first_row_when_asked(mode, backend, bad):
     hidden, weight, targets = good()
     targets[1] = -100  # an ignored row does not count, whatever it holds
     hidden[1, 0] = hidden[4, 3] = hidden[5, 0] = bad
+    hidden.requires_grad_()
 
     def call(**check):
         logp = fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check)
         assert logp[1] == 0 and torch.isfinite(logp[[0, 2, 3]]).all()
+        assert not torch.isfinite(logp[[4, 5]]).any()  # as log_softmax gives them
+        logp.sum().backward()
+        assert torch.isfinite(hidden.grad[[0, 1, 2, 3]]).all() and not torch.isfinite(hidden.grad[[4, 5]]).all()
+        hidden.grad = None
         return logp
 
-    raises_now_or_later(mode, r"non-finite log-probability at row 4 \(2 rows in all\): hidden row 4 holds NaN or inf",
-                        call)
+    lets_non_finite_through(
+        mode, r"non-finite log-probability at row 4 \(2 rows in all\): hidden row 4 holds NaN or inf", call)
     hidden, weight, targets = good()
     hidden[:, 0] = 1.0
     weight[targets[2], 0] = bad  # enters every row's log-sum-exp
-    raises_now_or_later(mode, r"row 0 \(6 rows in all\): hidden row 0 is finite, so weight or bias holds NaN or inf",
-                        lambda **check: fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check))
+    lets_non_finite_through(
+        mode, r"row 0 \(6 rows in all\): hidden row 0 is finite, so weight or bias holds NaN or inf",
+        lambda **check: fastpref.linear_logprobs(hidden, weight, targets, backend=backend, **check))
 
 
-def test_non_finite_hidden_is_refused_by_the_preference_loss():
+@pytest.mark.parametrize("gradients_in_forward", [False, None])
+def test_non_finite_hidden_goes_through_the_preference_loss(gradients_in_forward):
+    """NaN reaches the loss and the gradients (so a GradScaler skips the step), is counted in the
+    metrics, and is raised only when asked for."""
     from test_losses import make_packed_batch
 
     hidden, weight, targets, layout, reference = make_packed_batch(3, 8, 20, torch.float32)
     row = int((targets != -100).nonzero()[3, 0])
     hidden = hidden.detach().clone()
     hidden[row] = float("nan")
-    fastpref.PreferenceLoss("sigmoid")(hidden, weight, targets, layout, reference)
+    hidden.requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss_fn = fastpref.PreferenceLoss("sigmoid", gradients_in_forward=gradients_in_forward)
+    loss, metrics = loss_fn(hidden, weight, targets, layout, reference)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(weight.grad).any()
+    assert metrics["non_finite_logps"] == pytest.approx(1 / 6)  # one of the six sequences
+    fastpref.raise_pending_errors()
+    loss_fn(hidden, weight, targets, layout, reference)
     with pytest.raises(ValueError, match=rf"non-finite log-probability at row {row} .*hidden row {row} holds NaN"):
-        fastpref.raise_pending_errors()
+        fastpref.raise_pending_errors(non_finite=True)
+    with pytest.raises(ValueError, match=rf"non-finite log-probability at row {row}"):
+        fastpref.PreferenceLoss("sigmoid", gradients_in_forward=gradients_in_forward, check=True)(
+            hidden, weight, targets, layout, reference)

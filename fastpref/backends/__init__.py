@@ -112,7 +112,8 @@ class Backend:
              need_hidden, need_weight, need_bias, store_bytes) -> (logp, d_hidden, d_weight, d_bias)
         The log-probs and their gradients in one pass per group of rows, for a loss whose
         gradient of a group is known once that group's log-probs are (fastpref.head_loss; see
-        torch_backend.forward_backward_by_groups); None where the backend has none.
+        torch_backend.forward_backward_by_groups); token_gradient None: the log-probs alone, as
+        the pass with gradients computes them. None where the backend has none.
     unavailable_reason(device) -> None if the backend can run on `device`, else why not.
     dtypes: the floating dtypes it accepts.
     priority: higher wins under backend="auto".

@@ -335,6 +335,8 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
         result = merge_vocabulary_parts(*(torch.cat([part[name] for part in parts])
                                           for name in ("row_max", "sum_excl", "target_logit")), vocab=vocab)
         logp[rows] = result.logp
+        if token_gradient is None:
+            continue
         grad = _float32(token_gradient(rows, result.logp))
         lse, miss = _float32(result.lse), _float32(result.miss)
 

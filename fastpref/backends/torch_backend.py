@@ -365,6 +365,9 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
     and a backward that recomputes the logits; the store holds store_bytes at most (at least one
     block). Per-token outputs (entropy...) are not computed here.
 
+    token_gradient None: pass 1 alone, the log-probs of a pass with gradients bit for bit (what
+    a reference pass that mirrors the policy's runs).
+
     groups: [R_k] row indices into hidden, disjoint. Returns (logp [N] float32 (float64 for
     float64 inputs), 0 off the groups; d_hidden [N, H] (zero off the groups), d_weight, d_bias:
     each None unless asked for, in its input's dtype).
@@ -415,6 +418,8 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
                 kept_row_max.append(statistics.row_max)
         result = statistics.result(vocab)
         logp[rows] = result.logp
+        if token_gradient is None:
+            continue
         gradients = _RowGradients(t, result.lse, result.miss, token_gradient(rows, result.logp).to(adt),
                                   overwrite_weight=index == 0)
 

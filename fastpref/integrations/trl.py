@@ -110,7 +110,7 @@ from accelerate.utils import is_peft_model, parse_flag_from_env
 from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, use_adapter
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from ..causal_lm import CausalLMParts, causal_lm_parts, unwrap
 from ..layout import PackedLayout, pack_padded
@@ -131,6 +131,8 @@ _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "re
 # TRL's token metrics, each a mean over the tokens of: all completions, the chosen ones, the rejected ones
 _TOKEN_METRICS = (("entropy", "all"), ("logits/chosen", "chosen"), ("mean_token_accuracy", "chosen"),
                   ("logits/rejected", "rejected"))
+# The constructor's arguments: trl.DPOTrainer's, whatever the installed TRL's are.
+_DPO_TRAINER_SIGNATURE = inspect.signature(DPOTrainer.__init__)
 # Batch entries that are not model inputs (TRL's `_non_model_keys`).
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -190,7 +192,7 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
 
 def _refuse_prompt_learning(model, peft_config) -> None:
     config = peft_config
-    if config is None and is_peft_model(model):
+    if config is None and not isinstance(model, str) and is_peft_model(model):
         config = model.active_peft_config
     if config is not None and config.is_prompt_learning:
         raise ValueError(
@@ -217,6 +219,18 @@ def _refuse_tensor_parallel(model, args: DPOConfig) -> None:
                 "fastpref.linear_logprobs and fastpref.PreferenceLoss take a vocabulary-sharded LM head, "
                 "and `fastpref train --parallel tp` trains one (accelerate runs a Trainer's tensor parallelism "
                 "on GPU processes only, where this trainer has not been checked)")
+
+
+def _reference_from_path(path: str, args: DPOConfig, quantization_config):
+    """`ref_model` given as a hub id or a local folder, loaded as TRL loads `model` from one: with
+    `args.model_init_kwargs` and `quantization_config` (TRL 1.16 takes only a loaded reference)."""
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        init_kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # as TRL: "auto" fails in distributed training
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(path, **init_kwargs)
 
 
 def _refuse_vision(processing_class) -> None:
@@ -291,29 +305,31 @@ class FastprefDPOTrainer(DPOTrainer):
     :class:`fastpref.PreferenceLoss` of the former (None for the latter).
     """
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None,
-                 train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None,
-                 callbacks=None, optimizers=(None, None), quantization_config=None,
-                 peft_config=None):
+    def __init__(self, *args, **kwargs):
+        # trl.DPOTrainer's signature, bound here, so that every argument it takes is taken with its meaning
+        given = _DPO_TRAINER_SIGNATURE.bind(self, *args, **kwargs)
+        given.apply_defaults()
+        arguments = dict(given.arguments)
+        del arguments["self"]
+        model, args, peft_config = arguments["model"], arguments["args"], arguments["peft_config"]
         if args is None:  # TRL's default, built here so that it is checked like a given one
             name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = DPOConfig(f"{name.split('/')[-1]}-DPO")
-        # Settings are checked before TRL tokenizes the data or precomputes reference log-probs.
+            args = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
+        # Settings are checked before TRL loads the model, tokenizes the data or precomputes reference log-probs.
         _refuse_unsupported_config(args)
         _refuse_tensor_parallel(model, args)
         _refuse_prompt_learning(model, peft_config)
-        _refuse_vision(processing_class)
+        _refuse_vision(arguments["processing_class"])
+        if isinstance(arguments["ref_model"], str):
+            arguments["ref_model"] = _reference_from_path(arguments["ref_model"], args,
+                                                          arguments["quantization_config"])
         padding_free, self.padding_free, self.fastpref_loss = args.padding_free, args.padding_free, None
         # TRL 1.16 turns padding_free off with a warning; here the collator packs the batch instead
         args.padding_free = False
         try:
             # TRL's __init__ gives the policy and the reference model its fused head: fastpref's here
             with use_fastpref_head():
-                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                 processing_class=processing_class, compute_metrics=compute_metrics,
-                                 callbacks=callbacks, optimizers=optimizers,
-                                 quantization_config=quantization_config, peft_config=peft_config)
+                super().__init__(**arguments)
         finally:
             args.padding_free = self.padding_free = padding_free
         self.data_collator = self._collator(self.data_collator)
@@ -336,6 +352,8 @@ class FastprefDPOTrainer(DPOTrainer):
             self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
                                                 label_smoothing=args.label_smoothing, token_metrics=True,
                                                 **asdict(transform))
+
+    __init__.__signature__ = _DPO_TRAINER_SIGNATURE
 
     def _collator(self, collator):
         """`collator`, packing its batches when padding_free=True (idempotent)."""
