@@ -31,6 +31,8 @@ from tiers import fast_only, first_fast  # noqa: E402
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "num_tokens", "entropy", "logits/chosen", "logits/rejected",
                "mean_token_accuracy")
+# logged by the fused pair loss beside TRL's: the share of non-finite log-probs
+FASTPREF_METRICS = {"non_finite_logps"}
 PAIRS = {
     "prompt": ["Human: hi there, how are you?", "Human: what is two plus two?",
                "Human: tell me a joke.", "Human: where is Paris?"],
@@ -152,7 +154,7 @@ def _assert_same_step(trl_step, fastpref_step):
     for name, expected in trl_grads.items():
         assert expected is not None and grads[name] is not None, name
         assert (grads[name] - expected).norm() <= 1e-4 * expected.norm(), name
-    assert metrics.keys() == trl_metrics.keys() and set(TRL_METRICS) <= metrics.keys()
+    assert metrics.keys() - FASTPREF_METRICS == trl_metrics.keys() and set(TRL_METRICS) <= metrics.keys()
     for key, expected in trl_metrics.items():
         assert metrics[key] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
 
@@ -527,7 +529,7 @@ def test_train_steps_match_trl(tmp_path, tokenizer, dataset, models, family, opt
     expected = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
     assert len(logged) == len(expected) == options["max_steps"]
     for entry, trl_entry in zip(logged, expected):
-        assert entry.keys() == trl_entry.keys()
+        assert entry.keys() - FASTPREF_METRICS == trl_entry.keys()
         for key in set(TRL_METRICS) | {"loss"}:
             assert entry[key] == pytest.approx(trl_entry[key], rel=1e-4, abs=1e-6), key
     evaluated, trl_evaluated = trainer.evaluate(dataset), trl_trainer.evaluate(dataset)

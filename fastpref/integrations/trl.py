@@ -98,6 +98,7 @@ that starts at position 0 loses its first token); fastpref's layout refuses empt
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import warnings
@@ -118,7 +119,7 @@ from ..losses import PreferenceLoss
 from ..train.model import packed_hidden
 from ..train.packing import PackedPairs, pack_rows
 from ..train.reference import packed_logps
-from .trl_head import add_fused_lm_head, use_fastpref_head
+from .trl_head import add_fused_lm_head, head_inputs, use_fastpref_head
 
 __all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add_fused_lm_head",
            "use_fastpref_head"]
@@ -126,8 +127,10 @@ __all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add
 # TRL loss types whose TRL formula fastpref's fused pair loss computes (TRL's "ipo" is
 # length-normalised, fastpref's default for "ipo"); the others run TRL's own loss code.
 FUSED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sft")
+# Means over the pairs. non_finite_logps is fastpref's own: the share of sequences whose policy or
+# reference log-prob is NaN or inf, which go through to the loss as in TRL (a GradScaler skips the step).
 _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected")
+                 "logps/chosen", "logps/rejected", "non_finite_logps")
 # TRL's token metrics, each a mean over the tokens of: all completions, the chosen ones, the rejected ones
 _TOKEN_METRICS = (("entropy", "all"), ("logits/chosen", "chosen"), ("mean_token_accuracy", "chosen"),
                   ("logits/rejected", "rejected"))
@@ -280,6 +283,15 @@ def _shifted_targets(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass
+class _ScoredBatch:
+    hidden: torch.Tensor  # [N, H] final hidden states of the packed tokens
+    targets: torch.Tensor  # [N] next-token targets, -100 outside the completions
+    layout: PackedLayout
+    num_tokens: Any  # the batch's token count, as TRL logs it
+    outputs: Any  # the model's outputs of a padded batch (router logits for the MoE loss); None when packed
+
+
+@dataclass
 class PaddingFreeCollator:
     """A preference collator whose padded batch is packed (``padding_free=True``).
 
@@ -323,7 +335,7 @@ class FastprefDPOTrainer(DPOTrainer):
         if isinstance(arguments["ref_model"], str):
             arguments["ref_model"] = _reference_from_path(arguments["ref_model"], args,
                                                           arguments["quantization_config"])
-        padding_free, self.padding_free, self.fastpref_loss = args.padding_free, args.padding_free, None
+        padding_free = self.padding_free = args.padding_free
         # TRL 1.16 turns padding_free off with a warning; here the collator packs the batch instead
         args.padding_free = False
         try:
@@ -333,8 +345,7 @@ class FastprefDPOTrainer(DPOTrainer):
         finally:
             args.padding_free = self.padding_free = padding_free
         self.data_collator = self._collator(self.data_collator)
-        takes_logits_to_keep = self._check_models()
-        self.uses_fused_loss = _without_fused_formula(args) is None and takes_logits_to_keep
+        self._check_models()
         if self.padding_free and not self.uses_fused_loss:
             raise ValueError(
                 f"padding_free=True with model={type(unwrap(self.model)).__name__}: its forward takes no "
@@ -344,16 +355,27 @@ class FastprefDPOTrainer(DPOTrainer):
             raise ValueError(
                 f"padding_free=True with router_aux_loss_coef={self.router_aux_loss_coef!r}: the packed forward "
                 "does not compute the MoE load-balancing loss; set padding_free=False or router_aux_loss_coef=0.0")
-        if self.uses_fused_loss:
-            weights = args.loss_weights or [1.0] * len(args.loss_type)
-            types, weights = _fastpref_loss_terms(args.loss_type, weights)
-            # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
-            transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
-            self.fastpref_loss = PreferenceLoss(types, beta=args.beta, loss_weights=weights,
-                                                label_smoothing=args.label_smoothing, token_metrics=True,
-                                                **asdict(transform))
 
     __init__.__signature__ = _DPO_TRAINER_SIGNATURE
+
+    # Both are decided once the models are loaded, which TRL's __init__ does before it precomputes
+    # the reference log-probs with them.
+    @functools.cached_property
+    def uses_fused_loss(self) -> bool:
+        """Whether this run takes the fused pair loss (else TRL's own loss code)."""
+        return _without_fused_formula(self.args) is None and self._check_models()
+
+    @functools.cached_property
+    def fastpref_loss(self) -> Optional[PreferenceLoss]:
+        """The fused pair loss of this run (None where it takes TRL's loss code)."""
+        if not self.uses_fused_loss:
+            return None
+        args = self.args
+        types, weights = _fastpref_loss_terms(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type))
+        # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
+        transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
+        return PreferenceLoss(types, beta=args.beta, loss_weights=weights, label_smoothing=args.label_smoothing,
+                              token_metrics=True, **asdict(transform))
 
     def _collator(self, collator):
         """`collator`, packing its batches when padding_free=True (idempotent)."""
@@ -391,17 +413,48 @@ class FastprefDPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one batch, as (chosen [B], rejected [B]).
 
-        A padded batch goes through TRL's own code (``ld_alpha``'s reduction included) on the
-        model's fused head; a packed one (``padding_free=True``) through one packed forward and
-        fastpref's op. Precomputed (``precompute_ref_log_probs=True``) and online values come from
-        this same computation.
+        On the fused pair loss, the policy's computation run on the reference: the same forward
+        (padded, or packed with ``padding_free=True``), the same head dtype, the same op call and
+        the same sums (:meth:`fastpref.PreferenceLoss.sequence_logps`), so that a policy equal to
+        its reference gets log-probs equal to the reference's bit for bit, as in TRL. Otherwise
+        TRL's own code (``ld_alpha``'s reduction included) on the model's fused head. Precomputed
+        (``precompute_ref_log_probs=True``) and online values come from this same computation.
         """
-        if "packed" not in inputs:
+        if not self.uses_fused_loss:
             return super().compute_ref_log_probs(model, inputs)
         with self._reference_setting():
-            logps = packed_logps(model, inputs["packed"], self._attention(model), self.accelerator.device,
-                                 backend="auto")
+            scored = self._scored_batch(model, inputs)
+            hidden, weight, bias = self._head_inputs(model, scored.hidden)
+            logps = self.fastpref_loss.sequence_logps(hidden, weight, scored.targets, scored.layout, bias=bias,
+                                                      trainable_head=self._trains_head())
         return logps.chunk(2)
+
+    def _trains_head(self) -> bool:
+        return causal_lm_parts(self.accelerator.unwrap_model(self.model)).head_weight.requires_grad
+
+    def _scored_batch(self, model, inputs, router_logits: bool = False) -> "_ScoredBatch":
+        """The model's forward on a batch, as the fused pair loss scores it: the final hidden states of
+        the completion tokens, packed (and the MoE router logits of a padded batch, when asked)."""
+        packed: Optional[PackedPairs] = inputs.get("packed")
+        if packed is not None:
+            packed = packed.to(self.accelerator.device)
+            hidden = packed_hidden(model, packed, self._attention(model))
+            return _ScoredBatch(hidden, packed.targets, packed.layout, packed.input_ids.shape[1], None)
+        model_kwargs = _model_kwargs(inputs)
+        if router_logits:
+            model_kwargs["output_router_logits"] = True
+        # The wrapper's own forward keeps DDP's gradient synchronisation; logits_to_keep=1 makes the
+        # model's LM head run on one position per row. hidden_states[-1] is the final, normed state.
+        outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
+        batch = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
+        return _ScoredBatch(batch.hidden, batch.targets, batch.layout, inputs["attention_mask"].sum(), outputs)
+
+    def _head_inputs(self, model, hidden):
+        """(hidden, weight, bias) for the op: the head read just after the forward, in the dtype fastpref's
+        head computes in under the run's mixed precision (the rule of TRL's fused-head passes)."""
+        parts = _gathered_head(self.accelerator.unwrap_model(model))
+        with self.accelerator.autocast():
+            return head_inputs(hidden, parts.head_weight, parts.head_bias)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precomputation, on the run's own batches, cached under a key of its own.
@@ -435,39 +488,23 @@ class FastprefDPOTrainer(DPOTrainer):
             reference = torch.cat(self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs))
 
-        if packed is not None:
-            packed = packed.to(self.accelerator.device)
-            hidden = packed_hidden(model, packed, self._attention(model))
-            targets, layout, num_tokens = packed.targets, packed.layout, packed.input_ids.shape[1]
-            outputs = None
-        else:
-            model_kwargs = _model_kwargs(inputs)
-            if self.aux_loss_enabled:
-                model_kwargs["output_router_logits"] = True
-            # The wrapper's own forward keeps DDP's gradient synchronisation; logits_to_keep=1 makes the
-            # model's LM head run on one position per row. hidden_states[-1] is the final, normed state.
-            outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
-            batch = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
-            hidden, targets, layout = batch.hidden, batch.targets, batch.layout
-            num_tokens = inputs["attention_mask"].sum()
-        parts = _gathered_head(self.accelerator.unwrap_model(model))
-        # Mixed precision may hand back float32 hidden states next to a half-precision head.
-        weight = parts.head_weight
-        loss, metrics = self.fastpref_loss(hidden.to(weight.dtype), weight, targets, layout, reference,
-                                           bias=parts.head_bias)
+        scored = self._scored_batch(model, inputs, router_logits=self.aux_loss_enabled)
+        hidden, weight, bias = self._head_inputs(model, scored.hidden)
+        loss, metrics = self.fastpref_loss(hidden, weight, scored.targets, scored.layout, reference, bias=bias)
+        outputs, layout = scored.outputs, scored.layout
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
-        self._log_metrics(mode, metrics, layout, num_tokens)
+        self._log_metrics(mode, metrics, layout, scored.num_tokens)
 
         if return_outputs:
             warnings.warn(
                 "return_outputs=True: the logits for compute_metrics are built by an extra forward "
                 "over the full vocabulary, as in TRL", stacklevel=2)
             with torch.no_grad():
-                outputs = model(**model_kwargs)
+                outputs = model(**_model_kwargs(inputs))
             return loss, outputs
         return loss
 

@@ -51,7 +51,8 @@ from trl.trainer.utils import FusedCausalLMOutput
 from ..causal_lm import causal_lm_parts, logit_transform
 from ..linear_logprobs import check_outputs, linear_logprobs
 
-__all__ = ["FusedCausalLMOutput", "HeadSwap", "TRAINER_MODULES", "add_fused_lm_head", "use_fastpref_head"]
+__all__ = ["FusedCausalLMOutput", "HeadSwap", "TRAINER_MODULES", "add_fused_lm_head", "head_inputs",
+           "use_fastpref_head"]
 
 # The TRL modules whose trainers call `add_fused_lm_head` by the name they imported.
 TRAINER_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.grpo_trainer",
@@ -87,6 +88,22 @@ def _load_balancing_loss(model, text_config, router_logits, attention_mask):
         num_experts_per_tok = text_config.num_experts_per_tok
     # Padding-free packs every real token into one row without an attention mask: every token counts.
     return load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, attention_mask)
+
+
+def head_inputs(hidden, weight, bias=None, cast_lm_head_to_fp32: bool = False):
+    """(hidden, weight, bias) in the dtype fastpref's head computes in: float32 with
+    `cast_lm_head_to_fp32`, else autocast's dtype where autocast is on (as a model's own head
+    computes under it), else the hidden states'. One rule for every pass of a trainer (policy or
+    reference, TRL's loss code or the fused pair loss), so that the same weights and inputs give
+    the same log-probs in each."""
+    device_type = weight.device.type
+    if cast_lm_head_to_fp32:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = hidden.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def add_fused_lm_head(
@@ -166,20 +183,15 @@ def add_fused_lm_head(
         hidden_states, labels = hidden_states.to(weight.device), labels.to(weight.device)
         mask = labels != -100
         device_type = weight.device.type
-        if cast_lm_head_to_fp32:
-            dtype = torch.float32
-        elif torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = hidden_states.dtype
+        hidden_states, weight, bias = head_inputs(hidden_states, weight, bias, cast_lm_head_to_fp32)
         # Only the labelled rows are computed. Their count is read on the host, one synchronisation per
         # call, as TRL's own head does: the prompt rows it leaves out (often half the tokens or more)
         # cost far more head FLOPs than the wait for the backbone's queued work.
         num_kept = int(mask.sum())
         with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
             per_token = linear_logprobs(
-                hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype), weight.to(dtype),
-                labels.reshape(-1), bias=None if bias is None else bias.to(dtype), ignore_index=-100,
+                hidden_states.reshape(-1, hidden_states.shape[-1]), weight, labels.reshape(-1), bias=bias,
+                ignore_index=-100,
                 logit_scale=transform.logit_scale, softcap=transform.softcap, temperature=transform.temperature,
                 outputs=requested, num_kept=num_kept, backend="auto")
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

@@ -211,6 +211,10 @@ def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransfor
                           gradients_in_forward=cfg.gradients_in_forward, group_rows=cfg.group_rows)
 
 
+# A step whose gradients hold NaN or inf is skipped; this many in a row stop the run.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
 def _read_metrics(records: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
     """Records of 0-d tensors as floats, read from the device in one transfer."""
     if not records:
@@ -231,11 +235,11 @@ def _mean_of_numbers(values: Sequence[float]) -> float:
 def _interval_record(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
     """The steps since the last log as one record, as TRL logs them: the metrics averaged over
     the steps that have them (KTO's per-label metrics are NaN for a step without an example of the
-    label), tokens summed, and step, epoch and learning rate those of the last."""
+    label), tokens and skipped updates summed, and step, epoch and learning rate those of the last."""
     last = records[-1]
     merged = {k: _mean_of_numbers([r[k] for r in records]) for k in last if k not in ("step", "split", "epoch", "lr")}
     merged.update(step=last["step"], split=last["split"], epoch=last["epoch"], lr=last["lr"],
-                  tokens=sum(r["tokens"] for r in records))
+                  tokens=sum(r["tokens"] for r in records), skipped_updates=sum(r["skipped_updates"] for r in records))
     merged["tokens_per_s"] = merged["tokens"] / sum(r["tokens"] / r["tokens_per_s"] for r in records)
     return {"step": merged.pop("step"), "split": merged.pop("split"), **merged}
 
@@ -362,6 +366,7 @@ class Trainer:
             scored_tokens=sum(_scored_tokens(p) for p in longest),
             gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers, unit=self._unit)
         self.step = 0
+        self._skipped_in_a_row = 0  # steps whose NaN or inf gradients skipped the update
         self.displacement = DisplacementMonitor(suggest_sft=not self.unpaired)
 
     def _header(self) -> str:
@@ -580,9 +585,11 @@ class Trainer:
         model = self.reference_head if self.reference_head is not None else self.head_model
         was_training = model.training
         model.eval()
+        # as the policy's pass computes them: the same weights give the same log-probs, bit for bit
+        trainable_head = causal_lm_parts(self.policy).head_weight.requires_grad
         with adapters_disabled(self.policy if self.reference_head is None else self.reference_model):
-            logps = pair_logps(model, pairs, self.attention, self.device,
-                               prefix_sharing=self.cfg.prefix_sharing, backend=self.cfg.backend)
+            logps = pair_logps(model, pairs, self.attention, self.device, prefix_sharing=self.cfg.prefix_sharing,
+                               scored_as=self.loss_fn, trainable_head=trainable_head)
         model.train(was_training)
         return logps
 
@@ -790,6 +797,9 @@ class Trainer:
                                     margin=f"{record['rewards/margins']:.3f}")
                     warning = (None if math.isnan(record["rewards/margins"]) else  # a KTO step of one label
                                self.displacement.update(record["logps/chosen"], record["rewards/margins"]))
+                    if record["skipped_updates"]:
+                        warning = (f"step {self.step}: NaN or inf gradients (non-finite log-probs: "
+                                   f"{record['non_finite_logps']:.0%} of the sequences), the update was skipped")
                     if warning:
                         self._say("warning: " + warning)
                         log.write({"step": self.step, "split": "warning", "message": warning})
@@ -912,22 +922,32 @@ class Trainer:
         grad_norm = clip(params, cfg.max_grad_norm)
         if isinstance(grad_norm, DTensor):  # the norm over all shards, reduced by FSDP's mesh
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.step += 1
         # the step's one synchronisation: its metrics come to the host, and with them any bad input
         # that the op and the loss flagged on the device is raised
         raise_pending_errors()
         *records, totals = _read_metrics(records + [{"grad_norm": grad_norm}])
         grad_norm = totals["grad_norm"]
+        # NaN or inf in the gradients (a float16 overflow) skip the update, as a GradScaler skips it
+        skipped = not math.isfinite(grad_norm)
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(
+                f"{MAX_SKIPPED_IN_A_ROW} steps in a row up to step {self.step + 1} had NaN or inf gradients, so none "
+                f"updated the model (dtype {self.cfg.dtype}; the steps' non_finite_logps are in the metrics): the "
+                "model overflows or has diverged; train in bfloat16 or float32, or with a lower learning rate")
+        if not skipped:
+            self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
         mean = self.dist.weighted_mean(records, weights, self.device)
         if self.unpaired:
             mean = _label_means(mean)
         tokens = world * self.dist.weighted_mean([{"tokens": tokens}], [1], self.device)["tokens"]
         elapsed = time.perf_counter() - tick
         return {"step": self.step, "split": "train", "epoch": self.step / self.steps_per_epoch, "lr": lr,
-                "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, **mean}
+                "grad_norm": grad_norm, "skipped_updates": int(skipped), "tokens": int(tokens),
+                "tokens_per_s": tokens / elapsed, **mean}
 
     def _gathered_state(self) -> Dict[str, torch.Tensor]:
         """Under FSDP2, the policy's whole trainable weights, on rank 0's CPU (empty elsewhere);

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..causal_lm import causal_lm_parts
 from ..linear_logprobs import linear_logprobs
-from ..losses import sequence_logps
+from ..losses import PreferenceLoss, sequence_logps
 from ..transfer import to_device
 from .model import FusedHeadForward
 from .packing import PackedPairs, pack_pairs
@@ -49,10 +49,15 @@ def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend: str = "auto") -> torch.Tensor:
+def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend: str = "auto",
+                 scored_as: Optional[PreferenceLoss] = None, trainable_head: bool = False) -> torch.Tensor:
     """[S] summed response log-probs of the packed sequences, in layout order.
 
     `model`: a causal LM, or a :class:`FusedHeadForward` around one (sharded by FSDP2 or not).
+    `scored_as`: the loss whose policy pass these log-probs must equal bit for bit where the
+    weights are the same (a reference pass): computed by its
+    :meth:`~fastpref.PreferenceLoss.sequence_logps`, whose path depends on whether the policy's head
+    is trained (`trainable_head`). None: by the op on `backend`.
     """
     packed = packed.to(device)
     if not isinstance(model, FusedHeadForward):
@@ -60,6 +65,9 @@ def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend:
     transform = causal_lm_parts(model.model).transform
 
     def logps(hidden, weight, bias):
+        if scored_as is not None:
+            return scored_as.sequence_logps(hidden, weight, packed.targets, packed.layout, bias=bias,
+                                            trainable_head=trainable_head).float()
         token_logp = linear_logprobs(hidden, weight, packed.targets, bias=bias, backend=backend,
                                      num_kept=packed.layout.num_response_tokens, **asdict(transform))
         return sequence_logps(token_logp, packed.layout).float()
@@ -67,11 +75,12 @@ def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend:
     return model(packed, attention, logps)
 
 
-def pair_logps(model, pairs: Sequence, attention: str, device, *,
-               prefix_sharing: bool, backend: str = "auto") -> torch.Tensor:
+def pair_logps(model, pairs: Sequence, attention: str, device, *, prefix_sharing: bool, backend: str = "auto",
+               scored_as: Optional[PreferenceLoss] = None, trainable_head: bool = False) -> torch.Tensor:
     """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...), as
     :func:`packed_logps`."""
-    return packed_logps(model, pack_pairs(pairs, prefix_sharing=prefix_sharing), attention, device, backend=backend)
+    return packed_logps(model, pack_pairs(pairs, prefix_sharing=prefix_sharing), attention, device, backend=backend,
+                        scored_as=scored_as, trainable_head=trainable_head)
 
 
 class ReferenceCache:
