@@ -431,11 +431,12 @@ def linear_logprobs(
         bias requires grad (frozen head, LoRA) no weight-gradient work is done, and without
         entropy the hidden gradient is folded into the forward (4NHV FLOPs in all).
 
-    Bad values are never read on the host during the call: targets outside [0, V), a wrong
-    num_kept and non-finite log-probs (NaN or inf in the inputs) are flagged on the device and
-    raise a ValueError naming the first bad position at the next call once the flags have reached
-    the host, at :func:`fastpref.raise_pending_errors`, or here with ``check=True``. Until then
-    such rows give 0. Non-contiguous inputs are copied to contiguous memory first (for the weight,
+    Bad values are never read on the host during the call: targets outside [0, V) and a wrong
+    num_kept are flagged on the device and raise a ValueError naming the first bad position at
+    the next call once the flags have reached the host, at :func:`fastpref.raise_pending_errors`,
+    or here with ``check=True``; until then such rows give 0. NaN or inf in the inputs give NaN
+    or inf log-probs and gradients, as log_softmax does (a GradScaler then skips the step), raised
+    only with ``check=True`` or by ``raise_pending_errors(non_finite=True)``. Non-contiguous inputs are copied to contiguous memory first (for the weight,
     a V x H copy: pass a contiguous weight to avoid it). An enclosing autocast does not change
     the op's precision, forward or backward: it computes in its inputs' dtype (cast them to choose).
 

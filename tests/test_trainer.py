@@ -348,3 +348,53 @@ def test_the_memory_estimate_comes_from_the_data_not_the_length_limit(tmp_path, 
 def test_gradient_checkpointing_trains_without_deprecation_warnings(tmp_path, small_data):
     result = train(config(tmp_path, small_data, gradient_checkpointing=True, lora_r=4, max_steps=2))
     assert result.steps == 2
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param(dict(precompute_ref_log_probs=False), id="online"),
+    pytest.param(dict(precompute_ref_log_probs=True), id="cached"),
+    pytest.param(dict(precompute_ref_log_probs=False, lora_r=4), id="lora"),
+])
+def test_a_policy_equal_to_its_reference_has_rewards_exactly_zero_in_bfloat16(tmp_path, small_data, options):
+    """The reference pass computes the policy's log-probs bit for bit while their weights are the same
+    (the first step, or a LoRA adapter still 0), whichever path the policy's head takes."""
+    result = train(config(tmp_path, small_data, dtype="bfloat16", max_steps=1, eval_fraction=0.0, **options))
+    first = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"][0]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2)) and first["non_finite_logps"] == 0.0
+
+
+def _overflowing_model(directory: Path) -> str:
+    """The embedded model with final hidden states past float16's range (65,504)."""
+    from fastpref.train.default_assets import default_model, default_tokenizer
+
+    tokenizer = default_tokenizer()
+    model = default_model(tokenizer)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_float16_steps_whose_gradients_overflow_are_skipped_and_counted(tmp_path, small_data, monkeypatch):
+    """As a GradScaler does: the update is skipped, the step counted in skipped_updates and its NaN in
+    non_finite_logps, no exception; too many in a row stop the run with a FloatingPointError."""
+    model = _overflowing_model(tmp_path / "model")
+    result = train(config(tmp_path, small_data, model=model, dtype="float16", max_steps=2, eval_fraction=0.0,
+                          precompute_ref_log_probs=False))
+    steps = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert [r["skipped_updates"] for r in steps] == [1, 1]
+    assert all(r["non_finite_logps"] == 1.0 for r in steps)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result.model_path).state_dict()
+    assert all(torch.equal(before[name].to(after[name].dtype), after[name]) for name in after)
+
+    import fastpref.train.loop as loop
+
+    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 2)
+    with pytest.raises(FloatingPointError, match=r"2 steps in a row up to step 2 had NaN or inf gradients"):
+        train(config(tmp_path, small_data, model=model, dtype="float16", max_steps=3, eval_fraction=0.0,
+                     precompute_ref_log_probs=False, output_dir=str(tmp_path / "stopped")))

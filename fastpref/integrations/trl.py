@@ -1,8 +1,12 @@
 """TRL's ``DPOTrainer`` on fastpref's fused op; TRL's fused LM head computed by fastpref.
 
-:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` 1.16 and trains the same
-objective, with the same loss, gradients and metrics, for every setting ``trl.DPOTrainer`` runs
-(and ``padding_free=True``, which it does not); only the computation differs.
+:class:`FastprefDPOTrainer` takes the arguments of ``trl.DPOTrainer`` 1.16 (its signature, bound
+from TRL's own: a model as a hub id or a folder, ``processing_class=None``, ``peft_config``...) and
+trains the same objective, with the same loss, gradients and metrics, for every setting
+``trl.DPOTrainer`` runs (and ``padding_free=True``, which it does not); only the computation
+differs. NaN and inf (a float16 overflow) reach the loss and the gradients as in TRL, so that a
+GradScaler skips the step; the fused pair loss counts them in one metric of its own,
+``non_finite_logps``.
 :func:`add_fused_lm_head` and :func:`use_fastpref_head` (from :mod:`fastpref.integrations.trl_head`)
 put fastpref's op under TRL's own ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer`` and
 ``RLOOTrainer``.
@@ -52,9 +56,12 @@ on fastpref's op and neither building the [tokens x vocab] logits:
   :func:`use_fastpref_head`, so the model's ``fused_lm_head=True`` forward that this code calls is
   fastpref's :func:`add_fused_lm_head`.
 
-Either way the reference log-probs, precomputed (``precompute_ref_log_probs=True``) or online,
-come from TRL's ``compute_ref_log_probs`` on fastpref's head (``ld_alpha``'s reduction included),
-so precomputed and online values are the same computation. The reference is a ``ref_model``;
+The reference log-probs, precomputed (``precompute_ref_log_probs=True``) or online, are computed
+as the policy's: on the fused pair loss by the same forward, head dtype, op call and sums
+(:meth:`FastprefDPOTrainer.compute_ref_log_probs`), on TRL's loss code by TRL's
+``compute_ref_log_probs`` on fastpref's head (``ld_alpha``'s reduction included). A policy equal to
+its reference therefore has rewards exactly 0, in bfloat16 too, and precomputed and online values
+are the same computation. The reference is a ``ref_model`` (a module, a hub id or a folder);
 for a PEFT model without one, the model with its adapter disabled (or its ``"ref"`` adapter), as
 TRL does; ``sync_ref_model=True`` (TR-DPO) runs TRL's ``SyncRefModelCallback`` on the
 ``ref_model``. Also: the MoE load-balancing loss (``router_aux_loss_coef``), DDP through
@@ -118,7 +125,6 @@ from ..layout import PackedLayout, pack_padded
 from ..losses import PreferenceLoss
 from ..train.model import packed_hidden
 from ..train.packing import PackedPairs, pack_rows
-from ..train.reference import packed_logps
 from .trl_head import add_fused_lm_head, head_inputs, use_fastpref_head
 
 __all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add_fused_lm_head",

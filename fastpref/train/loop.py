@@ -11,6 +11,7 @@ import shlex
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -938,7 +939,10 @@ class Trainer:
         if not skipped:
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule goes on through a skipped update, as the data does (PyTorch warns of it)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         mean = self.dist.weighted_mean(records, weights, self.device)
         if self.unpaired:
