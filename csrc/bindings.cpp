@@ -177,62 +177,6 @@ void compensated_accumulate(std::uintptr_t product, std::uintptr_t hi, std::uint
   launch_compensated_accumulate(args, ctx);
 }
 
-void preference_pair_loss(std::uintptr_t token_logp, std::uintptr_t cu_seqlens,
-                          std::uintptr_t lengths, std::uintptr_t chosen_index,
-                          std::uintptr_t rejected_index, std::uintptr_t reference_logps,
-                          std::uintptr_t weights, std::uintptr_t averages,
-                          std::uintptr_t chosen_tokens, std::uintptr_t sequence_logps,
-                          std::uintptr_t parts, std::uintptr_t token_grad, int64_t num_pairs,
-                          double beta, double label_smoothing, double simpo_gamma, int64_t device,
-                          std::uintptr_t stream) {
-  PairLossArgs args{};
-  args.token_logp = pointer<const float*>("token_logp", token_logp);
-  args.cu_seqlens = pointer<const int64_t*>("cu_seqlens", cu_seqlens);
-  args.lengths = pointer<const int64_t*>("lengths", lengths);
-  args.chosen_index = pointer<const int64_t*>("chosen_index", chosen_index);
-  args.rejected_index = pointer<const int64_t*>("rejected_index", rejected_index);
-  args.reference_logps = optional_pointer<const float*>(reference_logps);
-  args.weights = pointer<const float*>("weights", weights);
-  args.averages = pointer<const int32_t*>("averages", averages);
-  args.chosen_tokens = pointer<const float*>("chosen_tokens", chosen_tokens);
-  args.sequence_logps = pointer<float*>("sequence_logps", sequence_logps);
-  args.parts = pointer<float*>("parts", parts);
-  args.token_grad = pointer<float*>("token_grad", token_grad);
-  args.num_pairs = extent("num_pairs", num_pairs);
-  args.beta = positive("beta", beta);
-  if (!(label_smoothing >= 0.0 && label_smoothing < 0.5)) {
-    invalid("label_smoothing must lie in [0, 0.5), got " + std::to_string(label_smoothing));
-  }
-  args.label_smoothing = static_cast<float>(label_smoothing);
-  args.simpo_gamma = finite("simpo_gamma", simpo_gamma);
-  const LaunchContext ctx = context(device, stream);
-  launch_preference_pair_loss(args, ctx);
-}
-
-void kto_loss(std::uintptr_t token_logp, std::uintptr_t cu_seqlens, std::uintptr_t lengths,
-              std::uintptr_t desirable, std::uintptr_t reference_logps, std::uintptr_t kl,
-              std::uintptr_t sequence_logps, std::uintptr_t parts, std::uintptr_t token_grad,
-              int64_t num_sequences, double beta, double desirable_weight,
-              double undesirable_weight, bool average, int64_t device, std::uintptr_t stream) {
-  KtoLossArgs args{};
-  args.token_logp = pointer<const float*>("token_logp", token_logp);
-  args.cu_seqlens = pointer<const int64_t*>("cu_seqlens", cu_seqlens);
-  args.lengths = pointer<const int64_t*>("lengths", lengths);
-  args.desirable = pointer<const uint8_t*>("desirable", desirable);
-  args.reference_logps = pointer<const float*>("reference_logps", reference_logps);
-  args.kl = pointer<const float*>("kl", kl);
-  args.sequence_logps = pointer<float*>("sequence_logps", sequence_logps);
-  args.parts = pointer<float*>("parts", parts);
-  args.token_grad = pointer<float*>("token_grad", token_grad);
-  args.num_sequences = extent("num_sequences", num_sequences);
-  args.beta = positive("beta", beta);
-  args.desirable_weight = positive("desirable_weight", desirable_weight);
-  args.undesirable_weight = positive("undesirable_weight", undesirable_weight);
-  args.average = average;
-  const LaunchContext ctx = context(device, stream);
-  launch_kto_loss(args, ctx);
-}
-
 }  // namespace
 }  // namespace fastpref
 
@@ -273,21 +217,4 @@ PYBIND11_MODULE(_C, m) {
         py::arg("product"), py::arg("hi"), py::arg("lo"), py::arg("count"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), release,
         "hi (dtype) + lo (bfloat16) += product (float32), element-wise with compensation.");
-
-  m.def("preference_pair_loss", &preference_pair_loss, py::kw_only(),
-        py::arg("token_logp"), py::arg("cu_seqlens"), py::arg("lengths"),
-        py::arg("chosen_index"), py::arg("rejected_index"), py::arg("reference_logps"),
-        py::arg("weights"), py::arg("averages"), py::arg("chosen_tokens"),
-        py::arg("sequence_logps"), py::arg("parts"), py::arg("token_grad"), py::arg("num_pairs"),
-        py::arg("beta"), py::arg("label_smoothing"), py::arg("simpo_gamma"), py::arg("device"),
-        py::arg("stream"), release,
-        "Fused paired preference loss: parts [9, P], sequence log-probs [S], token gradient [N].");
-
-  m.def("kto_loss", &kto_loss, py::kw_only(),
-        py::arg("token_logp"), py::arg("cu_seqlens"), py::arg("lengths"), py::arg("desirable"),
-        py::arg("reference_logps"), py::arg("kl"), py::arg("sequence_logps"), py::arg("parts"),
-        py::arg("token_grad"), py::arg("num_sequences"), py::arg("beta"),
-        py::arg("desirable_weight"), py::arg("undesirable_weight"), py::arg("average"),
-        py::arg("device"), py::arg("stream"), release,
-        "Fused KTO loss: parts [1, S], sequence log-probs [S], token gradient [N].");
 }

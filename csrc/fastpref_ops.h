@@ -99,49 +99,8 @@ struct CompensatedAccumulateArgs {
   DType dtype;
 };
 
-// Number of paired loss types; their order is fastpref.loss_spec.PAIRED_LOSS_TYPES.
-constexpr int kNumPairedLossTypes = 9;
-
-struct PairLossArgs {
-  const float* token_logp;       // [num_tokens] 0 outside responses
-  const int64_t* cu_seqlens;     // [num_sequences + 1]
-  const int64_t* lengths;        // [num_sequences] response tokens per sequence
-  const int64_t* chosen_index;   // [num_pairs]
-  const int64_t* rejected_index; // [num_pairs]
-  const float* reference_logps;  // [num_sequences] or nullptr (reference-free types only)
-  const float* weights;          // [kNumPairedLossTypes]
-  const int32_t* averages;       // [kNumPairedLossTypes] nonzero: mean log-probs
-  const float* chosen_tokens;    // [] response tokens over all chosen sequences
-  float* sequence_logps;         // [num_sequences]
-  float* parts;                  // [kNumPairedLossTypes, num_pairs]
-  float* token_grad;             // [num_tokens]
-  int64_t num_pairs;
-  float beta;
-  float label_smoothing;
-  float simpo_gamma;
-};
-
-struct KtoLossArgs {
-  const float* token_logp;
-  const int64_t* cu_seqlens;
-  const int64_t* lengths;
-  const uint8_t* desirable;      // [num_sequences] nonzero: desirable
-  const float* reference_logps;  // [num_sequences]
-  const float* kl;               // [] KTO reference point z0
-  float* sequence_logps;         // [num_sequences]
-  float* parts;                  // [1, num_sequences]
-  float* token_grad;             // [num_tokens]
-  int64_t num_sequences;
-  float beta;
-  float desirable_weight;
-  float undesirable_weight;
-  bool average;
-};
-
 void launch_slab_softmax(const SlabSoftmaxArgs& args, const LaunchContext& ctx);
 void launch_slab_logit_gradient(const SlabGradientArgs& args, const LaunchContext& ctx);
 void launch_compensated_accumulate(const CompensatedAccumulateArgs& args, const LaunchContext& ctx);
-void launch_preference_pair_loss(const PairLossArgs& args, const LaunchContext& ctx);
-void launch_kto_loss(const KtoLossArgs& args, const LaunchContext& ctx);
 
 }  // namespace fastpref

@@ -39,6 +39,7 @@ from .backends import HeadOptions
 from .layout import PackedLayout
 from .linear_logprobs import report_errors
 from .logit_transform import LogitTransform
+from . import loss_types
 from .loss_spec import LossSpec
 
 # Response rows per group: fewer make the weight gradient's matmuls (their inner dimension is the
@@ -81,7 +82,8 @@ def row_groups(layout: PackedLayout, kept: torch.Tensor, rows_per_group: int = G
 
 
 class _HeadPreferenceLoss(torch.autograd.Function):
-    """(loss, parts, sequence_logps) forward; the gradients it computed, scaled, backward."""
+    """(loss, parts [T, P] in spec.loss_types' order, sequence_logps) forward; the gradients it
+    computed, scaled, backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, layout: PackedLayout, reference_logps, spec: LossSpec, kl,
@@ -98,7 +100,7 @@ class _HeadPreferenceLoss(torch.autograd.Function):
         def token_gradient(rows: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
             counted = counts.index_select(0, rows)
             token_logp[rows] = torch.where(counted, logp, 0.0)
-            grad = impl.preference_loss(token_logp, layout, reference_logps, spec, kl).token_grad
+            grad = loss_types.token_gradient(token_logp, layout, reference_logps, spec, kl)
             return torch.where(counted, grad.index_select(0, rows), 0.0)
 
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -107,13 +109,14 @@ class _HeadPreferenceLoss(torch.autograd.Function):
                 hidden, weight, bias, torch.where(counts, targets, 0), row_groups(layout, kept, group_rows),
                 token_gradient, HeadOptions(transform), need_hidden, need_weight, need_bias,
                 store_bytes=group_rows * vocab * dtype.itemsize)
-            result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
+            terms = loss_types.loss_terms(token_logp, layout, reference_logps, spec, kl)
 
         report_errors(hidden, targets, logp, ignore_index, vocab, layout.num_response_tokens, check)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.mark_non_differentiable(result.parts, result.sequence_logps)
+        parts = torch.stack([terms.parts[name] for name in spec.loss_types])
+        ctx.mark_non_differentiable(parts, terms.sequence_logps)
         ctx.consumed = False
-        return result.loss, result.parts, result.sequence_logps
+        return terms.loss, parts, terms.sequence_logps
 
     @staticmethod
     def backward(ctx, grad_loss, *_non_differentiable):
@@ -126,7 +129,7 @@ class _HeadPreferenceLoss(torch.autograd.Function):
         # in place: the saved gradients (one as large as the weight) are not copied
         scaled = [None if gradient is None else gradient.mul_(grad_loss.to(gradient.dtype))
                   for gradient in ctx.saved_tensors]
-        return (*scaled,) + (None,) * 10
+        return (*scaled,) + (None,) * (len(ctx.needs_input_grad) - len(scaled))
 
 
 def grouped_logprobs(hidden, weight, bias, targets, layout: PackedLayout, *, ignore_index: int,
@@ -163,13 +166,19 @@ def grouped_backend(backend: str, device: torch.device) -> Optional[_backends.Ba
     return impl if has_pass(impl) else None
 
 
-def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, token_metrics: bool,
-                       requested: bool = False, trainable: Optional[bool] = None) -> Optional[str]:
+def unavailable_reason(backend: str, hidden: torch.Tensor, weight: torch.Tensor, spec: LossSpec,
+                       token_metrics: bool, requested: bool = False, trainable: Optional[bool] = None
+                       ) -> Optional[str]:
     """None when head_preference_loss can compute this call, else why not. Unless `requested`
     (gradients_in_forward=True), only a CPU's torch backend takes it. `trainable`: whether the
     head is trained (None: gradients are enabled and weight.requires_grad)."""
     if torch.compiler.is_compiling():
         return "it reads the layout on the host, which a compiled graph cannot (the two-op path is traced)"
+    if spec.couples_pairs:
+        return (f"loss types {list(spec.loss_types)} couple the pairs (AOT sorts them), so a group's gradients "
+                "need every group's log-probs")
+    if spec.use_weighting:
+        return "WPO's weights (use_weighting) read the op's per-token log_sum_sq_probs, which it does not compute"
     if trainable is None:
         trainable = torch.is_grad_enabled() and weight.requires_grad
     if not trainable:
@@ -197,5 +206,6 @@ def head_preference_loss(hidden, weight, bias, targets, layout: PackedLayout, re
     in groups of about group_rows response rows (None: default_group_rows); the inputs are
     validated by fastpref.PreferenceLoss."""
     rows = default_group_rows(hidden.device) if group_rows is None else group_rows
-    return _HeadPreferenceLoss.apply(hidden, weight, bias, targets, layout, reference_logps, spec, kl,
-                                     ignore_index, transform, check, backend, rows)
+    loss, parts, sequence_logps = _HeadPreferenceLoss.apply(hidden, weight, bias, targets, layout, reference_logps,
+                                                            spec, kl, ignore_index, transform, check, backend, rows)
+    return loss, dict(zip(spec.loss_types, parts)), sequence_logps

@@ -4,10 +4,9 @@
 
 1. per-token log-probs of the response tokens by the fused linear op (prompt tokens are
    dropped before any matmul);
-2. one fused pass over all pairs: per-sequence sums, the pair loss of every active type
-   (formulas in :mod:`fastpref.loss_spec`) and its gradient with respect to each sequence's
-   log-prob, handed back as per-token gradient scales;
-3. the backward is the linear op's backward driven by those scales.
+2. per-sequence sums and the loss of every active type, plain torch (one table of formulas:
+   :mod:`fastpref.loss_types`), O(pairs) work;
+3. autograd's backward through it hands the op's backward one gradient scalar per token.
 
 On the CPU a trainable head takes one op for all three instead (:mod:`fastpref.head_loss`): the
 gradients are computed in the forward, pair group by pair group, without recomputing the logits.
@@ -16,18 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import backends as _backends
-from . import deferred_errors, head_loss
-from .layout import LayoutTensors, PackedLayout
+from . import deferred_errors, head_loss, loss_types
+from .layout import PackedLayout
 from .linear_logprobs import LinearLogprobsOutput, check_linear_inputs, linear_logprobs
 from .logit_transform import LogitTransform
-from .loss_spec import NLL_TYPES, PAIRED_LOSS_TYPES, REFERENCE_FREE, LossSpec
-from .numerics import log1m_exp
+from .loss_spec import LossSpec
+from .loss_types import PAIRED, Pairs, orpo_log_odds
 
 
 @dataclass
@@ -42,66 +40,9 @@ class ReferenceHead:
 Reference = Union[None, torch.Tensor, ReferenceHead]
 
 
-def _preference_loss_impl(
-    token_logp: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, sequence_ids: torch.Tensor,
-    chosen_index: Optional[torch.Tensor], rejected_index: Optional[torch.Tensor], desirable: Optional[torch.Tensor],
-    reference_logps: Optional[torch.Tensor], kl: Optional[torch.Tensor], backend: str, loss_types: List[int],
-    loss_weights: List[float], beta: float, label_smoothing: float, simpo_gamma: float,
-    average_logps: Optional[bool], desirable_weight: float, undesirable_weight: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], parts [T, P], sequence_logps [S], token_grad [N]) of the backend's fused loss."""
-    spec = LossSpec.from_op_arguments(loss_types, loss_weights, beta, label_smoothing, simpo_gamma, average_logps,
-                                      desirable_weight, undesirable_weight)
-    layout = LayoutTensors(cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable)
-    impl = _backends.resolve(backend, token_logp.device)
-    with torch.autocast(token_logp.device.type, enabled=False):  # the loss is computed in float32
-        result = impl.preference_loss(token_logp, layout, reference_logps, spec, kl)
-    return result.loss, result.parts, result.sequence_logps, result.token_grad
-
-
-_preference_loss_op = torch.library.custom_op("fastpref::preference_loss", mutates_args=())(_preference_loss_impl)
-
-
-@_preference_loss_op.register_fake
-def _preference_loss_fake(token_logp, cu_seqlens, lengths, sequence_ids, chosen_index, rejected_index, desirable,
-                          reference_logps, kl, backend, loss_types, loss_weights, *_scalars):
-    num_sequences = lengths.shape[0]
-    if chosen_index is not None:
-        parts_shape = (len(PAIRED_LOSS_TYPES), chosen_index.shape[0])
-    else:
-        parts_shape = (1, num_sequences)
-    return (token_logp.new_empty(()), token_logp.new_empty(parts_shape), token_logp.new_empty(num_sequences),
-            token_logp.new_empty(token_logp.shape[0]))
-
-
-def _preference_loss_setup(ctx, inputs, output):
-    _loss, parts, sequence_logps, token_grad = output
-    ctx.save_for_backward(token_grad)
-    ctx.mark_non_differentiable(parts, sequence_logps, token_grad)
-
-
-def _preference_loss_backward(ctx, grad_loss, *_non_differentiable):
-    (token_grad,) = ctx.saved_tensors
-    return (grad_loss * token_grad,) + (None,) * 17
-
-
-_preference_loss_op.register_autograd(_preference_loss_backward, setup_context=_preference_loss_setup)
-
-
-def _preference_loss(token_logp, layout: PackedLayout, reference_logps, spec: LossSpec, kl, impl):
-    """(loss, parts, sequence_logps): the backend's loss in plain torch ops, or its fused kernel."""
-    if impl.differentiable_loss is not None:
-        return impl.differentiable_loss(token_logp, layout, reference_logps, spec, kl)
-    loss, parts, sequence_logps, _token_grad = torch.ops.fastpref.preference_loss(
-        token_logp.contiguous(), layout.cu_seqlens, layout.lengths, layout.sequence_ids, layout.chosen_index,
-        layout.rejected_index, layout.desirable, reference_logps, kl, impl.name, *spec.op_arguments())
-    return loss, parts, sequence_logps
-
-
 def sequence_logps(token_logp: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """[S] summed log-probs of each sequence's response tokens (token_logp is 0 elsewhere)."""
-    sums = torch.zeros(layout.num_sequences, dtype=token_logp.dtype, device=token_logp.device)
-    return sums.index_add_(0, layout.sequence_ids, token_logp)
+    return loss_types.sequence_sums(token_logp, layout)
 
 
 # the op's per-token outputs behind TRL's token metrics (PreferenceLoss(token_metrics=True))
@@ -140,18 +81,28 @@ class PreferenceLoss(torch.nn.Module):
             (e.g. ("sigmoid", "sft") with loss_weights (1.0, alpha) is RPO).
         beta: the inverse temperature (ORPO's lambda for "orpo"). Must be > 0.
         loss_weights: one weight per loss type (default: all 1).
-        label_smoothing: e in [0, 0.5) for "sigmoid" (conservative DPO), "robust" and "simpo".
+        label_smoothing: e in [0, 0.5) for the types that read it (exo_pair, robust, aot,
+            aot_unpaired, simpo; TRL's "sigmoid" takes none).
         simpo_gamma: SimPO's target margin gamma.
-        average_logps: None for each type's own reduction (mean log-probs for ipo and simpo,
-            sums for the rest), or True/False to average/sum for every type that allows it
-            (orpo and sft have theirs fixed).
+        discopop_tau: DiscoPOP's temperature tau.
+        f_divergence_type, f_alpha_divergence_coef: TRL's f-divergence of the log-ratios' scores
+            (reverse_kl: plain DPO; forward_kl, js_divergence, alpha_divergence with its alpha).
+        use_weighting: WPO's weights (each pair's loss times w_c w_r, w the exponential of the
+            response's mean log p_t - log sum_v p_v^2, from the op's log_sum_sq_probs).
+        ld_alpha: LD-DPO: the response tokens past the pair's shared length count ld_alpha times
+            in the log-probs (None: plain sums).
+        average_logps: None for each type's own reduction (TRL's formulas: per response token for
+            ipo, sigmoid_norm, simpo and orpo, sums for the rest), or True/False to read the
+            log-probs per response token / summed for every type that allows it (orpo, sft and
+            their own are fixed).
+        A value set away from its default that none of the loss types reads is refused.
         desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
         ignore_index: the target id marking positions outside the responses.
         logit_scale, softcap, temperature: the LM head's logit transform (see
             fastpref.linear_logprobs; :func:`fastpref.causal_lm.logit_transform` reads it off a
             Hugging Face config). The reference head of a ReferenceHead shares it.
-        backend: "auto", "triton", "cuda" or "torch" (see fastpref.available_backends); it runs
-            both the linear log-prob op and the fused pair loss.
+        backend: "auto", "triton", "cuda" or "torch" (see fastpref.available_backends): the
+            backend of the LM-head op (the loss on top is plain torch, fastpref.loss_types).
         scratch_bytes: the op's scratch budget (None: fastpref.set_scratch_bytes's default).
         check: raise bad values (targets out of range, and NaN or inf log-probs or reference
             log-probs) at once, with a synchronisation. By default bad targets are flagged on the
@@ -195,7 +146,9 @@ class PreferenceLoss(torch.nn.Module):
 
     def __init__(self, loss_type: Union[str, Sequence[str]] = "sigmoid", *, beta: float = 0.1,
                  loss_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, average_logps: Optional[bool] = None,
+                 simpo_gamma: float = 0.5, discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
+                 f_alpha_divergence_coef: float = 1.0, use_weighting: bool = False,
+                 ld_alpha: Optional[float] = None, average_logps: Optional[bool] = None,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  temperature: float = 1.0, backend: str = "auto", scratch_bytes: Optional[int] = None,
@@ -204,8 +157,9 @@ class PreferenceLoss(torch.nn.Module):
         super().__init__()
         self.spec = LossSpec.build(
             loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-            simpo_gamma=simpo_gamma, average_logps=average_logps,
-            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+            simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=use_weighting, ld_alpha=ld_alpha,
+            average_logps=average_logps, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if not isinstance(check, bool):
@@ -262,7 +216,6 @@ class PreferenceLoss(torch.nn.Module):
             lambda count, first: (f"targets at response positions must be token ids, but position {first} holds "
                                   f"ignore_index = {ignore_index} ({count} positions in all)"), self.check)
 
-        impl = _backends.resolve(self.backend, hidden.device)
         reference_logps = self._reference_logps(reference, layout, hidden, response_targets,
                                                 torch.is_grad_enabled() and weight.requires_grad)
         kl = self._kl(kto_kl, hidden)
@@ -272,11 +225,17 @@ class PreferenceLoss(torch.nn.Module):
                 ignore_index=ignore_index, transform=self.transform, check=self.check, backend=self.backend,
                 group_rows=self.group_rows)
         else:
-            token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
-                                           _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
-            token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
-            loss, parts, seq_logps = _preference_loss(token_logp, layout, reference_logps, spec, kl, impl)
-        metrics = self._metrics(layout, seq_logps.detach(), reference_logps, parts.detach(), kl)
+            token_outputs, token_logp = self._token_outputs(hidden, weight, response_targets, bias, layout)
+            log_weights = None
+            if spec.use_weighting:  # WPO's, without gradient, as TRL
+                aligned = (token_outputs.log_probs - token_outputs.log_sum_sq_probs).detach()
+                log_weights = sequence_logps(aligned, layout) / layout.lengths.to(aligned.dtype)
+            with torch.autocast(hidden.device.type, enabled=False):  # the loss is computed in float32
+                terms = loss_types.loss_terms(token_logp, layout, reference_logps, spec, kl,
+                                              sequence_log_weights=log_weights)
+            loss, parts, seq_logps = terms.loss, terms.parts, terms.sequence_logps
+        metrics = self._metrics(layout, seq_logps.detach(), reference_logps,
+                                {name: part.detach() for name, part in parts.items()}, kl)
         if self.token_metrics:
             metrics.update(_token_metrics(token_outputs, layout))
         return loss, metrics
@@ -284,11 +243,20 @@ class PreferenceLoss(torch.nn.Module):
     def _computes_gradients_in_forward(self, hidden, weight, trainable: Optional[bool] = None) -> bool:
         if self.gradients_in_forward is False:
             return False
-        reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.token_metrics,
+        reason = head_loss.unavailable_reason(self.backend, hidden, weight, self.spec, self.token_metrics,
                                               requested=self.gradients_in_forward is True, trainable=trainable)
         if reason is not None and self.gradients_in_forward:
             raise ValueError(f"gradients_in_forward=True cannot run here: {reason}")
         return reason is None
+
+    def _token_outputs(self, hidden, weight, response_targets, bias, layout):
+        """(the op's outputs, the log-probs): with the per-token outputs the metrics (token_metrics)
+        and WPO's weights (use_weighting) read, all from one pass over the vocabulary."""
+        outputs = (_TOKEN_METRIC_OUTPUTS if self.token_metrics else ()) + (
+            ("log_sum_sq_probs",) if self.spec.use_weighting else ())
+        token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
+                                       outputs or None)
+        return token_outputs, token_outputs.log_probs if outputs else token_outputs
 
     def sequence_logps(self, hidden, weight, targets, layout: PackedLayout, *, bias=None,
                        trainable_head: bool) -> torch.Tensor:
@@ -306,10 +274,8 @@ class PreferenceLoss(torch.nn.Module):
                     hidden, weight, bias, response_targets, layout, ignore_index=self.ignore_index,
                     transform=self.transform, check=self.check, backend=self.backend, group_rows=self.group_rows)
             else:
-                token_outputs = self._logprobs(hidden, weight, response_targets, bias, layout.num_response_tokens,
-                                               _TOKEN_METRIC_OUTPUTS if self.token_metrics else None)
-                token_logp = token_outputs.log_probs if self.token_metrics else token_outputs
-        return sequence_logps(token_logp, layout)
+                _, token_logp = self._token_outputs(hidden, weight, response_targets, bias, layout)
+        return loss_types.sequence_logps_read(token_logp, layout, self.spec.ld_alpha)
 
     def _reference_logps(self, reference, layout, hidden, response_targets, trainable_head: bool):
         spec = self.spec
@@ -387,13 +353,13 @@ class PreferenceLoss(torch.nn.Module):
             metrics["logps/chosen"] = mean_over(seq_logps, good)
             metrics["logps/rejected"] = mean_over(seq_logps, bad)
             metrics["kl"] = kl
-            metrics["loss/kto"] = parts[0].sum()
+            metrics["loss/kto"] = parts["kto"].sum()
             return metrics
 
         chosen, rejected = layout.chosen_index, layout.rejected_index
         preference_types = [t for t in spec.loss_types if t != "sft"] or ["sft"]
         primary = preference_types[0]
-        if primary in REFERENCE_FREE:
+        if PAIRED[primary].reference_free:
             # as TRL's CPO/ORPO trainers: beta times the policy log-probs the loss uses
             scale = 1.0 / lengths if spec.averages(primary) else 1.0
             rewards = spec.beta * seq_logps * scale
@@ -407,14 +373,14 @@ class PreferenceLoss(torch.nn.Module):
         metrics["rewards/margins"] = (reward_c - reward_r).mean()
         metrics["logps/chosen"] = seq_logps[chosen].mean()
         metrics["logps/rejected"] = seq_logps[rejected].mean()
-        for k, name in enumerate(PAIRED_LOSS_TYPES):
+        for name, part in parts.items():
             if spec.weight_of(name) != 0.0:
-                metrics[f"loss/{name}"] = parts[k].sum()
-        if NLL_TYPES & set(spec.loss_types):
+                metrics[f"loss/{name}"] = part.sum()
+        if any(PAIRED[name].reads_nll for name in spec.loss_types):
             metrics["nll_loss"] = -seq_logps[chosen].sum() / lengths[chosen].sum()
         if "orpo" in spec.loss_types:
-            mean_c, mean_r = seq_logps[chosen] / lengths[chosen], seq_logps[rejected] / lengths[rejected]
-            log_odds = (mean_c - mean_r) - (log1m_exp(mean_c) - log1m_exp(mean_r))
+            log_odds = orpo_log_odds(Pairs(seq_logps[chosen], seq_logps[rejected], None, None, lengths[chosen],
+                                           lengths[rejected], None, spec.hyper))
             metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
             metrics["log_odds_chosen"] = log_odds.mean()
         return metrics

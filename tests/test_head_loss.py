@@ -8,16 +8,21 @@ import fastpref
 from fastpref import deferred_errors, head_loss
 from fastpref.backends import HeadOptions, torch_backend
 from fastpref.logit_transform import LogitTransform
-from fastpref.loss_spec import LOSS_TYPES
+from fastpref.loss_spec import LOSS_TYPES, LossSpec
 from reference import reference_logprobs, relative_error
 from test_losses import make_packed_batch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the one-op loss runs on CPU tensors")
 
-LOSSES = [(name, {}) for name in LOSS_TYPES] + [
+# every type whose pairs' gradients are independent (AOT's sorting couples them: see
+# test_coupled_losses_and_wpo_take_the_two_op_path)
+LOSSES = [(name, {"label_smoothing": 0.1} if name == "exo_pair" else {})
+          for name in LOSS_TYPES if not name.startswith("aot")] + [
     (("sigmoid", "sft"), dict(loss_weights=(1.0, 0.4))),
     ("robust", dict(label_smoothing=0.2)),
     ("ipo", dict(average_logps=False)),
+    ("sigmoid", dict(f_divergence_type="js_divergence", ld_alpha=0.5)),
+    ("hinge", dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.4, average_logps=True)),
 ]
 
 
@@ -36,7 +41,7 @@ TRANSFORMS = {"softcap": dict(softcap=2.5, logit_scale=1.3, temperature=0.8),  #
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("loss_type,options", LOSSES, ids=[str(name) for name, _ in LOSSES])
+@pytest.mark.parametrize("loss_type,options", LOSSES, ids=[f"{name}-{sorted(options)}" for name, options in LOSSES])
 def test_one_op_loss_equals_the_two_op_path(monkeypatch, loss_type, options, transform):
     """Every loss type, groups of 9 rows (pairs of up to 14 tokens: some pairs alone in a group),
     bias, a logit transform with and without a soft cap, a loss scaled before backward: the same
@@ -211,5 +216,18 @@ def test_a_backend_without_the_grouped_pass_says_so(monkeypatch):
     with pytest.raises(ValueError, match="backend 'triton' has no such pass.*'torch' backend has"):
         fastpref.PreferenceLoss(gradients_in_forward=True, backend="triton")(
             hidden.requires_grad_(), weight.requires_grad_(), targets, layout, reference)
-    assert head_loss.unavailable_reason("triton", hidden, weight, False) is not None
+    assert head_loss.unavailable_reason("triton", hidden, weight, LossSpec.build(), False) is not None
     assert head_loss.grouped_backend("auto", hidden.device).name == "torch"
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="aot"), dict(loss_type="aot_unpaired"),
+                                     dict(loss_type="sigmoid", use_weighting=True)])
+def test_coupled_losses_and_wpo_take_the_two_op_path(options):
+    """AOT sorts the pairs' log-ratios (a group's gradients need every group's log-probs) and WPO
+    reads per-token outputs the grouped pass does not compute: both refuse it by name."""
+    hidden, weight, targets, layout, reference = make_packed_batch(3, 8, 20, torch.float32)
+    weight = weight.detach().requires_grad_()
+    with pytest.raises(ValueError, match="gradients_in_forward=True cannot run here: (loss types .* couple the "
+                                         "pairs|WPO's weights)"):
+        fastpref.PreferenceLoss(**options, gradients_in_forward=True)(hidden, weight, targets, layout, reference)
+    fastpref.PreferenceLoss(**options)(hidden, weight, targets, layout, reference)[0].backward()

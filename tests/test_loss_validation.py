@@ -9,18 +9,32 @@ from test_losses import make_packed_batch
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"loss_type": "dpop"}, ValueError, r"unknown loss_type 'dpop'; valid types: sigmoid, ipo, simpo, hinge, robust, orpo, apo_zero, apo_down, sft, kto \(dpo = sigmoid\)"),
+        ({"loss_type": "dpop"}, ValueError, r"unknown loss_type 'dpop'; valid types: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
+         r"aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo, orpo, kto \(dpo = sigmoid\)"),
         ({"loss_type": ["dpo", "sigmoid"]}, ValueError, r"lists a type twice: \['sigmoid', 'sigmoid'\]"),
         ({"loss_type": []}, ValueError, r"loss_type must name at least one"),
         ({"loss_type": ["sigmoid", "sigmoid"]}, ValueError, r"lists a type twice"),
         ({"loss_type": ["kto", "sft"]}, ValueError, r"'kto' is unpaired and cannot be combined"),
         ({"beta": 0.0}, ValueError, r"beta must be a number > 0, got 0.0"),
         ({"beta": -1}, ValueError, r"beta must be a number > 0"),
-        ({"label_smoothing": 0.5}, ValueError, r"label_smoothing must lie in \[0, 0.5\), got 0.5"),
-        ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must lie in \[0, 0.5\)"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, ValueError,
+         r"label_smoothing must be a number that lies in \[0, 0.5\), got 0.5"),
+        ({"loss_type": "robust", "label_smoothing": -0.1}, ValueError, r"label_smoothing must be a number that lies in"),
+        ({"label_smoothing": 0.1}, ValueError, r"label_smoothing=0.1 is read by none of the loss types \['sigmoid'\] "
+                                               r"\(it is read by exo_pair, robust, aot, aot_unpaired, simpo\)"),
+        ({"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}, ValueError,
+         r"f_divergence_type='forward_kl' is read by none of the loss types \['nca_pair'\]"),
+        ({"f_divergence_type": "kl"}, ValueError, r"f_divergence_type must be one of reverse_kl, forward_kl, "
+                                                  r"js_divergence, alpha_divergence, got 'kl'"),
+        ({"ld_alpha": 1.5}, ValueError, r"ld_alpha must be None or a number that lies in \[0, 1\], got 1.5"),
+        ({"use_weighting": 1}, TypeError, r"use_weighting must be True or False"),
+        ({"loss_type": "kto", "use_weighting": True}, ValueError, r"use_weighting=True is read by none"),
+        ({"discopop_tau": 0}, ValueError, r"discopop_tau must be a number > 0"),
         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, ValueError, r"one weight per loss type \(2\), got 1"),
         ({"average_logps": "yes"}, TypeError, r"average_logps must be None, True or False"),
         ({"desirable_weight": 0}, ValueError, r"desirable_weight must be a number > 0"),
+        ({"desirable_weight": 2.0}, ValueError, r"desirable_weight=2.0 is read by none of the loss types "
+                                                r"\['sigmoid'\] \(it is read by kto\)"),
         ({"ignore_index": None}, TypeError, r"ignore_index must be an int"),
     ],
 )

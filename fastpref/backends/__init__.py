@@ -73,27 +73,9 @@ class ForwardResult:
 
 
 @dataclass
-class PreferenceLossResult:
-    """What a backend's fused preference loss returns (float32, detached).
-
-    loss: [] the weighted total.
-    parts: [T, P] each loss type's contribution per pair (per sequence for KTO), already divided
-        by its normaliser, so parts[k].sum() is loss type k's value; rows follow
-        loss_spec.PAIRED_LOSS_TYPES (a single row for KTO), zero for unused types.
-    sequence_logps: [S] summed response log-probs of every sequence.
-    token_grad: [N] dloss/dlogp_n for every packed token (the sequence's coefficient; positions
-        outside responses are ignored downstream).
-    """
-
-    loss: torch.Tensor
-    parts: torch.Tensor
-    sequence_logps: torch.Tensor
-    token_grad: torch.Tensor
-
-
-@dataclass
 class Backend:
-    """One implementation of the op.
+    """One implementation of the LM-head op (the preference losses on top are plain torch, one
+    table for every backend: fastpref.loss_types).
 
     forward(hidden, weight, bias, targets, options, fold_hidden_gradient) -> ForwardResult
         fold_hidden_gradient: the head is frozen and only the log-probs' hidden gradient will be
@@ -102,12 +84,6 @@ class Backend:
              need_hidden, need_weight, need_bias) -> (d_hidden, d_weight, d_bias)
         grad_entropy: [M] or None (no entropy, or none of its gradient wanted). Gradients come
         back in the dtype of their input; those not needed are None.
-    preference_loss(token_logp, layout, reference_logps, spec, kl) -> PreferenceLossResult
-        The per-sequence reduction, the pair (or KTO) loss and its gradient, in one pass over all
-        pairs. reference_logps: [S] summed reference log-probs or None; kl: [] KTO reference point.
-    differentiable_loss: None for a fused loss (run as a custom op, its backward the gradient it
-        returned), or (token_logp, layout, reference_logps, spec, kl) -> (loss, parts, sequence_logps)
-        in plain differentiable torch ops, which the loss then runs directly.
     forward_backward_by_groups(hidden, weight, bias, targets, groups, token_gradient, options,
              need_hidden, need_weight, need_bias, store_bytes) -> (logp, d_hidden, d_weight, d_bias)
         The log-probs and their gradients in one pass per group of rows, for a loss whose
@@ -124,25 +100,14 @@ class Backend:
     name: str
     forward: Callable[..., ForwardResult]
     backward: Callable[..., Tuple[Optional[torch.Tensor], ...]]
-    preference_loss: Callable[..., PreferenceLossResult]
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: Tuple[torch.dtype, ...]
     priority: int
     native_devices: Optional[Tuple[str, ...]] = None
-    differentiable_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
     forward_backward_by_groups: Optional[Callable[..., Tuple[Optional[torch.Tensor], ...]]] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}
-
-
-def fused_loss_result(spec, parts, sequence_logps, token_grad, weights=None) -> PreferenceLossResult:
-    """The total of a fused kernel's per-type parts: paired kernels weight each type themselves
-    (`weights` [T]); the KTO kernel's single type is scaled here, gradient included."""
-    if weights is not None:
-        return PreferenceLossResult((weights[:, None] * parts).sum(), parts, sequence_logps, token_grad)
-    weight = spec.loss_weights[0]
-    return PreferenceLossResult(weight * parts.sum(), parts, sequence_logps, token_grad * weight)
 
 
 def register(backend: Backend) -> None:

@@ -43,8 +43,7 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from ..loss_spec import PAIRED_LOSS_TYPES
-from . import Backend, ForwardResult, HeadOptions, PreferenceLossResult, fused_loss_result, torch_backend
+from . import Backend, ForwardResult, HeadOptions, torch_backend
 from .gemm import add_matmul_float32, low_part_dtype, matmul_into
 from .online_softmax import merge_vocabulary_parts
 from .scratch import slab_columns
@@ -372,44 +371,6 @@ def forward_backward_by_groups(hidden, weight, bias, targets, groups, token_grad
     )
 
 
-def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
-    device = token_logp.device
-    token_logp = _float32(token_logp)
-    cu_seqlens, lengths = _index(layout.cu_seqlens), _index(layout.lengths)
-    sequence_logps = new_output((layout.num_sequences,), torch.float32, device)
-    token_grad = new_output((layout.num_tokens,), torch.float32, device)
-    if spec.is_paired:
-        weights, averages = spec.kernel_tables(device)
-        chosen_index, rejected_index = _index(layout.chosen_index), _index(layout.rejected_index)
-        chosen_tokens = lengths.index_select(0, chosen_index).sum().float()
-        reference = None if reference is None else _float32(reference)
-        parts = new_output((len(PAIRED_LOSS_TYPES), layout.num_pairs), torch.float32, device)
-        _C.preference_pair_loss(
-            token_logp=token_logp.data_ptr(), cu_seqlens=cu_seqlens.data_ptr(),
-            lengths=lengths.data_ptr(), chosen_index=chosen_index.data_ptr(),
-            rejected_index=rejected_index.data_ptr(), reference_logps=_pointer(reference),
-            weights=weights.data_ptr(), averages=averages.data_ptr(),
-            chosen_tokens=chosen_tokens.data_ptr(), sequence_logps=sequence_logps.data_ptr(),
-            parts=parts.data_ptr(), token_grad=token_grad.data_ptr(),
-            num_pairs=layout.num_pairs, beta=spec.beta, label_smoothing=spec.label_smoothing,
-            simpo_gamma=spec.simpo_gamma, **_launch_on(token_logp))
-        return fused_loss_result(spec, parts, sequence_logps, token_grad, weights)
-    else:
-        desirable = layout.desirable.to(torch.uint8).contiguous()
-        reference, kl = _float32(reference), _float32(kl)
-        parts = new_output((1, layout.num_sequences), torch.float32, device)
-        _C.kto_loss(
-            token_logp=token_logp.data_ptr(), cu_seqlens=cu_seqlens.data_ptr(),
-            lengths=lengths.data_ptr(), desirable=desirable.data_ptr(),
-            reference_logps=reference.data_ptr(), kl=kl.data_ptr(),
-            sequence_logps=sequence_logps.data_ptr(), parts=parts.data_ptr(),
-            token_grad=token_grad.data_ptr(), num_sequences=layout.num_sequences,
-            beta=spec.beta, desirable_weight=spec.desirable_weight,
-            undesirable_weight=spec.undesirable_weight, average=spec.averages("kto"),
-            **_launch_on(token_logp))
-    return fused_loss_result(spec, parts, sequence_logps, token_grad)
-
-
 def _unavailable_reason(device: torch.device) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
@@ -430,7 +391,6 @@ BACKEND = Backend(
     name="cuda",
     forward=forward,
     backward=backward,
-    preference_loss=preference_loss,
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=5,

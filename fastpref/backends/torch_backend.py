@@ -47,7 +47,6 @@ from . import Backend, ForwardResult, HeadOptions
 from .gemm import matmul_float32
 from .online_softmax import merge_vocabulary_parts, rescale_weights, shift_term
 from .scratch import slab_columns
-from .torch_preference_loss import loss_terms, preference_loss
 
 # On a CPU a block of logits holds at most this many elements: 2 MiB of float32, written by a
 # matmul and read back by the softmax while still in the caches (a 2-core AVX2 EPYC runs such
@@ -514,10 +513,8 @@ BACKEND = Backend(
     name="torch",
     forward=forward,
     backward=backward,
-    preference_loss=preference_loss,
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     priority=0,
-    differentiable_loss=loss_terms,
     forward_backward_by_groups=forward_backward_by_groups,
 )

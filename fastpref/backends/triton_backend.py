@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .._buffers import new_output
-from . import Backend, ForwardResult, HeadOptions, PreferenceLossResult, fused_loss_result, torch_backend
+from . import Backend, ForwardResult, HeadOptions, torch_backend
 from .gemm import low_part_dtype, matmul_into
 from .online_softmax import merge_vocabulary_parts
 from .scratch import slab_columns
@@ -216,27 +216,6 @@ def backward(hidden, weight, bias, targets, saved: ForwardResult, grad_logp, gra
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
-def preference_loss(token_logp, layout, reference, spec, kl) -> PreferenceLossResult:
-    device = token_logp.device
-    if spec.is_paired:
-        from ..kernels.preference_pair_loss import preference_pair_loss
-
-        weights, averages = spec.kernel_tables(device)
-        parts, sequence_logps, token_grad = preference_pair_loss(
-            token_logp, layout, reference, weights, averages, beta=spec.beta,
-            label_smoothing=spec.label_smoothing, simpo_gamma=spec.simpo_gamma,
-            new_output=new_output)
-        return fused_loss_result(spec, parts, sequence_logps, token_grad, weights)
-    else:
-        from ..kernels.kto_loss import kto_loss
-
-        parts, sequence_logps, token_grad = kto_loss(
-            token_logp, layout, reference, kl, beta=spec.beta,
-            desirable_weight=spec.desirable_weight, undesirable_weight=spec.undesirable_weight,
-            average=spec.averages("kto"), new_output=new_output)
-    return fused_loss_result(spec, parts, sequence_logps, token_grad)
-
-
 def _unavailable_reason(device: torch.device) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
@@ -251,7 +230,6 @@ BACKEND = Backend(
     name="triton",
     forward=forward,
     backward=backward,
-    preference_loss=preference_loss,
     unavailable_reason=_unavailable_reason,
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=10,
