@@ -187,7 +187,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::kBFloat16);
-  m.attr("NUM_PAIRED_LOSS_TYPES") = kNumPairedLossTypes;
 
   // Launchers release the GIL: they only validate and enqueue work.
   const auto release = py::call_guard<py::gil_scoped_release>();

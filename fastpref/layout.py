@@ -157,34 +157,6 @@ class PackedLayout:
 
 
 @dataclass
-class LayoutTensors:
-    """A validated PackedLayout's tensors, as the ops take them and the backends' preference losses read them."""
-
-    cu_seqlens: torch.Tensor
-    lengths: torch.Tensor
-    sequence_ids: torch.Tensor
-    chosen_index: Optional[torch.Tensor]
-    rejected_index: Optional[torch.Tensor]
-    desirable: Optional[torch.Tensor]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.sequence_ids.shape[0]
-
-    @property
-    def is_paired(self) -> bool:
-        return self.chosen_index is not None
-
-    @property
-    def num_pairs(self) -> int:
-        return self.chosen_index.shape[0] if self.is_paired else 0
-
-
-@dataclass
 class PackedBatch:
     """A padded batch turned packed: only the response positions, back to back."""
 

@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # the modules, not the functions fastpref exports under the same names
 op_module = importlib.import_module("fastpref.linear_logprobs")
-loss_module = importlib.import_module("fastpref.losses")
 
 aten = torch.ops.aten
 
@@ -36,7 +35,6 @@ READS_VALUES = {
 CUSTOM_OPS = {
     torch.ops.fastpref.linear_logprobs.default: op_module._forward_impl,
     torch.ops.fastpref.linear_logprobs_backward.default: op_module._backward_impl,
-    torch.ops.fastpref.preference_loss.default: loss_module._preference_loss_impl,
 }
 
 

@@ -23,13 +23,12 @@ import fastpref
 from fastpref.backends import HeadOptions, cuda_backend, torch_backend
 from fastpref.backends.scratch import scratch_bytes
 from fastpref.logit_transform import LogitTransform
-from fastpref.loss_spec import PAIRED_LOSS_TYPES
 import test_head_outputs as head_tests
 from reference import reference_head_outputs, reference_kto_loss, relative_error
 from test_head_outputs import ALL_OUTPUTS, TRANSFORMS, run_and_compare_outputs
 from test_linear_logprobs import DEVICE, TOLERANCE, make_inputs, run_and_compare
 from test_head_loss import grouped_pass_and_expected
-from test_losses import check, check_paired_loss, make_packed_batch
+from test_losses import REFERENCE_WRITTEN, check, check_paired_loss, make_packed_batch
 
 try:
     from fastpref import _C
@@ -57,7 +56,6 @@ def test_extension_imports_wherever_nvcc_is_available():
                         "FASTPREF_BUILD_CUDA=0 to declare a pure-Python install.")
         pytest.skip(f"pure-Python install (FASTPREF_BUILD_CUDA=0 or no nvcc): {IMPORT_ERROR}")
     assert (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16) == (0, 1, 2)
-    assert _C.NUM_PAIRED_LOSS_TYPES == len(PAIRED_LOSS_TYPES)
     assert all(callable(getattr(_C, name)) for name in ARGUMENTS)
 
 
@@ -82,43 +80,20 @@ def accumulate_arguments():
     return dict(product=FAKE, hi=FAKE, lo=FAKE, count=80, dtype=2, device=0, stream=0)
 
 
-def pair_loss_arguments():
-    return dict(token_logp=FAKE, cu_seqlens=FAKE, lengths=FAKE, chosen_index=FAKE,
-                rejected_index=FAKE, reference_logps=0, weights=FAKE, averages=FAKE,
-                chosen_tokens=FAKE, sequence_logps=FAKE, parts=FAKE, token_grad=FAKE,
-                num_pairs=3, beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, device=0, stream=0)
-
-
-def kto_loss_arguments():
-    return dict(token_logp=FAKE, cu_seqlens=FAKE, lengths=FAKE, desirable=FAKE,
-                reference_logps=FAKE, kl=FAKE, sequence_logps=FAKE, parts=FAKE, token_grad=FAKE,
-                num_sequences=4, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
-                average=False, device=0, stream=0)
-
-
 ARGUMENTS = {
     "slab_softmax_update": slab_softmax_arguments,
     "slab_logit_gradient": slab_gradient_arguments,
     "compensated_accumulate": accumulate_arguments,
-    "preference_pair_loss": pair_loss_arguments,
-    "kto_loss": kto_loss_arguments,
 }
 REQUIRED_POINTERS = {
     "slab_softmax_update": ["logits", "targets", "row_max", "sum_excl", "target_logit"],
     "slab_logit_gradient": ["logits", "targets", "lse", "miss", "grad_logp", "dz"],
     "compensated_accumulate": ["product", "hi", "lo"],
-    "preference_pair_loss": ["token_logp", "cu_seqlens", "lengths", "chosen_index", "rejected_index",
-                             "weights", "averages", "chosen_tokens", "sequence_logps", "parts",
-                             "token_grad"],
-    "kto_loss": ["token_logp", "cu_seqlens", "lengths", "desirable", "reference_logps", "kl",
-                 "sequence_logps", "parts", "token_grad"],
 }
 SIZES = {
     "slab_softmax_update": ["num_rows", "columns", "vocab"],
     "slab_logit_gradient": ["num_rows", "columns", "vocab"],
     "compensated_accumulate": ["count"],
-    "preference_pair_loss": ["num_pairs"],
-    "kto_loss": ["num_sequences"],
 }
 OTHER_BAD_ARGUMENTS = [
     # (function, changes, argument named first in the message)
@@ -150,17 +125,6 @@ OTHER_BAD_ARGUMENTS = [
     ("compensated_accumulate", {"dtype": 5}, "dtype"),
     ("compensated_accumulate", {"device": -1}, "device"),
     ("compensated_accumulate", {"count": 1 << 40}, "count"),  # past grid.x
-    ("preference_pair_loss", {"beta": 0.0}, "beta"),
-    ("preference_pair_loss", {"beta": float("nan")}, "beta"),
-    ("preference_pair_loss", {"label_smoothing": 0.5}, "label_smoothing"),
-    ("preference_pair_loss", {"label_smoothing": -0.1}, "label_smoothing"),
-    ("preference_pair_loss", {"simpo_gamma": float("inf")}, "simpo_gamma"),
-    ("preference_pair_loss", {"beta": 1e39}, "beta"),
-    ("preference_pair_loss", {"device": -1}, "device"),
-    ("kto_loss", {"beta": -1.0}, "beta"),
-    ("kto_loss", {"desirable_weight": 0.0}, "desirable_weight"),
-    ("kto_loss", {"undesirable_weight": float("inf")}, "undesirable_weight"),
-    ("kto_loss", {"device": -1}, "device"),
 ]
 
 
@@ -633,7 +597,7 @@ def test_vocabulary_past_32_bit_offsets():
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss_type", PAIRED_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", REFERENCE_WRITTEN)
 def test_each_paired_loss_matches_its_reference(dtype, loss_type):
     check_paired_loss("cuda", dtype, loss_type)
 
@@ -656,7 +620,7 @@ def test_kto_matches_its_reference(average_logps):
 
 @pytest.mark.gpu
 @needs_extension
-@pytest.mark.parametrize("types", [list(PAIRED_LOSS_TYPES[:5]) + ["apo_zero", "apo_down", "sft"],
+@pytest.mark.parametrize("types", [list(REFERENCE_WRITTEN[:5]) + ["apo_zero", "apo_down", "sft"],
                                    ["simpo", "orpo"], ["kto"]], ids=["with-reference", "reference-free", "kto"])
 def test_losses_agree_with_triton_on_every_part(types):
     unpaired = types == ["kto"]

@@ -58,7 +58,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     assert all(not violations(row) for row in rows)
     triton_rows = [row for row in rows if row.language == "triton"]
     kernels = {row.short_kernel for row in triton_rows}
-    assert {"_forward_kernel", "_logit_gradient_kernel", "_pair_loss_kernel", "_kto_loss_kernel"} <= kernels
+    assert {"_forward_kernel", "_logit_gradient_kernel"} <= kernels
     # the persistent, TMA-fed kernels are what sm_90 launches in half precision; sm_80 has no TMA
     hopper_only = {"_persistent_forward_kernel", "_persistent_logit_gradient_kernel"}
     assert {row.short_kernel for row in triton_rows if row.arch == "sm_90"} == kernels
@@ -86,39 +86,50 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
 
 
 @pytest.mark.slow
-def test_gate_rejects_plain_int_globals_in_the_pair_loss_kernel(tmp_path):
-    """Put the original bug back (loss-type indices as plain ints): the GPU compiler refuses it."""
-    source = (ROOT / "kernels" / "preference_pair_loss.py").read_text()
-    fixed = "SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = (tl.constexpr(i) for i in range(9))"
-    assert fixed in source
-    broken = tmp_path / "pair_loss_with_int_globals.py"
-    broken.write_text(source.replace(fixed, "SIGMOID, IPO, SIMPO, HINGE, ROBUST, ORPO, APO_ZERO, APO_DOWN, SFT = range(9)"))
-    result = _run_python(f"""
-        import importlib.util, sys, torch
-        from fastpref.audit.arches import ARCHES
-        from fastpref.audit.launches import recording_launches
-        from fastpref.audit.triton_compile import compile_job, run_compile
-        from fastpref.layout import PackedLayout
-        from fastpref.loss_spec import LossSpec
-        from fastpref._buffers import new_output
+def test_gate_rejects_plain_int_globals(tmp_path):
+    """A global read by a kernel must be a tl.constexpr: the interpreter takes a plain int, the GPU
+    compiler refuses it (a bug the pair-loss kernel once had), and so does the gate."""
+    source = textwrap.dedent("""
+        import triton
+        import triton.language as tl
 
-        name = "fastpref.kernels.pair_loss_with_int_globals"
-        spec = importlib.util.spec_from_file_location(name, {str(broken)!r})
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        layout = PackedLayout.paired(torch.tensor([0, 3, 7]), torch.ones(7, dtype=torch.bool),
-                                     torch.tensor([0]), torch.tensor([1]))
-        weights, averages = LossSpec.build("sigmoid").kernel_tables("cpu")
-        launches = []
-        with recording_launches(launches, "dpo"):
-            module.preference_pair_loss(torch.zeros(7), layout, torch.zeros(2), weights, averages, beta=0.1,
-                                        label_smoothing=0.0, simpo_gamma=0.5, new_output=new_output)
-        result = run_compile(compile_job(launches[0], ARCHES["sm_90"]))
-        print("ERROR:", result.error)
+        SCALE = tl.constexpr(3)
+
+
+        @triton.jit
+        def _scale_kernel(x_ptr, n, BLOCK: tl.constexpr):
+            offsets = tl.arange(0, BLOCK)
+            mask = offsets < n
+            tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * SCALE, mask=mask)
+
+
+        def scale(x):
+            _scale_kernel[(1,)](x, x.numel(), BLOCK=16)
     """)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Cannot access global variable SIGMOID" in result.stdout
+    errors = {}
+    for name, text in (("constexpr", source), ("plain_int", source.replace("tl.constexpr(3)", "3"))):
+        path = tmp_path / f"scale_{name}.py"
+        path.write_text(text)
+        result = _run_python(f"""
+            import importlib.util, sys, torch
+            from fastpref.audit.arches import ARCHES
+            from fastpref.audit.launches import recording_launches
+            from fastpref.audit.triton_compile import compile_job, run_compile
+
+            name = "fastpref.kernels.scale_{name}"
+            spec = importlib.util.spec_from_file_location(name, {str(path)!r})
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            launches = []
+            with recording_launches(launches, "scale"):
+                module.scale(torch.zeros(7))
+            print("ERROR:", run_compile(compile_job(launches[0], ARCHES["sm_90"])).error)
+        """)
+        assert result.returncode == 0, result.stderr[-4000:]
+        errors[name] = result.stdout
+    assert "ERROR: None" in errors["constexpr"]
+    assert "Cannot access global variable SCALE" in errors["plain_int"]
 
 
 @pytest.mark.slow

@@ -210,7 +210,7 @@ def _compare(tmp_path, tokenizer, dataset, policy, reference, options, fused):
     return trainer
 
 
-# fused pair loss (True) or TRL's loss code (False) on the model's fused head
+# every case takes the fused pair loss (True): every TRL loss type and option is a row of fastpref.loss_types
 CASES = [
     pytest.param({"loss_type": ["sigmoid"]}, "other", True, id="sigmoid-ref_model", marks=pytest.mark.smoke),
     pytest.param({"loss_type": ["sigmoid"]}, "precompute", True, id="sigmoid-precomputed"),
@@ -225,26 +225,26 @@ CASES = [
     pytest.param({"loss_type": ["apo_zero"]}, "other", True, id="apo_zero-ref_model"),
     pytest.param({"loss_type": ["apo_down"], "beta": 0.5}, "other", True, id="apo_down-ref_model"),
     pytest.param({"loss_type": ["sft"]}, "other", True, id="sft-ref_model"),
-    # TRL's loss code over fastpref's per-token outputs
-    pytest.param({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, "other", False, id="exo_pair",
+    # the types and options fastpref computed with TRL's loss code until its table had them all
+    pytest.param({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, "other", True, id="exo_pair",
                  marks=pytest.mark.smoke),
-    pytest.param({"loss_type": ["nca_pair"]}, "other", False, id="nca_pair"),
-    pytest.param({"loss_type": ["bco_pair"]}, "lora", False, id="bco_pair-lora"),
-    pytest.param({"loss_type": ["sppo_hard"], "beta": 0.5}, "other", False, id="sppo_hard"),
-    pytest.param({"loss_type": ["aot"], "label_smoothing": 0.1}, "other", False, id="aot"),
-    pytest.param({"loss_type": ["aot_unpaired"]}, "precompute", False, id="aot_unpaired-precomputed"),
-    pytest.param({"loss_type": ["discopop"], "discopop_tau": 0.1}, "other", False, id="discopop"),
-    pytest.param({"loss_type": ["sigmoid_norm"]}, "peft_model", False, id="sigmoid_norm-peft_ref_adapter"),
-    pytest.param({"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 0.5]}, "other", False, id="list"),
-    pytest.param({"f_divergence_type": "forward_kl"}, "other", False, id="forward_kl"),
-    pytest.param({"f_divergence_type": "js_divergence", "loss_type": ["hinge"]}, "other", False, id="js_divergence"),
-    pytest.param({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}, "other", False,
+    pytest.param({"loss_type": ["nca_pair"]}, "other", True, id="nca_pair"),
+    pytest.param({"loss_type": ["bco_pair"]}, "lora", True, id="bco_pair-lora"),
+    pytest.param({"loss_type": ["sppo_hard"], "beta": 0.5}, "other", True, id="sppo_hard"),
+    pytest.param({"loss_type": ["aot"], "label_smoothing": 0.1}, "other", True, id="aot"),
+    pytest.param({"loss_type": ["aot_unpaired"]}, "precompute", True, id="aot_unpaired-precomputed"),
+    pytest.param({"loss_type": ["discopop"], "discopop_tau": 0.1}, "other", True, id="discopop"),
+    pytest.param({"loss_type": ["sigmoid_norm"]}, "peft_model", True, id="sigmoid_norm-peft_ref_adapter"),
+    pytest.param({"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 0.5]}, "other", True, id="list"),
+    pytest.param({"f_divergence_type": "forward_kl"}, "other", True, id="forward_kl"),
+    pytest.param({"f_divergence_type": "js_divergence", "loss_type": ["hinge"]}, "other", True, id="js_divergence"),
+    pytest.param({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}, "other", True,
                  id="alpha_divergence"),
-    pytest.param({"use_weighting": True}, "other", False, id="wpo"),
-    pytest.param({"ld_alpha": 0.5}, "other", False, id="ld_alpha-ref_model"),
-    pytest.param({"ld_alpha": 0.3, "loss_type": ["ipo"]}, "precompute", False, id="ld_alpha-precomputed"),
-    pytest.param({"label_smoothing": 0.1}, "other", False, id="label_smoothing-sigmoid"),
-    pytest.param({"loss_type": ["robust", "sigmoid"], "label_smoothing": 0.1}, "other", False,
+    pytest.param({"use_weighting": True}, "other", True, id="wpo"),
+    pytest.param({"ld_alpha": 0.5}, "other", True, id="ld_alpha-ref_model"),
+    pytest.param({"ld_alpha": 0.3, "loss_type": ["ipo"]}, "precompute", True, id="ld_alpha-precomputed"),
+    pytest.param({"label_smoothing": 0.1}, "other", True, id="label_smoothing-sigmoid"),
+    pytest.param({"loss_type": ["robust", "sigmoid"], "label_smoothing": 0.1}, "other", True,
                  id="label_smoothing-robust+sigmoid"),
 ]
 
@@ -263,9 +263,9 @@ FAMILY_CASES = [
     pytest.param({"loss_type": ["robust"], "label_smoothing": 0.2}, "precompute", True, id="fused-robust"),
     pytest.param({"loss_type": ["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "discopop",
                                 "sigmoid_norm"], "loss_weights": [1.0, 0.9, 0.8, 0.1, 0.6, 0.5, 0.4, 0.3],
-                  "label_smoothing": 0.1}, "other", False, id="trl-types"),
+                  "label_smoothing": 0.1}, "other", True, id="trl-types"),
     pytest.param({"label_smoothing": 0.1, "f_divergence_type": "js_divergence", "use_weighting": True,
-                  "ld_alpha": 0.5}, "precompute", False, id="trl-options"),
+                  "ld_alpha": 0.5}, "precompute", True, id="trl-options"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Every Triton launch fastpref can make on a GPU, found by running the real launchers.
 
-The Triton backend's entry points (forward, backward, preference_loss) are called with the GPU
+The Triton backend's entry points (forward, backward) are called with the GPU
 tile table of an architecture, on meta tensors (shapes and dtypes, no memory), while
 ``JITFunction.run`` is replaced by a recorder: the launchers pick their grids, block sizes and
 constexprs exactly as on a GPU, and nothing runs. Kernels are discovered, not listed: any
@@ -181,32 +181,12 @@ def _op_scenarios(backend, arch: Arch) -> Iterator[Tuple[str, callable]]:
                        hidden, weight, None, targets, saved, grad, g, o, True, True, False, config=config))
 
 
-def _loss_scenarios(backend) -> Iterator[Tuple[str, callable]]:
-    """The fused preference losses: every loss type and reduction, with reference log-probs where
-    the type needs them (the public loss refuses them elsewhere)."""
-    from ..layout import PackedLayout
-    from ..loss_spec import LOSS_TYPES, LossSpec
-
-    cu_seqlens = torch.tensor([0, 5, 9, 12, 20])
-    mask = torch.ones(20, dtype=torch.bool)
-    paired = PackedLayout.paired(cu_seqlens, mask, torch.tensor([0, 2]), torch.tensor([1, 3]))
-    unpaired = PackedLayout.unpaired(cu_seqlens, mask, torch.tensor([True, False, True, False]))
-    token_logp = torch.zeros(20)
-    for loss_type, average in itertools.product(LOSS_TYPES, (None, True, False)):
-        spec = LossSpec.build(loss_type, average_logps=average)
-        layout = paired if spec.is_paired else unpaired
-        reference = torch.zeros(4) if spec.needs_reference else None
-        yield (f"loss {loss_type} average_logps={average}",
-               lambda s=spec, lay=layout, ref=reference: backend.preference_loss(
-                   token_logp, lay, ref, s, torch.zeros(())))
-
-
 def record_launches(arch: Arch) -> List[Launch]:
     """Every launch the Triton backend makes with `arch`'s tile table, in scenario order."""
     from ..backends import triton_backend
 
     launches: List[Launch] = []
-    for scenario, run in itertools.chain(_op_scenarios(triton_backend, arch), _loss_scenarios(triton_backend)):
+    for scenario, run in _op_scenarios(triton_backend, arch):
         with recording_launches(launches, scenario):
             run()
     return launches

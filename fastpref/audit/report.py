@@ -38,7 +38,7 @@ class AuditRow:
     @property
     def short_kernel(self) -> str:
         """The function's name: "_forward_kernel" of "fastpref.kernels.m._forward_kernel", or
-        "kto_loss_kernel" of "kto_loss.cu:kto_loss_kernel"."""
+        "slab_softmax_kernel" of "slab_epilogues.cu:slab_softmax_kernel"."""
         return self.kernel.rsplit(":" if self.language == "cuda" else ".", 1)[-1]
 
 

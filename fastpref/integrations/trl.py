@@ -110,7 +110,7 @@ import inspect
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -122,17 +122,15 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, use_a
 
 from ..causal_lm import CausalLMParts, causal_lm_parts, unwrap
 from ..layout import PackedLayout, pack_padded
+from .. import loss_types
 from ..losses import PreferenceLoss
 from ..train.model import packed_hidden
 from ..train.packing import PackedPairs, pack_rows
 from .trl_head import add_fused_lm_head, head_inputs, use_fastpref_head
 
-__all__ = ["FastprefDPOTrainer", "FUSED_LOSS_TYPES", "PaddingFreeCollator", "add_fused_lm_head",
+__all__ = ["FastprefDPOTrainer", "PaddingFreeCollator", "add_fused_lm_head", "preference_loss_of",
            "use_fastpref_head"]
 
-# TRL loss types whose TRL formula fastpref's fused pair loss computes (TRL's "ipo" is
-# length-normalised, fastpref's default for "ipo"); the others run TRL's own loss code.
-FUSED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sft")
 # Means over the pairs. non_finite_logps is fastpref's own: the share of sequences whose policy or
 # reference log-prob is NaN or inf, which go through to the loss as in TRL (a GradScaler skips the step).
 _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -156,26 +154,6 @@ def _fsdp_version(args: DPOConfig) -> Optional[int]:
     return None
 
 
-def _without_fused_formula(args: DPOConfig) -> Optional[str]:
-    """The first setting of `args` for which the fused pair loss has no formula with TRL's semantics
-    (None: it has one for all of them); such runs compute TRL's own loss code."""
-    others = [name for name in args.loss_type if name not in FUSED_LOSS_TYPES]
-    if others:
-        return f"loss_type {others[0]!r}"
-    if args.f_divergence_type != "reverse_kl":
-        return f"f_divergence_type={args.f_divergence_type!r}"
-    if args.use_weighting:
-        return "use_weighting=True (WPO)"
-    if args.ld_alpha is not None:
-        return f"ld_alpha={args.ld_alpha!r} (LD-DPO)"
-    if args.label_smoothing != 0.0 and "sigmoid" in args.loss_type:
-        # fastpref's 'sigmoid' is conservative DPO with it; TRL 1.16's 'sigmoid' ignores it
-        return f"label_smoothing={args.label_smoothing!r} with 'sigmoid'"
-    if not 0.0 <= args.label_smoothing < 0.5:
-        return f"label_smoothing={args.label_smoothing!r} outside [0, 0.5)"
-    return None
-
-
 def _refuse_unsupported_config(args: DPOConfig) -> None:
     """Raise for every setting the trainer cannot run as TRL's objective."""
     fsdp1 = _fsdp_version(args) == 1
@@ -192,11 +170,6 @@ def _refuse_unsupported_config(args: DPOConfig) -> None:
     for option, value, refused, why in refusals:
         if refused:
             raise ValueError(f"{option}={value!r} is not supported by FastprefDPOTrainer: {why}")
-    without = _without_fused_formula(args)
-    if args.padding_free and without is not None:
-        raise ValueError(
-            f"padding_free=True with {without}: the packed batch is scored by fastpref's fused pair loss, "
-            f"which has no formula for it, and TRL's loss code reads the padded batch. Set padding_free=False")
 
 
 def _refuse_prompt_learning(model, peft_config) -> None:
@@ -249,18 +222,24 @@ def _refuse_vision(processing_class) -> None:
             "processor rather than a tokenizer) are not supported by FastprefDPOTrainer")
 
 
-def _fastpref_loss_terms(loss_types: Sequence[str], loss_weights: Sequence[float]
-                         ) -> Tuple[List[str], List[float]]:
-    """TRL's weighted loss terms for :class:`fastpref.PreferenceLoss`.
+def preference_loss_of(args: DPOConfig, transform) -> PreferenceLoss:
+    """TRL's loss settings of `args` as a :class:`fastpref.PreferenceLoss` (every one of DPOConfig's
+    loss types is a row of fastpref.loss_types), with TRL's token metrics.
 
-    TRL logs rewards/* from the reference even when the loss is "sft" alone; fastpref's "sft"
-    takes no reference, so a "sigmoid" term of weight 0 (nothing in the loss or its gradient)
-    is added to make it ask for one.
+    A hyper-parameter none of the loss types reads is left out, as TRL ignores it (its "sigmoid"
+    takes no label_smoothing, for one). TRL logs rewards/* from the reference even when the loss
+    is "sft" alone; fastpref's "sft" takes no reference, so a "sigmoid" term of weight 0 (nothing
+    in the loss or its gradient) is added to make it ask for one.
     """
-    types, weights = list(loss_types), [float(w) for w in loss_weights]
+    types = list(args.loss_type)
+    weights = [float(w) for w in (args.loss_weights or [1.0] * len(types))]
     if all(name == "sft" for name in types):
         types, weights = ["sigmoid"] + types, [0.0] + weights
-    return types, weights
+    read = loss_types.reads_of(types)
+    options = {name: getattr(args, name) for name in ("label_smoothing", "discopop_tau", "f_divergence_type",
+                                                      "f_alpha_divergence_coef") if name in read}
+    return PreferenceLoss(types, loss_weights=weights, beta=args.beta, use_weighting=args.use_weighting,
+                          ld_alpha=args.ld_alpha, token_metrics=True, **options, **asdict(transform))
 
 
 def _model_kwargs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -368,20 +347,17 @@ class FastprefDPOTrainer(DPOTrainer):
     # the reference log-probs with them.
     @functools.cached_property
     def uses_fused_loss(self) -> bool:
-        """Whether this run takes the fused pair loss (else TRL's own loss code)."""
-        return _without_fused_formula(self.args) is None and self._check_models()
+        """Whether this run takes the fused pair loss: wherever the models' forwards take
+        logits_to_keep (else TRL's own loss code, on fastpref's head)."""
+        return self._check_models()
 
     @functools.cached_property
     def fastpref_loss(self) -> Optional[PreferenceLoss]:
         """The fused pair loss of this run (None where it takes TRL's loss code)."""
         if not self.uses_fused_loss:
             return None
-        args = self.args
-        types, weights = _fastpref_loss_terms(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type))
         # the policy's soft cap and logit scale, read off its config as TRL's own head reads them
-        transform = causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform
-        return PreferenceLoss(types, beta=args.beta, loss_weights=weights, label_smoothing=args.label_smoothing,
-                              token_metrics=True, **asdict(transform))
+        return preference_loss_of(self.args, causal_lm_parts(self.accelerator.unwrap_model(self.model)).transform)
 
     def _collator(self, collator):
         """`collator`, packing its batches when padding_free=True (idempotent)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..loss_spec import ACCEPTED_LOSS_TYPES, canonical_loss_types
+from ..loss_types import F_DIVERGENCE_TYPES
 from .data import FORMATS, MALFORMED_POLICIES, TRUNCATION_MODES
 from .named_models import NAMED_MODELS, check_model_argument
 
@@ -66,10 +67,19 @@ class TrainConfig:
         "sigmoid (TRL's name of DPO's loss), under which the run reports it", choices=ACCEPTED_LOSS_TYPES)
     loss_weights: Optional[List[float]] = _option(None, "one weight per loss type (default: 1 each)")
     beta: Optional[float] = _option(None, "inverse temperature")
-    label_smoothing: float = _option(0.0, "assumed fraction of flipped preference labels (robust/sigmoid)")
+    label_smoothing: float = _option(
+        0.0, "assumed fraction of flipped preference labels (exo_pair, robust, aot, aot_unpaired, simpo)")
     desirable_weight: float = _option(1.0, "kto: weight of the desirable examples' losses (TRL's KTOConfig)")
     undesirable_weight: float = _option(1.0, "kto: weight of the undesirable examples' losses (TRL's KTOConfig)")
     simpo_gamma: float = _option(0.5, "SimPO's target reward margin")
+    discopop_tau: float = _option(0.05, "DiscoPOP's temperature")
+    f_divergence_type: str = _option("reverse_kl", "divergence of the log-ratios' scores (TRL's f-DPO)",
+                                     choices=F_DIVERGENCE_TYPES)
+    f_alpha_divergence_coef: float = _option(1.0, "alpha of f_divergence_type alpha_divergence")
+    use_weighting: bool = _option(False, "WPO: weigh each pair's loss by its responses' probabilities under "
+                                  "the policy")
+    ld_alpha: Optional[float] = _option(None, "LD-DPO: weight in [0, 1] of the response tokens past the "
+                                        "pair's shared length")
     average_logps: Optional[bool] = _option(
         None, "true/false: override each loss type's sum/mean reduction of the log-probs (default: the loss "
         "type's own)")

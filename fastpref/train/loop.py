@@ -206,6 +206,9 @@ def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
 def _preference_loss(cfg: TrainConfig, transform: LogitTransform = LogitTransform()) -> PreferenceLoss:
     return PreferenceLoss(cfg.loss_type, beta=cfg.beta, loss_weights=cfg.loss_weights,
                           label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                          discopop_tau=cfg.discopop_tau, f_divergence_type=cfg.f_divergence_type,
+                          f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, use_weighting=cfg.use_weighting,
+                          ld_alpha=cfg.ld_alpha,
                           desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                           average_logps=cfg.average_logps, logit_scale=transform.logit_scale,
                           softcap=transform.softcap, temperature=transform.temperature, backend=cfg.backend,
@@ -542,7 +545,7 @@ class Trainer:
         source = self.reference_model or self.policy
         # rank 0's key on every rank, so that all read and write the same pieces
         self.reference_key = self.dist.broadcast_object(
-            cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype))
+            cache_key(model_fingerprint(source), self.data_fingerprint, self.dtype, self.loss_fn.spec.ld_alpha))
 
     def _fill_reference_cache(self):
         """The reference log-probs of the pairs this run uses (those it trains on and the held-out

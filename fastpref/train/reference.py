@@ -40,9 +40,12 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype) -> str:
+def cache_key(model_fingerprint: str, data_fingerprint: str, dtype: torch.dtype,
+              ld_alpha: Optional[float] = None) -> str:
+    """The key of a reference pass: model weights, data, dtype, and LD-DPO's weighting of the sums."""
     digest = hashlib.sha256()
-    for part in (CACHE_VERSION, model_fingerprint, data_fingerprint, str(dtype)):
+    parts = (CACHE_VERSION, model_fingerprint, data_fingerprint, str(dtype))
+    for part in parts + (() if ld_alpha is None else (f"ld_alpha={ld_alpha!r}",)):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()
