@@ -103,6 +103,10 @@ class LossSpec:
         if values["average_logps"] is not None and not isinstance(values["average_logps"], bool):
             raise TypeError(f"average_logps must be None, True or False, got {values['average_logps']!r}")
         _refuse_unread(types, values, defaults)
+        coupled = [name for name in types if name in PAIRED and PAIRED[name].couples_pairs]
+        if values["use_weighting"] and coupled:
+            raise ValueError(f"use_weighting=True (WPO) with loss_type {coupled[0]!r}: it sorts the pairs, which "
+                             "would misalign the per-pair weights (TRL refuses it too)")
         return cls(types, weights, **values)
 
     @property

@@ -30,6 +30,8 @@ from test_losses import make_packed_batch
         ({"use_weighting": 1}, TypeError, r"use_weighting must be True or False"),
         ({"loss_type": "kto", "use_weighting": True}, ValueError, r"use_weighting=True is read by none"),
         ({"discopop_tau": 0}, ValueError, r"discopop_tau must be a number > 0"),
+        ({"loss_type": "aot", "use_weighting": True}, ValueError, r"use_weighting=True \(WPO\) with loss_type 'aot': "
+                                                                 r"it sorts the pairs"),
         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, ValueError, r"one weight per loss type \(2\), got 1"),
         ({"average_logps": "yes"}, TypeError, r"average_logps must be None, True or False"),
         ({"desirable_weight": 0}, ValueError, r"desirable_weight must be a number > 0"),

@@ -423,26 +423,14 @@ def test_ddp_step_matches_trl(tmp_path):
     assert result["step"] > 0 and result["difference"] <= 1e-5 * result["step"]
 
 
-REFUSED_OPTIONS = [
-    pytest.param({"padding_free": True, "loss_type": ["nca_pair"]}, r"padding_free=True with loss_type 'nca_pair'",
-                 id="padding_free-nca_pair"),
-    pytest.param({"padding_free": True, "use_weighting": True}, r"padding_free=True with use_weighting=True",
-                 id="padding_free-wpo"),
-    pytest.param({"padding_free": True, "label_smoothing": 0.1}, r"padding_free=True with label_smoothing=0\.1",
-                 id="padding_free-label_smoothing-sigmoid"),
-]
-
-
-@pytest.mark.parametrize("options, message", REFUSED_OPTIONS)
-def test_refuses_options_it_cannot_honour(tmp_path, tokenizer, dataset, policy, other_model, options, message):
-    with pytest.raises(ValueError, match=message):
-        _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, **options)
-
-
 @pytest.mark.parametrize("options, reference", [
     pytest.param({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, "other", id="rpo-ref_model"),
     pytest.param({"loss_type": ["ipo"]}, "precompute", id="ipo-precomputed"),
     pytest.param({"loss_type": ["sigmoid"]}, "lora", id="sigmoid-lora"),
+    # every TRL option is on the table, so packs too
+    pytest.param({"loss_type": ["nca_pair", "bco_pair"], "use_weighting": True}, "other", id="nca_pair+bco_pair-wpo"),
+    pytest.param({"loss_type": ["aot", "exo_pair"], "label_smoothing": 0.1}, "other", id="aot+exo_pair"),
+    pytest.param({"ld_alpha": 0.5, "f_divergence_type": "js_divergence"}, "precompute", id="ld_alpha-js"),
 ])
 @pytest.mark.parametrize("family", first_fast(FAMILIES))
 def test_padding_free_matches_trl_padded(tmp_path, tokenizer, dataset, models, family, options, reference):
