@@ -4,7 +4,7 @@ A loss type reads per-sequence values only (O(pairs) work: the LM head's kernels
 per-token log-probs, and autograd differentiates what is written here). Per pair p, a paired type
 reads a :class:`Pairs`: the policy's log-probs pi_c, pi_r of the chosen and rejected responses
 (sums over the response tokens, LD-DPO-weighted with ``ld_alpha``), the reference's ref_c, ref_r,
-the response lengths, and the hyper-parameters; with
+the response lengths n_c, n_r (tokens), and the hyper-parameters; with
 
     Dc = pi_c - ref_c,  Dr = pi_r - ref_r                    (the log-ratios)
     Sc = f'(Dc),  Sr = f'(Dr),  d = Sc - Sr                  (the scores, f_divergence_type:
@@ -99,7 +99,7 @@ class Pairs:
 
     @property
     def mean_score_delta(self) -> torch.Tensor:
-        """Sc / |c| - Sr / |r|: the scores per response token."""
+        """Sc / n_c - Sr / n_r: the scores per response token."""
         chosen, rejected = self.scores
         return chosen / self.chosen_lengths.clamp(min=1) - rejected / self.rejected_lengths.clamp(min=1)
 
@@ -120,13 +120,13 @@ def hinge(p: Pairs) -> torch.Tensor:
 
 def ipo(p: Pairs) -> torch.Tensor:
     """IPO, on the scores per response token (as TRL, which the IPO authors confirmed):
-    (Sc/|c| - Sr/|r| - 1/(2 beta))^2."""
+    (Sc/n_c - Sr/n_r - 1/(2 beta))^2."""
     return (p.mean_score_delta - 1 / (2 * p.beta)) ** 2
 
 
 def exo_pair(p: Pairs) -> torch.Tensor:
-    """EXO (pairwise): KL(q || (1 - e, e)) with q = (s(beta d), s(-beta d)), e = label_smoothing:
-    s(beta d) (log s(beta d) - log(1 - e)) + s(-beta d) (log s(-beta d) - log e)."""
+    """EXO (pairwise): the KL divergence of q = (s(beta d), s(-beta d)) from (1 - e, e), e =
+    label_smoothing: s(beta d) (log s(beta d) - log(1 - e)) + s(-beta d) (log s(-beta d) - log e)."""
     x = p.beta * p.delta_score
     e = torch.tensor(p.hyper.label_smoothing, dtype=x.dtype, device=x.device)  # e = 0 gives inf, as in TRL
     return torch.sigmoid(x) * (F.logsigmoid(x) - torch.log1p(-e)) + torch.sigmoid(-x) * (F.logsigmoid(-x) - torch.log(e))
@@ -193,12 +193,12 @@ def sft(p: Pairs) -> torch.Tensor:
 
 
 def sigmoid_norm(p: Pairs) -> torch.Tensor:
-    """DPO on the scores per response token: -log s(beta (Sc/|c| - Sr/|r|))."""
+    """DPO on the scores per response token: -log s(beta (Sc/n_c - Sr/n_r))."""
     return -F.logsigmoid(p.beta * p.mean_score_delta)
 
 
 def simpo(p: Pairs) -> torch.Tensor:
-    """SimPO (no reference), on mean log-probs: x = beta (pi_c/|c| - pi_r/|r|) - gamma,
+    """SimPO (no reference), on mean log-probs: x = beta (pi_c/n_c - pi_r/n_r) - gamma,
     -(1 - e) log s(x) - e log s(-x)."""
     x = p.beta * (p.chosen / p.chosen_lengths - p.rejected / p.rejected_lengths) - p.hyper.simpo_gamma
     return _smoothed_logistic(x, p.hyper.label_smoothing)
@@ -295,7 +295,7 @@ def _with_reduction(row: LossType, pairs: Pairs, average_logps: Optional[bool]) 
 
 
 def ld_token_weights(layout, ld_alpha: float) -> torch.Tensor:
-    """[N] LD-DPO's weight of each token: 1 for the first min(|c|, |r|) response tokens of either
+    """[N] LD-DPO's weight of each token: 1 for the first min(n_c, n_r) response tokens of either
     response of a pair (their shared length), ld_alpha past them, 0 outside the responses."""
     lengths = layout.lengths
     shared = torch.minimum(lengths[layout.chosen_index], lengths[layout.rejected_index])

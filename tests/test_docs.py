@@ -1,5 +1,6 @@
-"""The documentation holds: every link and anchor leads somewhere, every page is in the index, and
-the example lines of the data formats load as the formats they are given as."""
+"""The documentation holds: every link and anchor leads somewhere, every page is in the index, the
+example lines of the data formats load as the formats they are given as, and the table of loss
+types is the table of fastpref.loss_types."""
 import re
 from pathlib import Path
 
@@ -54,3 +55,17 @@ def test_the_data_format_examples_load_as_their_formats(tmp_path):
         assert len(examples) == 1 and report.rows_skipped == 0, report.summary()
         formats.append((report.format, tokenize is tokenize_unpaired))
     assert formats == [("explicit", False), ("implicit", False), ("conversational", False), ("explicit", True)]
+
+
+def test_the_loss_table_is_the_docstrings_of_fastpref_loss_types():
+    """docs/losses.md lists every row of the table, each with its function's docstring and what it reads."""
+    from fastpref import loss_types
+
+    text = (ROOT / "docs" / "losses.md").read_text()
+    for name, row in loss_types.PAIRED.items():
+        reads = ", ".join(f"`{hyper}`" for hyper in row.reads) or "-"
+        line = (f"| `{name}` | {row.trainer} | {' '.join(row.loss.__doc__.split())} | {reads} | "
+                f"{'none' if row.reference_free else 'yes'} |")
+        assert line in text, line
+    listed = [name for name in re.findall(r"^\| `(\w+)` \|", text, flags=re.M) if name != "loss_type"]
+    assert listed == list(loss_types.ALL)

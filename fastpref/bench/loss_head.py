@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 import fastpref
 
+from ..loss_types import PAIRED, Hyper, Pairs
 from . import options, peers
 from .measure import (MIB, Candidate, Progress, build_candidates, is_failure, measure_rows, memory_method,
                       runs_per_method, timing_note)
@@ -70,7 +70,6 @@ IN_FORWARD = "-in-forward"
 # The vocabulary tile TRL's DPOTrainer hands its kernel.
 TRL_CHUNK_SIZE = 32768
 LOSSES = ("sigmoid", "ipo", "simpo")
-AVERAGED_LOSSES = frozenset({"ipo", "simpo"})  # TRL averages their log-probs over the response
 BETA = 0.1
 SIMPO_GAMMA = 0.5
 # LM heads (hidden size, vocabulary) of models people train; "small" keeps a CPU run short.
@@ -239,19 +238,14 @@ def reference_logps_for(loss_type: str, inputs: Inputs) -> Optional[torch.Tensor
 
 def trl_pair_loss(seq_logps: torch.Tensor, lengths: torch.Tensor, reference_logps: Optional[torch.Tensor],
                   loss_type: str) -> torch.Tensor:
-    """TRL's loss from [2B] summed response log-probs (chosen first): DPO sigmoid on sums, IPO and
-    SimPO on means over the response tokens (the reference's too), averaged over pairs."""
-    if loss_type in AVERAGED_LOSSES:
-        seq_logps = seq_logps / lengths
-        reference_logps = None if reference_logps is None else reference_logps / lengths
+    """TRL's loss from [2B] summed response log-probs (chosen first), averaged over pairs: the
+    formula of fastpref.loss_types, which is TRL's (IPO and SimPO per response token)."""
     chosen, rejected = seq_logps.chunk(2)
-    if loss_type == "simpo":
-        return -F.logsigmoid(BETA * (chosen - rejected) - SIMPO_GAMMA).mean()
-    ref_chosen, ref_rejected = reference_logps.chunk(2)
-    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
-    if loss_type == "sigmoid":
-        return -F.logsigmoid(BETA * margin).mean()
-    return ((margin - 1 / (2 * BETA)) ** 2).mean()
+    chosen_lengths, rejected_lengths = lengths.to(seq_logps.dtype).chunk(2)
+    ref_chosen, ref_rejected = (None, None) if reference_logps is None else reference_logps.chunk(2)
+    pairs = Pairs(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                  -chosen.sum() / chosen_lengths.sum(), Hyper(beta=BETA, simpo_gamma=SIMPO_GAMMA))
+    return PAIRED[loss_type].loss(pairs).mean()
 
 
 def materialized_loss(hidden, weight, targets, reference_logps, loss_type: str) -> torch.Tensor:
