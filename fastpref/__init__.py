@@ -32,7 +32,6 @@ def _register_kernels_package():
 _register_kernels_package()
 del _register_kernels_package
 
-from ._buffers import poison_outputs
 from .backends import available_backends, registered_backends
 from .backends.scratch import set_scratch_bytes
 from .deferred_errors import raise_pending_errors
@@ -58,7 +57,6 @@ __all__ = [
     "check_linear_inputs",
     "linear_logprobs",
     "pack_padded",
-    "poison_outputs",
     "preference_loss",
     "raise_pending_errors",
     "registered_backends",

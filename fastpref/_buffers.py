@@ -1,15 +1,14 @@
 """Allocation of kernel outputs.
 
 Every buffer a backend hands back is allocated here. Normally that is ``torch.empty`` (no fill
-cost); with poisoning switched on (``FASTPREF_POISON=1`` or :func:`poison_outputs`) new buffers
+cost); with poisoning switched on (``FASTPREF_POISON=1`` in the environment, as the tests set it) new buffers
 are filled with NaN, so an element a kernel forgot to write shows up in any test instead of
 silently carrying whatever the allocator left there.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -22,14 +21,3 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else -1
     return torch.full(tuple(shape), fill, dtype=dtype, device=device)
-
-
-@contextlib.contextmanager
-def poison_outputs(enabled: bool = True) -> Iterator[None]:
-    """Within the block, fill every new kernel output with NaN before the kernel writes it."""
-    global _poison
-    previous, _poison = _poison, enabled
-    try:
-        yield
-    finally:
-        _poison = previous

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import sys
+
 import numpy as np
 import torch
 
@@ -35,6 +37,7 @@ class _Pending:
     landed: Optional[torch.cuda.Event]  # None: already on the host
     describe: Optional[Describe]  # the values -> an error message, or None when nothing is wrong
     describe_non_finite: Optional[Describe]  # the values -> a non-finite value's message, or None
+    origin: str  # where the call that flagged them was made, outside fastpref
 
 
 _pending: List[_Pending] = []
@@ -51,9 +54,20 @@ def defer(flags: torch.Tensor, describe: Optional[Describe], describe_non_finite
         host.copy_(flags, non_blocking=True)
         landed = torch.cuda.Event()
         landed.record()
-        _pending.append(_Pending(host.numpy(), landed, describe, describe_non_finite))
+        _pending.append(_Pending(host.numpy(), landed, describe, describe_non_finite, _origin()))
     else:
-        _pending.append(_Pending(flags.numpy(), None, describe, describe_non_finite))
+        _pending.append(_Pending(flags.numpy(), None, describe, describe_non_finite, _origin()))
+
+
+def _origin() -> str:
+    """The innermost frame of the calling stack outside fastpref (and torch, which runs its custom
+    ops): the caller's call."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("fastpref", "torch"):
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown caller"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
 def check_now(flags: torch.Tensor, describe: Optional[Describe], describe_non_finite: Optional[Describe] = None
@@ -71,14 +85,15 @@ def _raise(ready: List[_Pending]) -> None:
     """Raise the first error among `ready`; keep the first non-finite value's message."""
     for pending in ready:
         values = pending.values.tolist()
+        later = f" [found after the call that flagged it returned: the call at {pending.origin}]"
         if pending.describe is not None:
             message = pending.describe(values)
             if message is not None:
-                raise ValueError(message)
+                raise ValueError(message + later)
         if pending.describe_non_finite is not None and not _first_non_finite:
             message = pending.describe_non_finite(values)
             if message is not None:
-                _first_non_finite.append(message)
+                _first_non_finite.append(message + later)
 
 
 def raise_landed_errors() -> None:

@@ -147,7 +147,7 @@ def _kept_rows(kept: torch.Tensor, num_kept: int) -> torch.Tensor:
 
 
 @dataclass
-class _Computed:
+class ComputedRows:
     """The rows a call computes: hidden rows, safe targets, which of them count, where they sit."""
 
     hidden: torch.Tensor  # [M, H]
@@ -156,7 +156,7 @@ class _Computed:
     rows: Optional[torch.Tensor]  # [M] indices into the N rows, None when M = N in order
 
 
-def _computed(hidden, vocab, targets, ignore_index: int, num_kept: int, rows=None) -> _Computed:
+def computed_rows(hidden, vocab, targets, ignore_index: int, num_kept: int, rows=None) -> ComputedRows:
     """With num_kept unknown, every row, the ignored ones zeroed (they count for nothing, and
     whatever they hold must not reach a gradient); with num_kept = N, every row as it is; else
     the num_kept kept rows (`rows`, or found here)."""
@@ -170,10 +170,10 @@ def _computed(hidden, vocab, targets, ignore_index: int, num_kept: int, rows=Non
             rows = _kept_rows(targets != ignore_index, num_kept)
         computed_hidden, targets, valid = hidden.index_select(0, rows), targets.index_select(0, rows), \
             valid.index_select(0, rows)
-    return _Computed(computed_hidden, torch.where(valid, targets, 0), valid, rows)
+    return ComputedRows(computed_hidden, torch.where(valid, targets, 0), valid, rows)
 
 
-def _spread(values: torch.Tensor, computed: _Computed, num_rows: int) -> torch.Tensor:
+def spread_rows(values: torch.Tensor, computed: ComputedRows, num_rows: int) -> torch.Tensor:
     """[M] values of the computed rows -> [N], zero (False) wherever the target does not count."""
     values = torch.where(computed.counts, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if computed.rows is None:
@@ -228,7 +228,7 @@ def report_errors(hidden, targets, log_probs, ignore_index: int, vocab: int, num
     (deferred_errors.check_now if check else deferred_errors.defer)(flags, *describe)
 
 
-def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+def empty_output(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
 
@@ -251,7 +251,7 @@ def _forward_impl(
     impl = _backends.resolve(backend, hidden.device)
     options = _options(logit_scale, softcap, temperature, outputs, scratch_bytes)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
-    computed = _computed(hidden, vocab, targets, ignore_index, num_kept)
+    computed = computed_rows(hidden, vocab, targets, ignore_index, num_kept)
     if computed.hidden.shape[0]:
         # autocast would round the backends' float32-accumulated matmuls: the op computes in its inputs' dtype
         with torch.autocast(hidden.device.type, enabled=False):
@@ -259,15 +259,15 @@ def _forward_impl(
                                   fold_hidden_gradient=fold_hidden_gradient)
     else:
         result = _empty_result(hidden, options, fold_hidden_gradient)
-    spread = [_spread(result.logp, computed, num_rows)]
+    spread = [spread_rows(result.logp, computed, num_rows)]
     for name in EXTRA_OUTPUTS:
-        spread.append(_spread(getattr(result, name), computed, num_rows) if name in options.outputs
-                      else _empty(hidden, torch.bool if name == "is_top1" else spread[0].dtype))
+        spread.append(spread_rows(getattr(result, name), computed, num_rows) if name in options.outputs
+                      else empty_output(hidden, torch.bool if name == "is_top1" else spread[0].dtype))
 
     report_errors(hidden, targets, spread[0], ignore_index, vocab, num_kept, check)
     direction = result.hidden_grad_direction
-    return (*spread, _empty(targets) if computed.rows is None else computed.rows, result.lse, result.miss,
-            _empty(hidden) if direction is None else direction)
+    return (*spread, empty_output(targets) if computed.rows is None else computed.rows, result.lse, result.miss,
+            empty_output(hidden) if direction is None else direction)
 
 
 _forward_op = torch.library.custom_op("fastpref::linear_logprobs", mutates_args=())(_forward_impl)
@@ -277,7 +277,7 @@ def _empty_result(hidden, options: HeadOptions, fold_hidden_gradient: bool) -> F
     dtype = _output_dtype(hidden.dtype)
 
     def empty(name=None):
-        return _empty(hidden, torch.bool if name == "is_top1" else dtype)
+        return empty_output(hidden, torch.bool if name == "is_top1" else dtype)
 
     result = ForwardResult(empty(), empty(), empty())
     for name in options.outputs:
@@ -316,7 +316,7 @@ def _backward_impl(
     """(d_hidden, d_weight, d_bias), each empty when not needed."""
     impl = _backends.resolve(backend, hidden.device)
     options = _options(logit_scale, softcap, temperature, outputs, scratch_bytes)
-    computed = _computed(hidden, weight.shape[0], targets, ignore_index, num_kept, rows if rows.numel() else None)
+    computed = computed_rows(hidden, weight.shape[0], targets, ignore_index, num_kept, rows if rows.numel() else None)
     d_hidden = d_weight = d_bias = None
     if computed.hidden.shape[0]:
         def gathered(values):
@@ -339,8 +339,8 @@ def _backward_impl(
         d_weight = torch.zeros_like(weight)
     if need_bias and d_bias is None:
         d_bias = torch.zeros_like(bias)
-    return (_empty(hidden) if d_hidden is None else d_hidden, _empty(weight) if d_weight is None else d_weight,
-            _empty(hidden) if d_bias is None else d_bias)
+    return (empty_output(hidden) if d_hidden is None else d_hidden, empty_output(weight) if d_weight is None else d_weight,
+            empty_output(hidden) if d_bias is None else d_bias)
 
 
 _backward_op = torch.library.custom_op("fastpref::linear_logprobs_backward", mutates_args=())(_backward_impl)
@@ -375,7 +375,7 @@ def _backward(ctx, grad_log_probs, grad_entropy, *_non_differentiable):
         hidden, weight, bias, targets, rows, lse, miss, entropy, direction, grad_log_probs, grad_entropy,
         *ctx.arguments, need_hidden, need_weight, need_bias)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
-            d_bias if need_bias else None) + (None,) * 11
+            d_bias if need_bias else None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

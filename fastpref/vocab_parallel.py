@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from . import deferred_errors
 from .backends import EXTRA_OUTPUTS, Backend, HeadOptions
 from .backends.online_softmax import merge_vocabulary_parts
-from .linear_logprobs import _computed, _empty, _spread, report_errors
+from .linear_logprobs import computed_rows, empty_output, spread_rows, report_errors
 
 # A target no local vocabulary index can equal: the process's own calls ignore what it marks.
 _LOCAL_IGNORE = -1
@@ -211,7 +211,7 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
         deferred_errors.raise_landed_errors()
         num_rows = hidden.shape[0]
         local_targets = piece.local_targets(targets, ignore_index)
-        computed = _computed(hidden, piece.size, local_targets, _LOCAL_IGNORE, num_kept)
+        computed = computed_rows(hidden, piece.size, local_targets, _LOCAL_IGNORE, num_kept)
         adt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if computed.hidden.shape[0]:
             with torch.autocast(hidden.device.type, enabled=False):  # in the inputs' dtype, as the op
@@ -231,13 +231,13 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
             lse = miss = hidden.new_empty(0, dtype=adt)
             values = {name: hidden.new_empty(0, dtype=torch.bool if name == "is_top1" else adt)
                       for name in ("log_probs", *options.outputs)}
-        outputs = [_spread(values[name], computed, num_rows) if name in values
-                   else _empty(hidden, torch.bool if name == "is_top1" else adt)
+        outputs = [spread_rows(values[name], computed, num_rows) if name in values
+                   else empty_output(hidden, torch.bool if name == "is_top1" else adt)
                    for name in ("log_probs", *EXTRA_OUTPUTS)]
 
         report_errors(hidden, targets, outputs[0], ignore_index, piece.vocab, num_kept, check)
 
-        rows = _empty(targets) if computed.rows is None else computed.rows
+        rows = empty_output(targets) if computed.rows is None else computed.rows
         ctx.save_for_backward(hidden, weight, bias, local_targets, rows, lse, miss, outputs[1])
         ctx.piece, ctx.num_kept, ctx.impl, ctx.options = piece, num_kept, impl, options
         ctx.mark_non_differentiable(*outputs[2:])
@@ -261,7 +261,7 @@ class _VocabularyParallelLogprobs(torch.autograd.Function):
         if need_hidden:
             dist.all_reduce(d_hidden, group=piece.group)
         return (d_hidden if need_hidden else None, d_weight if need_weight else None,
-                d_bias if need_bias else None) + (None,) * 7
+                d_bias if need_bias else None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def vocabulary_parallel_logprobs(hidden, weight: DTensor, bias, targets, *, ignore_index: int, num_kept: int,

@@ -1,7 +1,8 @@
-"""Test set-up: Triton kernels run under the CPU interpreter when there is no GPU.
+"""Test set-up: Triton kernels run under the CPU interpreter when there is no GPU, and every new
+output buffer is poisoned with NaN (FASTPREF_POISON).
 
-TRITON_INTERPRET must be set before fastpref's kernels are defined, hence here, before any test
-module imports fastpref.
+Both must be set before fastpref's kernels are defined, hence here, before any test module
+imports fastpref.
 """
 import os
 
@@ -10,15 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# every kernel output starts as NaN, so an unwritten element fails the test that reads it
+os.environ.setdefault("FASTPREF_POISON", "1")
 
 import fastpref  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    """Every kernel output starts as NaN, so an unwritten element fails the test that reads it."""
-    with fastpref.poison_outputs():
-        yield
 
 
 @pytest.fixture(autouse=True)

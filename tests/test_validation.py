@@ -244,3 +244,13 @@ def test_non_finite_hidden_goes_through_the_preference_loss(gradients_in_forward
     with pytest.raises(ValueError, match=rf"non-finite log-probability at row {row}"):
         fastpref.PreferenceLoss("sigmoid", gradients_in_forward=gradients_in_forward, check=True)(
             hidden, weight, targets, layout, reference)
+
+
+def test_a_deferred_error_names_the_call_that_flagged_it():
+    hidden, weight, targets = good()
+    targets[2] = 11
+    line = test_a_deferred_error_names_the_call_that_flagged_it.__code__.co_firstlineno + 4
+    fastpref.linear_logprobs(hidden, weight, targets)  # flagged here, raised below
+    with pytest.raises(ValueError, match=rf"the first at position 2 .*\[found after the call that flagged it "
+                                         rf"returned: the call at .*test_validation.py:{line} \(test_a_deferred"):
+        fastpref.raise_pending_errors()

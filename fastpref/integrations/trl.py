@@ -36,30 +36,20 @@ Example (offline, a few seconds on a CPU)::
                                  processing_class=tokenizer)
     trainer.train()
 
-Two computations, chosen when the trainer is built (``trainer.uses_fused_loss`` says which), both
-on fastpref's op and neither building the [tokens x vocab] logits:
-
-- **The fused pair loss** for the settings it has TRL's formula for (see :mod:`fastpref.loss_spec`):
-  ``loss_type`` ``sigmoid``, ``hinge``, ``ipo`` (length-normalised, as in TRL), ``robust``,
-  ``apo_zero``, ``apo_down``, ``sft`` and weighted lists of them (``["sigmoid", "sft"]`` is RPO),
-  with ``f_divergence_type="reverse_kl"``, no ``use_weighting``, no ``ld_alpha``, and no
-  ``label_smoothing`` on ``sigmoid`` (TRL 1.16 ignores it there; fastpref's ``sigmoid`` would
-  apply it). The model runs once with ``output_hidden_states=True, logits_to_keep=1``; the final
-  hidden states of the completion positions go with the LM-head weight to
-  :class:`fastpref.PreferenceLoss`, which computes the log-probs, the pair loss and TRL's token
-  metrics (``entropy``, ``logits/*``, ``mean_token_accuracy``) in one pass over the vocabulary.
-- **TRL's own loss code** (``trl.DPOTrainer._compute_loss``) for everything else: the other loss
-  types (``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
-  ``discopop``, ``sigmoid_norm``), ``f_divergence_type``, WPO (``use_weighting``, from the op's
-  ``log_sum_sq_probs``), LD-DPO (``ld_alpha``), ``label_smoothing`` on ``sigmoid`` (ignored, as
-  TRL does), and models whose forward takes no ``logits_to_keep``. TRL's trainer is built under
-  :func:`use_fastpref_head`, so the model's ``fused_lm_head=True`` forward that this code calls is
-  fastpref's :func:`add_fused_lm_head`.
+Every loss type and option of ``DPOConfig`` is a row of fastpref's table
+(:mod:`fastpref.loss_types`, TRL's formulas): the model runs once with
+``output_hidden_states=True, logits_to_keep=1``; the final hidden states of the completion
+positions go with the LM-head weight to :class:`fastpref.PreferenceLoss`
+(:func:`preference_loss_of`), which computes the log-probs, the loss and TRL's token metrics
+(``entropy``, ``logits/*``, ``mean_token_accuracy``) in one pass over the vocabulary, without the
+[tokens x vocab] logits. A model whose forward takes no ``logits_to_keep`` is left to TRL's own
+loss code (``trainer.uses_fused_loss`` is False), on fastpref's head: TRL's trainer is built
+under :func:`use_fastpref_head`, so the ``fused_lm_head=True`` forward that code calls is
+fastpref's :func:`add_fused_lm_head`.
 
 The reference log-probs, precomputed (``precompute_ref_log_probs=True``) or online, are computed
-as the policy's: on the fused pair loss by the same forward, head dtype, op call and sums
-(:meth:`FastprefDPOTrainer.compute_ref_log_probs`), on TRL's loss code by TRL's
-``compute_ref_log_probs`` on fastpref's head (``ld_alpha``'s reduction included). A policy equal to
+as the policy's: by the same forward, head dtype, op call and sums, ``ld_alpha``'s weighting
+included (:meth:`FastprefDPOTrainer.compute_ref_log_probs`). A policy equal to
 its reference therefore has rewards exactly 0, in bfloat16 too, and precomputed and online values
 are the same computation. The reference is a ``ref_model`` (a module, a hub id or a folder);
 for a PEFT model without one, the model with its adapter disabled (or its ``"ref"`` adapter), as
@@ -84,9 +74,8 @@ BlockMask under flex), the reference log-probs through the same packed forward. 
 padded step up to float32 rounding.
 
 Refused when the trainer is built, with a ``ValueError`` naming the setting: ``padding_free=True``
-with a setting that takes TRL's loss code (which reads the padded batch), with a model whose
-forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the packed forward does
-not compute it); FSDP1 and DeepSpeed ZeRO-3 (the fused pair loss uses the LM-head weight outside
+with a model whose forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the
+packed forward does not compute it); WPO with AOT (as TRL refuses it); FSDP1 and DeepSpeed ZeRO-3 (the fused pair loss uses the LM-head weight outside
 the model's forward, where they hold it sharded); prompt-learning PEFT (virtual tokens);
 tensor-parallel models (``tp_plan``, ``model.tp_size``, ``parallelism_config.tp_size``);
 vision-language models; LM heads that are not a plain ``torch.nn.Linear`` (adapters on
@@ -297,8 +286,8 @@ class PaddingFreeCollator:
 class FastprefDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` on fastpref's fused op; same arguments, same objective and metrics.
 
-    See the module documentation for which settings take the fused pair loss and which TRL's own
-    loss code. ``self.uses_fused_loss`` says which this run takes; ``self.fastpref_loss`` is the
+    Every setting takes fastpref's loss but for a model without ``logits_to_keep`` (see the module
+    documentation). ``self.uses_fused_loss`` says which this run takes; ``self.fastpref_loss`` is the
     :class:`fastpref.PreferenceLoss` of the former (None for the latter).
     """
 
