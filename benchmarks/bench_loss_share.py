@@ -10,6 +10,7 @@ share, and the torch ops the loss dispatches (forward + backward), each a kernel
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -107,9 +108,12 @@ def main(argv=None):
     table = markdown_table(["loss type", "loss ms", "head ms", "loss / head", "torch ops (launches on a GPU)"],
                            [[r["loss"], f"{r['loss ms']:.2f}", f"{r['head ms']:.0f}", f"{100 * r['share']:.2f}%",
                              str(r["ops"])] for r in rows])
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     report = (f"# The loss's share of a step ({device_name(torch.device('cpu'))}, {utc_now()})\n\n"
               f"N = {args.tokens} tokens, H = {args.hidden}, V = {args.vocab}, {args.pairs} pairs, median of "
-              f"{args.repeats}; forward + backward of each. {versions()}\n\n"
+              f"{args.repeats}; forward + backward of each; {torch.get_num_threads()} torch threads, load average "
+              f"{load} at the end (other work shares the cores: the shares hold, the times stretch). "
+              f"{versions()}\n\n"
               f"    python benchmarks/bench_loss_share.py --tokens {args.tokens} --hidden {args.hidden} "
               f"--vocab {args.vocab} --pairs {args.pairs} --repeats {args.repeats}\n\n{table}\n")
     print(report)

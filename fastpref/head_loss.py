@@ -43,8 +43,7 @@ from . import loss_types
 from .loss_spec import LossSpec
 
 # Response rows per group: fewer make the weight gradient's matmuls (their inner dimension is the
-# group's rows) too small for a CPU's GEMM rate (a 2-core AVX2 EPYC: 155 GFLOP/s at 128 rows,
-# 172-183 at 256).
+# group's rows) too small for a CPU's GEMM rate (docs/benchmarks.md).
 GROUP_ROWS = 256
 # On a GPU, enough rows that the weight gradient's GEMM (K = the group's rows) stays compute-bound
 # while it adds into its float32 accumulator (fastpref plan --design groups).

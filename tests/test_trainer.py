@@ -9,7 +9,7 @@ import torch
 from fastpref.train.checkpoint import CheckpointError, latest_checkpoint
 from fastpref.train.loop import TrainConfig, Trainer, TrainingInterrupted, train
 from fastpref.train.monitor import read_metrics
-from tiers import first_fast
+from tiers import fast_only, first_fast
 
 
 def config(tmp_path, data, **overrides) -> TrainConfig:
@@ -398,3 +398,21 @@ def test_float16_steps_whose_gradients_overflow_are_skipped_and_counted(tmp_path
     with pytest.raises(FloatingPointError, match=r"2 steps in a row up to step 2 had NaN or inf gradients"):
         train(config(tmp_path, small_data, model=model, dtype="float16", max_steps=3, eval_fraction=0.0,
                      precompute_ref_log_probs=False, output_dir=str(tmp_path / "stopped")))
+
+
+# every row of the loss table, and TRL's options on top, each trained by `fastpref train`
+def _training_losses():
+    from fastpref.loss_types import ALL
+
+    cases = [pytest.param(name, {"label_smoothing": 0.1} if name == "exo_pair" else {}, id=name) for name in ALL]
+    cases.append(pytest.param("sigmoid", dict(use_weighting=True, ld_alpha=0.5, f_divergence_type="js_divergence"),
+                              id="sigmoid-wpo-ld_alpha-js_divergence"))
+    return fast_only(cases, {"nca_pair", "sigmoid-wpo-ld_alpha-js_divergence"})
+
+
+@pytest.mark.parametrize("loss_type, options", _training_losses())
+def test_every_loss_type_trains(tmp_path, small_data, loss_type, options):
+    result = train(config(tmp_path, small_data, loss_type=loss_type, max_steps=2, eval_fraction=0.0, **options))
+    steps = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in steps)
+    assert f"loss/{loss_type}" in steps[0]

@@ -49,9 +49,9 @@ from .online_softmax import merge_vocabulary_parts, rescale_weights, shift_term
 from .scratch import slab_columns
 
 # On a CPU a block of logits holds at most this many elements: 2 MiB of float32, written by a
-# matmul and read back by the softmax while still in the caches (a 2-core AVX2 EPYC runs such
-# matmuls at 170-185 GFLOP/s, 16 MiB ones at 135-145); rows per block are capped so that long
-# inputs still stream over the vocabulary.
+# matmul and read back by the softmax while still in the caches (such matmuls run faster than
+# 16 MiB ones: benchmarks/results/cpu-logprobs-gemm-floor.md); rows per block are capped so that
+# long inputs still stream over the vocabulary.
 BLOCK_ELEMENTS = 1 << 19
 MAX_ROW_BLOCK = 2048
 

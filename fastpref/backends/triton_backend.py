@@ -82,18 +82,16 @@ def kernel_config(dtype: torch.dtype, capability: Optional[int], multiprocessors
     Every configuration this returns is compiled offline for sm_80 and sm_90 by
     ``fastpref kernels`` (and its test), so a tile change that spills or misses wgmma fails there.
     Half precision takes 128 x 128 tiles (64 FLOP per byte of operands; 64 x 128 gives 43, too
-    little to feed the tensor cores from L2); K-steps of 64 on sm_90 (254 registers in the forward,
-    no spill; 128 x 256 spills) and 32 on sm_80 (mma.sync keeps its accumulators in registers).
-    With the per-token outputs' sums the forward's 128-row tiles spill (56 B on sm_90, 1.2 KB on
-    sm_80): 64 rows (212 / 194 registers, no spill); so does the backward's with the entropy's
-    gradient term and the soft cap (496 B on sm_80, 32 B on sm_90): 64 rows. Float32's 32 x 64 tiles
-    with the outputs' sums and the soft cap spill 8 B: 16 rows of 4 warps (100-108 registers).
+    little to feed the tensor cores from L2); K-steps of 64 on sm_90 (128 x 256 spills) and 32 on
+    sm_80 (mma.sync keeps its accumulators in registers). Where a tile would spill (the forward with
+    the per-token outputs' sums, the backward with the entropy's gradient term and the soft cap,
+    float32 with both), it takes fewer rows: 64 rows in half precision, 16 rows of 4 warps in
+    float32 (the registers and spills of every binary: docs/op.md, from `fastpref kernels`).
     Half precision on sm_90 runs the persistent, TMA-fed forward and logit-gradient kernels on one
     program per SM (the same tiles, the same vocabulary splits); sm_80 has no TMA, and float32 keeps
     the one-tile-per-program kernels. Half-precision rows that TMA cannot read (H x 2 bytes not a
-    multiple of 16) take the one-tile-per-program kernels on sm_90 too, on 64-row tiles: at 128
-    rows their unaligned loads spill (136-388 B in the fused kernels, 2.1-2.4 KB in the hidden
-    gradient's; 64 rows: none).
+    multiple of 16) take the one-tile-per-program kernels on sm_90 too, on 64-row tiles (at 128
+    rows their unaligned loads spill).
     """
     if capability is None:
         return INTERPRETER_CONFIG
