@@ -61,7 +61,9 @@ def defer(flags: torch.Tensor, describe: Optional[Describe], describe_non_finite
 
 def _origin() -> str:
     """The innermost frame of the calling stack outside fastpref (and torch, which runs its custom
-    ops): the caller's call."""
+    ops): the caller's call; inside a compiled graph, which cannot walk the stack, the graph."""
+    if torch.compiler.is_compiling():
+        return "a torch.compile'd function"
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("fastpref", "torch"):
         frame = frame.f_back

@@ -112,7 +112,9 @@ class LossSpec:
     @property
     def hyper(self) -> Hyper:
         """The hyper-parameters the loss functions read."""
-        return Hyper(**{f.name: getattr(self, f.name) for f in fields(Hyper)})
+        # spelt out: torch.compile traces this, and dataclasses.fields is not traceable
+        return Hyper(self.beta, self.label_smoothing, self.simpo_gamma, self.discopop_tau, self.f_divergence_type,
+                     self.f_alpha_divergence_coef)
 
     @property
     def needs_reference(self) -> bool:

@@ -21,7 +21,7 @@ Every formula is TRL 1.16's ``DPOTrainer`` (SimPO and ORPO: TRL's ``CPOTrainer``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -280,17 +280,19 @@ def _with_reduction(row: LossType, pairs: Pairs, average_logps: Optional[bool]) 
     response token; False: sums)."""
     if average_logps is None or row.fixed_reduction:
         return pairs
+    # Pairs spelt out rather than dataclasses.replace, which torch.compile cannot trace
     if row.per_token and average_logps is False:
         ones = torch.ones_like(pairs.chosen_lengths)
-        return replace(pairs, chosen_lengths=ones, rejected_lengths=ones)
+        return Pairs(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, ones, ones,
+                     pairs.chosen_nll, pairs.hyper)
     if not row.per_token and average_logps is True:
         def per_token(values, lengths):
             return None if values is None else values / lengths
 
-        return replace(pairs, chosen=per_token(pairs.chosen, pairs.chosen_lengths),
-                       rejected=per_token(pairs.rejected, pairs.rejected_lengths),
-                       ref_chosen=per_token(pairs.ref_chosen, pairs.chosen_lengths),
-                       ref_rejected=per_token(pairs.ref_rejected, pairs.rejected_lengths))
+        return Pairs(per_token(pairs.chosen, pairs.chosen_lengths), per_token(pairs.rejected, pairs.rejected_lengths),
+                     per_token(pairs.ref_chosen, pairs.chosen_lengths),
+                     per_token(pairs.ref_rejected, pairs.rejected_lengths), pairs.chosen_lengths,
+                     pairs.rejected_lengths, pairs.chosen_nll, pairs.hyper)
     return pairs
 
 
