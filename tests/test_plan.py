@@ -5,7 +5,7 @@ import pytest
 
 from fastpref import cli
 from fastpref.backends.scratch import DEFAULT_SCRATCH_BYTES
-from fastpref.bench.plan import (DEVICE_KINDS, DESIGNS, FP32, TRITON_TILE, Launch, Shape, cuda_extra_bytes,
+from fastpref.bench.plan import (DEVICE_KINDS, DESIGNS, FP32, TRITON_TILE, Launch, Shape, cuda_extra_bytes, design_title,
                                  cuda_slab_width, flop_floor, frozen_blocks, groups_extra_bytes, materialized_extra_bytes,
                                  operand_intensity, persistent_extra_bytes, persistent_layout, plan, slab_extra_bytes,
                                  slab_width, wave_efficiency)
@@ -177,8 +177,10 @@ def test_cli_prints_every_design_and_head(capsys):
     assert "not measurements" in out and "fastpref plan --calibrate" in out
     for design in DESIGNS:
         for head in ("trainable", "frozen"):
-            assert f"## {design} design, {head} head, H200 (model estimate)" in out
-            assert f"{design} design, {head} head: extra memory" in out
+            title = design_title(design)  # a design on paper says so
+            assert f"## {title} design, {head} head, H200 (model estimate)" in out
+            assert f"{title} design, {head} head: extra memory" in out
+    assert "## persistent (a design on paper, not built) design" in out
     assert "% of the materialized baseline" in out
 
 
