@@ -40,18 +40,14 @@ def _number(name: str, value, condition, expected: str) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A validated loss configuration (see the module docstring and fastpref.loss_types)."""
+@dataclass(frozen=True, kw_only=True)
+class LossSpec(Hyper):
+    """A validated loss configuration (see the module docstring and fastpref.loss_types): the
+    hyper-parameters the loss functions read (Hyper's fields), and the types, their weights and
+    the per-sequence options."""
 
     loss_types: Tuple[str, ...]
     loss_weights: Tuple[float, ...]
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    discopop_tau: float = 0.05
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
     use_weighting: bool = False
     ld_alpha: Optional[float] = None
     average_logps: Optional[bool] = None
@@ -107,14 +103,7 @@ class LossSpec:
         if values["use_weighting"] and coupled:
             raise ValueError(f"use_weighting=True (WPO) with loss_type {coupled[0]!r}: it sorts the pairs, which "
                              "would misalign the per-pair weights (TRL refuses it too)")
-        return cls(types, weights, **values)
-
-    @property
-    def hyper(self) -> Hyper:
-        """The hyper-parameters the loss functions read."""
-        # spelt out: torch.compile traces this, and dataclasses.fields is not traceable
-        return Hyper(self.beta, self.label_smoothing, self.simpo_gamma, self.discopop_tau, self.f_divergence_type,
-                     self.f_alpha_divergence_coef)
+        return cls(loss_types=types, loss_weights=weights, **values)
 
     @property
     def needs_reference(self) -> bool:

@@ -32,7 +32,7 @@ from .numerics import log1m_exp
 
 @dataclass(frozen=True)
 class Hyper:
-    """The hyper-parameters the loss types read (validated by fastpref.loss_spec.LossSpec)."""
+    """The hyper-parameters the loss types read (fastpref.loss_spec.LossSpec is one, validated)."""
 
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -356,7 +356,7 @@ def loss_terms(token_logp: torch.Tensor, layout, reference_logps: Optional[torch
     pairs = Pairs(sums[chosen], sums[rejected],
                   None if reference_logps is None else reference_logps[chosen],
                   None if reference_logps is None else reference_logps[rejected],
-                  lengths[chosen], lengths[rejected], -raw_sums[chosen].sum() / chosen_tokens, spec.hyper)
+                  lengths[chosen], lengths[rejected], -raw_sums[chosen].sum() / chosen_tokens, spec)
     pair_weights = None
     if sequence_log_weights is not None:
         log_weights = sequence_log_weights.detach()

@@ -380,7 +380,7 @@ class PreferenceLoss(torch.nn.Module):
             metrics["nll_loss"] = -seq_logps[chosen].sum() / lengths[chosen].sum()
         if "orpo" in spec.loss_types:
             log_odds = orpo_log_odds(Pairs(seq_logps[chosen], seq_logps[rejected], None, None, lengths[chosen],
-                                           lengths[rejected], None, spec.hyper))
+                                           lengths[rejected], None, spec))
             metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
             metrics["log_odds_chosen"] = log_odds.mean()
         return metrics
