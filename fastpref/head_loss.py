@@ -28,7 +28,7 @@ torch.compile keeps the two-op path, which reads nothing.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -54,17 +54,39 @@ def default_group_rows(device: torch.device) -> int:
     return GROUP_ROWS if device.type == "cpu" else GPU_GROUP_ROWS
 
 
+def loss_units(layout: PackedLayout) -> List[List[int]]:
+    """The sequences whose losses depend on each other only: each pair's two, or, where sequences
+    are in several pairs, every sequence linked to another by a pair (a prompt group's responses);
+    each sequence alone in an unpaired layout. In order of their first sequence. Reads the layout on
+    the host."""
+    if not layout.is_paired:
+        return [[sequence] for sequence in range(layout.num_sequences)]
+    pairs = list(zip(layout.chosen_index.tolist(), layout.rejected_index.tolist()))
+    if not layout.shares_sequences:
+        return [sorted(pair) for pair in pairs]
+    root = list(range(layout.num_sequences))
+
+    def find(sequence):
+        while root[sequence] != sequence:
+            root[sequence] = root[root[sequence]]
+            sequence = root[sequence]
+        return sequence
+
+    for chosen, rejected in pairs:
+        root[find(chosen)] = find(rejected)
+    units: Dict[int, List[int]] = {}
+    for sequence in range(layout.num_sequences):
+        units.setdefault(find(sequence), []).append(sequence)
+    return sorted(units.values())
+
+
 def row_groups(layout: PackedLayout, kept: torch.Tensor, rows_per_group: int = GROUP_ROWS) -> List[torch.Tensor]:
-    """The kept rows of whole pairs (whole sequences for an unpaired layout), pair after pair,
-    cut into groups of about rows_per_group rows (a pair larger than that is a group of its own).
-    Reads the layout on the host."""
+    """The kept rows of whole units (:func:`loss_units`), unit after unit, cut into groups of about
+    rows_per_group rows (a unit larger than that is a group of its own). Reads the layout on the host."""
     kept_rows = kept.nonzero().squeeze(1)
     sequence_of_row = layout.sequence_ids.index_select(0, kept_rows)
     rows_of_sequence = torch.bincount(sequence_of_row, minlength=layout.num_sequences).tolist()
-    if layout.is_paired:
-        units = list(zip(layout.chosen_index.tolist(), layout.rejected_index.tolist()))
-    else:
-        units = [(sequence,) for sequence in range(layout.num_sequences)]
+    units = loss_units(layout)
     group_of_sequence = [0] * layout.num_sequences
     group, size = 0, 0
     for unit in units:

@@ -6,7 +6,10 @@ padding. :class:`PackedLayout` describes that stream:
     cu_seqlens     [S + 1]  sequence s spans tokens cu_seqlens[s] : cu_seqlens[s + 1]
     response_mask  [N]      True where the token's target counts (response, not prompt)
     chosen_index   [P]      for paired losses: the sequence holding pair p's chosen response
-    rejected_index [P]      ... and the one holding its rejected response
+    rejected_index [P]      ... and the one holding its rejected response (every sequence is in
+                            a pair; one may be in several, as a prompt's K responses compared
+                            pairwise are: its log-prob is computed once, and its gradient sums
+                            over the pairs)
     desirable      [S]      for unpaired losses (KTO): True for desirable sequences
 
 Token n's hidden state predicts targets[n] (callers shift labels, as for any causal LM loss).
@@ -54,6 +57,8 @@ class PackedLayout:
     lengths: torch.Tensor = field(init=False)
     sequence_ids: torch.Tensor = field(init=False)
     num_response_tokens: int = field(init=False)
+    # True when a sequence is in several pairs (the responses of a prompt group, compared pairwise)
+    shares_sequences: bool = field(init=False, default=False)
 
     def __post_init__(self):
         cu = _as_index("cu_seqlens", self.cu_seqlens)
@@ -100,10 +105,15 @@ class PackedLayout:
             if bad.numel():
                 raise ValueError(
                     f"pairs must point at sequences in [0, {num_seqs}); got sequence {int(bad[0])}")
-            if used.numel() != num_seqs or torch.unique(used).numel() != num_seqs:
+            if (self.chosen_index == self.rejected_index).any():
+                same = int((self.chosen_index == self.rejected_index).nonzero()[0])
+                raise ValueError(f"pair {same} has the same sequence as chosen and as rejected")
+            distinct = torch.unique(used).numel()
+            if distinct != num_seqs:
                 raise ValueError(
-                    f"every sequence must belong to exactly one pair, as chosen or as rejected: "
-                    f"{num_seqs} sequences, {self.chosen_index.numel()} pairs")
+                    f"every sequence must belong to a pair, as chosen or as rejected: {num_seqs} sequences, "
+                    f"{num_seqs - distinct} in no pair")
+            self.shares_sequences = used.numel() != num_seqs
         else:
             desirable = self.desirable
             if not isinstance(desirable, torch.Tensor):

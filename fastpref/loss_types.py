@@ -299,6 +299,9 @@ def _with_reduction(row: LossType, pairs: Pairs, average_logps: Optional[bool]) 
 def ld_token_weights(layout, ld_alpha: float) -> torch.Tensor:
     """[N] LD-DPO's weight of each token: 1 for the first min(n_c, n_r) response tokens of either
     response of a pair (their shared length), ld_alpha past them, 0 outside the responses."""
+    if layout.shares_sequences:
+        raise ValueError("ld_alpha weighs each response by its pair's shared length, which is not one number for "
+                         "a response in several pairs (a prompt group's): train grouped responses without ld_alpha")
     lengths = layout.lengths
     shared = torch.minimum(lengths[layout.chosen_index], lengths[layout.rejected_index])
     shared_of_sequence = torch.zeros_like(lengths).index_copy(0, layout.chosen_index, shared).index_copy(

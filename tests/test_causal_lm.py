@@ -10,6 +10,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
 from fastpref.causal_lm import causal_lm_parts, logit_transform
 from fastpref.logit_transform import LogitTransform
 from fastpref.train.reference import pair_logps
+from fastpref.train.data import TokenizedPair
 from reference import relative_error
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,8 +53,8 @@ def test_fused_log_probs_equal_the_models_own_logits(kind):
     logits the model's own forward returns, pair by pair."""
     model = _tiny(kind).eval()
     assert not causal_lm_parts(model).transform.is_identity
-    pairs = [types.SimpleNamespace(prompt_ids=[3, 4, 5], chosen_ids=[6, 7, 8, 9], rejected_ids=[10, 11], row=0),
-             types.SimpleNamespace(prompt_ids=[12, 13], chosen_ids=[14, 15], rejected_ids=[16, 17, 18], row=1)]
+    pairs = [TokenizedPair(prompt_ids=[3, 4, 5], chosen_ids=[6, 7, 8, 9], rejected_ids=[10, 11], row=0),
+             TokenizedPair(prompt_ids=[12, 13], chosen_ids=[14, 15], rejected_ids=[16, 17, 18], row=1)]
     got = pair_logps(model, pairs, "eager", "cpu", prefix_sharing=False)
     expected = []
     with torch.no_grad():

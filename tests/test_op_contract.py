@@ -10,7 +10,7 @@
   host (tests/host_reads.py stands in for torch.cuda.set_sync_debug_mode("error") on the CPU),
   forward and backward; check=True does (the detector is live).
 """
-from types import SimpleNamespace
+from fastpref.train.data import TokenizedPair
 
 import pytest
 import torch
@@ -35,9 +35,9 @@ def tiny_llama(vocab=97, seed=0):
 
 
 def packed_pairs():
-    pairs = [SimpleNamespace(prompt_ids=[1, 2, 3], chosen_ids=[4, 5, 6, 7], rejected_ids=[8, 9], row=0),
-             SimpleNamespace(prompt_ids=[11, 12], chosen_ids=[13, 14], rejected_ids=[15, 16, 17], row=1),
-             SimpleNamespace(prompt_ids=[20], chosen_ids=[21, 22, 23], rejected_ids=[24, 25, 26, 27], row=2)]
+    pairs = [TokenizedPair(prompt_ids=[1, 2, 3], chosen_ids=[4, 5, 6, 7], rejected_ids=[8, 9], row=0),
+             TokenizedPair(prompt_ids=[11, 12], chosen_ids=[13, 14], rejected_ids=[15, 16, 17], row=1),
+             TokenizedPair(prompt_ids=[20], chosen_ids=[21, 22, 23], rejected_ids=[24, 25, 26, 27], row=2)]
     return pack_pairs(pairs, prefix_sharing=False)
 
 

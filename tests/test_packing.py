@@ -10,15 +10,10 @@ LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForC
 
 import fastpref  # noqa: E402
 from fastpref.train.model import causal_lm_parts, packed_hidden
+from fastpref.train.data import TokenizedPair as Pair
 from fastpref.train.packing import pack_pairs
 
 
-@dataclass(frozen=True)
-class Pair:
-    prompt_ids: List[int]
-    chosen_ids: List[int]
-    rejected_ids: List[int]
-    row: int
 
 
 def tiny_model(attention, seed=0):
@@ -138,3 +133,127 @@ def test_pack_rows_scores_the_tokens_of_trls_shifted_completion_mask():
     assert torch.equal(packed.layout.cu_seqlens, padded.layout.cu_seqlens)
     assert torch.equal(packed.layout.chosen_index, torch.arange(2))
     assert torch.equal(packed.layout.rejected_index, torch.arange(2, 4))
+
+
+# -- a prompt's K responses in one unit ---------------------------------------------------------------
+
+def random_groups(count, responses, vocab, seed):
+    """Prompt groups: `responses` distinct responses each, every one in at least one pair, some in several."""
+    from fastpref.train.data import TokenizedGroup
+
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    size = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=gen))  # noqa: E731
+    groups = []
+    for g in range(count):
+        order = torch.randperm(responses, generator=gen).tolist()
+        # a chain through every response, then a pair between the ends: each response in one to three pairs
+        links = list(zip(order, order[1:])) + [(order[0], order[-1])]
+        groups.append(TokenizedGroup(draw(size(1, 6)), tuple(draw(size(1, 7)) for _ in range(responses)),
+                                     tuple(links), row=100 + g, rows=tuple(range(100 + g, 100 + g + len(links)))))
+    return groups
+
+
+def as_pairs(groups):
+    """The groups' pairs, each a pair of its own: the unshared data."""
+    return [Pair(g.prompt_ids, g.responses[c], g.responses[r], row=1000 * g.row + k)
+            for g in groups for k, (c, r) in enumerate(g.pairs)]
+
+
+def padded_group_logps(model, groups):
+    return padded_logps(model, [Pair(g.prompt_ids, g.responses[k], g.responses[k + 1] if k + 1 < len(g.responses)
+                                     else g.responses[0], row=0)
+                                for g in groups for k in range(0, len(g.responses), 2)])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
+def test_group_logps_equal_padded(attention, prefix_sharing):
+    """K = 4 responses of a prompt in one unit: each response's log-prob is that of its own unshared
+    padded sequence (it attends to the prompt and to itself only)."""
+    model = tiny_model(attention)
+    groups = random_groups(3, 4, 61, seed=5)
+    packed = pack_pairs(groups, prefix_sharing=prefix_sharing)
+    assert packed.layout.num_sequences == 12 and packed.layout.num_pairs == 12
+    assert packed.layout.shares_sequences
+    parts = causal_lm_parts(model)
+    with torch.no_grad():
+        hidden = packed_hidden(model, packed, attention)
+        token_logp = fastpref.linear_logprobs(hidden, parts.head_weight, packed.targets)
+        packed_seq = fastpref.sequence_logps(token_logp, packed.layout)
+        expected = padded_group_logps(model, groups)
+    assert torch.allclose(packed_seq.double(), expected, rtol=1e-5, atol=1e-4)
+    if prefix_sharing:
+        # the prompt once per group: K - 1 prompts fewer than the plain packing
+        plain = pack_pairs(groups, prefix_sharing=False)
+        assert plain.input_ids.shape[1] - packed.input_ids.shape[1] == 3 * sum(len(g.prompt_ids) for g in groups)
+
+
+@pytest.mark.parametrize("gradients_in_forward", [False, True])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_group_loss_and_gradients_equal_the_unshared_pairs(gradients_in_forward, loss_type):
+    """The loss of the groups, each response computed once, equals the loss of the same pairs packed
+    one by one (a response repeated in every pair it is in), and so do the parameter gradients, in
+    float64 (but for the float32 that Llama's RMSNorm computes in); small row groups split the batch
+    between gradient groups (each a whole prompt group)."""
+    model = tiny_model("sdpa").double()
+    groups = random_groups(3, 5, 61, seed=7)
+    pairs = as_pairs(groups)
+    loss_fn = fastpref.PreferenceLoss(loss_type, beta=0.5, gradients_in_forward=gradients_in_forward, group_rows=8)
+    reference_of_response = {tuple(g.prompt_ids + [-1] + r): -float(i + 1) for g in groups
+                             for i, r in enumerate(g.responses)}
+    group_reference = torch.tensor([reference_of_response[tuple(g.prompt_ids + [-1] + r)]
+                                    for g in groups for r in g.responses], dtype=torch.float64)
+    pair_reference = torch.tensor([reference_of_response[tuple(p.prompt_ids + [-1] + r)]
+                                   for p in pairs for r in p.responses], dtype=torch.float64)
+    results = []
+    for items, reference, prefix_sharing in ((groups, group_reference, True), (groups, group_reference, False),
+                                             (pairs, pair_reference, False)):
+        model.zero_grad()
+        packed = pack_pairs(items, prefix_sharing=prefix_sharing)
+        parts = causal_lm_parts(model)
+        loss, metrics = loss_fn(packed_hidden(model, packed, "sdpa"), parts.head_weight, packed.targets,
+                                packed.layout, reference)
+        loss.backward()
+        results.append((loss.detach(), metrics["rewards/margins"].detach(),
+                        torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    expected_loss, expected_margin, expected_grad = results[-1]
+    for loss, margin, grad in results[:-1]:
+        assert torch.allclose(loss, expected_loss, rtol=1e-7, atol=1e-9)
+        assert torch.allclose(margin, expected_margin, rtol=1e-7, atol=1e-9)
+        assert (grad - expected_grad).norm() / expected_grad.norm() < 1e-6
+
+
+def test_loss_units_join_the_responses_linked_by_pairs():
+    from fastpref.head_loss import loss_units, row_groups
+
+    groups = random_groups(3, 4, 61, seed=9)
+    layout = pack_pairs(groups, prefix_sharing=True).layout
+    assert loss_units(layout) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    kept = torch.ones(layout.num_tokens, dtype=torch.bool)
+    # a row group never splits a prompt group, however small the row budget
+    for rows in row_groups(layout, kept, rows_per_group=1):
+        assert layout.sequence_ids[rows].unique().numel() == 4
+
+
+def test_group_by_prompt_merges_pairs_of_a_prompt_and_their_repeated_responses():
+    from fastpref.train.data import group_by_prompt
+
+    pairs = [Pair([1, 2], [3], [4], row=0), Pair([5], [6], [7], row=1), Pair([1, 2], [3], [8, 9], row=2),
+             Pair([1, 2], [8, 9], [4], row=3)]
+    first, second = group_by_prompt(pairs)
+    assert first.prompt_ids == [1, 2] and first.responses == ([3], [4], [8, 9])
+    assert first.pairs == ((0, 1), (0, 2), (2, 1)) and first.row == 0 and first.rows == (0, 2, 3)
+    assert second.responses == ([6], [7]) and second.pairs == ((0, 1),) and second.rows == (1,)
+    with pytest.raises(ValueError, match="row 4: chosen and rejected are the same tokens"):
+        group_by_prompt([Pair([1], [2], [2], row=4)])
+
+
+def test_ld_alpha_refuses_a_response_in_several_pairs():
+    groups = random_groups(1, 3, 61, seed=11)
+    packed = pack_pairs(groups, prefix_sharing=True)
+    hidden = torch.randn(packed.targets.numel(), 8)
+    weight = torch.randn(61, 8)
+    with pytest.raises(ValueError, match="ld_alpha weighs each response by its pair's shared length"):
+        fastpref.PreferenceLoss("sigmoid", ld_alpha=0.5)(hidden, weight, packed.targets, packed.layout,
+                                                         -torch.rand(3))

@@ -48,6 +48,7 @@ import fastpref
 
 from ..causal_lm import causal_lm_parts
 from ..train.model import packed_hidden
+from ..train.data import TokenizedPair
 from ..train.named_models import NAMED_MODELS, resolve_model
 from ..train.reference import default_cache_dir
 from ..train.packing import pack_pairs
@@ -175,13 +176,8 @@ def build_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int
     return model
 
 
-@dataclass
-class Pair:
-    prompt_ids: List[int]
-    chosen_ids: List[int]
-    rejected_ids: List[int]
-    row: int
-
+@dataclass(frozen=True)
+class Pair(TokenizedPair):
     @property
     def tokens(self) -> int:
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)

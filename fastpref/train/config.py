@@ -115,6 +115,9 @@ class TrainConfig:
         "skip", "skip (and report) rows that cannot be split into prompt and responses, or stop at them",
         choices=MALFORMED_POLICIES)
     prefix_sharing: bool = _option(False, "compute each prompt once for its chosen and rejected")
+    group_by_prompt: bool = _option(
+        False, "train the pairs of one prompt as one group: each distinct response computed once for every pair "
+        "it is in (with --prefix-sharing, the prompt once for all of them); batches count groups")
     gradient_checkpointing: bool = _option(False, "recompute activations in the backward pass")
     lora_r: int = _option(0, "LoRA rank (0: full fine-tune; > 0 needs pip install 'fastpref[lora]')")
     lora_alpha: float = _option(16.0, "LoRA scaling numerator")
@@ -215,6 +218,11 @@ class TrainConfig:
             if value != 1.0 and not unpaired:
                 raise ValueError(f"{name} weighs the examples of loss_type kto; loss_type {self.loss_type} "
                                  "has none")
+        if unpaired and self.group_by_prompt:
+            raise ValueError("group_by_prompt groups the pairs of a prompt; loss_type kto trains unpaired examples")
+        if self.group_by_prompt and self.ld_alpha is not None:
+            raise ValueError("ld_alpha weighs each response by its pair's shared length, which is not one number for "
+                             "a response in several pairs: group_by_prompt trains without ld_alpha")
         if unpaired and self.label_smoothing != 0.0:
             raise ValueError("label_smoothing applies to the paired losses (sigmoid, robust, simpo), not to "
                              "loss_type kto")

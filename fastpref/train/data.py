@@ -68,6 +68,48 @@ class TokenizedPair:
     rejected_ids: List[int]
     row: int
 
+    @property
+    def responses(self) -> Tuple[List[int], List[int]]:
+        return self.chosen_ids, self.rejected_ids
+
+    @property
+    def pairs(self) -> Tuple[Tuple[int, int], ...]:
+        return ((0, 1),)
+
+
+@dataclass(frozen=True)
+class TokenizedGroup:
+    """A prompt's distinct responses and the pairs among them: ``pairs[k] = (i, j)`` prefers
+    ``responses[i]`` to ``responses[j]``. Packed as one unit, its prompt and each response are
+    computed once, whatever number of pairs a response is in (see :func:`group_by_prompt`).
+
+    ``row``: the source row of its first pair, which keys the group (its reference log-probs, the
+    train/eval split); ``rows``: the source row of each pair.
+    """
+
+    prompt_ids: List[int]
+    responses: Tuple[List[int], ...]
+    pairs: Tuple[Tuple[int, int], ...]
+    row: int
+    rows: Tuple[int, ...]
+
+
+def group_by_prompt(pairs: Sequence[TokenizedPair]) -> List[TokenizedGroup]:
+    """The pairs with the same prompt tokens as one group each, in the order of their first pair;
+    a response that appears in several of them (token for token) is one response of its group. A
+    pair whose two responses are the same tokens carries no preference and is refused."""
+    groups: Dict[Tuple[int, ...], Tuple[List[int], Dict[Tuple[int, ...], int], List[Tuple[int, int]], List[int]]] = {}
+    for pair in pairs:
+        if pair.chosen_ids == pair.rejected_ids:
+            raise ValueError(f"row {pair.row}: chosen and rejected are the same tokens")
+        prompt, responses, links, rows = groups.setdefault(tuple(pair.prompt_ids), (pair.prompt_ids, {}, [], []))
+        chosen = responses.setdefault(tuple(pair.chosen_ids), len(responses))
+        rejected = responses.setdefault(tuple(pair.rejected_ids), len(responses))
+        links.append((chosen, rejected))
+        rows.append(pair.row)
+    return [TokenizedGroup(prompt, tuple(list(r) for r in responses), tuple(links), rows[0], tuple(rows))
+            for prompt, responses, links, rows in groups.values()]
+
 
 @dataclass(frozen=True)
 class TokenizedCompletion:
@@ -729,6 +771,14 @@ def fingerprint_pairs(examples: Sequence[TokenizedPair]) -> str:
     return _digest(b"fastpref tokenized pairs v1", (
         [e.row, len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)] + e.prompt_ids + e.chosen_ids
         + e.rejected_ids for e in examples))
+
+
+def fingerprint_groups(groups: Sequence[TokenizedGroup]) -> str:
+    """As :func:`fingerprint_pairs`, for prompt groups: rows, responses and pairs."""
+    return _digest(b"fastpref tokenized groups v1", (
+        [g.row, len(g.prompt_ids), len(g.responses), *g.rows, *(i for pair in g.pairs for i in pair)]
+        + g.prompt_ids + [token for response in g.responses for token in [len(response), *response]]
+        for g in groups))
 
 
 def fingerprint_completions(examples: Sequence[TokenizedCompletion]) -> str:

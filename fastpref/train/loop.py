@@ -248,19 +248,24 @@ def _interval_record(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
     return {"step": merged.pop("step"), "split": merged.pop("split"), **merged}
 
 
+def _loss_weight(items: Sequence) -> int:
+    """What the loss of `items` averages over: their pairs (a group's several), or their unpaired examples."""
+    return sum(len(getattr(item, "pairs", (None,))) for item in items)
+
+
 def _scored_tokens(item) -> int:
-    """Response tokens of a pair, or of an unpaired example."""
+    """Response tokens of a pair or group, or of an unpaired example."""
     if isinstance(item, data_module.TokenizedCompletion):
         return len(item.completion_ids)
-    return len(item.chosen_ids) + len(item.rejected_ids)
+    return sum(len(response) for response in item.responses)
 
 
 def _pair_tokens(item, prefix_sharing: bool) -> int:
-    """Tokens a pair (or an unpaired example) puts in a packed forward."""
+    """Tokens a pair or group (or an unpaired example) puts in a packed forward."""
     prompt = len(item.prompt_ids)
     if isinstance(item, data_module.TokenizedCompletion):
         return prompt + len(item.completion_ids)
-    return prompt + _scored_tokens(item) if prefix_sharing else 2 * prompt + _scored_tokens(item)
+    return _scored_tokens(item) + (prompt if prefix_sharing else len(item.responses) * prompt)
 
 
 # KTO's per-label metrics: means over the desirable (True) or the undesirable (False) examples
@@ -318,7 +323,7 @@ class Trainer:
         # KTO trains on unpaired examples (TokenizedCompletion), the others on pairs (TokenizedPair):
         # the "pairs" below (train_pairs, ...) are either
         self.unpaired = not self.loss_fn.spec.is_paired
-        self._unit = "example" if self.unpaired else "pair"
+        self._unit = "example" if self.unpaired else "group" if cfg.group_by_prompt else "pair"
         check_fsdp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.pairs_per_step)
         check_tp_setup(cfg.parallel, Distributed.environment_world_size(), cfg.lora_r)
         self.dist = Distributed.from_environment(cfg.device)
@@ -461,17 +466,27 @@ class Trainer:
             pairs, self.data_report = data_module.tokenize_pairs(rows, self.tokenizer, **options)
             if not pairs:
                 raise ValueError("no usable preference pairs in the data:\n" + self.data_report.summary())
-            self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
+            if cfg.group_by_prompt:
+                # split by prompt: no pair of a held-out prompt is trained on
+                groups = data_module.group_by_prompt(pairs)
+                self.train_pairs, self.eval_pairs = data_module.train_eval_split(groups, cfg.eval_fraction, cfg.seed)
+            else:
+                self.train_pairs, self.eval_pairs = data_module.train_eval_split(pairs, cfg.eval_fraction, cfg.seed)
             if self.unpaired:
                 # split as pairs, so that no half of a held-out pair is trained on
                 examples = data_module.with_kl_completions(data_module.unpair(pairs), cfg.max_length)
                 held_out = {pair.row for pair in self.eval_pairs}
                 self.train_pairs = [e for e in examples if e.row not in held_out]
                 self.eval_pairs = [e for e in examples if e.row in held_out]
-        self.data_fingerprint = (data_module.fingerprint_completions(examples) if self.unpaired
-                                 else data_module.fingerprint_pairs(pairs))
+        if self.unpaired:
+            self.data_fingerprint = data_module.fingerprint_completions(examples)
+        elif cfg.group_by_prompt:
+            self.data_fingerprint = data_module.fingerprint_groups(groups)
+        else:
+            self.data_fingerprint = data_module.fingerprint_pairs(pairs)
         # the held-out rows as they were read, for `fastpref eval --data OUTPUT_DIR/heldout.jsonl`
-        self.heldout_rows = rows.select(list(dict.fromkeys(p.row for p in self.eval_pairs))).to_list()
+        self.heldout_rows = rows.select(list(dict.fromkeys(
+            row for p in self.eval_pairs for row in getattr(p, "rows", (p.row,))))).to_list()
         micro_per_epoch = math.ceil(len(self.train_pairs) / cfg.pairs_per_step)
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * self.steps_per_epoch))
@@ -603,9 +618,9 @@ class Trainer:
         if not self.dist.enabled:
             return self._reference_logps_now(pairs)
         local = self.dist.shard(pairs)
-        logps = self._reference_logps_now(local or pairs[:1]).cpu().view(-1, 2)
-        per_pair = self.dist.gather_shards(list(logps) if local else [], len(pairs))
-        return torch.cat(per_pair).to(self.device)
+        logps = self._reference_logps_now(local or pairs[:1]).cpu().split([len(item.responses) for item in local])
+        per_item = self.dist.gather_shards(list(logps) if local else [], len(pairs))
+        return torch.cat(per_item).to(self.device)
 
     def _reference_items(self, pairs) -> List:
         """What the reference scores of `pairs`: the pairs, or each unpaired example's completion and
@@ -613,7 +628,8 @@ class Trainer:
         return [example.with_kl_completion() for example in pairs] if self.unpaired else list(pairs)
 
     def _reference_for(self, pairs) -> Optional[torch.Tensor]:
-        """[2P]: each pair's (chosen, rejected), or each unpaired example's (completion, KL completion)."""
+        """[S]: each pair's (chosen, rejected) or group's responses, or each unpaired example's (completion,
+        KL completion)."""
         if not self.loss_fn.spec.needs_reference:
             return None
         items = self._reference_items(pairs)
@@ -685,7 +701,7 @@ class Trainer:
                 loss, metrics, _ = self._batch_loss(scored, self.head_model, counted=bool(local))
                 record = {"loss": loss, **metrics}
                 records.append(_per_label(record, scored) if self.unpaired else record)
-                weights.append(len(local))
+                weights.append(_loss_weight(local))
                 bar.update(len(batch))
         self.head_model.train()
         raise_pending_errors()
@@ -704,7 +720,7 @@ class Trainer:
 
     def _run_identity(self) -> Dict:
         keys = ("model", "loss_type", "beta", "pairs_per_step", "gradient_accumulation_steps", "seed", "lora_r",
-                "prefix_sharing", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_length",
+                "prefix_sharing", "group_by_prompt", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_length",
                 "max_prompt_length")
         if self.unpaired:
             keys += ("desirable_weight", "undesirable_weight")
@@ -902,13 +918,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         records, weights, tokens = [], [], 0
         micro_batches = self._micro_batches(self.step)
-        step_pairs = sum(len(b) for b in micro_batches)
+        step_pairs = sum(_loss_weight(b) for b in micro_batches)
         for index, batch in enumerate(micro_batches):
             local = self.dist.shard(batch)
             # a rank with no pair of this micro-batch still joins DDP's all-reduce, with weight 0,
             # and records the placeholder's metrics with weight 0, so that every rank reduces the
             # same metric keys below
-            pairs, share = (local, len(local)) if local else (batch[:1], 0)
+            pairs, share = (local, _loss_weight(local)) if local else (batch[:1], 0)
             last = index == len(micro_batches) - 1
             # FSDP2 reduce-scatters every micro-batch: skipping it would keep whole gradients
             ddp = self.dist.enabled and cfg.parallel == "ddp"

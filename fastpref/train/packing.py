@@ -6,7 +6,9 @@ segment of its own: positions restart at 0 per segment and attention is block-di
 Prefix sharing puts [prompt | chosen | rejected] as one unit: the prompt is computed once, the
 rejected tokens attend to the prompt and to themselves but never to the chosen ones, and their
 positions continue from the prompt's end, so every token sees exactly what it would see in its
-own unshared sequence.
+own unshared sequence. A prompt group (K responses and pairs among them) is one unit
+[prompt | r_0 | ... | r_{K-1}] alike: each response sees the prompt and itself, and is computed
+once for all the pairs it is in.
 
 Unpaired examples (KTO) are packed plainly, [prompt | completion] each a segment of its own.
 
@@ -25,7 +27,12 @@ import torch
 from ..layout import PackedLayout
 from ..transfer import to_device
 
+# roles of the tokens of a unit: its prompt, and response k (a pair's chosen 0, its rejected 1) as 1 + k
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def response_role(k: int) -> int:
+    return 1 + k
 
 
 @dataclass
@@ -33,11 +40,11 @@ class PackedPairs:
     input_ids: torch.Tensor       # [1, T] the packed stream
     position_ids: torch.Tensor    # [1, T]
     unit_ids: torch.Tensor        # [T] which segment (plain) or unit (shared) a token belongs to
-    roles: torch.Tensor           # [T] PROMPT, CHOSEN or REJECTED
+    roles: torch.Tensor           # [T] PROMPT, or response_role(k) for response k of its unit
     loss_positions: torch.Tensor  # [N] stream positions whose hidden state predicts a response token
     targets: torch.Tensor         # [N] the response token each of them predicts
-    layout: PackedLayout          # over the N loss tokens: chosen_p, rejected_p, chosen_{p+1}, ... (paired)
-    rows: List[int]               # source row of each pair (the key of each unpaired example)
+    layout: PackedLayout          # over the N loss tokens: each item's responses in order, item after item
+    rows: List[int]               # source row of each pair or group (the key of each unpaired example)
     prefix_sharing: bool
 
     @property
@@ -97,31 +104,35 @@ class _Stream:
             layout=layout, rows=rows, prefix_sharing=prefix_sharing)
 
 
-def pack_pairs(pairs: Sequence, *, prefix_sharing: bool) -> PackedPairs:
-    """Pack tokenized pairs (objects with prompt_ids, chosen_ids, rejected_ids, row) for one forward."""
-    if not pairs:
+def pack_pairs(items: Sequence, *, prefix_sharing: bool) -> PackedPairs:
+    """Pack tokenized pairs or prompt groups (objects with prompt_ids, responses, pairs, row) for one
+    forward. Each response is one sequence of the layout, the responses of an item in order, the
+    items one after the other; pairs index them (a pair's chosen and rejected: responses 0 and 1)."""
+    if not items:
         raise ValueError("pack_pairs needs at least one pair")
     stream = _Stream()
-    for index, pair in enumerate(pairs):
-        prompt, chosen, rejected = list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
-        if not prompt or not chosen or not rejected:
-            raise ValueError(f"pair {index} (row {pair.row}) has an empty prompt or response")
+    chosen_index, rejected_index = [], []
+    for index, item in enumerate(items):
+        prompt, responses = list(item.prompt_ids), [list(response) for response in item.responses]
+        if not prompt or not all(responses):
+            raise ValueError(f"pair {index} (row {item.row}) has an empty prompt or response")
+        first_sequence = len(stream.seq_lens)
+        for chosen, rejected in item.pairs:
+            chosen_index.append(first_sequence + chosen)
+            rejected_index.append(first_sequence + rejected)
         p = len(prompt)
         if prefix_sharing:
             start = stream.append(prompt, PROMPT, index, 0)
-            chosen_start = stream.append(chosen, CHOSEN, index, p)
-            rejected_start = stream.append(rejected, REJECTED, index, p)
-            stream.read_response(start + p - 1, chosen_start, chosen)
-            stream.read_response(start + p - 1, rejected_start, rejected)
+            starts = [stream.append(response, response_role(k), index, p) for k, response in enumerate(responses)]
+            for response_start, response in zip(starts, responses):
+                stream.read_response(start + p - 1, response_start, response)
         else:
-            stream.append_sequence(prompt, chosen, CHOSEN, 2 * index)
-            stream.append_sequence(prompt, rejected, REJECTED, 2 * index + 1)
+            for k, response in enumerate(responses):
+                stream.append_sequence(prompt, response, response_role(k), len(stream.seq_lens))
 
-    num_pairs = len(pairs)
-    layout = PackedLayout.paired(
-        stream.cu_seqlens(), torch.ones(len(stream.targets), dtype=torch.bool),
-        torch.arange(0, 2 * num_pairs, 2), torch.arange(1, 2 * num_pairs, 2))
-    return stream.packed(layout, [pair.row for pair in pairs], prefix_sharing)
+    layout = PackedLayout.paired(stream.cu_seqlens(), torch.ones(len(stream.targets), dtype=torch.bool),
+                                 torch.tensor(chosen_index), torch.tensor(rejected_index))
+    return stream.packed(layout, [item.row for item in items], prefix_sharing)
 
 
 def pack_completions(examples: Sequence, *, kl: bool = False) -> PackedPairs:
@@ -145,11 +156,12 @@ def pack_completions(examples: Sequence, *, kl: bool = False) -> PackedPairs:
 
 
 def may_attend(unit_q, role_q, pos_q, unit_k, role_k, pos_k):
-    """The attention rule: same unit, causal in stream order, rejected never sees chosen.
+    """The attention rule: same unit, causal in stream order, a token sees the prompt and its own
+    response only (a rejected never sees the chosen before it, nor a group's response k any other).
 
     Arguments are broadcastable index tensors (pos = stream index, not position id).
     """
-    return (unit_q == unit_k) & (pos_k <= pos_q) & ~((role_q == REJECTED) & (role_k == CHOSEN))
+    return (unit_q == unit_k) & (pos_k <= pos_q) & ((role_k == PROMPT) | (role_k == role_q))
 
 
 def dense_attention_mask(packed: PackedPairs, dtype: torch.dtype) -> torch.Tensor:

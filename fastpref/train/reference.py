@@ -7,8 +7,11 @@ gives a different directory, never a stale hit. Only the pairs a run needs are c
 directory is written in pieces as the pass goes (each piece atomically), so an interrupted pass,
 or a later run that needs more pairs, computes only the pairs no piece holds yet.
 
-For unpaired examples (KTO) the two values cached per example are the log-probs of its completion
-and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its key.
+Each pair keeps the log-probs of its chosen and its rejected response under its source row; a
+prompt group (:class:`~fastpref.train.data.TokenizedGroup`) those of its responses, in order, under
+its first row. For unpaired examples (KTO) the two values cached per example are the log-probs of
+its completion and of its KL completion (see ``TokenizedCompletion.with_kl_completion``), under its
+key.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from ..transfer import to_device
 from .model import FusedHeadForward
 from .packing import PackedPairs, pack_pairs
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 # a piece of the cache is written at least this often while the pass runs (seconds)
 PIECE_SECONDS = 30.0
 
@@ -80,20 +83,20 @@ def packed_logps(model, packed: PackedPairs, attention: str, device, *, backend:
 
 def pair_logps(model, pairs: Sequence, attention: str, device, *, prefix_sharing: bool, backend: str = "auto",
                scored_as: Optional[PreferenceLoss] = None, trainable_head: bool = False) -> torch.Tensor:
-    """[2P] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ...), as
-    :func:`packed_logps`."""
+    """[S] summed response log-probs in layout order (chosen_0, rejected_0, chosen_1, ... for pairs;
+    each group's responses in order), as :func:`packed_logps`."""
     return packed_logps(model, pack_pairs(pairs, prefix_sharing=prefix_sharing), attention, device, backend=backend,
                         scored_as=scored_as, trainable_head=trainable_head)
 
 
 class ReferenceCache:
-    """Reference log-probs of pairs, by source row: (chosen, rejected)."""
+    """Reference log-probs of pairs by source row, (chosen, rejected); of groups, their responses'."""
 
     def __init__(self, values: Dict[int, torch.Tensor], key: str, directory: Optional[Path] = None):
         self.values, self.key, self.directory = values, key, directory
 
     def lookup(self, rows: Sequence[int], device) -> torch.Tensor:
-        """[2P] in layout order, for the pairs of `rows`."""
+        """[S] in layout order, for the pairs (or groups) of `rows`."""
         return to_device(torch.cat([self.values[row] for row in rows]), device)
 
     @staticmethod
@@ -109,7 +112,8 @@ class ReferenceCache:
         for piece in sorted(directory.glob("piece-*.pt")):
             stored = torch.load(piece, weights_only=True)
             if stored.get("key") == key:
-                values.update((int(r), v) for r, v in zip(stored["rows"], stored["logps"]))
+                logps = stored["logps"].split(stored["counts"].tolist())
+                values.update((int(r), v) for r, v in zip(stored["rows"], logps))
         return values
 
     @staticmethod
@@ -119,8 +123,8 @@ class ReferenceCache:
         rows = sorted(values)
         name = f"piece-{time.time_ns()}-{os.getpid()}.pt"
         staging = directory / (name + ".partial")
-        torch.save({"key": key, "rows": torch.tensor(rows), "logps": torch.stack([values[r] for r in rows])},
-                   staging)
+        torch.save({"key": key, "rows": torch.tensor(rows), "counts": torch.tensor([values[r].numel() for r in rows]),
+                    "logps": torch.cat([values[r] for r in rows])}, staging)
         os.replace(staging, directory / name)
 
     @classmethod
@@ -150,9 +154,9 @@ class ReferenceCache:
                   disable=not (progress and missing)) as bar:
             for start in range(0, len(missing), batch_pairs):
                 batch = missing[start:start + batch_pairs]
-                logps = compute(batch).cpu()
-                for i, pair in enumerate(batch):
-                    values[pair.row] = unwritten[pair.row] = logps[2 * i:2 * i + 2].clone()
+                logps = compute(batch).cpu().split([len(item.responses) for item in batch])
+                for item, item_logps in zip(batch, logps):
+                    values[item.row] = unwritten[item.row] = item_logps.clone()
                 bar.update(len(batch))
                 if time.monotonic() - last_write >= PIECE_SECONDS:
                     flush()
