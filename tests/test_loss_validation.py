@@ -131,7 +131,7 @@ def _stream(lengths=(3, 4, 2, 5)):
         (lambda cu, m: fastpref.PackedLayout.unpaired(cu, m, torch.tensor([True, False])),
          r"desirable must be a bool tensor with one label per sequence \(4\)"),
     ],
-    ids=["pair-past-end", "negative-pair", "shared-sequence", "uneven-pairs", "offset-bounds",
+    ids=["pair-past-end", "negative-pair", "sequence-in-no-pair", "same-sequence-twice", "uneven-pairs", "offset-bounds",
          "short-mask", "empty-sequence", "no-response", "mask-dtype", "float-bounds", "no-pairing",
          "short-labels"],
 )

@@ -12,6 +12,7 @@ from .config import (EVAL_DEFAULTS, EVAL_FIELDS, EVAL_HELP, TrainConfig, add_con
                      flag, read_config_file)
 from .distributed import Distributed
 from .loop import TrainingInterrupted, train
+from .rounds import run_rounds
 from .wording import count_of
 
 
@@ -74,7 +75,10 @@ def with_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def run_train(args: argparse.Namespace) -> int:
     try:
-        result = train(config_from_args(args))
+        cfg = config_from_args(args)
+        if cfg.rounds:
+            return _report_rounds(run_rounds(cfg))
+        result = train(cfg)
     except TrainingInterrupted as stop:
         if Distributed.environment_rank() == 0:  # every process stopped the same way
             print(stop, file=sys.stderr)
@@ -104,6 +108,15 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"metrics: {result.metrics_path}\nplot: {result.plot_path}")
     if result.eval_command:
         print(f"score the held-out pairs one by one: {result.eval_command}")
+    return 0
+
+
+def _report_rounds(result) -> int:
+    print(f"done: {count_of(len(result.rounds) - 1, 'round')}; held-out judge score by round:")
+    for record in result.rounds:
+        print(f"  round {record['round']}: {record['heldout/score_mean']:.4g} (sd {record['heldout/score_std']:.3g})"
+              + (f", {count_of(record['pairs'], 'pair')} trained" if record["round"] else ""))
+    print(f"model: {result.model_path}\nmetrics: {result.metrics_path}\nplot: {result.plot_path}")
     return 0
 
 

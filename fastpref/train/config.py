@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..loss_spec import ACCEPTED_LOSS_TYPES, canonical_loss_types
 from ..loss_types import F_DIVERGENCE_TYPES
 from .data import FORMATS, MALFORMED_POLICIES, TRUNCATION_MODES
+from .judges import PAIR_SELECTIONS
 from .named_models import NAMED_MODELS, check_model_argument
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -146,6 +147,25 @@ class TrainConfig:
         "parameters, gradients and optimizer state over them (FSDP2); tp shards the LM head on the vocabulary "
         "(every process runs every batch)", choices=PARALLEL)
     progress: bool = _option(True, "progress bars (the run header, data report and warnings are shown either way)")
+    # iterative DPO (docs/iterative.md): the policy writes, --judge ranks, each round trains on its pairs
+    rounds: int = _option(0, "rounds of generate, judge, pair and train (0: train once on --data's pairs)")
+    judge: Optional[str] = _option(
+        None, "with --rounds: a reward model folder, module:function (a reward function, scores = fn(prompts, "
+        "completions)) or module:object (a pairwise judge with TRL's judge method)")
+    generations_per_prompt: int = _option(4, "responses sampled per prompt each round", aliases=("--num-generations",))
+    prompts_per_round: int = _option(32, "prompts each round generates for (drawn in turn from --data's prompts)")
+    heldout_prompts: int = _option(16, "prompts never trained on, answered and judged after every round")
+    max_new_tokens: int = _option(64, "longest generated response, in tokens")
+    temperature: float = _option(1.0, "sampling temperature (0: greedy)")
+    top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens of at least this probability")
+    generation_batch_size: int = _option(8, "prompts per generate call (and per judge call)")
+    pair_selection: str = _option(
+        "best_worst", "best_worst: the best response against the worst of each prompt; margin: every pair whose "
+        "scores differ by more than --score-margin", choices=PAIR_SELECTIONS)
+    score_margin: float = _option(0.0, "responses whose scores differ by this much or less make no pair (a tie)")
+    round_reference: str = _option(
+        "initial", "each round's reference: the starting model (initial) or the round's starting policy (previous)",
+        choices=("initial", "previous"))
 
     def resolved(self, world_size: int = 1) -> "TrainConfig":
         """The presets filled in, TRL's switches and batch size turned into fastpref's, loss types under
@@ -204,6 +224,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_model_argument(getattr(self, name), flag(name))
         self._check_loss_options()
+        if self.rounds == 0 and self.judge is not None:
+            raise ValueError("judge ranks generated responses, which only --rounds makes")
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
                              "pip install 'fastpref[lora]' (or pip install peft)")

@@ -67,7 +67,7 @@ class TrainResult:
     eval_command: Optional[str] = None  # the `fastpref eval` command that scores the held-out pairs
 
 
-def _with_local_models(cfg: TrainConfig) -> TrainConfig:
+def with_local_models(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with named models (smollm2-135m, ...) replaced by their converted folders (converted on
     first use)."""
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -79,7 +79,7 @@ def _with_local_models(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **local)
 
 
-def _make_writable_dir(directory: Path) -> None:
+def make_writable_dir(directory: Path) -> None:
     """Create `directory` and prove it writable now, rather than after minutes of work."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def _check_max_length(max_length: int, model) -> None:
                          "(its max_position_embeddings)")
 
 
-def _device_and_dtype(cfg: TrainConfig, distributed: Distributed):
+def device_and_dtype(cfg: TrainConfig, distributed: Distributed):
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if device.type == "cuda" and distributed.enabled:
@@ -135,7 +135,7 @@ def _set_attention(model, attention: str, automatic: bool) -> str:
     return model.config._attn_implementation
 
 
-def _load_tokenizer(cfg: TrainConfig):
+def load_tokenizer(cfg: TrainConfig):
     if cfg.model is None:
         from .default_assets import default_tokenizer
 
@@ -306,7 +306,7 @@ class Trainer:
         self.on_step = on_step
         self.output_dir = Path(self.cfg.output_dir)
         created = not self.output_dir.exists()
-        _make_writable_dir(self.output_dir)
+        make_writable_dir(self.output_dir)
         try:
             self._start()
         except BaseException:
@@ -329,12 +329,12 @@ class Trainer:
         self.dist = Distributed.from_environment(cfg.device)
         if cfg.parallel == "tp":  # every process runs every micro-batch, the head's vocabulary split
             self.dist = dataclasses.replace(self.dist, data_parallel=False)
-        self.device, self.dtype = _device_and_dtype(cfg, self.dist)
+        self.device, self.dtype = device_and_dtype(cfg, self.dist)
         self.attention = _attention(cfg, self.device)
         self._say(self._header())
         self.eval_reference = self._eval_reference()  # as the user named it, before names become folders
-        self.cfg = cfg = _with_local_models(cfg)
-        self.tokenizer = _load_tokenizer(cfg)
+        self.cfg = cfg = with_local_models(cfg)
+        self.tokenizer = load_tokenizer(cfg)
         self._load_data()
         self.policy, self.reference_model, self.initial_model = _load_models(
             cfg, self.tokenizer, self.device, self.dtype, self.attention)
