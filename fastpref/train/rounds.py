@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .config import TrainConfig
 from .distributed import Distributed
 from .generation import Sampling, batch_seed, sample
 from .judges import Judge, load_judge, select_pairs
+from .monitor import read_metrics
 from .loop import FINAL_DIR, device_and_dtype, load_tokenizer, make_writable_dir, with_local_models, train
 from .quiet import transformers_progress_bars_off
 from .signals import StopRequests, TrainingInterrupted, signal_name
@@ -124,7 +126,17 @@ class Rounds:
             raise ValueError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in max_length "
                              f"({cfg.max_length})")
         self.output_dir = Path(cfg.output_dir)
+        created = not self.output_dir.exists()
         make_writable_dir(self.output_dir)
+        try:
+            self._start()
+        except BaseException:
+            if created:  # a failed start leaves nothing behind
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise
+
+    def _start(self) -> None:
+        cfg = self.cfg
         self._check_settings()
         self.distributed = Distributed.from_environment(cfg.device)
         self.device, self.dtype = device_and_dtype(cfg, self.distributed)
@@ -133,6 +145,8 @@ class Rounds:
         self.tokenizer = load_tokenizer(local)
         self.initial_model = self._initial_model(local.model)
         self._load_prompts()
+        # written once the run is known to start: a refused one leaves nothing to compare with
+        _write_atomically(self.output_dir / SETTINGS_FILE, json.dumps(self.settings, indent=1))
 
     def _check_settings(self) -> None:
         settings = {name: getattr(self.cfg, name) for name in ROUND_SETTINGS}
@@ -143,8 +157,7 @@ class Rounds:
             if differing:
                 raise ValueError(f"--output-dir {self.output_dir} holds rounds run with other settings ("
                                  f"{', '.join(differing)} differ): use another --output-dir")
-        else:
-            _write_atomically(path, json.dumps(settings, indent=1))
+        self.settings = settings
 
     def _initial_model(self, model: Optional[str]) -> str:
         """The starting model's folder: the model given, or the embedded one, saved once."""
@@ -361,9 +374,10 @@ class Rounds:
             tick = time.perf_counter()
             trained = self._round_training(round_number, policy, directory / "pairs.jsonl")
             record["train_s"] = time.perf_counter() - tick
+            # the round's DPO metrics: its pairs scored by the trained policy, or else its last logged step's
+            last = trained.final_metrics or [r for r in read_metrics(trained.metrics_path) if r["split"] == "train"][-1]
             for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-                if trained.final_metrics and key in trained.final_metrics:
-                    record[f"train/{key}"] = trained.final_metrics[key]
+                record[f"train/{key}"] = last[key]
         tick = time.perf_counter()
         heldout = self._heldout_scores(round_number, self._policy_after(round_number), stop)
         record["heldout_s"] = time.perf_counter() - tick
