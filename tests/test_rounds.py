@@ -178,7 +178,7 @@ def test_sigterm_mid_generation_resumes_to_the_same_responses(tmp_path):
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 143, err
-    assert "stopped by SIGTERM while generating (round 1: generation)" in err and "run the same command again" in err
+    assert "stopped by SIGTERM (round 1: generating): " in err and "run the same command again" in err
     saved = generations.read_text().splitlines()
     assert 2 <= len(saved) < 40
     resumed = subprocess.run(command, capture_output=True, text=True)
@@ -198,3 +198,41 @@ def test_generation_cut_mid_line_is_dropped_and_regenerated(tmp_path):
     assert _read_jsonl(path) == [{"index": 0}, {"index": 1}]
     assert path.read_text() == '{"index": 0}\n{"index": 1}\n'
 
+
+
+def _rounds_worker(rank, world_size, port, argv, report):
+    import os
+
+    import torch.distributed as dist
+
+    from test_distributed import exit_without_teardown
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = main(argv)
+    if rank == 0:
+        Path(report).write_text(str(code))
+    dist.barrier()
+    exit_without_teardown()
+
+
+@pytest.mark.slow
+def test_two_processes_share_each_batch_of_generation_and_judging(tmp_path):
+    """torchrun-style, 2 gloo processes: each generates and judges its share of every batch, the
+    main process writes them in prompt order, and both train the round together."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    argv = ["train", "--rounds", "1", "--judge", "fastpref.rewards:brevity", "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--generation-batch-size", "2", *ROUND_FLAGS]
+    report = tmp_path / "code"
+    mp.spawn(_rounds_worker, args=(2, _free_port(), argv, str(report)), nprocs=2, join=True)
+    assert report.read_text() == "0"
+    generations = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "judged.jsonl").read_text().splitlines()]
+    assert [g["index"] for g in generations] == list(range(6))
+    assert all(len(g["scores"]) == 3 for g in generations)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1] and records[1]["pairs"] > 0
+    assert (tmp_path / "run" / "round-1" / "train" / "final" / "config.json").is_file()

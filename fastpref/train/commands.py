@@ -77,7 +77,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if cfg.rounds:
-            return _report_rounds(run_rounds(cfg))
+            rounds = run_rounds(cfg)
+            return _report_rounds(rounds) if Distributed.environment_rank() == 0 else 0
         result = train(cfg)
     except TrainingInterrupted as stop:
         if Distributed.environment_rank() == 0:  # every process stopped the same way

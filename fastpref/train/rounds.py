@@ -32,7 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -105,9 +105,6 @@ class Rounds:
     """A rounds run's state; :func:`run_rounds` is the entry point."""
 
     def __init__(self, cfg: TrainConfig):
-        if Distributed.environment_world_size() > 1:
-            raise ValueError("--rounds runs in one process (several processes train each round's pairs with "
-                             "fastpref train --data OUTPUT_DIR/round-r/pairs.jsonl)")
         self.cfg = cfg = cfg.resolved()
         if cfg.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
@@ -128,17 +125,17 @@ class Rounds:
         self.output_dir = Path(cfg.output_dir)
         created = not self.output_dir.exists()
         make_writable_dir(self.output_dir)
+        self.distributed = Distributed.from_environment(cfg.device)
         try:
             self._start()
         except BaseException:
-            if created:  # a failed start leaves nothing behind
+            if created and self.distributed.is_main:  # a failed start leaves nothing behind
                 shutil.rmtree(self.output_dir, ignore_errors=True)
             raise
 
     def _start(self) -> None:
         cfg = self.cfg
         self._check_settings()
-        self.distributed = Distributed.from_environment(cfg.device)
         self.device, self.dtype = device_and_dtype(cfg, self.distributed)
         self.judge: Judge = load_judge(cfg.judge, self.device)
         local = with_local_models(cfg)
@@ -146,7 +143,9 @@ class Rounds:
         self.initial_model = self._initial_model(local.model)
         self._load_prompts()
         # written once the run is known to start: a refused one leaves nothing to compare with
-        _write_atomically(self.output_dir / SETTINGS_FILE, json.dumps(self.settings, indent=1))
+        if self.distributed.is_main:
+            _write_atomically(self.output_dir / SETTINGS_FILE, json.dumps(self.settings, indent=1))
+        self.distributed.barrier()
 
     def _check_settings(self) -> None:
         settings = {name: getattr(self.cfg, name) for name in ROUND_SETTINGS}
@@ -164,16 +163,18 @@ class Rounds:
         if model is not None:
             return model
         folder = self.output_dir / INITIAL_MODEL_DIR
-        if not (folder / "config.json").is_file():
+        if self.distributed.is_main and not (folder / "config.json").is_file():
             from .default_assets import default_model
 
             with transformers_progress_bars_off():
                 default_model(self.tokenizer, self.cfg.seed).save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
+        self.distributed.barrier()
         return str(folder)
 
     def _say(self, text: str) -> None:
-        tqdm.write(text)
+        if self.distributed.is_main:
+            tqdm.write(text)
 
     # -- prompts ----------------------------------------------------------------------------------
     def _load_prompts(self) -> None:
@@ -219,61 +220,70 @@ class Rounds:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, local_files_only=True)
         return model.to(self.device).eval()
 
-    def _generate(self, policy_folder: str, prompts: List[List[int]], path: Path, tag: str, description: str,
-                  stop: StopRequests) -> List[Dict]:
-        """K responses per prompt, appended to `path` batch by batch; a resumed call goes on after the
-        last saved batch."""
-        done = _read_jsonl(path)
-        batch = self.cfg.generation_batch_size
-        done = done[:len(done) - len(done) % batch] if len(done) < len(prompts) else done
-        if len(done) == len(prompts):
-            return done
-        policy = self._load_policy(policy_folder)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with tqdm(total=len(prompts), initial=len(done), desc=description, unit="prompt",
-                  disable=not self.cfg.progress) as bar:
-            for start in range(len(done), len(prompts), batch):
-                chunk = prompts[start:start + batch]
-                responses = sample(policy, chunk, self.sampling, pad_token_id=pad,
-                                   eos_token_id=self.tokenizer.eos_token_id,
-                                   seed=batch_seed(self.cfg.seed, tag, start), device=self.device)
-                records = [{"index": start + i, "prompt": self.text(prompt), "prompt_ids": prompt,
-                            "completions": [self.text(r) for r in own], "completion_ids": own}
-                           for i, (prompt, own) in enumerate(zip(chunk, responses))]
-                _append_jsonl(path, records)
+    def _batches(self, items: List, path: Path, description: str, stop: StopRequests,
+                 work: Callable[[List, int], List[Dict]]) -> List[Dict]:
+        """One record per item, appended to `path` a batch at a time: each process computes its share
+        of a batch (``work(share, batch_start)``, in the order of the share), the main process writes
+        them. A resumed call keeps the whole batches `path` holds and goes on after them; SIGTERM or
+        SIGUSR1 stops it after the batch at hand."""
+        group = self.distributed
+        batch = self.cfg.generation_batch_size * group.world_size
+        done = group.broadcast_object(_read_jsonl(path) if group.is_main else None)
+        if len(done) < len(items) and len(done) % batch:
+            done = done[:len(done) - len(done) % batch]  # a batch cut short is computed again, whole
+            if group.is_main:
+                _write_atomically(path, "".join(json.dumps(record) + "\n" for record in done))
+        with tqdm(total=len(items), initial=len(done), desc=description, unit="prompt",
+                  disable=not (self.cfg.progress and group.is_main) or len(done) == len(items)) as bar:
+            for start in range(len(done), len(items), batch):
+                chunk = items[start:start + batch]
+                share = group.shard(chunk)
+                records = group.gather_shards(work(share, start) if share else [], len(chunk))
+                if group.is_main:
+                    _append_jsonl(path, records)
                 done.extend(records)
                 bar.update(len(chunk))
-                if stop.received and len(done) < len(prompts):
+                received = group.max_over_ranks(stop.received or 0, self.device)
+                if received and len(done) < len(items):
                     raise TrainingInterrupted(
-                        f"stopped by {signal_name(stop.received)} while generating ({description}): "
-                        f"{len(done)} of {count_of(len(prompts), 'prompt')} saved in {path}; run the same command "
-                        "again to go on", stop.received)
+                        f"stopped by {signal_name(received)} ({description}): {len(done)} of "
+                        f"{count_of(len(items), 'prompt')} saved in {path}; run the same command again to go on",
+                        received)
         return done
 
+    def _generate(self, policy_folder: str, prompts: List[List[int]], path: Path, tag: str, description: str,
+                  stop: StopRequests) -> List[Dict]:
+        """K responses per prompt (text and token ids), sampled by this process from a seed of its
+        own for each batch (the run's seed, `tag`, the batch, the process)."""
+        policy = None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        def work(share, start):
+            nonlocal policy
+            policy = policy or self._load_policy(policy_folder)
+            responses = sample(policy, [prompt for _, prompt in share], self.sampling, pad_token_id=pad,
+                               eos_token_id=self.tokenizer.eos_token_id, device=self.device,
+                               seed=batch_seed(self.cfg.seed, tag, start, self.distributed.rank))
+            return [{"index": index, "prompt": self.text(prompt), "prompt_ids": prompt,
+                     "completions": [self.text(r) for r in own], "completion_ids": own}
+                    for (index, prompt), own in zip(share, responses)]
+
+        return self._batches(list(enumerate(prompts)), path, description, stop, work)
+
     def _judge(self, generated: List[Dict], path: Path, description: str, stop: StopRequests) -> List[Dict]:
-        """Each prompt's scores, appended to `path` batch by batch; empty responses score nothing (None)."""
-        done = _read_jsonl(path)
-        batch = self.cfg.generation_batch_size
-        with tqdm(total=len(generated), initial=len(done), desc=description, unit="prompt",
-                  disable=not self.cfg.progress or len(done) == len(generated)) as bar:
-            for start in range(len(done), len(generated), batch):
-                chunk = generated[start:start + batch]
-                kept = [[c for c in record["completions"] if c.strip()] for record in chunk]
-                scored = self.judge.score([record["prompt"] for record in chunk], kept) if any(kept) else []
-                records = []
-                for record, own, scores in zip(chunk, kept, scored or [[]] * len(chunk)):
-                    by_text = iter(scores)
-                    records.append({**record, "scores": [next(by_text) if c.strip() else None
-                                                         for c in record["completions"]]})
-                _append_jsonl(path, records)
-                done.extend(records)
-                bar.update(len(chunk))
-                if stop.received and len(done) < len(generated):
-                    raise TrainingInterrupted(
-                        f"stopped by {signal_name(stop.received)} while judging ({description}): {len(done)} of "
-                        f"{count_of(len(generated), 'prompt')} saved in {path}; run the same command again to go "
-                        "on", stop.received)
-        return done
+        """Each prompt's scores, in a record with its generation's; an empty response scores None."""
+
+        def work(share, start):
+            kept = [[c for c in record["completions"] if c.strip()] for record in share]
+            scored = self.judge.score([record["prompt"] for record in share], kept)
+            records = []
+            for record, scores in zip(share, scored):
+                by_text = iter(scores)
+                records.append({**record, "scores": [next(by_text) if c.strip() else None
+                                                     for c in record["completions"]]})
+            return records
+
+        return self._batches(generated, path, description, stop, work)
 
     def _pairs(self, judged: List[Dict], path: Path) -> Dict[str, int]:
         """The round's pairs as prompt/chosen/rejected rows in `path`, and what was dropped."""
@@ -281,9 +291,12 @@ class Rounds:
         for record in judged:
             scores = record["scores"]
             counts["empty_generations"] += sum(score is None for score in scores)
-            real = [i for i, score in enumerate(scores) if score is not None]
-            # a response sampled twice is one response: its pairs with itself would be ties
-            distinct = list({record["completions"][i]: i for i in reversed(real)}.values())[::-1]
+            # a response sampled twice is one response (its first sample): its pairs with itself would be ties
+            first = {}
+            for i, score in enumerate(scores):
+                if score is not None:
+                    first.setdefault(record["completions"][i], i)
+            distinct = list(first.values())
             chosen_rejected = select_pairs([scores[i] for i in distinct], self.cfg.pair_selection,
                                            self.cfg.score_margin) if len(distinct) >= 2 else []
             if not chosen_rejected:
@@ -293,7 +306,9 @@ class Rounds:
                              "rejected": record["completions"][distinct[r]], "score_chosen": scores[distinct[c]],
                              "score_rejected": scores[distinct[r]]})
         counts["pairs"] = len(rows)
-        _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+        if self.distributed.is_main:
+            _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+        self.distributed.barrier()
         return counts
 
     def _round_training(self, round_number: int, policy_folder: str, pairs_path: Path):
@@ -316,8 +331,8 @@ class Rounds:
         if not self.heldout:
             return []
         generated = self._generate(policy_folder, self.heldout, directory / "heldout-generations.jsonl",
-                                   "heldout", f"round {round_number}: held-out generation", stop)
-        judged = self._judge(generated, directory / "heldout.jsonl", f"round {round_number}: held-out judging", stop)
+                                   "heldout", f"round {round_number}: generating for the held-out prompts", stop)
+        judged = self._judge(generated, directory / "heldout.jsonl", f"round {round_number}: judging the held-out responses", stop)
         return [score for record in judged for score in record["scores"] if score is not None]
 
     # -- the run ----------------------------------------------------------------------------------
@@ -333,16 +348,18 @@ class Rounds:
                 self._say(f"\n== round {round_number} of {cfg.rounds} ==" if round_number else
                           "\n== round 0: the starting model's held-out score ==")
                 record = self._round(round_number, stop)
-                _write_atomically(record_path, json.dumps(record, indent=1))
                 records.append(record)
-                self._write_metrics(records)
+                if self.distributed.is_main:
+                    _write_atomically(record_path, json.dumps(record, indent=1))
+                    self._write_metrics(records)
+                self.distributed.barrier()
                 self._say(self._round_line(record))
-                if stop.received and round_number < cfg.rounds:
+                received = self.distributed.max_over_ranks(stop.received or 0, self.device)
+                if received and round_number < cfg.rounds:
                     raise TrainingInterrupted(
-                        f"stopped by {signal_name(stop.received)} after round {round_number} of {cfg.rounds}: it is "
-                        f"saved in {self._round_dir(round_number)}; run the same command again to go on",
-                        stop.received)
-        plot_path = self._write_metrics(records)
+                        f"stopped by {signal_name(received)} after round {round_number} of {cfg.rounds}: it is "
+                        f"saved in {self._round_dir(round_number)}; run the same command again to go on", received)
+        plot_path = self._write_metrics(records) if self.distributed.is_main else None
         return RoundsResult(self.output_dir, records, self.output_dir / "metrics.jsonl", plot_path,
                             Path(self._policy_after(cfg.rounds)))
 
@@ -358,7 +375,7 @@ class Rounds:
             prompts = self.round_prompts(round_number)
             tick = time.perf_counter()
             generated = self._generate(policy, prompts, directory / "generations.jsonl", f"round-{round_number}",
-                                       f"round {round_number}: generation", stop)
+                                       f"round {round_number}: generating", stop)
             record["generate_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
             judged = self._judge(generated, directory / "judged.jsonl", f"round {round_number}: judging", stop)
