@@ -254,8 +254,9 @@ class Rounds:
     def _generate(self, policy_folder: str, prompts: List[List[int]], path: Path, tag: str, description: str,
                   stop: StopRequests) -> List[Dict]:
         """K responses per prompt (text and token ids), sampled by this process from a seed of its
-        own for each batch (the run's seed, `tag`, the batch, the process)."""
+        own for each batch (the run's seed, `tag`, the batch, and with several processes the process)."""
         policy = None
+        process = (self.distributed.rank,) if self.distributed.enabled else ()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
         def work(share, start):
@@ -263,7 +264,7 @@ class Rounds:
             policy = policy or self._load_policy(policy_folder)
             responses = sample(policy, [prompt for _, prompt in share], self.sampling, pad_token_id=pad,
                                eos_token_id=self.tokenizer.eos_token_id, device=self.device,
-                               seed=batch_seed(self.cfg.seed, tag, start, self.distributed.rank))
+                               seed=batch_seed(self.cfg.seed, tag, start, *process))
             return [{"index": index, "prompt": self.text(prompt), "prompt_ids": prompt,
                      "completions": [self.text(r) for r in own], "completion_ids": own}
                     for (index, prompt), own in zip(share, responses)]
