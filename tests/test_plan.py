@@ -184,6 +184,21 @@ def test_cli_prints_every_design_and_head(capsys):
     assert "% of the materialized baseline" in out
 
 
+def test_k_responses_per_prompt_plan_the_head_on_each_response_once(capsys):
+    """K = 4, every pair among them: grouped, N tokens; one pair at a time, each response in its 3
+    pairs: the head's prediction at 3N."""
+    assert cli.main(["plan", "--responses-per-prompt", "4", "--tokens", "4096", "--design", "slab",
+                     "--head", "frozen"]) == 0
+    out = capsys.readouterr().out
+    assert "## 4 responses per prompt, every pair among them (model estimate)" in out
+    assert "N = 4,096 scored tokens" in out and "one by one score each response in each pair: 12,288 tokens" in out
+    grouped = plan(Shape(4096, 4096, 128256), "frozen", "slab", "h100").predicted_ms
+    one_by_one = plan(Shape(3 * 4096, 4096, 128256), "frozen", "slab", "h100").predicted_ms
+    assert f"| slab | frozen | {grouped:,.1f} | {one_by_one:,.1f} | {one_by_one / grouped:.2f}x |" in out
+    with pytest.raises(SystemExit, match="--responses-per-prompt must be >= 2"):
+        cli.main(["plan", "--responses-per-prompt", "1"])
+
+
 @pytest.mark.parametrize("argv, message", [(["--tokens", "0"], "--tokens must be >= 1"),
                                            (["--scratch-mib", "-1"], "--scratch-mib must be >= 1")])
 def test_cli_rejects_bad_sizes(argv, message):

@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -646,6 +647,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="K",
                         help="also the head sharded on the vocabulary over K processes (--parallel tp): each "
                              "process's compute on V / K, and the collectives' bytes and predicted NVLink time")
+    parser.add_argument("--responses-per-prompt", type=int, default=2, metavar="K",
+                        help="the N scored tokens are K responses per prompt, every pair among them trained "
+                             "(fastpref train --group-by-prompt, --pair-selection margin): each response scored once "
+                             "against (K - 1) N tokens for the same pairs one by one; the report ends with both")
     parser.add_argument("--calibrate", action="store_true",
                         help="instead, the model against published measurements of the peers' designs "
                              "(every rate, every figure, predicted / published)")
@@ -659,6 +664,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not 1 <= args.tensor_parallel <= args.vocab:
         raise SystemExit(f"--tensor-parallel must be in [1, --vocab {args.vocab}], got {args.tensor_parallel}")
+    if args.responses_per_prompt < 2:
+        raise SystemExit(f"--responses-per-prompt must be >= 2 (a pair), got {args.responses_per_prompt}")
     for name in ("tokens", "hidden", "vocab", "scratch_mib"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -677,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tensor_parallel > 1 and set(designs) & set(SHARDED_DESIGNS):
         print(vocab_parallel_table(shape, args.tensor_parallel, designs, args.head, args.device_kind, budget,
                                    args.options))
+    if args.responses_per_prompt > 2:
+        print(group_table(shape, args.responses_per_prompt, designs, args.head, args.device_kind, budget))
     baseline = materialized_extra_bytes(shape)
     for design in args.design:
         for head in args.head:
@@ -685,6 +694,27 @@ def run(args: argparse.Namespace) -> int:
                   f"{100 * extra / baseline:.2f}% of the materialized baseline's {baseline / 2**30:,.1f} GiB "
                   "of logits, log-softmax and logit gradient")
     return 0
+
+
+def group_table(shape: Shape, responses: int, designs: Sequence[str], heads: Sequence[str], device_kind_name: str,
+                scratch_bytes: int) -> str:
+    """The head's predicted time for N scored tokens of K-response groups (each response once, every
+    pair among them reading its log-prob) against the same K(K-1)/2 pairs per prompt packed one by
+    one, where each response is scored in each of its K - 1 pairs: (K - 1) N tokens."""
+    unshared = dataclasses.replace(shape, n=(responses - 1) * shape.n)
+    rows = []
+    for design in designs:
+        for head in heads:
+            grouped, one_by_one = (plan(s, head, design, device_kind_name, scratch_bytes) for s in (shape, unshared))
+            rows.append([design_title(design), head, f"{grouped.predicted_ms:,.1f}", f"{one_by_one.predicted_ms:,.1f}",
+                         f"{one_by_one.predicted_ms / grouped.predicted_ms:.2f}x"])
+    return "\n".join([
+        f"## {responses} responses per prompt, every pair among them (model estimate)", "",
+        f"Grouped (`--group-by-prompt`): N = {shape.n:,} scored tokens, each response once for its {responses - 1} "
+        f"pairs; the same {responses * (responses - 1) // 2} pairs per prompt one by one score each response in "
+        f"each pair: {unshared.n:,} tokens. The head alone: the backbone's forward shrinks too, to the prompt "
+        f"and {responses} responses once per group (--prefix-sharing) from a prompt and 2 responses per pair.", "",
+        markdown_table(["design", "head", "grouped ms", "pairs one by one ms", "saved"], rows), ""])
 
 
 # Interconnect per GPU and direction, and the fixed cost of one collective (NCCL's ring setup and
