@@ -1,6 +1,4 @@
 """Packed and prefix-shared forwards give the log-probs of the plain padded forward."""
-from dataclasses import dataclass
-from typing import List
 
 import pytest
 import torch

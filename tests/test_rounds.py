@@ -146,6 +146,42 @@ def test_three_rounds_on_the_embedded_model(tmp_path, capsys):
     assert "== round" not in capsys.readouterr().out  # nothing ran again
 
 
+def small_tokenizer(folder):
+    """A byte-level BPE of 300 tokens, another vocabulary than the embedded model's 2,048."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["Human: how are you? Assistant: fine, thank you."] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>")
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+def test_a_round_judged_by_a_reward_model_of_another_vocabulary(tmp_path, capsys):
+    """The reward model reads the decoded text with its own 300-token vocabulary: a policy id (up to
+    2,047) reaching it would fail its embedding. Prompts with no room for max_new_tokens are counted."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = small_tokenizer(tmp_path / "rm")
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "rm")
+    assert main(["train", "--rounds", "1", "--judge", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "cache"), *ROUND_FLAGS[2:], "--max-length", "48",
+                 "--max-prompt-length", "40"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["prompts_too_long"] > 0
+    assert f"{records[0]['prompts_too_long']} skipped as longer than 36 tokens" in capsys.readouterr().out
+    judged = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "judged.jsonl").read_text().splitlines()]
+    scores = [score for record in judged for score in record["scores"] if score is not None]
+    assert len(scores) >= 12 and len(set(scores)) > 1
+
+
 def test_rounds_refuse_bad_settings(tmp_path, capsys):
     base = ["train", "--output-dir", str(tmp_path / "run"), *ROUND_FLAGS]
     assert main(base + ["--judge", "fastpref.rewards:brevity"]) == 2

@@ -396,6 +396,8 @@ class Rounds:
             last = trained.final_metrics or [r for r in read_metrics(trained.metrics_path) if r["split"] == "train"][-1]
             for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
                 record[f"train/{key}"] = last[key]
+        else:
+            record["prompts_too_long"] = self.prompts_too_long
         tick = time.perf_counter()
         heldout = self._heldout_scores(round_number, self._policy_after(round_number), stop)
         record["heldout_s"] = time.perf_counter() - tick
