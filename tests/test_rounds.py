@@ -272,3 +272,29 @@ def test_two_processes_share_each_batch_of_generation_and_judging(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1] and records[1]["pairs"] > 0
     assert (tmp_path / "run" / "round-1" / "train" / "final" / "config.json").is_file()
+
+
+def test_group_by_prompt_trains_the_same_pairs_as_the_pairs_one_by_one(tmp_path):
+    """Three pairs per prompt among three responses: one step over every pair has the same loss
+    and metrics grouped (each response once, the prompt once) as pair by pair; the held-out split
+    keeps a prompt's pairs together."""
+    from fastpref.train.loop import Trainer, train
+    from test_trainer import config
+
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.", "rejected": f" {2 * i + 1}."}
+            for i in range(6)]
+    rows = [dict(row, **pair) for row in rows for pair in (
+        {}, {"rejected": " I do not know."}, {"chosen": row["rejected"], "rejected": " I do not know."})]
+    data = tmp_path / "triples.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = {}
+    for grouped in (False, True):
+        result = train(config(tmp_path / str(grouped), str(data), group_by_prompt=grouped, prefix_sharing=grouped,
+                              pairs_per_step=18, max_steps=1, eval_fraction=0.0, score_train_pairs=0))
+        results[grouped] = result
+    assert results[True].losses == pytest.approx(results[False].losses, rel=1e-6)
+    trainer = Trainer(config(tmp_path / "split", str(data), group_by_prompt=True, eval_fraction=0.34))
+    assert len(trainer.train_pairs) == 4 and len(trainer.eval_pairs) == 2
+    assert all(len(group.responses) == 3 and len(group.pairs) == 3 for group in trainer.train_pairs)
+    held_out = {tuple(group.prompt_ids) for group in trainer.eval_pairs}
+    assert not held_out & {tuple(group.prompt_ids) for group in trainer.train_pairs}
