@@ -14,6 +14,7 @@ import torch
 
 from fastpref.cli import main
 from fastpref.train import data as data_module
+from fastpref.train.distributed import Distributed
 from fastpref.train.judges import PairwiseJudge, RewardFunction, RewardModel, load_judge, select_pairs
 from fastpref.train.rounds import Rounds
 
@@ -31,6 +32,11 @@ def word_count(prompts, completions):
 def test_a_reward_function_scores_every_completion_of_every_prompt():
     judge = RewardFunction(word_count, "m:word_count")
     assert judge.score(["p", "q"], [["a b", "a"], ["a b c"]]) == [[2.0, 1.0], [3.0]]
+
+    def trl_style(completions, **kwargs):  # TRL's reward functions take the prompts as a keyword
+        return [float(len(c)) + len(p) / 10 for c, p in zip(completions, kwargs["prompts"])]
+
+    assert RewardFunction(trl_style, "m:trl_style").score(["pq"], [["abc", "d"]]) == [[3.2, 1.2]]
 
 
 @pytest.mark.parametrize("returned, message", [
@@ -106,7 +112,7 @@ def test_select_pairs_best_against_worst_or_every_pair_past_the_margin():
 
 
 def test_the_round_pairs_drop_ties_empty_and_repeated_responses():
-    rounds = SimpleNamespace(cfg=SimpleNamespace(pair_selection="margin", score_margin=0.0))
+    rounds = SimpleNamespace(cfg=SimpleNamespace(pair_selection="margin", score_margin=0.0), distributed=Distributed())
     judged = [{"prompt": "p", "completions": ["a", "", "b", "a"], "scores": [1.0, None, 0.0, 1.0]},
               {"prompt": "q", "completions": ["c", "d"], "scores": [2.0, 2.0]}]
     with tempfile.TemporaryDirectory() as directory:
@@ -164,7 +170,8 @@ def small_tokenizer(folder):
 
 def test_a_round_judged_by_a_reward_model_of_another_vocabulary(tmp_path, capsys):
     """The reward model reads the decoded text with its own 300-token vocabulary: a policy id (up to
-    2,047) reaching it would fail its embedding. Prompts with no room for max_new_tokens are counted."""
+    2,047) reaching it would fail its embedding. Prompts with no room for max_new_tokens are counted.
+    TRL's per-device batch size reaches each round's training."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = small_tokenizer(tmp_path / "rm")
@@ -172,7 +179,9 @@ def test_a_round_judged_by_a_reward_model_of_another_vocabulary(tmp_path, capsys
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "rm")
     assert main(["train", "--rounds", "1", "--judge", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "run"),
-                 "--cache-dir", str(tmp_path / "cache"), *ROUND_FLAGS[2:], "--max-length", "48",
+                 "--cache-dir", str(tmp_path / "cache"),
+                 *[{"--pairs-per-step": "--per-device-train-batch-size"}.get(f, f) for f in ROUND_FLAGS[2:]],
+                 "--max-length", "48",
                  "--max-prompt-length", "40"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["prompts_too_long"] > 0

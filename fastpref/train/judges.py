@@ -5,9 +5,9 @@
 * a folder: a reward model (transformers' sequence classification, one logit per text), read with
   its own tokenizer and, where it has one, its chat template -- the policy's token ids never reach
   it, only text;
-* ``module:function``: a reward function with TRL's convention, ``scores = fn(prompts, completions)``,
-  one float per (prompt, completion), e.g. a verifiable reward (the module importable from the
-  working directory);
+* ``module:function``: a reward function with TRL's convention, ``scores = fn(prompts=...,
+  completions=...)`` (so ``def fn(completions, **kwargs)`` works too), one float per (prompt,
+  completion), e.g. a verifiable reward (the module importable from the working directory);
 * ``module:object`` where the object has TRL's pairwise-judge interface, ``judge(prompts,
   completions) -> [0 or 1 per prompt]`` for one pair of completions per prompt: a prompt's K
   responses meet in every pair, and a response scores its wins.
@@ -70,7 +70,9 @@ class RewardFunction(Judge):
     def score(self, prompts, completions):
         flat_prompts = [prompt for prompt, own in zip(prompts, completions) for _ in own]
         flat = [completion for own in completions for completion in own]
-        scores = checked_scores(self.function(flat_prompts, flat), len(flat), self.name, flat_prompts)
+        # by keyword, as TRL calls them: `def reward(completions, **kwargs)` works too
+        scores = checked_scores(self.function(prompts=flat_prompts, completions=flat), len(flat), self.name,
+                                flat_prompts)
         out, start = [], 0
         for own in completions:
             out.append(scores[start:start + len(own)])

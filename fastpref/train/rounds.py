@@ -105,7 +105,7 @@ class Rounds:
     """A rounds run's state; :func:`run_rounds` is the entry point."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg = cfg.resolved()
+        self.cfg = cfg = cfg.resolved(Distributed.environment_world_size())
         if cfg.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
         for name in ("prompts_per_round", "generation_batch_size"):
@@ -320,7 +320,8 @@ class Rounds:
         round_cfg = dataclasses.replace(
             cfg, rounds=0, model=policy_folder, reference_model=reference, data=str(pairs_path),
             data_format="explicit", split=None, output_dir=str(self._round_dir(round_number) / "train"),
-            eval_fraction=0.0, group_by_prompt=True, judge=None)
+            eval_fraction=0.0, group_by_prompt=True, judge=None,
+            per_device_train_batch_size=None)  # resolved into pairs_per_step above
         return train(round_cfg)
 
     def _round_dir(self, round_number: int) -> Path:
