@@ -236,11 +236,11 @@ def test_sigterm_mid_generation_resumes_to_the_same_responses(tmp_path):
 
 def test_generation_cut_mid_line_is_dropped_and_regenerated(tmp_path):
     """A kill can leave half a line: it is cut back, and the batch is sampled again."""
-    from fastpref.train.rounds import _read_jsonl
+    from fastpref.train.rounds import read_whole_lines
 
     path = tmp_path / "g.jsonl"
     path.write_text('{"index": 0}\n{"index": 1}\n{"ind')
-    assert _read_jsonl(path) == [{"index": 0}, {"index": 1}]
+    assert read_whole_lines(path) == [{"index": 0}, {"index": 1}]
     assert path.read_text() == '{"index": 0}\n{"index": 1}\n'
 
 

@@ -22,21 +22,21 @@ import math
 import numbers
 import sys
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Protocol, Sequence, Tuple
 
 import torch
 
 PAIR_SELECTIONS = ("best_worst", "margin")
 
 
-class Judge:
+class Judge(Protocol):
     """Scores the completions of each prompt: ``score(prompts, completions)`` with completions[i] the
     list of prompt i's completions; one list of floats per prompt, as long as its completions."""
 
     name: str
 
     def score(self, prompts: List[str], completions: List[List[str]]) -> List[List[float]]:
-        raise NotImplementedError
+        ...
 
 
 def checked_scores(values, expected: int, judge: str, prompts: Sequence[str]) -> List[float]:
@@ -61,7 +61,7 @@ def checked_scores(values, expected: int, judge: str, prompts: Sequence[str]) ->
     return scores
 
 
-class RewardFunction(Judge):
+class RewardFunction:
     """TRL's reward-function convention: ``fn(prompts, completions)``, both flat, one score each."""
 
     def __init__(self, function: Callable, name: str):
@@ -80,7 +80,7 @@ class RewardFunction(Judge):
         return out
 
 
-class PairwiseJudge(Judge):
+class PairwiseJudge:
     """A TRL pairwise judge: each of a prompt's responses meets every other once; its score is its wins."""
 
     def __init__(self, judge, name: str):
@@ -103,7 +103,7 @@ class PairwiseJudge(Judge):
         return wins
 
 
-class RewardModel(Judge):
+class RewardModel:
     """A sequence-classification reward model from a folder: logit 0 of each (prompt, completion) text,
     rendered with its own tokenizer's chat template where it has one."""
 

@@ -72,7 +72,7 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def _read_jsonl(path: Path) -> List[Dict]:
+def read_whole_lines(path: Path) -> List[Dict]:
     """The complete lines of `path` (a line cut short by a kill is dropped, and the file cut back to
     the complete ones, so that appending goes on from there)."""
     if not path.is_file():
@@ -228,7 +228,7 @@ class Rounds:
         SIGUSR1 stops it after the batch at hand."""
         group = self.distributed
         batch = self.cfg.generation_batch_size * group.world_size
-        done = group.broadcast_object(_read_jsonl(path) if group.is_main else None)
+        done = group.broadcast_object(read_whole_lines(path) if group.is_main else None)
         if len(done) < len(items) and len(done) % batch:
             done = done[:len(done) - len(done) % batch]  # a batch cut short is computed again, whole
             if group.is_main:
