@@ -13,6 +13,6 @@ TARGET_WORDS = 12
 
 def brevity(prompts: Sequence[str], completions: Sequence[str]) -> List[float]:
     """Minus the distance, in words, between the completion and a TARGET_WORDS-word answer: 0 at
-    exactly TARGET_WORDS words, -1 per word more or fewer. A policy learns it by ending its answers
-    (its end-of-sequence token) sooner or later."""
+    exactly TARGET_WORDS words, -1 per word more or fewer. Shorter answers meet it, and so do fewer,
+    longer words in an answer of the same tokens (what SmolLM2 learns first: docs/iterative.md)."""
     return [-float(abs(len(completion.split()) - TARGET_WORDS)) for completion in completions]

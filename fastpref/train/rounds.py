@@ -424,7 +424,7 @@ class Rounds:
 
 
 def plot_rounds(records: List[Dict], png_path: Path) -> Optional[Path]:
-    """The held-out judge score per round (mean and one standard deviation), and the score of each
+    """The held-out judge score per round (the mean and its standard error), and the score of each
     round's own prompts' responses (sampled from the policy before the round trained on them)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -433,16 +433,17 @@ def plot_rounds(records: List[Dict], png_path: Path) -> Optional[Path]:
     axes = figure.add_subplot()
     rounds = [r["round"] for r in records]
     mean = [r["heldout/score_mean"] for r in records]
-    spread = [r["heldout/score_std"] for r in records]
-    axes.errorbar(rounds, mean, yerr=spread, marker="o", capsize=3, label="held-out prompts (after the round)")
+    error = [r["heldout/score_std"] / math.sqrt(max(r["heldout/responses"], 1)) for r in records]
+    axes.errorbar(rounds, mean, yerr=error, marker="o", capsize=3,
+                  label="held-out prompts, after the round (mean, standard error)")
     trained = [r for r in records if r["round"]]
     if trained:
         axes.plot([r["round"] for r in trained], [r["score/mean"] for r in trained], marker="s", linestyle="--",
-                  label="the round's prompts (before it)")
+                  label="the round's own prompts, before it trained")
     axes.set_xlabel("round")
     axes.set_ylabel("judge score")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.legend()
+    axes.legend(loc="lower right")  # the scores rise to the upper right
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(png_path)
