@@ -132,15 +132,17 @@ def test_three_rounds_on_the_embedded_model(tmp_path, capsys):
                "--cache-dir", str(tmp_path / "cache"), "--pair-selection", "margin", "--prefix-sharing", *ROUND_FLAGS]
     assert main(command) == 0
     out = capsys.readouterr().out
-    assert "held-out judge score by round:" in out and "round 3:" in out
+    assert "the judge's scores by round:" in out and "  round 3: held-out score " in out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["heldout/responses"] == 9 for r in records)
+    assert records[0]["prompts_too_long"] == 0  # cut to max_prompt_length 40, every prompt leaves room for 12
     for record in records[1:]:
         directory = tmp_path / "run" / f"round-{record['round']}"
         assert record["prompts"] == 6 and record["pairs"] > 0
         generations = [json.loads(line) for line in (directory / "generations.jsonl").read_text().splitlines()]
         assert len(generations) == 6 and all(len(g["completions"]) == 3 for g in generations)
+        assert all(len(g["prompt_ids"]) <= 40 and len(g["completion_ids"][0]) <= 12 for g in generations)
         rows = data_module.load_rows(str(directory / "pairs.jsonl"))
         assert len(rows) == record["pairs"]
         assert (directory / "train" / "final" / "config.json").is_file()
@@ -185,7 +187,8 @@ def test_a_round_judged_by_a_reward_model_of_another_vocabulary(tmp_path, capsys
                  "--max-prompt-length", "40"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["prompts_too_long"] > 0
-    assert f"{records[0]['prompts_too_long']} skipped as longer than 36 tokens" in capsys.readouterr().out
+    assert (f"{records[0]['prompts_too_long']} skipped as longer than 36 tokens once cut to max_prompt_length 40"
+            in capsys.readouterr().out)
     judged = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "judged.jsonl").read_text().splitlines()]
     scores = [score for record in judged for score in record["scores"] if score is not None]
     assert len(scores) >= 12 and len(set(scores)) > 1
@@ -202,6 +205,7 @@ def test_rounds_refuse_bad_settings(tmp_path, capsys):
     assert main(base + ["--rounds", "1", "--judge", "fastpref.rewards:brevity", "--max-new-tokens", "64"]) == 2
     assert "max-new-tokens (64) leaves no room for a prompt" in capsys.readouterr().err
     assert main(base + ["--rounds", "1", "--judge", "fastpref.rewards:brevity", "--heldout-prompts", "0"]) == 0
+    assert "  round 1: no held-out prompts (--heldout-prompts 0), " in capsys.readouterr().out
     assert main(base + ["--rounds", "2", "--judge", "fastpref.rewards:brevity", "--heldout-prompts", "0"]) == 2
     assert "holds rounds run with other settings (rounds differ)" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ from .config import (EVAL_DEFAULTS, EVAL_FIELDS, EVAL_HELP, TrainConfig, add_con
                      flag, read_config_file)
 from .distributed import Distributed
 from .loop import TrainingInterrupted, train
-from .rounds import run_rounds
+from .rounds import heldout_summary, run_rounds
 from .wording import count_of
 
 
@@ -113,9 +113,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _report_rounds(result) -> int:
-    print(f"done: {count_of(len(result.rounds) - 1, 'round')}; held-out judge score by round:")
+    print(f"done: {count_of(len(result.rounds) - 1, 'round')}; the judge's scores by round:")
     for record in result.rounds:
-        print(f"  round {record['round']}: {record['heldout/score_mean']:.4g} (sd {record['heldout/score_std']:.3g})"
+        print(f"  round {record['round']}: {heldout_summary(record)}"
               + (f", {count_of(record['pairs'], 'pair')} trained" if record["round"] else ""))
     print(f"model: {result.model_path}\nmetrics: {result.metrics_path}\nplot: {result.plot_path}")
     return 0

@@ -566,6 +566,17 @@ def _with_eos(ids: List[int], eos_token_id: Optional[int]) -> List[int]:
     return ids + [eos_token_id]
 
 
+def cut_prompt(prompt: List[int], max_prompt_length: int, keep_end: bool, bos_token_id: Optional[int]) -> List[int]:
+    """`prompt` cut to `max_prompt_length` tokens: its end kept (the part nearest the response, and
+    a leading BOS, which the model expects) or its start."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    if keep_end:
+        head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []
+        return head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+    return prompt[:max_prompt_length]
+
+
 @dataclass(frozen=True)
 class _Truncation:
     max_length: int
@@ -585,14 +596,7 @@ class _Truncation:
         if len(prompt) + longest <= self.max_length:
             return prompt, responses, False, False
         prompt_cut = len(prompt) > self.max_prompt_length
-        if prompt_cut:
-            if self.keep_end:
-                starts_with_bos = self.bos_token_id is not None and prompt[:1] == [self.bos_token_id]
-                head = prompt[:1] if starts_with_bos else []
-                tail_length = self.max_prompt_length - len(head)
-                prompt = head + prompt[len(prompt) - tail_length:]
-            else:
-                prompt = prompt[: self.max_prompt_length]
+        prompt = cut_prompt(prompt, self.max_prompt_length, self.keep_end, self.bos_token_id)
         room = self.max_length - len(prompt)
         if room <= 0:
             raise _Malformed("response truncated away")

@@ -179,7 +179,9 @@ class Rounds:
     # -- prompts ----------------------------------------------------------------------------------
     def _load_prompts(self) -> None:
         """The data's distinct prompts (token ids, as the trainer tokenizes them), the held-out ones
-        apart; a prompt that leaves no room for max_new_tokens within max_length is skipped and counted."""
+        apart. A prompt that leaves no room for max_new_tokens within max_length is cut to
+        max_prompt_length (as the trainer cuts one whose response does not fit); one that still
+        leaves none is skipped and counted."""
         cfg = self.cfg
         rows = data_module.load_rows(cfg.data, split=cfg.split)
         options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -188,8 +190,13 @@ class Rounds:
             examples, report = data_module.tokenize_unpaired(rows, self.tokenizer, **options)
         else:
             examples, report = data_module.tokenize_pairs(rows, self.tokenizer, **options)
-        prompts = list(dict.fromkeys(tuple(example.prompt_ids) for example in examples))
         room = cfg.max_length - cfg.max_new_tokens
+        # cut as the trainer cuts a prompt whose response would not fit: to max_prompt_length
+        bos = self.tokenizer.bos_token_id
+        prompts = list(dict.fromkeys(
+            tuple(data_module.cut_prompt(example.prompt_ids, cfg.max_prompt_length, cfg.truncation_mode == "keep_end",
+                                         bos) if len(example.prompt_ids) > room else example.prompt_ids)
+            for example in examples))
         self.prompts_too_long = sum(len(prompt) > room for prompt in prompts)
         prompts = [list(prompt) for prompt in prompts if len(prompt) <= room]
         if len(prompts) <= cfg.heldout_prompts:
@@ -200,8 +207,8 @@ class Rounds:
         self.heldout = [prompts[i] for i in order[:cfg.heldout_prompts]]
         self.pool = [prompts[i] for i in order[cfg.heldout_prompts:]]
         self._say(f"rounds: {count_of(len(self.pool), 'training prompt')}, {len(self.heldout)} held out (never "
-                  f"trained on), {self.prompts_too_long} skipped as longer than {room} tokens "
-                  f"({report.rows_skipped} malformed rows skipped)")
+                  f"trained on), {self.prompts_too_long} skipped as longer than {room} tokens once cut to "
+                  f"max_prompt_length {cfg.max_prompt_length} ({report.rows_skipped} malformed rows skipped)")
 
     def round_prompts(self, round_number: int) -> List[List[int]]:
         """Round r's prompts: the next P of the training prompts, in turn (around again when they run out)."""
@@ -408,8 +415,7 @@ class Rounds:
 
     @staticmethod
     def _round_line(record: Dict) -> str:
-        line = (f"round {record['round']}: held-out score {record['heldout/score_mean']:.4g} "
-                f"(sd {record['heldout/score_std']:.3g}, {record['heldout/responses']} responses)")
+        line = f"round {record['round']}: {heldout_summary(record)}"
         if record["round"]:
             line += (f"; its prompts' responses scored {record['score/mean']:.4g} (sd {record['score/std']:.3g}), "
                      f"{count_of(record['pairs'], 'pair')}, {record['prompts_without_pair']} prompts without one, "
@@ -421,6 +427,14 @@ class Rounds:
     def _write_metrics(self, records: List[Dict]) -> Optional[Path]:
         _write_atomically(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         return plot_rounds(records, self.output_dir / "rounds.png")
+
+
+def heldout_summary(record: Dict) -> str:
+    """A round record's held-out score, in words."""
+    if not record["heldout/responses"]:
+        return "no held-out prompts (--heldout-prompts 0)"
+    return (f"held-out score {record['heldout/score_mean']:.4g} (sd {record['heldout/score_std']:.3g}, "
+            f"{record['heldout/responses']} responses)")
 
 
 def plot_rounds(records: List[Dict], png_path: Path) -> Optional[Path]:
