@@ -202,6 +202,9 @@ def test_rounds_refuse_bad_settings(tmp_path, capsys):
     assert "generations-per-prompt must be >= 2" in capsys.readouterr().err
     assert main(base + ["--rounds", "1"]) == 2
     assert "--judge is required with --rounds" in capsys.readouterr().err
+    assert main(base + ["--rounds", "1", "--judge", "fastpref.rewards:brevity", "--temperature", "0"]) == 2
+    assert "temperature must be > 0 (greedy decoding would give the K responses of a prompt alike" in \
+        capsys.readouterr().err
     assert main(base + ["--rounds", "1", "--judge", "fastpref.rewards:brevity", "--max-new-tokens", "64"]) == 2
     assert "max-new-tokens (64) leaves no room for a prompt" in capsys.readouterr().err
     assert main(base + ["--rounds", "1", "--judge", "fastpref.rewards:brevity", "--heldout-prompts", "0"]) == 0

@@ -156,7 +156,7 @@ class TrainConfig:
     prompts_per_round: int = _option(32, "prompts each round generates for (drawn in turn from --data's prompts)")
     heldout_prompts: int = _option(16, "prompts never trained on, answered and judged after every round")
     max_new_tokens: int = _option(64, "longest generated response, in tokens")
-    temperature: float = _option(1.0, "sampling temperature (0: greedy)")
+    temperature: float = _option(1.0, "sampling temperature (> 0)")
     top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens of at least this probability")
     generation_batch_size: int = _option(8, "prompts per generate call (and per judge call)")
     pair_selection: str = _option(

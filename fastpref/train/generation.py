@@ -24,8 +24,9 @@ class Sampling:
             raise ValueError(f"generations_per_prompt must be >= 1, got {self.num_generations}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (greedy decoding would give the K responses of a prompt "
+                             f"alike: no pair), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
@@ -46,12 +47,10 @@ def sample(model, prompts: Sequence[List[int]], sampling: Sampling, *, pad_token
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
-    greedy = sampling.temperature == 0
-    options = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
-                   num_return_sequences=sampling.num_generations, pad_token_id=pad_token_id,
-                   eos_token_id=eos_token_id)
-    if not greedy:
-        options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    # top_k=0: no top-k cut, whatever the model's generation config says (the flags are temperature and top_p)
+    options = dict(do_sample=True, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.num_generations,
+                   pad_token_id=pad_token_id, eos_token_id=eos_token_id, temperature=sampling.temperature,
+                   top_p=sampling.top_p, top_k=0)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
