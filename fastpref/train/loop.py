@@ -618,7 +618,8 @@ class Trainer:
         if not self.dist.enabled:
             return self._reference_logps_now(pairs)
         local = self.dist.shard(pairs)
-        logps = self._reference_logps_now(local or pairs[:1]).cpu().split([len(item.responses) for item in local])
+        scored = local or pairs[:1]
+        logps = self._reference_logps_now(scored).cpu().split([len(item.responses) for item in scored])
         per_item = self.dist.gather_shards(list(logps) if local else [], len(pairs))
         return torch.cat(per_item).to(self.device)
 
