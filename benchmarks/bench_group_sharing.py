@@ -17,7 +17,6 @@ tokens, the step's time, and pairs trained per second.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastpref
-from fastpref.bench.report import device_name, markdown_table, utc_now, versions
+from fastpref.bench.report import header, load_average, markdown_table
 from fastpref.causal_lm import causal_lm_parts
 from fastpref.train.data import TokenizedGroup, TokenizedPair
 from fastpref.train.model import packed_hidden
@@ -97,19 +96,17 @@ def main(argv=None):
                          f"{1000 * len(pairs) / ms:.1f}", f"{unshared_ms / ms:.2f}x"])
             print(rows[-1], flush=True)
     table = markdown_table(["K", "pairs", "packed as", "stream tokens", "step ms", "pairs/s", "speed-up"], rows)
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    report = (f"# A prompt's K responses in one forward ({device_name(torch.device('cpu'))}, {utc_now()})\n\n"
-              f"Llama, hidden 256, 4 layers, vocab {args.vocab}, float32, sdpa; {args.groups} prompt(s) of "
-              f"{args.prompt} tokens, responses of {args.response}, every pair among the K; DPO (sigmoid) loss; "
-              f"forward + backward, median of {args.repeats}; {torch.get_num_threads()} torch threads, load "
-              f"average {load} at the end. {versions()}\n\n"
-              f"    python benchmarks/bench_group_sharing.py --prompt {args.prompt} --response {args.response} "
-              f"--groups {args.groups} --k {' '.join(map(str, args.k))} --vocab {args.vocab} --repeats {args.repeats}"
-              f"\n\n{table}\n\n"
-              "sdpa on a CPU takes the packed stream's dense [T, T] mask, so its attention costs T^2 however the "
-              "stream is cut into segments: the longer streams of the pairs packed one by one pay that twice over. "
-              "Where attention costs each segment its own length (FlashAttention's varlen, on a GPU, for the plain "
-              "packing), expect a speed-up nearer the ratio of stream tokens.\n")
+    command = (f"python benchmarks/bench_group_sharing.py --prompt {args.prompt} --response {args.response} "
+               f"--groups {args.groups} --k {' '.join(map(str, args.k))} --vocab {args.vocab} --repeats {args.repeats}")
+    lines = header("A prompt's K responses in one forward", torch.device("cpu"), command, None, [
+        f"Llama, hidden 256, 4 layers, vocab {args.vocab}, float32, sdpa; {args.groups} prompt(s) of {args.prompt} "
+        f"tokens, responses of {args.response}, every pair among the K; DPO (sigmoid) loss; forward + backward, "
+        f"median of {args.repeats}; {torch.get_num_threads()} torch threads, load average {load_average()} at the end",
+        "sdpa on a CPU takes the packed stream's dense [T, T] mask, so its attention costs T^2 however the stream "
+        "is cut into segments: the longer streams of the pairs packed one by one pay that twice over. Where "
+        "attention costs each segment its own length (FlashAttention's varlen, on a GPU, for the plain packing), "
+        "expect a speed-up nearer the ratio of stream tokens."])
+    report = "\n".join(lines) + f"\n{table}\n"
     print(report)
     if args.out:
         Path(args.out).write_text(report)

@@ -48,6 +48,13 @@ def padded_logps(model, pairs):
     return torch.stack(out)
 
 
+def packed_sequence_logps(model, packed, attention):
+    """[S] each packed sequence's response log-prob, through the packed forward and the op."""
+    hidden = packed_hidden(model, packed, attention)
+    token_logp = fastpref.linear_logprobs(hidden, causal_lm_parts(model).head_weight, packed.targets)
+    return fastpref.sequence_logps(token_logp, packed.layout)
+
+
 # flex_attention is the CUDA path (a BlockMask, no [T, T] tensor); its forward runs on the CPU too.
 @pytest.mark.parametrize("attention", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix-shared"])
@@ -55,13 +62,9 @@ def test_packed_logps_equal_padded(attention, prefix_sharing):
     model = tiny_model(attention)
     pairs = random_pairs(4, 61, seed=1)
     packed = pack_pairs(pairs, prefix_sharing=prefix_sharing)
-    parts = causal_lm_parts(model)
     with torch.no_grad():
-        hidden = packed_hidden(model, packed, attention)
-        token_logp = fastpref.linear_logprobs(hidden, parts.head_weight, packed.targets)
-        packed_seq = fastpref.sequence_logps(token_logp, packed.layout)
-        expected = padded_logps(model, pairs)
-    assert torch.allclose(packed_seq.double(), expected, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(packed_sequence_logps(model, packed, attention).double(), padded_logps(model, pairs),
+                              rtol=1e-5, atol=1e-4)
 
 
 def test_prefix_sharing_is_shorter_and_reads_the_prompt_end_twice():
@@ -174,13 +177,9 @@ def test_group_logps_equal_padded(attention, prefix_sharing):
     packed = pack_pairs(groups, prefix_sharing=prefix_sharing)
     assert packed.layout.num_sequences == 12 and packed.layout.num_pairs == 12
     assert packed.layout.shares_sequences
-    parts = causal_lm_parts(model)
     with torch.no_grad():
-        hidden = packed_hidden(model, packed, attention)
-        token_logp = fastpref.linear_logprobs(hidden, parts.head_weight, packed.targets)
-        packed_seq = fastpref.sequence_logps(token_logp, packed.layout)
-        expected = padded_group_logps(model, groups)
-    assert torch.allclose(packed_seq.double(), expected, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(packed_sequence_logps(model, packed, attention).double(),
+                              padded_group_logps(model, groups), rtol=1e-5, atol=1e-4)
     if prefix_sharing:
         # the prompt once per group: K - 1 prompts fewer than the plain packing
         plain = pack_pairs(groups, prefix_sharing=False)

@@ -39,6 +39,21 @@ class Judge(Protocol):
         ...
 
 
+def flat(prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> Tuple[List[str], List[str]]:
+    """Each completion with its prompt, in two flat lists."""
+    return ([prompt for prompt, own in zip(prompts, completions) for _ in own],
+            [completion for own in completions for completion in own])
+
+
+def regrouped(scores: List[float], completions: Sequence[Sequence[str]]) -> List[List[float]]:
+    """Flat scores cut back into one list per prompt, as long as its completions."""
+    out, start = [], 0
+    for own in completions:
+        out.append(scores[start:start + len(own)])
+        start += len(own)
+    return out
+
+
 def checked_scores(values, expected: int, judge: str, prompts: Sequence[str]) -> List[float]:
     """`values` as floats, or a ValueError that names `judge`, the bad value and its prompt."""
     if isinstance(values, torch.Tensor):
@@ -68,16 +83,10 @@ class RewardFunction:
         self.function, self.name = function, name
 
     def score(self, prompts, completions):
-        flat_prompts = [prompt for prompt, own in zip(prompts, completions) for _ in own]
-        flat = [completion for own in completions for completion in own]
+        flat_prompts, flat_completions = flat(prompts, completions)
         # by keyword, as TRL calls them: `def reward(completions, **kwargs)` works too
-        scores = checked_scores(self.function(prompts=flat_prompts, completions=flat), len(flat), self.name,
-                                flat_prompts)
-        out, start = [], 0
-        for own in completions:
-            out.append(scores[start:start + len(own)])
-            start += len(own)
-        return out
+        scores = self.function(prompts=flat_prompts, completions=flat_completions)
+        return regrouped(checked_scores(scores, len(flat_completions), self.name, flat_prompts), completions)
 
 
 class PairwiseJudge:
@@ -127,19 +136,14 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, prompts, completions):
-        texts = [self.text(prompt, completion) for prompt, own in zip(prompts, completions) for completion in own]
-        flat_prompts = [prompt for prompt, own in zip(prompts, completions) for _ in own]
+        flat_prompts, flat_completions = flat(prompts, completions)
+        texts = [self.text(prompt, completion) for prompt, completion in zip(flat_prompts, flat_completions)]
         values = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                    truncation=True, add_special_tokens=False).to(self.device)
             values.extend(self.model(**batch).logits[:, 0].float().cpu().tolist())
-        scores = checked_scores(values, len(texts), self.name, flat_prompts)
-        out, start = [], 0
-        for own in completions:
-            out.append(scores[start:start + len(own)])
-            start += len(own)
-        return out
+        return regrouped(checked_scores(values, len(texts), self.name, flat_prompts), completions)
 
 
 def load_judge(spec: str, device: torch.device) -> Judge:
