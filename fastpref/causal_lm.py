@@ -1,5 +1,6 @@
 """Hugging Face causal LMs as the fused head sees them: the LM head's weight and bias (through the
-DDP, FSDP2 and PEFT wrappers), and the logit transform its config asks for.
+DDP, FSDP2, DeepSpeed and PEFT wrappers), the logit transform its config asks for, and the call
+through the LM-head module in which the fused head reads them (:func:`call_through_head`).
 
 The transform is read as TRL 1.16's fused head reads it (``trl.trainer.utils.add_fused_lm_head``):
 the soft cap from ``final_logit_softcapping`` (Gemma-2); the scale from ``logit_scale`` (Cohere),
@@ -9,7 +10,7 @@ else ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else ``1 / 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -65,3 +66,42 @@ def causal_lm_parts(model) -> CausalLMParts:
             f"the LM head must be a plain torch.nn.Linear, got {type(head).__name__} "
             "(adapters on the LM head are not supported: leave it out of the LoRA target modules)")
     return CausalLMParts(head.weight, head.bias, logit_transform(lm.config))
+
+
+def call_through_head(model, compute: Callable[..., Any], *inputs) -> Any:
+    """``compute(head, *inputs)``, where ``head`` is `model`'s LM-head module; under DeepSpeed
+    ZeRO-3, run as a call of ``head``.
+
+    The fused head multiplies the head's weight itself rather than calling the head. ZeRO-3 keeps
+    a weight partitioned (empty) outside the calls of its module: run as a call of the head, the
+    fused head's use is seen by its hooks, which gather the weight before the call (whole inside
+    `compute`), partition it again after, gather it again before the backward of the tensors
+    `compute` returns (reached through tuples, lists and dicts), and reduce its gradient into the
+    weight's partition as for the model's own head. `inputs` are passed positionally, as a module
+    call's inputs: ZeRO-3 partitions the weight again after the backward once every input that
+    requires grad has its gradient.
+
+    Elsewhere `compute` is called directly: the weight is whole (DDP, one process), or gathered by
+    the model's forward (FSDP2, whose hooks a second call of a module in a group would run again
+    outside the group's order).
+    """
+    head = unwrap(model).get_output_embeddings()
+    if not hasattr(head.weight, "ds_id"):  # not a ZeRO-3 parameter
+        return compute(head, *inputs)
+    patched = vars(head).get("forward")  # an instance's own forward (a patch) is put back after
+
+    def redirected(*args):
+        restore()
+        return compute(head, *args)
+
+    def restore():
+        if patched is None:
+            vars(head).pop("forward", None)
+        else:
+            head.forward = patched
+
+    head.forward = redirected
+    try:
+        return head(*inputs)
+    finally:
+        restore()

@@ -629,14 +629,6 @@ def test_refuses_fsdp1(tmp_path, tokenizer, dataset, policy, other_model, monkey
         _build(FastprefDPOTrainer, tmp_path, tokenizer, dataset, policy, other_model, **fsdp_options)
 
 
-def test_refuses_deepspeed_zero3(tmp_path, tokenizer, dataset, policy, other_model):
-    args = _config(tmp_path)
-    args.deepspeed_plugin = types.SimpleNamespace(zero_stage=3)  # what DeepSpeed's plugin exposes
-    with pytest.raises(ValueError, match="deepspeed zero_stage=3"):
-        FastprefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(other_model), args=args,
-                           train_dataset=dataset, processing_class=tokenizer)
-
-
 def test_refuses_prompt_learning_peft(tmp_path, tokenizer, dataset, policy):
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     with pytest.raises(ValueError, match="peft_config=PromptTuningConfig"):

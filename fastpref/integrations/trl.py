@@ -59,7 +59,12 @@ accelerate, gradient accumulation and checkpointing, mixed precision, LoRA, and 
 accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, or ``accelerate launch`` with FSDP
 version 2): the head weight is read after the model's forward (fused pair loss) or inside it
 (fastpref's head), where FSDP2 holds the LM head's group gathered, so its gradient is
-reduce-scattered like every other; ``full_tensor()`` is never called. Soft-capped and scaled heads
+reduce-scattered like every other; ``full_tensor()`` is never called. DeepSpeed ZeRO-1/2/3
+through accelerate (``deepspeed=`` a config, or ``accelerate launch`` with a DeepSpeed config): the
+fused head reads the weight inside a call of the LM-head module
+(:func:`fastpref.causal_lm.call_through_head`), so ZeRO-3 gathers the partitioned weight for it,
+releases it after, gathers it again for its backward and reduces its gradient into the partition;
+the reference model, a DeepSpeed engine of its own, is read the same way. Soft-capped and scaled heads
 (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale``, Granite's ``logits_scaling``,
 ``output_multiplier``, ``lm_head_multiplier``) are read off the model's config as TRL's own head
 reads them (:mod:`fastpref.causal_lm`) and computed inside the op.
@@ -75,8 +80,8 @@ padded step up to float32 rounding.
 
 Refused when the trainer is built, with a ``ValueError`` naming the setting: ``padding_free=True``
 with a model whose forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the
-packed forward does not compute it); WPO with AOT (as TRL refuses it); FSDP1 and DeepSpeed ZeRO-3 (the fused pair loss uses the LM-head weight outside
-the model's forward, where they hold it sharded); prompt-learning PEFT (virtual tokens);
+packed forward does not compute it); WPO with AOT (as TRL refuses it); FSDP1 (it holds the LM-head
+weight in a flat sharded buffer outside the model's forward, where the fused pair loss uses it); prompt-learning PEFT (virtual tokens);
 tensor-parallel models (``tp_plan``, ``model.tp_size``, ``parallelism_config.tp_size``);
 vision-language models; LM heads that are not a plain ``torch.nn.Linear`` (adapters on
 ``lm_head``). TRL's own refusals (``sync_ref_model`` with PEFT or with precomputed reference
@@ -109,7 +114,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
-from ..causal_lm import CausalLMParts, causal_lm_parts, unwrap
+from ..causal_lm import call_through_head, causal_lm_parts, unwrap
 from ..layout import PackedLayout, pack_padded
 from .. import loss_types
 from ..losses import PreferenceLoss
@@ -146,15 +151,11 @@ def _fsdp_version(args: DPOConfig) -> Optional[int]:
 def _refuse_unsupported_config(args: DPOConfig) -> None:
     """Raise for every setting the trainer cannot run as TRL's objective."""
     fsdp1 = _fsdp_version(args) == 1
-    zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
     refusals = (
         ("fsdp version", 1, fsdp1,
          "FSDP1 keeps the LM-head weight in a flat sharded buffer outside the model's forward, where the "
          "fused loss multiplies it; use FSDP2 (fsdp_config={'version': 2}, or FSDP_VERSION=2 with "
-         "accelerate launch), DDP or DeepSpeed ZeRO-1/2"),
-        ("deepspeed zero_stage", 3, zero3,
-         "the fused loss multiplies the LM-head weight outside the model's forward, where ZeRO-3 "
-         "holds it partitioned; use ZeRO-1/2 or DDP"),
+         "accelerate launch), DDP or DeepSpeed ZeRO-1/2/3"),
     )
     for option, value, refused, why in refusals:
         if refused:
@@ -237,17 +238,16 @@ def _model_kwargs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return kwargs
 
 
-def _gathered_head(model) -> CausalLMParts:
-    """The LM head of `model` just after its forward, checked to be whole: under FSDP2 its group
-    must still be gathered then (a sharded weight here would need full_tensor(), whose gradient
-    skips FSDP's reduce-scatter)."""
-    parts = causal_lm_parts(model)
-    if any(isinstance(p, DTensor) for p in (parts.head_weight, parts.head_bias) if p is not None):
+def _whole_head(head):
+    """(weight, bias) of the LM-head module `head`, read inside a call of it, checked to be whole:
+    under FSDP2 its group must be gathered then (a sharded weight here would need full_tensor(),
+    whose gradient skips FSDP's reduce-scatter)."""
+    if any(isinstance(p, DTensor) for p in (head.weight, head.bias) if p is not None):
         raise ValueError(
             "the LM head's weight is still sharded after the model's forward: FSDP2 resharded its group. "
             "Keep the LM head's group gathered after forward (fully_shard(..., reshard_after_forward=False) "
             "on a group holding lm_head, as accelerate's FSDP2 does, or leave lm_head in the root's group)")
-    return parts
+    return head.weight, head.bias
 
 
 def _shifted_targets(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -395,9 +395,9 @@ class FastprefDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
         with self._reference_setting():
             scored = self._scored_batch(model, inputs)
-            hidden, weight, bias = self._head_inputs(model, scored.hidden)
-            logps = self.fastpref_loss.sequence_logps(hidden, weight, scored.targets, scored.layout, bias=bias,
-                                                      trainable_head=self._trains_head())
+            trainable_head = self._trains_head()
+            logps = self._through_head(model, scored.hidden, lambda hidden, weight, bias: self.fastpref_loss.sequence_logps(
+                hidden, weight, scored.targets, scored.layout, bias=bias, trainable_head=trainable_head))
         return logps.chunk(2)
 
     def _trains_head(self) -> bool:
@@ -420,12 +420,18 @@ class FastprefDPOTrainer(DPOTrainer):
         batch = pack_padded(outputs.hidden_states[-1][:, :-1], _shifted_targets(inputs))
         return _ScoredBatch(batch.hidden, batch.targets, batch.layout, inputs["attention_mask"].sum(), outputs)
 
-    def _head_inputs(self, model, hidden):
-        """(hidden, weight, bias) for the op: the head read just after the forward, in the dtype fastpref's
-        head computes in under the run's mixed precision (the rule of TRL's fused-head passes)."""
-        parts = _gathered_head(self.accelerator.unwrap_model(model))
-        with self.accelerator.autocast():
-            return head_inputs(hidden, parts.head_weight, parts.head_bias)
+    def _through_head(self, model, hidden, compute):
+        """``compute(hidden, weight, bias)`` with the head of `model` read inside a call of its LM-head
+        module (:func:`fastpref.causal_lm.call_through_head`: DeepSpeed ZeRO-3 holds the weight whole
+        there), in the dtype fastpref's head computes in under the run's mixed precision (the rule
+        of TRL's fused-head passes)."""
+        def on_head(head, hidden):
+            weight, bias = _whole_head(head)
+            with self.accelerator.autocast():
+                hidden, weight, bias = head_inputs(hidden, weight, bias)
+            return compute(hidden, weight, bias)
+
+        return call_through_head(self.accelerator.unwrap_model(model), on_head, hidden)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precomputation, on the run's own batches, cached under a key of its own.
@@ -460,8 +466,8 @@ class FastprefDPOTrainer(DPOTrainer):
                 self.ref_model if self.ref_model is not None else self.model, inputs))
 
         scored = self._scored_batch(model, inputs, router_logits=self.aux_loss_enabled)
-        hidden, weight, bias = self._head_inputs(model, scored.hidden)
-        loss, metrics = self.fastpref_loss(hidden, weight, scored.targets, scored.layout, reference, bias=bias)
+        loss, metrics = self._through_head(model, scored.hidden, lambda hidden, weight, bias: self.fastpref_loss(
+            hidden, weight, scored.targets, scored.layout, reference, bias=bias))
         outputs, layout = scored.outputs, scored.layout
 
         if self.aux_loss_enabled:

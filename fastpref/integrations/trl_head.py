@@ -33,6 +33,10 @@ then on the model) or in a group with the final norm that is kept gathered after
 accelerate's FSDP2 does). Its gradient then goes through FSDP's reduce-scatter like every other.
 A head still sharded there raises a ValueError naming the fix: gathering it with
 ``full_tensor()``, as TRL's own head does, would leave its gradient local to each process.
+
+DeepSpeed ZeRO-3: the head weight is read inside a call of the LM-head module
+(:func:`fastpref.causal_lm.call_through_head`), where ZeRO-3 gathers the partitioned weight, and
+again for the backward; its gradient is reduced into the weight's partition like every other.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput
 
-from ..causal_lm import causal_lm_parts, logit_transform
+from ..causal_lm import call_through_head, causal_lm_parts, logit_transform
 from ..linear_logprobs import check_outputs, linear_logprobs
 
 __all__ = ["FusedCausalLMOutput", "HeadSwap", "TRAINER_MODULES", "add_fused_lm_head", "head_inputs",
@@ -176,28 +180,33 @@ def add_fused_lm_head(
             hidden_states, labels = hidden_states[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        # After the backbone's forward: FSDP2 has gathered the head's group by now (see the module docstring)
-        head = causal_lm_parts(self)
-        weight = _unsharded(head.head_weight, "weight")
-        bias = None if head.head_bias is None else _unsharded(head.head_bias, "bias")
-        hidden_states, labels = hidden_states.to(weight.device), labels.to(weight.device)
-        mask = labels != -100
-        device_type = weight.device.type
-        hidden_states, weight, bias = head_inputs(hidden_states, weight, bias, cast_lm_head_to_fp32)
-        # Only the labelled rows are computed. Their count is read on the host, one synchronisation per
-        # call, as TRL's own head does: the prompt rows it leaves out (often half the tokens or more)
-        # cost far more head FLOPs than the wait for the backbone's queued work.
-        num_kept = int(mask.sum())
-        with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
-            per_token = linear_logprobs(
-                hidden_states.reshape(-1, hidden_states.shape[-1]), weight, labels.reshape(-1), bias=bias,
-                ignore_index=-100,
-                logit_scale=transform.logit_scale, softcap=transform.softcap, temperature=transform.temperature,
-                outputs=requested, num_kept=num_kept, backend="auto")
-        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
-            None if value is None else value.view(mask.shape)
-            for value in (per_token.log_probs, per_token.entropy, per_token.log_sum_sq_probs,
-                          per_token.mean_logits, per_token.is_top1))
+        causal_lm_parts(self)  # raises for an LM head that is not a plain Linear
+
+        def per_token_fields(head, hidden_states, labels):
+            # Inside a call of the head (DeepSpeed ZeRO-3 gathers it for it), after the backbone's
+            # forward (FSDP2 has gathered the head's group by now, see the module docstring)
+            weight = _unsharded(head.weight, "weight")
+            bias = None if head.bias is None else _unsharded(head.bias, "bias")
+            hidden_states, labels = hidden_states.to(weight.device), labels.to(weight.device)
+            mask = labels != -100
+            device_type = weight.device.type
+            hidden_states, weight, bias = head_inputs(hidden_states, weight, bias, cast_lm_head_to_fp32)
+            # Only the labelled rows are computed. Their count is read on the host, one synchronisation per
+            # call, as TRL's own head does: the prompt rows it leaves out (often half the tokens or more)
+            # cost far more head FLOPs than the wait for the backbone's queued work.
+            num_kept = int(mask.sum())
+            with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
+                per_token = linear_logprobs(
+                    hidden_states.reshape(-1, hidden_states.shape[-1]), weight, labels.reshape(-1), bias=bias,
+                    ignore_index=-100,
+                    logit_scale=transform.logit_scale, softcap=transform.softcap, temperature=transform.temperature,
+                    outputs=requested, num_kept=num_kept, backend="auto")
+            return mask, tuple(None if value is None else value.view(mask.shape)
+                               for value in (per_token.log_probs, per_token.entropy, per_token.log_sum_sq_probs,
+                                             per_token.mean_logits, per_token.is_top1))
+
+        mask, (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) = call_through_head(
+            self, per_token_fields, hidden_states, labels)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
 
         aux_loss = None
