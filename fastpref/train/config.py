@@ -125,6 +125,16 @@ class TrainConfig:
     lora_dropout: float = _option(0.0, "LoRA dropout")
     lora_target_modules: Optional[List[str]] = _option(
         None, "module names to adapt (default: attention and MLP projections)", aliases=("--lora-targets",))
+    load_in_4bit: bool = _option(
+        False, "QLoRA: load the model's decoder-layer projections in 4 bits (bitsandbytes) and train LoRA adapters "
+        "on them; the embeddings, norms and LM head stay unquantized and frozen (needs --lora-r and "
+        "pip install 'fastpref[qlora]')")
+    load_in_8bit: bool = _option(
+        False, "as --load-in-4bit, in 8 bits (LLM.int8())")
+    bnb_4bit_quant_type: str = _option("nf4", "the 4-bit data type", choices=("nf4", "fp4"))
+    use_bnb_nested_quant: bool = _option(
+        False, "also quantize the 4-bit quantization constants (double quantization: about 0.4 bits per "
+        "parameter less)")
     dtype: str = _option("auto", "model dtype; auto: bfloat16 on CUDA, float32 on the CPU", choices=DTYPES)
     bf16: bool = _option(False, "TRL's switch for --dtype bfloat16")
     fp16: bool = _option(False, "TRL's switch for --dtype float16")
@@ -229,6 +239,27 @@ class TrainConfig:
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             raise ValueError("lora_r > 0 needs the peft package, which is not installed: "
                              "pip install 'fastpref[lora]' (or pip install peft)")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        bits = [name for name in ("load_in_4bit", "load_in_8bit") if getattr(self, name)]
+        if len(bits) == 2:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive: give one")
+        if not bits:
+            return
+        if self.lora_r == 0:
+            raise ValueError(f"{bits[0]} trains LoRA adapters on a frozen quantized model (QLoRA): give lora_r > 0 "
+                             "(for example --lora-r 16)")
+        if self.model is None:
+            raise ValueError(f"{bits[0]} quantizes a model as it is loaded: give --model (a model folder or one "
+                             f"of the names {', '.join(NAMED_MODELS)}); the embedded model is built, not loaded")
+        if self.parallel in ("fsdp", "tp"):
+            raise ValueError(f"{bits[0]} with parallel={self.parallel!r}: quantized weights are not sharded by "
+                             "fastpref's FSDP2 or tensor parallelism; use --parallel ddp (each process holds "
+                             "the quantized model)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{bits[0]} needs the bitsandbytes package, which is not installed: "
+                             "pip install 'fastpref[qlora]' (or pip install bitsandbytes)")
 
     def _check_loss_options(self) -> None:
         """Options of one loss family given to the other: a mixed configuration is refused."""

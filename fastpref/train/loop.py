@@ -145,18 +145,38 @@ def load_tokenizer(cfg: TrainConfig):
     return AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
 
 
+def _quantization(cfg: TrainConfig, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for --load-in-4bit / --load-in-8bit, as TRL's
+    get_quantization_config builds it (4-bit computing in the run's dtype); None without them."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant)
+
+
 def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
     """(policy, frozen reference model or None, the embedded model's starting point or None). Under
     FSDP2 the weights stay float32 on the CPU: sharding moves each process's shard to the device,
-    and mixed precision casts them."""
+    and mixed precision casts them. Quantized (QLoRA) models are loaded onto the device, their
+    decoder-layer projections quantized by bitsandbytes, and prepared by PEFT for k-bit training
+    (every weight frozen, the unquantized ones in float32) before the adapters are added."""
     if cfg.parallel == "fsdp":
         device, dtype = torch.device("cpu"), torch.float32
     from transformers import AutoModelForCausalLM
 
     from .default_assets import default_model
 
+    quantization = _quantization(cfg, dtype)
+
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if quantization is None:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                    quantization_config=quantization, device_map={"": str(device)})
 
     initial = None
     if cfg.model is None:
@@ -165,17 +185,22 @@ def _load_models(cfg: TrainConfig, tokenizer, device, dtype, attention):
         # to proceed) as the reference for `fastpref eval` and as the base of a LoRA adapter
         initial = copy.deepcopy(policy)
         policy.name_or_path = str(Path(cfg.output_dir) / INITIAL_DIR)
+        policy.to(device)
     else:
         policy = load(cfg.model)
     attention = _set_attention(policy, attention, cfg.attn_implementation == "auto")
-    policy.to(device)
     reference = None
     if cfg.reference_model is not None:
         reference = load(cfg.reference_model)
         _set_attention(reference, attention, automatic=False)
-        reference.to(device).eval().requires_grad_(False)
+        reference.eval().requires_grad_(False)
         if reference.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
             raise ValueError("the reference model's LM head does not match the policy's vocabulary")
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # gradient checkpointing is turned on below, as for every model
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # the older name warns in recent transformers
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -403,7 +428,7 @@ class Trainer:
             f"fastpref train: {' + '.join(losses)} loss (beta {cfg.beta:g}{weights}) of "
             f"{cfg.model or 'the embedded tiny Llama (random weights)'} on "
             f"{cfg.data or 'the bundled HH-RLHF sample'}"
-            + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune"),
+            + (f", LoRA r {cfg.lora_r}" if cfg.lora_r else ", full fine-tune") + self._quantization_words(),
             f"  {length}, {count_of(cfg.pairs_per_step, self._unit)} per micro-batch x "
             f"{cfg.gradient_accumulation_steps} accumulated, learning rate {cfg.learning_rate:g} "
             f"({cfg.lr_scheduler_type}), {self._unit}s cut to {cfg.max_length} tokens (prompt {cfg.max_prompt_length})",
@@ -412,6 +437,13 @@ class Trainer:
             f"  output: {self.output_dir}",
         ]
         return "\n".join(lines)
+
+    def _quantization_words(self) -> str:
+        cfg = self.cfg
+        if cfg.load_in_4bit:
+            return (f" on a 4-bit ({cfg.bnb_4bit_quant_type}{', double-quantized' if cfg.use_bnb_nested_quant else ''})"
+                    " model (QLoRA)")
+        return " on an 8-bit model (QLoRA)" if cfg.load_in_8bit else ""
 
     def _eval_reference(self) -> str:
         """The model `fastpref eval` takes as the final model's reference: the reference model given,

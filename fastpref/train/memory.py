@@ -22,13 +22,30 @@ from .wording import count_of
 MIB = 1 << 20
 
 
+def _quantization_constants(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """bitsandbytes' constants of a quantized weight: a 4-bit weight's per-block scales (and, with
+    double quantization, their own), an 8-bit weight's per-row scales; none for other tensors."""
+    state = getattr(tensor, "quant_state", None)
+    constants = [getattr(tensor, "SCB", None)]
+    while state is not None:
+        constants += [value for value in vars(state).values() if isinstance(value, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    return [constant for constant in constants if constant is not None]
+
+
 def _local_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the tensors as this process stores them (a DTensor: its own shard)."""
+    """Bytes of the tensors as this process stores them (a DTensor: its own shard; a quantized
+    weight: its packed values and constants)."""
     total = 0
     for tensor in tensors:
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         total += local.numel() * local.element_size()
+        total += sum(constant.numel() * constant.element_size() for constant in _quantization_constants(tensor))
     return total
+
+
+def _is_quantized(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ in ("Params4bit", "Int8Params")
 
 
 def _full_numel(module: torch.nn.Module) -> int:
@@ -53,6 +70,12 @@ def memory_report(policy, reference_model, *, rank: int, world_size: int, fsdp: 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     parameters = f"parameters {_mib(_local_bytes(policy.parameters()))}"
+    quantized = [p for p in policy.parameters() if _is_quantized(p)]
+    if quantized:
+        unquantized = [p for p in policy.parameters() if not _is_quantized(p)]
+        parameters += (f" ({count_of(len(quantized), 'quantized weight')} {_mib(_local_bytes(quantized))} with "
+                       f"their constants; the others, embeddings, norms, LM head and adapters included, "
+                       f"{_mib(_local_bytes(unquantized))})")
     if fsdp:
         gathered = max(_full_numel(layer) for layer in decoder_layers) * compute_bytes
         in_layers = sum(_full_numel(layer) for layer in decoder_layers)
