@@ -217,7 +217,7 @@ def _memory_lines(text):
 def test_memory_report_at_start(runs):
     """Every process prints its own memory items; under FSDP2 it holds half of each state."""
     _, _, _, printed = runs
-    items = ("parameters", "gradients", "optimizer", "reference:", "activations", "loss")
+    items = ("parameters", "gradients", "optimizer", "reference:", "activations", "loss", "peak")
     one = _memory_lines(printed["one"]["untied-full"])
     assert set(one) == set(items)
     for rank in (0, 1):

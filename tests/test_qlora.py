@@ -58,7 +58,7 @@ def test_the_memory_report_counts_4bit_weights(tmp_path, small_data, model_folde
     """The quantized projections take half a byte per weight, a float32 scale per block of 64 (a
     sixteenth of a byte more) and the 16 float32 values of the data type's code per matrix: about
     an eighth of their float32 bytes."""
-    from fastpref.train.memory import _local_bytes
+    from fastpref.train.memory import stored_bytes
 
     full = Trainer(config(tmp_path / "full", small_data, model=model_folder, lora_r=4))
     quantized = Trainer(config(tmp_path / "4bit", small_data, model=model_folder, lora_r=4, load_in_4bit=True))
@@ -67,9 +67,9 @@ def test_the_memory_report_counts_4bit_weights(tmp_path, small_data, model_folde
     weights = sum(m.weight.numel() for m in projections)
     packed = [p for p in quantized.policy.parameters() if type(p).__name__ == "Params4bit"]
     assert sum(p.numel() for p in packed) * 2 == weights  # two 4-bit values per byte
-    assert _local_bytes(packed) == weights // 2 + weights // 64 * 4 + 16 * 4 * len(packed)
-    saved = _local_bytes(full.policy.parameters()) - _local_bytes(quantized.policy.parameters())
-    assert saved == weights * 4 - _local_bytes(packed)
+    assert stored_bytes(packed) == weights // 2 + weights // 64 * 4 + 16 * 4 * len(packed)
+    saved = stored_bytes(full.policy.parameters()) - stored_bytes(quantized.policy.parameters())
+    assert saved == weights * 4 - stored_bytes(packed)
 
 
 @pytest.mark.parametrize("options, match", [

@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -112,6 +113,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..backends.scratch import DEFAULT_SCRATCH_BYTES, slab_columns
 from ..backends.torch_backend import gpu_block_sizes
 from ..head_loss import GPU_GROUP_ROWS
+from ..train import memory_plan
 from .report import markdown_table
 
 HEADS = ("trainable", "frozen")
@@ -651,12 +653,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the N scored tokens are K responses per prompt, every pair among them trained "
                              "(fastpref train --group-by-prompt, --pair-selection margin): each response scored once "
                              "against (K - 1) N tokens for the same pairs one by one; the report ends with both")
+    memory_plan.add_arguments(parser)
     parser.add_argument("--calibrate", action="store_true",
                         help="instead, the model against published measurements of the peers' designs "
                              "(every rate, every figure, predicted / published)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.memory is not None:
+        try:
+            return memory_plan.run(args)
+        except (ValueError, OSError) as error:
+            print(f"fastpref plan: error: {error}", file=sys.stderr)
+            return 2
+    given = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value is not None]
+    if given:
+        print(f"fastpref plan: error: {' and '.join(given)} {'are' if len(given) > 1 else 'is'} read by the memory "
+              "plan: give --memory SIZE too (fastpref plan --memory 24GiB --model ...)", file=sys.stderr)
+        return 2
     if args.calibrate:
         from .calibration import format_calibration
 

@@ -35,7 +35,7 @@ from .fsdp import shard as shard_for_fsdp
 from .tensor_parallel import check_setup as check_tp_setup
 from .tensor_parallel import clip_grad_norm_ as clip_grad_norm_for_tp
 from .tensor_parallel import shard_head as shard_head_for_tp
-from .memory import memory_report
+from .memory import MemorySetting, longest_micro_batch, memory_report
 from ..causal_lm import causal_lm_parts, unwrap
 from .model import FusedHeadForward, adapters_disabled, model_fingerprint
 from .monitor import DisplacementMonitor, MetricsLog, plot_metrics
@@ -278,21 +278,6 @@ def _loss_weight(items: Sequence) -> int:
     return sum(len(getattr(item, "pairs", (None,))) for item in items)
 
 
-def _scored_tokens(item) -> int:
-    """Response tokens of a pair or group, or of an unpaired example."""
-    if isinstance(item, data_module.TokenizedCompletion):
-        return len(item.completion_ids)
-    return sum(len(response) for response in item.responses)
-
-
-def _pair_tokens(item, prefix_sharing: bool) -> int:
-    """Tokens a pair or group (or an unpaired example) puts in a packed forward."""
-    prompt = len(item.prompt_ids)
-    if isinstance(item, data_module.TokenizedCompletion):
-        return prompt + len(item.completion_ids)
-    return _scored_tokens(item) + (prompt if prefix_sharing else len(item.responses) * prompt)
-
-
 # KTO's per-label metrics: means over the desirable (True) or the undesirable (False) examples
 LABEL_METRICS = {"rewards/chosen": True, "logps/chosen": True, "rewards/rejected": False, "logps/rejected": False}
 LABEL_SHARES = {True: "desirable_share", False: "undesirable_share"}
@@ -391,14 +376,19 @@ class Trainer:
         self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
         # the longest micro-batch this process can get, from the lengths of the pairs it will train on
         local_pairs = -(-cfg.pairs_per_step // self.dist.data_processes)
-        longest = sorted(self.trained_pairs, key=lambda p: _pair_tokens(p, cfg.prefix_sharing))[-local_pairs:]
+        tokens, scored = longest_micro_batch(self.trained_pairs, local_pairs, cfg.prefix_sharing)
+        adaptation = ("qlora-4bit" if cfg.load_in_4bit else "qlora-8bit" if cfg.load_in_8bit else
+                      "lora" if cfg.lora_r else "full")
+        setting = MemorySetting(
+            adaptation=adaptation, gradient_checkpointing=cfg.gradient_checkpointing,
+            sharding="zero3" if self.fsdp else "none", processes=self.dist.world_size, lora_r=cfg.lora_r,
+            compute_bytes=torch.empty((), dtype=self.dtype).element_size(), device_type=self.device.type,
+            attention=self.attention, nested_quantization=cfg.use_bnb_nested_quant)
         self.memory_lines = memory_report(
-            self.policy, self.reference_model, rank=self.dist.rank, world_size=self.dist.world_size,
-            fsdp=self.fsdp, compute_dtype=self.dtype,
+            self.policy, self.reference_model, rank=self.dist.rank, setting=setting,
             reference=self._reference_source() if self.loss_fn.spec.needs_reference else None,
-            pairs=len(longest), tokens=sum(_pair_tokens(p, cfg.prefix_sharing) for p in longest),
-            scored_tokens=sum(_scored_tokens(p) for p in longest),
-            gradient_checkpointing=cfg.gradient_checkpointing, decoder_layers=self.layers, unit=self._unit)
+            pairs=min(local_pairs, len(self.trained_pairs)), tokens=tokens, scored_tokens=scored,
+            decoder_layers=self.layers, unit=self._unit)
         self.step = 0
         self._skipped_in_a_row = 0  # steps whose NaN or inf gradients skipped the update
         self.displacement = DisplacementMonitor(suggest_sft=not self.unpaired)

@@ -1,0 +1,123 @@
+"""The memory estimate (fastpref.train.memory) and ``fastpref plan --memory``: the model's sizes
+read off its config equal the built model's, each term counts what the run holds (the quantized
+bytes those of bitsandbytes' tensors), sharding divides what it shards, the plan's largest
+micro-batch fits the budget and the next does not. Its estimates against measured peak memory:
+benchmarks/bench_memory_plan.py."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastpref.cli import main
+from fastpref.train.memory import (MemorySetting, ModelShape, estimate_memory, longest_micro_batch,
+                                   packed_tokens)
+from fastpref.train.memory_plan import fits, parse_size, settings
+
+
+def _config(tied: bool) -> LlamaConfig:
+    return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_shape_read_off_the_config_is_the_built_models(tied):
+    model = LlamaForCausalLM(_config(tied))
+    shape = ModelShape.from_config(_config(tied))
+    assert shape == ModelShape.of(model)
+    assert shape.parameters == sum(p.numel() for p in model.parameters()) and shape.tied == tied
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert shape.projections == sum(m.weight.numel() for m in linears) and shape.projection_matrices == 21
+    assert shape.largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_each_term_counts_what_the_run_holds():
+    shape = ModelShape.from_config(_config(tied=False))
+    tokens, scored = 300, 120
+    full = estimate_memory(shape, MemorySetting(compute_bytes=2), tokens=tokens, scored_tokens=scored)
+    P = shape.parameters
+    assert (full.weights, full.gradients, full.optimizer_state) == (2 * P, 2 * P, 4 * P)
+    assert full.activations == 3 * tokens * (11 * 64 + 4 * 160) * 2  # flash attention: no mask
+    assert full.head_gradient == 1000 * 64 * 2 and full.embedding_gradient == 0  # untied
+    checkpointed = estimate_memory(shape, MemorySetting(compute_bytes=2, gradient_checkpointing=True),
+                                   tokens=tokens, scored_tokens=scored)
+    assert checkpointed.activations == 3 * tokens * 64 * 2
+    sdpa = estimate_memory(shape, MemorySetting(compute_bytes=2, attention="sdpa"), tokens=tokens, scored_tokens=scored)
+    assert sdpa.activations == full.activations + tokens * tokens * 2
+    lora = estimate_memory(shape, MemorySetting(adaptation="lora", lora_r=8), tokens=tokens, scored_tokens=scored)
+    adapters = 8 * shape.lora_per_rank
+    assert (lora.weights, lora.gradients, lora.optimizer_state) == (2 * P + 4 * adapters, 4 * adapters, 8 * adapters)
+    assert lora.head_gradient == 0  # the frozen head's path computes no weight gradient
+    for sharding in ("zero2", "zero3"):
+        one, four = (estimate_memory(shape, MemorySetting(sharding=sharding, processes=n), tokens=tokens,
+                                     scored_tokens=scored) for n in (2, 4))
+        assert four.gradients * 2 == one.gradients and four.optimizer_state * 2 == one.optimizer_state
+        assert (four.weights < one.weights) == (sharding == "zero3")
+    assert full.peak == full.weights + full.optimizer_state + max(full.moments.values())
+
+
+def test_the_4bit_estimate_is_bitsandbytes_bytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fastpref.train.memory import stored_bytes
+
+    LlamaForCausalLM(_config(tied=False)).save_pretrained(tmp_path)
+    shape = ModelShape.from_config(_config(tied=False))
+    for nested in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=nested))
+        estimate = estimate_memory(shape, MemorySetting(adaptation="qlora-4bit", nested_quantization=nested, lora_r=0),
+                                   tokens=1, scored_tokens=1)
+        # the unquantized weights in float32, as PEFT's k-bit preparation leaves them
+        assert estimate.weights == pytest.approx(stored_bytes(model.parameters()), rel=0.01), nested
+
+
+def test_sharding_needs_several_processes():
+    with pytest.raises(ValueError, match="give at least 2 to shard"):
+        MemorySetting(sharding="zero3", processes=1)
+    with pytest.raises(ValueError, match="adaptation must be one of"):
+        MemorySetting(adaptation="qlora")
+
+
+@pytest.mark.parametrize("text, size", [("24GiB", 24 << 30), ("80GB", 80 * 10 ** 9), ("1.5g", 1.5e9),
+                                        ("512 MiB", 512 << 20), ("2048", 2048)])
+def test_sizes_are_parsed(text, size):
+    assert parse_size(text) == int(size)
+
+
+@pytest.mark.parametrize("text", ["", "24 GiBs", "-1GiB", "0GB", "lots"])
+def test_bad_sizes_name_the_flag(text):
+    with pytest.raises(ValueError, match="--memory must be a positive size"):
+        parse_size(text)
+
+
+def test_the_largest_fitting_micro_batch_fits_and_the_next_does_not():
+    from fastpref.train.data import TokenizedPair
+
+    shape = ModelShape.from_config(_config(tied=True))
+    items = [TokenizedPair([1] * (10 + i), [2] * (5 + i % 7), [3] * (4 + i % 5), row=i) for i in range(40)]
+    budget = estimate_memory(shape, MemorySetting(), tokens=longest_micro_batch(items, 8, False)[0],
+                             scored_tokens=longest_micro_batch(items, 8, False)[1]).peak
+    for fit in fits(shape, items, budget, settings(lora_r=4), micro_batches=(1, 2, 4, 8, 16, 32)):
+        if fit.pairs is None:
+            assert fit.smallest.peak > budget
+            continue
+        assert fit.estimate.peak <= budget
+        if fit.pairs < 32:
+            tokens, scored = longest_micro_batch(items, fit.pairs * 2, False)
+            assert estimate_memory(shape, fit.setting, tokens=tokens, scored_tokens=scored).peak > budget
+    assert packed_tokens(items[0], prefix_sharing=True) == 10 + 5 + 4
+
+
+def test_plan_memory_on_the_embedded_model(capsys):
+    assert main(["plan", "--memory", "0.2GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "# Memory plan: the embedded tiny Llama on the bundled HH-RLHF sample, 0.2 GiB per GPU" in out
+    assert "| full | 1 GPU (or DDP) |" in out and "| qlora-4bit | 1 GPU (or DDP) |" in out
+    assert "Fewest GPUs for each" in out and "fastpref train --lora-r 16 --load-in-4bit" in out
+    assert main(["plan", "--memory", "24 GiBs"]) == 2
+    assert "--memory must be a positive size" in capsys.readouterr().err
+
+
+def test_plan_refuses_model_without_memory(capsys):
+    assert main(["plan", "--model", "smollm2-135m"]) == 2
+    assert "--model is read by the memory plan: give --memory SIZE too" in capsys.readouterr().err
