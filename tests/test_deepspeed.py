@@ -13,6 +13,8 @@ give such a process gloo, what accelerate gives a CPU process; on GPUs it picks 
 """
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,10 +32,16 @@ from fastpref.train.default_assets import default_tokenizer  # noqa: E402
 from test_distributed import _free_port, exit_without_teardown  # noqa: E402
 from test_trl_integration import PAIRS, _llama_config, _lora, _perturb, _seeded  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 STAGES = (2, 3)
 TRAINERS = ("FastprefDPOTrainer", "DPOTrainer-fastpref-head")
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "several-processes.md"
+
+
+def _documented(language: str) -> str:
+    """The first `language` code block of the guide's DeepSpeed section."""
+    section = GUIDE.read_text().split("## DeepSpeed", 1)[1].split("\n## ", 1)[0]
+    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
 
 
 def _models(tokenizer, lora: bool):
@@ -111,10 +119,10 @@ def _worker(rank, port, output_dir, report):
     tokenizer = default_tokenizer()
     result = {}
     for stage in STAGES:
-        # persistence threshold 0: ZeRO-3 keeps a parameter under 1e5 elements whole by default (every one of these)
-        config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-                  "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
+        # the guide's config; persistence threshold 0: ZeRO-3 keeps a parameter under 1e5 elements
+        # whole by default (every one of these)
+        config = json.loads(_documented("json"))
+        config["zero_optimization"].update(stage=stage, stage3_param_persistence_threshold=0)
         for lora in (False, True):
             for trainer_class in TRAINERS:
                 loss, trainer = _step(trainer_class, tokenizer, output_dir, lora, 1, deepspeed=config)
@@ -140,6 +148,7 @@ def two_process_steps(tmp_path_factory):
     return json.loads(report.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_class", TRAINERS)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: f"zero{stage}")
@@ -160,3 +169,14 @@ def test_two_processes_equal_one_process(tmp_path, two_process_steps, stage, lor
     for name, gradient in expected.items():
         difference = (torch.tensor(step["gradients"][name]) - gradient).norm()
         assert difference <= 1e-4 * gradient.norm(), (name, difference.item(), gradient.norm().item())
+
+
+def test_the_guides_accelerate_config_is_deepspeed_zero3(tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    path = tmp_path / "zero3.yaml"
+    path.write_text(_documented("yaml"))
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert config.deepspeed_config["zero_stage"] == 3 and config.mixed_precision == "bf16"

@@ -113,7 +113,8 @@ def test_plan_memory_on_the_embedded_model(capsys):
     out = capsys.readouterr().out
     assert "# Memory plan: the embedded tiny Llama on the bundled HH-RLHF sample, 0.2 GiB per GPU" in out
     assert "| full | 1 GPU (or DDP) |" in out and "| qlora-4bit | 1 GPU (or DDP) |" in out
-    assert "Fewest GPUs for each" in out and "fastpref train --lora-r 16 --load-in-4bit" in out
+    assert "Fewest GPUs for each" in out and "fastpref train --lora-r 16 --pairs-per-step" in out
+    assert "- qlora-4bit: quantizes a model as it is loaded: give --model" in out
     assert main(["plan", "--memory", "24 GiBs"]) == 2
     assert "--memory must be a positive size" in capsys.readouterr().err
 
@@ -121,3 +122,16 @@ def test_plan_memory_on_the_embedded_model(capsys):
 def test_plan_refuses_model_without_memory(capsys):
     assert main(["plan", "--model", "smollm2-135m"]) == 2
     assert "--model is read by the memory plan: give --memory SIZE too" in capsys.readouterr().err
+
+
+def test_plan_memory_reads_a_model_folders_config(tmp_path, capsys):
+    from fastpref.train.default_assets import default_model, default_tokenizer
+
+    tokenizer = default_tokenizer()
+    default_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["plan", "--memory", "1GiB", "--model", str(tmp_path), "--max-length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"# Memory plan: {tmp_path} on the bundled HH-RLHF sample, 1.0 GiB per GPU" in out
+    assert f"`fastpref train --model {tmp_path} --lora-r 16 --load-in-4bit --pairs-per-step" in out
+    assert "longest 128)" in out  # pairs of at most 64 + 64 tokens

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from fastpref.train.default_assets import default_model, default_tokenizer  # noqa: E402
-from fastpref.train.loop import TrainConfig, Trainer, train  # noqa: E402
+from fastpref.train.loop import TrainConfig, Trainer  # noqa: E402
 from fastpref.train.monitor import read_metrics  # noqa: E402
 from tiers import first_fast  # noqa: E402
 from test_trainer import config  # noqa: E402

@@ -98,11 +98,14 @@ def _where(setting: MemorySetting) -> str:
     return f"{setting.processes} GPUs, ZeRO-{setting.sharding[-1]}"
 
 
-def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, model: str, data: str,
-                lora_r: int, prefix_sharing: bool) -> str:
+def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, model: Optional[str],
+                data: Optional[str], lora_r: int, prefix_sharing: bool) -> str:
+    """The plan as Markdown: the table of every setting, then the fewest GPUs for each adaptation
+    with its ``fastpref train`` command (`model`, `data`: as given, None for the defaults)."""
     lengths = [packed_tokens(item, prefix_sharing) for item in items]
     lines = [
-        f"# Memory plan: {model} on {data}, {budget / GIB:.1f} GiB per GPU",
+        f"# Memory plan: {model or 'the embedded tiny Llama'} on {data or 'the bundled HH-RLHF sample'}, "
+        f"{budget / GIB:.1f} GiB per GPU",
         "",
         f"- model: {shape.parameters / 1e6:,.1f}M parameters, {shape.layers} layers, hidden {shape.hidden}, "
         f"vocabulary {shape.vocab:,}{' (tied to the embeddings)' if shape.tied else ''}",
@@ -129,12 +132,18 @@ def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, 
     lines += ["", "Fewest GPUs for each (largest micro-batch there; flags of `fastpref train`):"]
     for adaptation in ADAPTATIONS:
         candidates = [fit for fit in found if fit.setting.adaptation == adaptation and fit.pairs is not None]
+        if adaptation.startswith("qlora") and model is None:
+            lines.append(f"- {adaptation}: quantizes a model as it is loaded: give --model")
+            continue
         if not candidates:
             lines.append(f"- {adaptation}: does not fit {max(GPU_COUNTS)} GPUs")
             continue
         best = min(candidates, key=lambda fit: (fit.setting.processes, fit.setting.gradient_checkpointing,
                                                 fit.setting.sharding, -fit.pairs))
-        flags = [ADAPTATION_FLAGS[adaptation].format(r=lora_r), f"--pairs-per-step {best.pairs * best.setting.processes}"]
+        flags = [f"--model {model}" if model else "", f"--data {data}" if data else "",
+                 ADAPTATION_FLAGS[adaptation].format(r=lora_r), f"--pairs-per-step {best.pairs * best.setting.processes}"]
+        if prefix_sharing:
+            flags.append("--prefix-sharing")
         if best.setting.gradient_checkpointing:
             flags.append("--gradient-checkpointing")
         if best.setting.sharding == "zero3":
@@ -211,7 +220,6 @@ def run(args: argparse.Namespace) -> int:
                                          max_prompt_length=args.max_prompt_length, prefix_sharing=args.prefix_sharing)
     shape = model_shape(cfg.model, tokenizer)
     found = fits(shape, items, budget, settings(lora_r=args.lora_r), prefix_sharing=cfg.prefix_sharing)
-    print(format_plan(shape, items, budget, found, model=args.model or "the embedded tiny Llama",
-                      data=args.data or "the bundled HH-RLHF sample", lora_r=args.lora_r,
+    print(format_plan(shape, items, budget, found, model=args.model, data=args.data, lora_r=args.lora_r,
                       prefix_sharing=cfg.prefix_sharing))
     return 0
