@@ -135,3 +135,17 @@ def test_plan_memory_reads_a_model_folders_config(tmp_path, capsys):
     assert f"# Memory plan: {tmp_path} on the bundled HH-RLHF sample, 1.0 GiB per GPU" in out
     assert f"`fastpref train --model {tmp_path} --lora-r 16 --load-in-4bit --pairs-per-step" in out
     assert "longest 128)" in out  # pairs of at most 64 + 64 tokens
+
+
+def test_the_trainers_report_ends_with_the_estimated_peak(tmp_path, small_data):
+    """Its static terms are the tensors held; the peak adds the estimate's largest moment."""
+    from fastpref.train.loop import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(data=small_data, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                                  max_steps=1, progress=False).resolved())
+    sizes = {line.split("memory: ")[1].split(" ")[0]: float(line.split(" MiB")[0].split(" ")[-1].replace(",", ""))
+             for line in trainer.memory_lines if "MiB" in line}
+    peak = next(line for line in trainer.memory_lines if "memory: peak" in line)
+    assert "at the forward's end" in peak  # the embedded model's activations outweigh its gradients
+    expected = sizes["parameters"] + sizes["optimizer"] + sizes["activations"] + sizes["loss"]
+    assert sizes["peak"] == pytest.approx(expected + 2048 * 128 * 4 / 2 ** 20, abs=0.2)  # + the head's gradient

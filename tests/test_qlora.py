@@ -121,3 +121,17 @@ def test_drop_in_steps_a_users_quantized_model_as_trl(tmp_path, model_folder):
     batch = _first_batch(trainer)
     assert torch.equal(batch["input_ids"], _first_batch(trl_trainer)["input_ids"])
     _assert_same_step(_step(trl_trainer, batch), _step(trainer, batch))
+
+
+@pytest.mark.gpu
+def test_qlora_on_a_gpu_in_bfloat16(tmp_path, small_data, model_folder):
+    """On a GPU the 4-bit layers compute in bfloat16 (bitsandbytes' CUDA kernels) and the frozen head
+    in float32 (PEFT's k-bit preparation): two steps, finite, the head without a gradient."""
+    trainer = Trainer(config(tmp_path, small_data, model=model_folder, lora_r=4, load_in_4bit=True, max_steps=2,
+                             eval_fraction=0.0, device="cuda", dtype="bfloat16"))
+    base = trainer.policy.get_base_model()
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.device.type == "cuda"
+    assert base.lm_head.weight.dtype == torch.float32
+    steps = [r for r in read_metrics(trainer.run().metrics_path) if r["split"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert base.lm_head.weight.grad is None
