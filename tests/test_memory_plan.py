@@ -113,7 +113,7 @@ def test_plan_memory_on_the_embedded_model(capsys):
     out = capsys.readouterr().out
     assert "# Memory plan: the embedded tiny Llama on the bundled HH-RLHF sample, 0.2 GiB per GPU" in out
     assert "| full | 1 GPU (or DDP) |" in out and "| qlora-4bit | 1 GPU (or DDP) |" in out
-    assert "Fewest GPUs for each" in out and "fastpref train --lora-r 16 --pairs-per-step" in out
+    assert "Fewest GPUs for each (the largest micro-batch there, and how to launch it)" in out and "fastpref train --lora-r 16 --pairs-per-step" in out
     assert "- qlora-4bit: quantizes a model as it is loaded: give --model" in out
     assert main(["plan", "--memory", "24 GiBs"]) == 2
     assert "--memory must be a positive size" in capsys.readouterr().err
@@ -149,3 +149,21 @@ def test_the_trainers_report_ends_with_the_estimated_peak(tmp_path, small_data):
     assert "at the forward's end" in peak  # the embedded model's activations outweigh its gradients
     expected = sizes["parameters"] + sizes["optimizer"] + sizes["activations"] + sizes["loss"]
     assert sizes["peak"] == pytest.approx(expected + 2048 * 128 * 4 / 2 ** 20, abs=0.2)  # + the head's gradient
+
+
+def test_each_sharding_is_launched_as_it_runs():
+    from fastpref.train.memory_plan import Fit, launch_command
+
+    shape = ModelShape.from_config(_config(tied=True))
+    estimate = estimate_memory(shape, MemorySetting(), tokens=10, scored_tokens=5)
+
+    def command(**setting):
+        return launch_command(Fit(MemorySetting(**setting), 3, estimate, estimate), "m", "d.jsonl", 16, False)
+
+    assert command() == "`fastpref train --model m --data d.jsonl --pairs-per-step 3`"
+    assert command(sharding="zero3", processes=4, gradient_checkpointing=True) == (
+        "`torchrun --nproc-per-node 4 -m fastpref.cli train --model m --data d.jsonl --pairs-per-step 12 "
+        "--gradient-checkpointing --parallel fsdp`")
+    assert "FastprefDPOTrainer" in command(sharding="zero2", processes=2) and "per_device_train_batch_size=3" in \
+        command(sharding="zero2", processes=2)
+    assert "--lora-r 16 --load-in-4bit" in command(adaptation="qlora-4bit")

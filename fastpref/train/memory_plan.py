@@ -129,7 +129,7 @@ def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, 
         plain, checkpointed = row[False], row[True]
         lines.append(f"| {adaptation} | {_where(plain.setting)} | {cell(plain)} | {cell(checkpointed)} | "
                      f"{_gib(plain.smallest.peak)} / {_gib(checkpointed.smallest.peak)} |")
-    lines += ["", "Fewest GPUs for each (largest micro-batch there; flags of `fastpref train`):"]
+    lines += ["", "Fewest GPUs for each (the largest micro-batch there, and how to launch it):"]
     for adaptation in ADAPTATIONS:
         candidates = [fit for fit in found if fit.setting.adaptation == adaptation and fit.pairs is not None]
         if adaptation.startswith("qlora") and model is None:
@@ -140,20 +140,26 @@ def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, 
             continue
         best = min(candidates, key=lambda fit: (fit.setting.processes, fit.setting.gradient_checkpointing,
                                                 fit.setting.sharding, -fit.pairs))
-        flags = [f"--model {model}" if model else "", f"--data {data}" if data else "",
-                 ADAPTATION_FLAGS[adaptation].format(r=lora_r), f"--pairs-per-step {best.pairs * best.setting.processes}"]
-        if prefix_sharing:
-            flags.append("--prefix-sharing")
-        if best.setting.gradient_checkpointing:
-            flags.append("--gradient-checkpointing")
-        if best.setting.sharding == "zero3":
-            flags.append("--parallel fsdp")
-        launch = (f"torchrun --nproc-per-node {best.setting.processes} " if best.setting.processes > 1 else "")
-        note = " (ZeRO-2: DeepSpeed through FastprefDPOTrainer)" if best.setting.sharding == "zero2" else ""
         lines.append(f"- {adaptation}: {_where(best.setting)}, {best.pairs} pairs per GPU per micro-batch, "
-                     f"peak {_gib(best.estimate.peak)} GiB: `{launch}fastpref train "
-                     f"{' '.join(flag for flag in flags if flag)}`{note}")
+                     f"peak {_gib(best.estimate.peak)} GiB: {launch_command(best, model, data, lora_r, prefix_sharing)}")
     return "\n".join(lines)
+
+
+def launch_command(fit: Fit, model: Optional[str], data: Optional[str], lora_r: int, prefix_sharing: bool) -> str:
+    """How to launch a setting: ``fastpref train`` (one GPU, or FSDP2 for ZeRO-3), or the TRL drop-in
+    under DeepSpeed for ZeRO-2."""
+    setting = fit.setting
+    if setting.sharding == "zero2":
+        return (f"DeepSpeed ZeRO-2 through `FastprefDPOTrainer` (`accelerate launch --config_file zero2.yaml`, "
+                f"`per_device_train_batch_size={fit.pairs}`{', gradient_checkpointing=True' if setting.gradient_checkpointing else ''})")
+    flags = [f"--model {model}" if model else "", f"--data {data}" if data else "",
+             ADAPTATION_FLAGS[setting.adaptation].format(r=lora_r), f"--pairs-per-step {fit.pairs * setting.processes}",
+             "--prefix-sharing" if prefix_sharing else "",
+             "--gradient-checkpointing" if setting.gradient_checkpointing else "",
+             "--parallel fsdp" if setting.sharding == "zero3" else ""]
+    launch = f"torchrun --nproc-per-node {setting.processes} -m fastpref.cli train" if setting.processes > 1 else \
+        "fastpref train"
+    return f"`{launch} {' '.join(flag for flag in flags if flag)}`"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
