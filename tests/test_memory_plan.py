@@ -63,8 +63,9 @@ def test_the_4bit_estimate_is_bitsandbytes_bytes(tmp_path):
     LlamaForCausalLM(_config(tied=False)).save_pretrained(tmp_path)
     shape = ModelShape.from_config(_config(tied=False))
     for nested in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=nested))
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                          bnb_4bit_use_double_quant=nested)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=quantization)
         estimate = estimate_memory(shape, MemorySetting(adaptation="qlora-4bit", nested_quantization=nested, lora_r=0),
                                    tokens=1, scored_tokens=1)
         # the unquantized weights in float32, as PEFT's k-bit preparation leaves them
@@ -113,7 +114,8 @@ def test_plan_memory_on_the_embedded_model(capsys):
     out = capsys.readouterr().out
     assert "# Memory plan: the embedded tiny Llama on the bundled HH-RLHF sample, 0.2 GiB per GPU" in out
     assert "| full | 1 GPU (or DDP) |" in out and "| qlora-4bit | 1 GPU (or DDP) |" in out
-    assert "Fewest GPUs for each (the largest micro-batch there, and how to launch it)" in out and "fastpref train --lora-r 16 --pairs-per-step" in out
+    assert "Fewest GPUs for each (the largest micro-batch there, and how to launch it)" in out
+    assert "fastpref train --lora-r 16 --pairs-per-step" in out
     assert "- qlora-4bit: quantizes a model as it is loaded: give --model" in out
     assert main(["plan", "--memory", "24 GiBs"]) == 2
     assert "--memory must be a positive size" in capsys.readouterr().err

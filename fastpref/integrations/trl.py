@@ -81,7 +81,8 @@ padded step up to float32 rounding.
 Refused when the trainer is built, with a ``ValueError`` naming the setting: ``padding_free=True``
 with a model whose forward takes no ``logits_to_keep`` or with the MoE load-balancing loss (the
 packed forward does not compute it); WPO with AOT (as TRL refuses it); FSDP1 (it holds the LM-head
-weight in a flat sharded buffer outside the model's forward, where the fused pair loss uses it); prompt-learning PEFT (virtual tokens);
+weight in a flat sharded buffer outside the model's forward, where the fused pair loss uses it);
+prompt-learning PEFT (virtual tokens);
 tensor-parallel models (``tp_plan``, ``model.tp_size``, ``parallelism_config.tp_size``);
 vision-language models; LM heads that are not a plain ``torch.nn.Linear`` (adapters on
 ``lm_head``). TRL's own refusals (``sync_ref_model`` with PEFT or with precomputed reference
@@ -396,8 +397,9 @@ class FastprefDPOTrainer(DPOTrainer):
         with self._reference_setting():
             scored = self._scored_batch(model, inputs)
             trainable_head = self._trains_head()
-            logps = self._through_head(model, scored.hidden, lambda hidden, weight, bias: self.fastpref_loss.sequence_logps(
-                hidden, weight, scored.targets, scored.layout, bias=bias, trainable_head=trainable_head))
+            logps = self._through_head(
+                model, scored.hidden, lambda hidden, weight, bias: self.fastpref_loss.sequence_logps(
+                    hidden, weight, scored.targets, scored.layout, bias=bias, trainable_head=trainable_head))
         return logps.chunk(2)
 
     def _trains_head(self) -> bool:

@@ -195,7 +195,8 @@ def add_fused_lm_head(
             # call, as TRL's own head does: the prompt rows it leaves out (often half the tokens or more)
             # cost far more head FLOPs than the wait for the backbone's queued work.
             num_kept = int(mask.sum())
-            with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
+            under_autocast = torch.is_autocast_enabled(device_type)
+            with torch.autocast(device_type, enabled=False) if under_autocast else nullcontext():
                 per_token = linear_logprobs(
                     hidden_states.reshape(-1, hidden_states.shape[-1]), weight, labels.reshape(-1), bias=bias,
                     ignore_index=-100,

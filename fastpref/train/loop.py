@@ -154,7 +154,8 @@ def _quantization(cfg: TrainConfig, dtype: torch.dtype):
 
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant)
 
 

@@ -263,7 +263,8 @@ def estimate_memory(shape: ModelShape, setting: MemorySetting, *, tokens: int, s
     if setting.attention == "eager":
         kept = 1 if setting.gradient_checkpointing else shape.layers
         activations += kept * shape.heads * tokens * tokens * c
-    loss_head = scored_tokens * (shape.hidden * 4 + 16) + (DEFAULT_SCRATCH_BYTES if setting.device_type == "cuda" else 0)
+    scratch = DEFAULT_SCRATCH_BYTES if setting.device_type == "cuda" else 0
+    loss_head = scored_tokens * (shape.hidden * 4 + 16) + scratch
     head_gradient = shape.vocab * shape.hidden * c if full else 0
     recomputed_layer = layer_set if setting.gradient_checkpointing else 0
     embedding_gradient = head_gradient if shape.tied else 0

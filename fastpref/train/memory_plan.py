@@ -141,7 +141,8 @@ def format_plan(shape: ModelShape, items, budget: int, found: Sequence[Fit], *, 
         best = min(candidates, key=lambda fit: (fit.setting.processes, fit.setting.gradient_checkpointing,
                                                 fit.setting.sharding, -fit.pairs))
         lines.append(f"- {adaptation}: {_where(best.setting)}, {best.pairs} pairs per GPU per micro-batch, "
-                     f"peak {_gib(best.estimate.peak)} GiB: {launch_command(best, model, data, lora_r, prefix_sharing)}")
+                     f"peak {_gib(best.estimate.peak)} GiB: "
+                     f"{launch_command(best, model, data, lora_r, prefix_sharing)}")
     return "\n".join(lines)
 
 
@@ -150,8 +151,9 @@ def launch_command(fit: Fit, model: Optional[str], data: Optional[str], lora_r: 
     under DeepSpeed for ZeRO-2."""
     setting = fit.setting
     if setting.sharding == "zero2":
+        checkpointing = ", gradient_checkpointing=True" if setting.gradient_checkpointing else ""
         return (f"DeepSpeed ZeRO-2 through `FastprefDPOTrainer` (`accelerate launch --config_file zero2.yaml`, "
-                f"`per_device_train_batch_size={fit.pairs}`{', gradient_checkpointing=True' if setting.gradient_checkpointing else ''})")
+                f"`per_device_train_batch_size={fit.pairs}`{checkpointing})")
     flags = [f"--model {model}" if model else "", f"--data {data}" if data else "",
              ADAPTATION_FLAGS[setting.adaptation].format(r=lora_r), f"--pairs-per-step {fit.pairs * setting.processes}",
              "--prefix-sharing" if prefix_sharing else "",
