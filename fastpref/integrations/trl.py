@@ -60,8 +60,8 @@ accelerate (``fsdp=True`` with ``fsdp_config={"version": 2}``, or ``accelerate l
 version 2): the head weight is read after the model's forward (fused pair loss) or inside it
 (fastpref's head), where FSDP2 holds the LM head's group gathered, so its gradient is
 reduce-scattered like every other; ``full_tensor()`` is never called. DeepSpeed ZeRO-1/2/3
-through accelerate (``deepspeed=`` a config, or ``accelerate launch`` with a DeepSpeed config): the
-fused head reads the weight inside a call of the LM-head module
+through accelerate (``deepspeed=`` a config, or ``accelerate launch`` with a DeepSpeed config):
+under ZeRO-3 the fused head reads the weight inside a call of the LM-head module
 (:func:`fastpref.causal_lm.call_through_head`), so ZeRO-3 gathers the partitioned weight for it,
 releases it after, gathers it again for its backward and reduces its gradient into the partition;
 the reference model, a DeepSpeed engine of its own, is read the same way. Soft-capped and scaled heads
@@ -423,10 +423,10 @@ class FastprefDPOTrainer(DPOTrainer):
         return _ScoredBatch(batch.hidden, batch.targets, batch.layout, inputs["attention_mask"].sum(), outputs)
 
     def _through_head(self, model, hidden, compute):
-        """``compute(hidden, weight, bias)`` with the head of `model` read inside a call of its LM-head
-        module (:func:`fastpref.causal_lm.call_through_head`: DeepSpeed ZeRO-3 holds the weight whole
-        there), in the dtype fastpref's head computes in under the run's mixed precision (the rule
-        of TRL's fused-head passes)."""
+        """``compute(hidden, weight, bias)`` with the head of `model` read where it is whole (under
+        DeepSpeed ZeRO-3 inside a call of its LM-head module: :func:`fastpref.causal_lm.call_through_head`),
+        in the dtype fastpref's head computes in under the run's mixed precision (the rule of TRL's
+        fused-head passes)."""
         def on_head(head, hidden):
             weight, bias = _whole_head(head)
             with self.accelerator.autocast():
