@@ -10,7 +10,7 @@ else ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else ``1 / 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -28,6 +28,14 @@ def unwrap(model):
     """The causal LM inside DDP and PEFT wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layer_modules(model) -> List[torch.nn.Module]:
+    """The modules of the classes a causal LM lists in ``_no_split_modules`` (transformers' name for
+    its decoder-layer classes), outermost first; empty for a model that lists none."""
+    lm = unwrap(model)
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    return [module for module in lm.modules() if type(module).__name__ in names]
 
 
 def _class_under_fsdp(module) -> type:
@@ -88,20 +96,12 @@ def call_through_head(model, compute: Callable[..., Any], *inputs) -> Any:
     head = unwrap(model).get_output_embeddings()
     if not hasattr(head.weight, "ds_id"):  # not a ZeRO-3 parameter
         return compute(head, *inputs)
-    patched = vars(head).get("forward")  # an instance's own forward (a patch) is put back after
-
-    def redirected(*args):
-        restore()
-        return compute(head, *args)
-
-    def restore():
-        if patched is None:
-            vars(head).pop("forward", None)
-        else:
-            head.forward = patched
-
-    head.forward = redirected
+    own_forward = vars(head).get("forward")  # an instance's own forward (a patch) is put back after
+    head.forward = lambda *args: compute(head, *args)
     try:
         return head(*inputs)
     finally:
-        restore()
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward

@@ -3,6 +3,8 @@ read off its config equal the built model's, each term counts what the run holds
 bytes those of bitsandbytes' tensors), sharding divides what it shards, the plan's largest
 micro-batch fits the budget and the next does not. Its estimates against measured peak memory:
 benchmarks/bench_memory_plan.py."""
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,6 +29,18 @@ def test_the_shape_read_off_the_config_is_the_built_models(tied):
     linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     assert shape.projections == sum(m.weight.numel() for m in linears) and shape.projection_matrices == 21
     assert shape.largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_a_model_naming_no_decoder_layer_class_is_still_measured():
+    """Every Linear but the head is a projection, the config's layers are equal shares of the rest:
+    for a Llama, the shape read through its decoder-layer classes (a layer's share of the final norm
+    aside)."""
+    model = LlamaForCausalLM(_config(tied=False))
+    expected = ModelShape.of(model)
+    model._no_split_modules = None
+    shape = ModelShape.of(model)
+    assert shape.largest_layer == expected.largest_layer + 64 // 3
+    assert dataclasses.replace(shape, largest_layer=expected.largest_layer) == expected
 
 
 def test_each_term_counts_what_the_run_holds():

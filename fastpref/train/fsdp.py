@@ -23,7 +23,7 @@ from typing import List
 
 import torch
 
-from ..causal_lm import unwrap
+from ..causal_lm import decoder_layer_modules, unwrap
 from .model import FusedHeadForward
 
 
@@ -46,8 +46,7 @@ def decoder_layers(model) -> List[torch.nn.Module]:
     """The modules sharded one by one: those of the classes the model lists in ``_no_split_modules``
     (transformers' name for its decoder-layer classes), innermost first."""
     lm = unwrap(model)
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [module for module in lm.modules() if type(module).__name__ in names]
+    layers = decoder_layer_modules(lm)
     if not layers:
         raise ValueError(
             f"--parallel fsdp: {type(lm).__name__} names no decoder-layer class (_no_split_modules) to "

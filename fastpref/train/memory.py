@@ -38,7 +38,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from ..backends.scratch import DEFAULT_SCRATCH_BYTES
-from ..causal_lm import unwrap
+from ..causal_lm import decoder_layer_modules, unwrap
 from .wording import count_of
 
 MIB = 1 << 20
@@ -128,25 +128,29 @@ class ModelShape:
 
     @classmethod
     def of(cls, model) -> "ModelShape":
-        """The shape of an (unquantized) causal LM, which may live on the meta device."""
-        from .fsdp import decoder_layers
-
+        """The shape of an (unquantized) causal LM, which may live on the meta device. A model that
+        names no decoder-layer class (``_no_split_modules``) counts every Linear but the LM head as
+        a projection, and its config's layers as equal shares of what is outside the embeddings and
+        the head."""
         lm = unwrap(model)
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-        layers = decoder_layers(lm)
-        linears = [module for layer in layers for module in layer.modules() if isinstance(module, torch.nn.Linear)]
+        head = lm.get_output_embeddings()
+        layers = decoder_layer_modules(lm)
+        within = [module for layer in layers for module in layer.modules()] if layers else list(lm.modules())
+        linears = [module for module in within if isinstance(module, torch.nn.Linear) and module is not head]
         parameters = list({id(p): p for p in lm.parameters()}.values())
-        head = lm.get_output_embeddings().weight
-        return cls(hidden=config.hidden_size, layers=len(layers),
+        outside = {id(p): p for module in (head, lm.get_input_embeddings()) for p in module.parameters()}
+        largest_layer = (max(sum(p.numel() for p in layer.parameters()) for layer in layers) if layers else
+                         sum(p.numel() for p in parameters if id(p) not in outside) // config.num_hidden_layers)
+        return cls(hidden=config.hidden_size, layers=len(layers) or config.num_hidden_layers,
                    intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-                   heads=config.num_attention_heads, vocab=head.shape[0],
+                   heads=config.num_attention_heads, vocab=head.weight.shape[0],
                    parameters=sum(p.numel() for p in parameters),
                    projections=sum(m.weight.numel() for m in linears), projection_matrices=len(linears),
                    projection_rows=sum(m.out_features for m in linears),
                    lora_per_rank=sum(m.in_features + m.out_features for m in linears),
-                   largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-                   largest_parameter=max(p.numel() for p in parameters),
-                   tied=head is lm.get_input_embeddings().weight)
+                   largest_layer=largest_layer, largest_parameter=max(p.numel() for p in parameters),
+                   tied=head.weight is lm.get_input_embeddings().weight)
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -289,7 +293,8 @@ def memory_report(policy, reference_model, *, rank: int, setting: MemorySetting,
     world_size, fsdp = setting.processes, setting.sharding == "zero3"
     trainable = [p for p in policy.parameters() if p.requires_grad]
     compute_bytes = setting.compute_bytes
-    parameters = f"parameters {_mib(stored_bytes(policy.parameters()))}"
+    policy_bytes = stored_bytes(policy.parameters())
+    parameters = f"parameters {_mib(policy_bytes)}"
     quantized = [p for p in policy.parameters() if _is_quantized(p)]
     if quantized:
         unquantized = [p for p in policy.parameters() if not _is_quantized(p)]
@@ -316,7 +321,7 @@ def memory_report(policy, reference_model, *, rank: int, setting: MemorySetting,
         held = f"frozen model {_mib(reference_bytes)}" + (" (this process's shards)" if fsdp else "")
     estimate = estimate_memory(ModelShape.from_config(lm.config), setting, tokens=tokens, scored_tokens=scored_tokens)
     held_bytes = MemoryEstimate(
-        weights=stored_bytes(policy.parameters()) + gathered + reference_bytes, gradients=stored_bytes(trainable),
+        weights=policy_bytes + gathered + reference_bytes, gradients=stored_bytes(trainable),
         optimizer_state=2 * stored_bytes(trainable), activations=estimate.activations, loss_head=estimate.loss_head,
         head_gradient=estimate.head_gradient, recomputed_layer=estimate.recomputed_layer,
         embedding_gradient=estimate.embedding_gradient, step_temporaries=estimate.step_temporaries)

@@ -22,7 +22,7 @@ import argparse
 import re
 import statistics
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from .memory import (ADAPTATIONS, GIB, MemoryEstimate, MemorySetting, ModelShape, estimate_memory,
                      longest_micro_batch, packed_tokens)
@@ -209,15 +209,6 @@ def model_shape(model: Optional[str], tokenizer) -> ModelShape:
     else:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     return ModelShape.from_config(config)
-
-
-def estimate_for(model: Optional[str], data: Optional[str], setting: MemorySetting, pairs: int,
-                 **train_options) -> Tuple[MemoryEstimate, int]:
-    """The plan's estimate of one setting for a micro-batch of the `pairs` longest pairs of `data`,
-    cut as a ``fastpref train`` run with `train_options` cuts them: (estimate, its tokens)."""
-    cfg, tokenizer, items = planned_data(model, data, **train_options)
-    tokens, scored = longest_micro_batch(items, pairs, cfg.prefix_sharing)
-    return estimate_memory(model_shape(cfg.model, tokenizer), setting, tokens=tokens, scored_tokens=scored), tokens
 
 
 def run(args: argparse.Namespace) -> int:
